@@ -1,0 +1,1 @@
+"""nanochat: forward, backward and bidirectional language models, trained and compared fairly."""

@@ -1,0 +1,125 @@
+"""Runtime shared by every script: the base directory, rank-0 printing, devices and DDP.
+
+Everything the framework writes lives under one directory, `$NANOCHAT_BASE_DIR`
+(default `~/.cache/nanochat`):
+
+    base_data/            pretraining shards (parquet, `text` column; last shard = validation)
+    tokenizer/            the trained tokenizer and its per-token byte lengths
+    base_checkpoints/<tag>/   checkpoints of base runs not owned by an experiment
+    mid_checkpoints/ chatsft_checkpoints/ chatrl_checkpoints/   the same for later phases
+    experiments/<id>/     experiments (config, checkpoints, logs, evaluations)
+
+User-facing mistakes raise `UserError`; `run_main` turns one into a single clear line on
+stderr and exit status 2, so scripts never dump a traceback for bad input.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+# Direction helpers have one home (nanochat.direction); they are re-exported here because
+# the seed plan documents them as part of the common runtime.
+from nanochat.direction import validate_direction, reverse_tokens  # noqa: F401
+
+
+class UserError(Exception):
+    """A mistake in the user's input or environment: shown as one line, exit status 2."""
+
+
+def run_main(main):
+    """Call `main()`, turning a UserError into one message and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+
+
+def get_base_dir():
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, flushed so progress shows up under torchrun and pipes."""
+    if get_rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def is_ddp_env():
+    # torchrun sets these for every worker; a plain `python -m` run has none of them.
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def compute_init(device_type=""):
+    """Set up the device and, under torchrun, the process group.
+
+    Returns (ddp, rank, local_rank, world_size, device). Uses nccl on CUDA and gloo on CPU, so
+    the distributed path can be tested on a laptop with `torchrun --nproc_per_node=2`.
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"unknown --device_type {device_type!r}: use cuda, mps or cpu (or leave empty to autodetect)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device_type=cuda but no CUDA device is visible; use --device_type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device_type=mps but MPS is not available; use --device_type=cpu")
+    ddp = is_ddp_env()
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if ddp and world_size > 1 and not dist.is_initialized():
+        if device_type == "mps":
+            raise UserError("multi-process training is not supported on MPS; use cuda or cpu")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+        dist.barrier()
+    return ddp and world_size > 1, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value, device):
+    """Mean of a Python float over all ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / dist.get_world_size()
+
+
+def add_flag(parser, name, **kwargs):
+    """Register `--name_with_underscores` with its kebab-case alias `--name-with-underscores`."""
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    return parser.add_argument(*flags, dest=name, **kwargs)

@@ -1,0 +1,319 @@
+"""Pretraining documents: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/.
+
+The last shard (in sorted name order) is the validation split, every other shard is train.
+
+    python -m nanochat.dataset -n 8        # download 8 shards of a public pretraining set (online)
+    python -m nanochat.dataset --builtin   # write shards from this Python's standard library (offline)
+
+Documents have a *global index*: their position in the split (shard order, then row order).
+The bidirectional draw and the dataloader's sharding are functions of that index, so every rank
+and every resumed run agrees on which document is which.
+"""
+
+import argparse
+import os
+import random
+import re
+import sys
+import sysconfig
+import time
+import urllib.request
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.common import UserError, get_base_dir, run_main
+
+# A public, pre-shuffled FineWeb-Edu release in ~100 MB parquet shards with a `text` column.
+DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARD = 1822
+
+
+def shard_filename(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def data_dir(base_dir=None):
+    return os.path.join(base_dir or get_base_dir(), "base_data")
+
+
+def list_shards(directory=None):
+    directory = directory or data_dir()
+    if not os.path.isdir(directory):
+        return []
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".parquet"))
+
+
+def split_shards(split, directory=None):
+    if split not in ("train", "val"):
+        raise UserError(f"unknown split {split!r}: use 'train' or 'val'")
+    directory = directory or data_dir()
+    shards = list_shards(directory)
+    if len(shards) < 2:
+        found = "no shards" if not shards else "only one shard"
+        raise UserError(f"{found} in {directory}: need at least two (the last is validation). Run "
+                        "`python -m nanochat.dataset --builtin` (offline) or `python -m nanochat.dataset -n 8`")
+    return shards[-1:] if split == "val" else shards[:-1]
+
+
+def _read_texts(path, row_group=None):
+    """The `text` column of a shard (or one row group) as Python strings, validated as UTF-8."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"cannot read shard {path}: {e}. Delete it and re-create the data")
+    if "text" not in pf.schema_arrow.names:
+        raise UserError(f"shard {path} has no 'text' column (columns: {pf.schema_arrow.names}); "
+                        "pretraining shards need one string column named 'text'")
+    table = pf.read(columns=["text"]) if row_group is None else pf.read_row_group(row_group, columns=["text"])
+    column = table.column("text")
+    offset = 0 if row_group is None else sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
+    texts = []
+    for chunk in column.chunks:
+        if pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
+            values = chunk.to_pylist()
+        else:
+            try:
+                values = chunk.to_pylist()
+            except (UnicodeDecodeError, pa.ArrowException) as e:
+                raise UserError(f"shard {path} holds text that is not valid UTF-8 ({e}); fix or remove the shard")
+        for value in values:
+            row = offset + len(texts)
+            if value is None:
+                value = ""
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"shard {path}, row {row}: text is not valid UTF-8 ({e}); fix or remove it")
+            else:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise UserError(f"shard {path}, row {row}: text is not valid UTF-8 ({e}); fix or remove it")
+            texts.append(value)
+    return texts
+
+
+class DocumentSource:
+    """Random and sequential access to one split's documents by global index."""
+
+    def __init__(self, split, directory=None):
+        self.split = split
+        self.shards = split_shards(split, directory)
+        self.row_counts = []
+        for path in self.shards:
+            try:
+                n = pq.ParquetFile(path).metadata.num_rows
+            except Exception as e:
+                raise UserError(f"cannot read shard {path}: {e}. Delete it and re-create the data")
+            if n == 0:
+                raise UserError(f"shard {path} is empty (0 rows); delete it or re-create the data")
+            self.row_counts.append(n)
+        self.starts = [sum(self.row_counts[:i]) for i in range(len(self.shards))]
+        self._cache = (None, None)  # (shard index, texts): the last shard read
+
+    def __len__(self):
+        return sum(self.row_counts)
+
+    def _shard_texts(self, shard_index):
+        if self._cache[0] != shard_index:
+            self._cache = (shard_index, _read_texts(self.shards[shard_index]))
+        return self._cache[1]
+
+    def get(self, index):
+        index = index % len(self)
+        for s, start in enumerate(self.starts):
+            if index < start + self.row_counts[s]:
+                return self._shard_texts(s)[index - start]
+        raise IndexError(index)
+
+    def iter_from(self, start=0, stride=1, offset=0):
+        """Yield (global_index, text) for indices >= start with index % stride == offset, one pass."""
+        for s, path in enumerate(self.shards):
+            first, n = self.starts[s], self.row_counts[s]
+            if first + n <= start:
+                continue
+            texts = self._shard_texts(s)
+            lo = max(start, first)
+            lo += (offset - lo) % stride
+            for index in range(lo, first + n, stride):
+                yield index, texts[index - first]
+
+
+def iter_documents(split, rank=0, world_size=1, directory=None, start=0):
+    """Documents of a split for one DDP rank: (global_index, text) with index % world_size == rank."""
+    yield from DocumentSource(split, directory).iter_from(start, world_size, rank)
+
+
+# ---------------------------------------------------------------------------------------
+# Offline built-in corpus: this Python's standard library, cut into documents.
+
+def _stdlib_files():
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "dist-packages"))
+        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    return root, sorted(paths)
+
+
+# A blank line followed by a top-level statement, or by a (method) def/class/decorator at any
+# indentation: the natural seams of Python source.
+_STATEMENT_START = re.compile(r"\n\n(?=[^\s#]|[ \t]*(?:async def |def |class |@))")
+
+
+def _split_source(text, max_chars):
+    """Cut a module into documents at statement seams, merged up to ~max_chars (a seamless run
+    longer than that is cut at line ends). Whole files would make a small-context model see file
+    heads forward and file tails backward; short documents are seen whole in both directions."""
+    pieces = []
+    for piece in _STATEMENT_START.split(text):
+        while len(piece) > max_chars:
+            cut = piece.rfind("\n", 0, max_chars)
+            cut = cut if cut > 0 else max_chars
+            pieces.append(piece[:cut])
+            piece = piece[cut:].lstrip("\n")
+        pieces.append(piece)
+    docs, current = [], ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > max_chars:
+            docs.append(current)
+            current = ""
+        current = piece if not current else current + "\n\n" + piece
+    if current.strip():
+        docs.append(current)
+    return [d for d in docs if d.strip()]
+
+
+def builtin_documents(max_chars_per_doc=2000):
+    root, paths = _stdlib_files()
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (UnicodeDecodeError, OSError):
+            continue
+        rel = os.path.relpath(path, root)
+        for doc in _split_source(text, max_chars_per_doc):
+            yield f"# {rel}\n{doc}"
+
+
+def write_shards(documents, directory, docs_per_shard, max_docs=None, start_index=0):
+    """Write an iterable of strings as parquet shards; returns the paths written."""
+    os.makedirs(directory, exist_ok=True)
+    paths, batch, index, total = [], [], start_index, 0
+
+    def flush():
+        nonlocal index
+        path = os.path.join(directory, shard_filename(index))
+        tmp = path + ".tmp"
+        pq.write_table(pa.table({"text": batch}), tmp, row_group_size=1024)
+        os.replace(tmp, path)
+        paths.append(path)
+        index += 1
+
+    for doc in documents:
+        batch.append(doc)
+        total += 1
+        if len(batch) == docs_per_shard:
+            flush()
+            batch = []
+        if max_docs is not None and total >= max_docs:
+            break
+    if batch:
+        flush()
+    return paths
+
+
+def write_builtin_corpus(directory=None, docs_per_shard=4000, max_docs=None, overwrite=False):
+    directory = directory or data_dir()
+    existing = list_shards(directory)
+    if existing and not overwrite:
+        raise UserError(f"{directory} already holds {len(existing)} shard(s); not overwriting. "
+                        "Pass --overwrite to replace them, or set NANOCHAT_BASE_DIR elsewhere")
+    for path in existing:
+        os.remove(path)
+    # A fixed shuffle so the validation shard samples the whole library, not its last modules.
+    documents = list(builtin_documents())
+    random.Random(1234).shuffle(documents)
+    paths = write_shards(documents, directory, docs_per_shard, max_docs=max_docs)
+    if len(paths) < 2:
+        raise UserError("the built-in corpus produced fewer than two shards; lower --docs_per_shard")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------
+# Online download with retries.
+
+def download_shard(index, directory=None, base_url=DEFAULT_BASE_URL, max_attempts=5, backoff_s=2.0):
+    """Fetch one shard; skips shards already present; writes to a temp file then renames."""
+    directory = directory or data_dir()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, shard_filename(index))
+    if os.path.exists(path):
+        return path
+    url = f"{base_url.rstrip('/')}/{shard_filename(index)}"
+    tmp = path + ".tmp"
+    for attempt in range(1, max_attempts + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                while True:
+                    block = response.read(1 << 20)
+                    if not block:
+                        break
+                    f.write(block)
+            pq.ParquetFile(tmp)  # a truncated download fails here, not in the middle of training
+            os.replace(tmp, path)
+            return path
+        except Exception as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if attempt == max_attempts:
+                raise UserError(f"could not download {url} after {max_attempts} attempts: {e}. "
+                                "Offline? Use `python -m nanochat.dataset --builtin`")
+            wait = backoff_s * 2 ** (attempt - 1)
+            print(f"download of {url} failed ({e}); retry {attempt}/{max_attempts - 1} in {wait:.0f}s", flush=True)
+            time.sleep(wait)
+
+
+def download_shards(num_shards, directory=None, base_url=DEFAULT_BASE_URL, workers=4, max_attempts=5, backoff_s=2.0):
+    if num_shards < 2 and num_shards != -1:
+        raise UserError("-n must be at least 2 (the last shard is validation), or -1 for all")
+    n = MAX_SHARD + 1 if num_shards == -1 else min(num_shards, MAX_SHARD + 1)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(download_shard, i, directory, base_url, max_attempts, backoff_s) for i in range(n)]
+        paths = []
+        for i, fut in enumerate(futures):
+            paths.append(fut.result())
+            print(f"shard {i + 1}/{n}: {paths[-1]}", flush=True)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare pretraining shards in $NANOCHAT_BASE_DIR/base_data")
+    parser.add_argument("-n", "--num_shards", "--num-shards", type=int, default=None,
+                        help="download this many shards (-1 = all); the last one is validation")
+    parser.add_argument("--builtin", action="store_true", help="write the offline corpus from the Python stdlib")
+    parser.add_argument("--max_docs", "--max-docs", type=int, default=None, help="cap on built-in documents")
+    parser.add_argument("--docs_per_shard", "--docs-per-shard", type=int, default=4000)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards (built-in only)")
+    parser.add_argument("--base_url", "--base-url", default=DEFAULT_BASE_URL)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--data_dir", "--data-dir", default=None, help="default: $NANOCHAT_BASE_DIR/base_data")
+    args = parser.parse_args(argv)
+    if args.builtin == (args.num_shards is not None):
+        raise UserError("give exactly one of --builtin (offline corpus) or -n N (download N shards)")
+    t0 = time.time()
+    if args.builtin:
+        paths = write_builtin_corpus(args.data_dir, args.docs_per_shard, args.max_docs, args.overwrite)
+    else:
+        paths = download_shards(args.num_shards, args.data_dir, args.base_url, args.workers)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    print(f"{len(paths)} shards, {rows} documents in {os.path.dirname(paths[0])} ({time.time() - t0:.1f}s); "
+          f"validation shard: {os.path.basename(paths[-1])}")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

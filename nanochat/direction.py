@@ -1,0 +1,228 @@
+"""Direction: the one home for what forward, backward and bidirectional mean (DESIGN.md §1-2).
+
+Every other module (dataloader, evaluation, later the conversation and chat code) asks this
+module to orient a token sequence and to restore it; nobody else reverses tokens.
+
+A *trained* direction is one of DIRECTIONS. A *concrete* direction (what one row of data, one
+evaluation or one generation uses) is "forward" or "backward"; a bidirectional model picks one
+per document with a marker token right after BOS.
+
+    forward                        [BOS] + t
+    backward                       [BOS] + reversed(t)
+    bidirectional, forward draw    [BOS, <|forward|>] + t
+    bidirectional, backward draw   [BOS, <|backward|>] + reversed(t)
+
+Documents are oriented one by one *before* packing: reversing a packed window would put each
+later document's BOS at its end and glue documents together back to front.
+"""
+
+DIRECTIONS = ("forward", "backward", "bidirectional")
+CONCRETE_DIRECTIONS = ("forward", "backward")
+FORWARD_MARKER = "<|forward|>"
+BACKWARD_MARKER = "<|backward|>"
+
+
+def _user_error(msg):
+    # Imported lazily: nanochat.common imports this module.
+    from nanochat.common import UserError
+    return UserError(msg)
+
+
+def validate_direction(direction, allowed=DIRECTIONS):
+    """Return `direction` if it is one of `allowed`, else raise a UserError naming them."""
+    if direction not in allowed:
+        raise _user_error(f"unknown direction {direction!r}: must be one of {', '.join(allowed)}")
+    return direction
+
+
+def validate_p_backward(p_backward):
+    p = float(p_backward)
+    if not 0.0 <= p <= 1.0:
+        raise _user_error(f"--p_backward={p_backward} is outside [0, 1]: it is the probability that a "
+                          "bidirectional document is drawn backward")
+    return p
+
+
+def parse_directions(spec, allowed=CONCRETE_DIRECTIONS):
+    """'forward,backward' -> ['forward', 'backward'], each validated."""
+    names = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not names:
+        raise _user_error(f"no direction given: use a comma list of {', '.join(allowed)}")
+    return [validate_direction(n, allowed) for n in names]
+
+
+def concrete_directions(trained_direction):
+    """The directions a model trained in `trained_direction` generates/evaluates natively."""
+    validate_direction(trained_direction)
+    return list(CONCRETE_DIRECTIONS) if trained_direction == "bidirectional" else [trained_direction]
+
+
+def reverse_tokens(tokens, keep_bos=True):
+    """Reverse a token sequence (list, tuple, or a tensor/array along its last axis).
+
+    With keep_bos=True the first token (the BOS of an oriented document) stays in front:
+    [BOS, a, b, c] -> [BOS, c, b, a]. Reversal is its own inverse.
+    """
+    if hasattr(tokens, "flip"):  # torch tensor
+        if keep_bos:
+            if tokens.shape[-1] == 0:
+                return tokens.clone()
+            import torch
+            return torch.cat([tokens[..., :1], tokens[..., 1:].flip(-1)], dim=-1)
+        return tokens.flip(-1)
+    if hasattr(tokens, "ndim"):  # numpy array
+        import numpy as np
+        if keep_bos:
+            return np.concatenate([tokens[..., :1], tokens[..., 1:][..., ::-1]], axis=-1)
+        return tokens[..., ::-1].copy()
+    seq = list(tokens)
+    if keep_bos:
+        return seq[:1] + seq[:0:-1]
+    return seq[::-1]
+
+
+def orient_text_tokens(tokens, concrete_direction):
+    """Orient bare text tokens (no special tokens) for a concrete direction."""
+    validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
+    return list(tokens) if concrete_direction == "forward" else reverse_tokens(tokens, keep_bos=False)
+
+
+def _splitmix64(x):
+    # A small, well-mixed integer hash (SplitMix64 finaliser). Pure Python so the draw is the
+    # same on every platform, rank and Python process: no RNG state is involved.
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def draw_direction(seed, doc_index, p_backward=0.5):
+    """The bidirectional draw: 'backward' with probability p_backward, else 'forward'.
+
+    A pure function of (seed, global document index): the same document gets the same draw on
+    every rank, in every world size and after a resume.
+    """
+    u = _splitmix64(_splitmix64(int(seed) & 0xFFFFFFFFFFFFFFFF) ^ (int(doc_index) & 0xFFFFFFFFFFFFFFFF))
+    return "backward" if (u >> 11) / float(1 << 53) < p_backward else "forward"
+
+
+class DirectionSpec:
+    """Everything needed to orient and restore documents for one trained direction.
+
+    bos_id, forward_id, backward_id come from the tokenizer; the marker ids are only needed
+    (and checked) for bidirectional.
+    """
+
+    def __init__(self, direction, bos_id, forward_id=None, backward_id=None, seed=0, p_backward=0.5):
+        self.direction = validate_direction(direction)
+        self.bos_id = int(bos_id)
+        self.seed = int(seed)
+        self.p_backward = validate_p_backward(p_backward)
+        if self.direction == "bidirectional" and (forward_id is None or backward_id is None):
+            raise _user_error("bidirectional training needs a tokenizer with the <|forward|> and <|backward|> "
+                              "marker tokens; retrain it with `python -m scripts.tok_train`")
+        self.forward_id = None if forward_id is None else int(forward_id)
+        self.backward_id = None if backward_id is None else int(backward_id)
+
+    @classmethod
+    def from_tokenizer(cls, direction, tokenizer, seed=0, p_backward=0.5):
+        validate_direction(direction)
+        fwd = bwd = None
+        if direction == "bidirectional":
+            fwd, bwd = tokenizer.get_marker_ids()  # raises a UserError if the tokenizer lacks them
+        return cls(direction, tokenizer.get_bos_token_id(), fwd, bwd, seed=seed, p_backward=p_backward)
+
+    @property
+    def marker_ids(self):
+        return tuple(i for i in (self.forward_id, self.backward_id) if i is not None)
+
+    def marker_for(self, concrete_direction):
+        return self.forward_id if concrete_direction == "forward" else self.backward_id
+
+    @property
+    def header_len(self):
+        """Tokens before the text: BOS, plus the marker for bidirectional."""
+        return 2 if self.direction == "bidirectional" else 1
+
+    def concrete_direction_for(self, doc_index):
+        if self.direction == "bidirectional":
+            return draw_direction(self.seed, doc_index, self.p_backward)
+        return self.direction
+
+    def header(self, concrete_direction):
+        if self.direction == "bidirectional":
+            return [self.bos_id, self.marker_for(concrete_direction)]
+        return [self.bos_id]
+
+    def orient(self, tokens, doc_index=None, concrete_direction=None):
+        """Oriented row content for one document's bare text tokens.
+
+        For bidirectional, the concrete direction is the deterministic draw for `doc_index`
+        unless `concrete_direction` forces one (evaluation scores a document both ways).
+        Returns (row_tokens, concrete_direction).
+        """
+        if concrete_direction is None:
+            if self.direction == "bidirectional" and doc_index is None:
+                raise ValueError("bidirectional orientation needs doc_index (or a forced concrete_direction)")
+            concrete_direction = self.concrete_direction_for(doc_index)
+        elif self.direction != "bidirectional" and concrete_direction != self.direction:
+            # Scoring a one-way model in the other direction (the cross-direction cell) is
+            # legitimate; the row simply has no marker.
+            pass
+        validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
+        return self.header(concrete_direction) + orient_text_tokens(tokens, concrete_direction), concrete_direction
+
+    def restore(self, row_tokens):
+        """Inverse of orient: (bare text tokens in reading order, concrete direction)."""
+        row = list(row_tokens)
+        if not row or row[0] != self.bos_id:
+            raise ValueError("an oriented document must start with BOS")
+        if self.direction == "bidirectional":
+            if len(row) < 2 or row[1] not in (self.forward_id, self.backward_id):
+                raise ValueError("a bidirectional document must have a direction marker after BOS")
+            concrete = "forward" if row[1] == self.forward_id else "backward"
+            body = row[2:]
+        else:
+            concrete, body = self.direction, row[1:]
+        return orient_text_tokens(body, concrete), concrete
+
+    def generation_prompt(self, given_tokens, concrete_direction):
+        """The model-side prompt for a generation (DESIGN.md §5): forward continues the given
+        beginning; backward is given an *ending* and writes what precedes it."""
+        return self.header(concrete_direction) + orient_text_tokens(given_tokens, concrete_direction)
+
+    def restore_generation(self, generated_tokens, concrete_direction):
+        """Generated tokens in reading order (for display, scoring and rewards)."""
+        return orient_text_tokens(generated_tokens, concrete_direction)
+
+    @staticmethod
+    def join_in_reading_order(given_tokens, restored_generation, concrete_direction):
+        """The full text's tokens: given + generated forward, generated + given backward."""
+        if concrete_direction == "forward":
+            return list(given_tokens) + list(restored_generation)
+        return list(restored_generation) + list(given_tokens)
+
+    def position_directions(self, row):
+        """The concrete direction of the document each position of a packed row belongs to."""
+        out, current = [], self.direction if self.direction != "bidirectional" else "forward"
+        row = list(row)
+        for i, tok in enumerate(row):
+            if self.direction == "bidirectional" and tok == self.bos_id and i + 1 < len(row):
+                current = "backward" if row[i + 1] == self.backward_id else "forward"
+            out.append(current)
+        return out
+
+    def target_mask_ids(self):
+        """Token ids that must never be loss targets (the markers: control inputs, not text)."""
+        return self.marker_ids
+
+    def describe(self):
+        """What a checkpoint records about how this model's data was oriented."""
+        return {
+            "direction": self.direction,
+            "bos_id": self.bos_id,
+            "forward_marker_id": self.forward_id,
+            "backward_marker_id": self.backward_id,
+            "p_backward": self.p_backward if self.direction == "bidirectional" else None,
+            "seed": self.seed,
+        }

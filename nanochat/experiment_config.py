@@ -1,0 +1,346 @@
+"""Experiments: the one owner of the `experiments/` directory layout.
+
+An experiment is one training run of one phase (base, mid, sft, rl) in one direction. It lives in
+`<base_dir>/experiments/<id>/`:
+
+    config.json      what was run: phase, direction, depth, every flag, seed, parent id,
+                     code version, timestamps, status (created/running/completed/failed),
+                     and the ids of the experiments that branched from it (`children`)
+    checkpoints/     its checkpoints (the checkpoint module writes here, asking us for the path)
+    logs/            its metric logs
+    evaluations/     one JSON file per evaluation
+
+A later phase starts from an earlier one, so every non-base experiment names a parent; one parent
+can have many children (e.g. an SFT and an RL branch from the same mid run), which makes the set
+of experiments a forest. The child's `parent_experiment` is the authoritative link; the parent's
+`children` list is a convenience copy for browsing a config file by hand.
+
+Nobody else joins paths into `experiments/`: scripts ask `checkpoint_dir(id)`, `logs_dir(id)`
+and friends, so the layout can change in this file alone.
+
+Writes are atomic (temp file in the same directory, then `os.replace`), so a killed run never
+leaves a half-written config.json. Under torchrun only rank 0 should create or update experiments.
+"""
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+
+from nanochat.common import UserError, get_base_dir
+from nanochat.direction import validate_direction
+
+PHASES = ("base", "mid", "sft", "rl")
+STATUSES = ("created", "running", "completed", "failed")
+CONFIG_NAME = "config.json"
+
+# Ids become directory names and checkpoint tags: keep them to characters that are safe in a path
+# on every filesystem, and forbid a leading dot so an id can never be "." / ".." or a hidden dir.
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+
+# Fields that say what an experiment *is*; changing them after creation would break the lineage
+# (a child trained from a forward parent cannot become the child of a backward one).
+_IDENTITY_FIELDS = ("experiment_id", "phase", "direction", "depth", "parent_experiment", "created_at")
+
+# load_config lists the known ids in its error only when there are few enough to read.
+_MAX_IDS_IN_ERROR = 10
+
+
+def _utc_now():
+    return datetime.now(timezone.utc)
+
+
+def _git_code_version():
+    """{"commit": <HEAD hash>, "dirty": bool} for the repo holding this package, or None.
+
+    Run in the package's directory (not the caller's cwd) so the hash describes the code that
+    trains, wherever the script is launched from. Any git failure (no git, not a repo, no commit
+    yet) gives None: recording the version must never stop a run.
+    """
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package_dir,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not commit:
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def _atomic_write_json(path, obj):
+    """Write `obj` as JSON to `path` so readers see the old file or the new one, never a part."""
+    directory = os.path.dirname(path)
+    # The temp file must be in the same directory: os.replace is only atomic within a filesystem.
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            # default=str: a flag of an unusual type (a Path, say) is recorded as text, not a crash.
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+class ExperimentConfig:
+    """Creates, reads and links experiments under `<base_dir>/experiments/`."""
+
+    def __init__(self, base_dir=None):
+        self.base_dir = base_dir if base_dir is not None else get_base_dir()
+        self.root = os.path.join(self.base_dir, "experiments")
+
+    # ------------------------------------------------------------------ layout (paths only)
+
+    @staticmethod
+    def validate_id(experiment_id):
+        if not isinstance(experiment_id, str) or not _ID_PATTERN.match(experiment_id) \
+                or experiment_id.startswith("."):
+            raise UserError(f"invalid experiment id {experiment_id!r}: use only letters, digits, '.', '_' "
+                            "and '-', not starting with '.'")
+        return experiment_id
+
+    def experiment_dir(self, experiment_id):
+        return os.path.join(self.root, self.validate_id(experiment_id))
+
+    def config_path(self, experiment_id):
+        return os.path.join(self.experiment_dir(experiment_id), CONFIG_NAME)
+
+    def checkpoint_dir(self, experiment_id):
+        return os.path.join(self.experiment_dir(experiment_id), "checkpoints")
+
+    def logs_dir(self, experiment_id):
+        return os.path.join(self.experiment_dir(experiment_id), "logs")
+
+    def evaluations_dir(self, experiment_id):
+        return os.path.join(self.experiment_dir(experiment_id), "evaluations")
+
+    # ------------------------------------------------------------------ queries
+
+    def exists(self, experiment_id):
+        """True if `experiment_id` is a valid id with a config.json (a query: never raises)."""
+        try:
+            return os.path.isfile(self.config_path(experiment_id))
+        except UserError:
+            return False
+
+    def list_experiments(self):
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(name for name in os.listdir(self.root) if self.exists(name))
+
+    def find_experiment_for_checkpoint_tag(self, tag):
+        """The experiment id a checkpoint tag refers to, or None if the tag is not an experiment."""
+        return tag if tag and self.exists(tag) else None
+
+    def load_config(self, experiment_id):
+        path = self.config_path(experiment_id)
+        if not os.path.isfile(path):
+            known = self.list_experiments()
+            if not known:
+                hint = "there are no experiments yet"
+            elif len(known) <= _MAX_IDS_IN_ERROR:
+                hint = "known experiments: " + ", ".join(known)
+            else:
+                hint = f"{len(known)} experiments exist; list them with list_experiments()"
+            raise UserError(f"no experiment {experiment_id!r} under {self.root} ({hint})")
+        with open(path, encoding="utf-8") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"experiment config {path} is not valid JSON ({e}); fix or remove it") from None
+
+    def load_parent_link(self, experiment_id):
+        return self.load_config(experiment_id).get("parent_experiment")
+
+    # ------------------------------------------------------------------ writes
+
+    def _write_config(self, experiment_id, config):
+        _atomic_write_json(self.config_path(experiment_id), config)
+
+    def update_config(self, experiment_id, **fields):
+        """Merge `fields` into the experiment's config (atomically) and return the new config."""
+        changed_identity = sorted(k for k in fields if k in _IDENTITY_FIELDS)
+        if changed_identity:
+            raise UserError(f"cannot change {', '.join(changed_identity)} of experiment {experiment_id!r}: "
+                            "they define what it is; create a new experiment instead")
+        if "status" in fields:
+            self._validate_status(fields["status"])
+        config = self.load_config(experiment_id)
+        config.update(fields)
+        config["updated_at"] = _utc_now().isoformat(timespec="seconds")
+        self._write_config(experiment_id, config)
+        return config
+
+    @staticmethod
+    def _validate_status(status):
+        if status not in STATUSES:
+            raise UserError(f"unknown experiment status {status!r}: must be one of {', '.join(STATUSES)}")
+        return status
+
+    def set_status(self, experiment_id, status):
+        # Any status may follow any other: a failed or completed run can be resumed (-> running).
+        return self.update_config(experiment_id, status=self._validate_status(status))
+
+    def _unique_default_id(self, phase, depth, direction):
+        stem = f"{phase}_d{depth}_{direction}_{_utc_now().strftime('%Y%m%d_%H%M%S')}"
+        candidate, n = stem, 2
+        while os.path.exists(self.experiment_dir(candidate)):
+            candidate, n = f"{stem}_{n}", n + 1
+        return candidate
+
+    def create_experiment(self, phase, direction, depth, parent_experiment=None, experiment_id=None,
+                          resume=False, **kwargs):
+        """Create experiment `<id>` (or, with resume=True, return the existing one) and its config.
+
+        `kwargs` are the run's training flags, recorded verbatim under "flags" (and "seed").
+        A non-base phase needs a parent; a child inherits the parent's direction and depth when
+        they are None, and contradicting them is an error (a checkpoint's direction is fixed).
+        """
+        if phase not in PHASES:
+            raise UserError(f"unknown phase {phase!r}: must be one of {', '.join(PHASES)}")
+        if phase != "base" and parent_experiment is None:
+            raise UserError(f"a {phase} experiment continues from an earlier one: pass its parent experiment id")
+
+        parent = None
+        if parent_experiment is not None:
+            self.validate_id(parent_experiment)
+            if not self.exists(parent_experiment):
+                known = self.list_experiments()
+                listing = (": known experiments: " + ", ".join(known)) if 0 < len(known) <= _MAX_IDS_IN_ERROR else ""
+                raise UserError(f"parent experiment {parent_experiment!r} does not exist under {self.root}{listing}")
+            parent = self.load_config(parent_experiment)
+            if direction is None:
+                direction = parent["direction"]
+            elif direction != parent["direction"]:
+                raise UserError(f"direction {direction!r} contradicts parent experiment {parent_experiment!r}, "
+                                f"which is {parent['direction']!r}: omit the direction to inherit it")
+            if depth is None:
+                depth = parent.get("depth")
+            elif parent.get("depth") is not None and depth != parent["depth"]:
+                raise UserError(f"depth {depth} contradicts parent experiment {parent_experiment!r}, "
+                                f"which has depth {parent['depth']}: a later phase keeps the model's size")
+        validate_direction(direction)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth <= 0:
+            raise UserError(f"depth must be a positive integer, got {depth!r}")
+
+        if experiment_id is None:
+            experiment_id = self._unique_default_id(phase, depth, direction)
+        self.validate_id(experiment_id)
+        if experiment_id == parent_experiment:
+            raise UserError(f"experiment {experiment_id!r} cannot be its own parent")
+
+        if self.exists(experiment_id):
+            if not resume:
+                raise UserError(f"experiment {experiment_id!r} already exists; pass resume to continue it, "
+                                "or choose another id")
+            existing = self.load_config(experiment_id)
+            for name, wanted in (("phase", phase), ("direction", direction),
+                                 ("parent_experiment", parent_experiment)):
+                if existing.get(name) != wanted:
+                    raise UserError(f"cannot resume experiment {experiment_id!r}: its {name} is "
+                                    f"{existing.get(name)!r}, not {wanted!r}")
+            return existing
+
+        now = _utc_now().isoformat(timespec="seconds")
+        config = {
+            "experiment_id": experiment_id,
+            "phase": phase,
+            "direction": direction,
+            "depth": depth,
+            "flags": dict(kwargs),
+            "seed": kwargs.get("seed"),
+            "parent_experiment": parent_experiment,
+            "code_version": _git_code_version(),
+            "created_at": now,
+            "updated_at": now,
+            "status": "created",
+            "children": [],
+        }
+        for sub in (self.checkpoint_dir(experiment_id), self.logs_dir(experiment_id),
+                    self.evaluations_dir(experiment_id)):
+            os.makedirs(sub, exist_ok=True)
+        self._write_config(experiment_id, config)
+
+        if parent is not None and experiment_id not in parent.get("children", []):
+            # Re-read just before writing so the newest parent config (e.g. a status change) is kept.
+            parent = self.load_config(parent_experiment)
+            parent["children"] = parent.get("children", []) + [experiment_id]
+            self._write_config(parent_experiment, parent)
+        return config
+
+    # ------------------------------------------------------------------ lineage
+
+    def lineage(self, experiment_id=None):
+        """The experiments as a forest: a list of root nodes, each
+        {"id", "phase", "direction", "status", "children": [nodes]}.
+
+        With an id, only the tree holding it (rooted at its root ancestor) is returned, as a
+        one-element list. Links come from each child's `parent_experiment`; an experiment whose
+        parent has been deleted becomes a root.
+        """
+        configs = {i: self.load_config(i) for i in self.list_experiments()}
+        children_of = {}
+        roots = []
+        for i, cfg in configs.items():
+            parent = cfg.get("parent_experiment")
+            if parent in configs and parent != i:
+                children_of.setdefault(parent, []).append(i)
+            else:
+                roots.append(i)
+
+        def order(ids):
+            return sorted(ids, key=lambda i: (configs[i].get("created_at") or "", i))
+
+        def node(i, seen):
+            seen = seen | {i}  # guards against a hand-edited cycle
+            cfg = configs[i]
+            return {"id": i, "phase": cfg.get("phase"), "direction": cfg.get("direction"),
+                    "status": cfg.get("status"),
+                    "children": [node(c, seen) for c in order(children_of.get(i, [])) if c not in seen]}
+
+        if experiment_id is None:
+            return [node(r, frozenset()) for r in order(roots)]
+
+        self.load_config(experiment_id)  # clear error if it does not exist
+        root, visited = experiment_id, {experiment_id}
+        while True:
+            parent = configs[root].get("parent_experiment")
+            if parent not in configs or parent in visited:
+                break
+            root = parent
+            visited.add(root)
+        return [node(root, frozenset())]
+
+
+def format_lineage(tree):
+    """Render a lineage forest as an indented text tree, one experiment per line:
+
+        base_fwd (base, forward, completed)
+          ├─ mid_a (mid, forward, running)
+          │    └─ sft_a (sft, forward, created)
+          └─ mid_b (mid, forward, created)
+    """
+    lines = []
+
+    def label(n):
+        return f"{n['id']} ({n.get('phase')}, {n.get('direction')}, {n.get('status')})"
+
+    def walk(children, prefix):
+        for k, child in enumerate(children):
+            last = k == len(children) - 1
+            lines.append(f"{prefix}{'└─' if last else '├─'} {label(child)}")
+            walk(child.get("children", []), prefix + ("     " if last else "│    "))
+
+    for root in tree:
+        lines.append(label(root))
+        walk(root.get("children", []), "  ")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Bits per byte on whole validation documents, in any concrete direction (DESIGN.md §3).
+
+    bpb = sum of cross-entropy (nats) over targets that are text tokens
+          / (ln 2 * total UTF-8 bytes of those targets)
+
+Special tokens (BOS, markers) are excluded from both sums. Every document is scored *whole*:
+a document longer than the context is cut into consecutive pieces, each scored once, so every
+text token is a target exactly once in every direction. The byte denominators are therefore
+identical across directions and forward and backward bpb compare like for like. (Packed
+training rows crop documents at row ends, so they would not give this guarantee.)
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from nanochat.dataset import DocumentSource
+from nanochat.direction import DirectionSpec, validate_direction, CONCRETE_DIRECTIONS
+
+
+def select_documents(tokenizer, max_tokens, split="val", rank=0, world_size=1, data_dir=None, threads=4):
+    """The evaluation documents: the first documents of the split (this rank's share) until
+    `max_tokens` text tokens in total, as token lists. Independent of direction."""
+    source = DocumentSource(split, data_dir)
+    budget = max(1, max_tokens // world_size)
+    docs, total, batch = [], 0, []
+
+    def take(batch):
+        nonlocal total
+        for tokens in tokenizer.encode(batch, num_threads=threads):
+            if tokens and total < budget:
+                docs.append(tokens)
+                total += len(tokens)
+
+    for _, text in source.iter_from(0, world_size, rank):
+        batch.append(text)
+        if len(batch) == 64:
+            take(batch)
+            batch = []
+            if total >= budget:
+                break
+    if batch and total < budget:
+        take(batch)
+    return docs
+
+
+def _pieces(row, T):
+    """(inputs, targets) pieces of one oriented document, each at most T long, covering every
+    target position once."""
+    for start in range(0, len(row) - 1, T):
+        chunk = row[start:start + T + 1]
+        yield chunk[:-1], chunk[1:], start == 0
+
+
+def _rows(docs, spec, concrete_direction, T, pad_id):
+    """Pack scored pieces into rows of T: a document's first piece may follow other documents
+    (it starts with BOS, as in training); a continuation piece starts its own row so that its
+    context is its own document."""
+    cur_in, cur_tgt = [], []
+    for tokens in docs:
+        row, _ = spec.orient(tokens, concrete_direction=concrete_direction)
+        for inp, tgt, is_first in _pieces(row, T):
+            if cur_in and (not is_first or len(cur_in) + len(inp) > T):
+                yield cur_in + [pad_id] * (T - len(cur_in)), cur_tgt + [-1] * (T - len(cur_tgt))
+                cur_in, cur_tgt = [], []
+            cur_in += inp
+            cur_tgt += tgt
+    if cur_in:
+        yield cur_in + [pad_id] * (T - len(cur_in)), cur_tgt + [-1] * (T - len(cur_tgt))
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direction, T, batch_size, device,
+                 autocast_ctx=None):
+    """{direction: {"bpb", "nats", "bytes", "tokens", "documents"}} on the same `docs` for each
+    concrete direction. A one-way model scored in the other direction gets rows without a
+    marker; a bidirectional model gets the marker of the direction being scored. Sums are
+    all-reduced over ranks when a process group is active."""
+    validate_direction(trained_direction)
+    spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
+    token_bytes = token_bytes.to(device)
+    results = {}
+    for direction in directions:
+        validate_direction(direction, CONCRETE_DIRECTIONS)
+        nats = torch.zeros((), dtype=torch.float64, device=device)
+        nbytes = torch.zeros((), dtype=torch.float64, device=device)
+        ntok = torch.zeros((), dtype=torch.float64, device=device)
+        rows = list(_rows(docs, spec, direction, T, spec.bos_id))
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            x = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
+            y = torch.tensor([r[1] for r in chunk], dtype=torch.long, device=device)
+            if autocast_ctx is not None:
+                with autocast_ctx:
+                    loss = model(x, y, loss_reduction="none")
+            else:
+                loss = model(x, y, loss_reduction="none")
+            nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
+            text = nb > 0
+            nats += (loss.double() * text).sum()
+            nbytes += nb.double().sum()
+            ntok += text.sum()
+        ndocs = torch.tensor(float(len(docs)), dtype=torch.float64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            for t in (nats, nbytes, ntok, ndocs):
+                dist.all_reduce(t)
+        results[direction] = {
+            "bpb": (nats / (math.log(2) * nbytes)).item() if nbytes > 0 else float("nan"),
+            "nats": nats.item(), "bytes": int(nbytes.item()), "tokens": int(ntok.item()), "documents": int(ndocs.item()),
+        }
+    return results
+
+
+def arrow_of_time_gap(results):
+    """(bpb_bwd - bpb_fwd) / bpb_fwd when both are present, else None."""
+    if "forward" in results and "backward" in results:
+        f, b = results["forward"]["bpb"], results["backward"]["bpb"]
+        return (b - f) / f
+    return None

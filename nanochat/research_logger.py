@@ -1,0 +1,608 @@
+"""Research logs: every step's metrics in one HDF5 file per phase, readable while (or after) a run dies.
+
+A run writes `<experiment_dir>/logs/<phase>.h5`:
+
+    /                             attrs: phase, created_at, metadata (JSON), resumed (JSON list)
+    /scalars/step                 int64 (n,)  the step of every row; the alignment key
+    /scalars/<name>               float64 (n,) one value per row, NaN where the metric was absent
+    /scalars/<group>/<name>       the same for a nested metric, e.g. grad_norm/layer0
+    /snapshots/step_NNNNNN/<name> occasional large arrays (per-token loss, per-layer statistics),
+                                  strings and lists of strings (e.g. the direction of each row)
+
+Why this layout (DESIGN §9, measured on this machine): one group per step is ~25x larger and
+~240x slower to read back than appending to chunked, resizable datasets. Rows are buffered in
+memory and appended as one block every `flush_every` steps, followed by `file.flush()`: with the
+default libver and a flush per block, a file killed with SIGKILL still opened every time, while
+without flushes (or with libver='latest' and no SWMR) it usually did not. So we keep the default
+libver, flush after every block and every snapshot, and extend `/scalars/step` last in a block:
+it acts as the commit marker, and the readers align every other column to its length.
+
+Values: Python and numpy numbers, 0-d arrays and 0-d torch tensors become scalars (stored as
+float64: integers above 2**53 lose precision, and a NaN value reads back like a missing one).
+A 0-d tensor on an accelerator is copied there and moved to the host once per block, so logging a
+CUDA loss does not synchronise the GPU on every step (CPU tensors are read at once). Anything else (arrays of any other shape,
+strings, lists) passed to `log_step` is stored as a snapshot of that step.
+
+Under torchrun only rank 0 should create a logger. A file written by another process can be read
+at any time with the module-level readers (`read_scalars`, `read_snapshot`, ...): they open the
+file read-only without HDF5 file locking and see everything up to the writer's last flush.
+"""
+
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from operator import index as _as_int
+
+import h5py
+import numpy as np
+
+from nanochat.common import UserError
+
+STEP = "step"
+SCALARS = "scalars"
+SNAPSHOTS = "snapshots"
+# 1024 float64 rows = 8 KiB per chunk: small enough that a short run stays small, large enough
+# that reading a 100k-step column touches ~100 chunks, not thousands.
+CHUNK_ROWS = 1024
+_STRING_DTYPE = h5py.string_dtype("utf-8")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@:+=-]+$")
+_PHASE_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+class LogFileExistsError(UserError, FileExistsError):
+    """The log file already exists and the logger was not asked to resume it."""
+
+
+def log_path(experiment_dir, phase):
+    """Where the log of `phase` lives inside an experiment directory."""
+    return os.path.join(experiment_dir, "logs", f"{phase}.h5")
+
+
+def snapshot_group_name(step):
+    return f"step_{step:06d}"
+
+
+def _utc_now_iso():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_name(name, where):
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name) or name in (".", ".."):
+        raise UserError(f"{where} name {name!r} is not allowed: use letters, digits and _ . - @ : + =")
+
+
+def _torch_tensor_type():
+    # Tensors can only exist once torch is imported, so a reader that never imports torch pays
+    # nothing for supporting them.
+    torch = sys.modules.get("torch")
+    return torch.Tensor if torch is not None else None
+
+
+def _to_numpy(value):
+    """A snapshot value as something h5py can store: ndarray, or str / list of str (as object)."""
+    tensor_type = _torch_tensor_type()
+    if tensor_type is not None and isinstance(value, tensor_type):
+        torch = sys.modules["torch"]
+        value = value.detach()
+        if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32, torch.float64):
+            value = value.float()  # bfloat16 and the float8 types have no numpy dtype
+        return value.cpu().numpy()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return np.array(list(value), dtype=object)
+    array = np.asarray(value)
+    if array.dtype.kind == "U":
+        return array.astype(object)
+    if array.dtype.kind == "O":
+        raise UserError(f"cannot store a value of type {type(value).__name__} (object array); "
+                        "use numbers, arrays, tensors, strings or lists of strings")
+    return array
+
+
+class ResearchLogger:
+    """Appends per-step metrics (and occasional large arrays) to `<experiment_dir>/logs/<phase>.h5`.
+
+        with ResearchLogger(exp_dir, phase="base_training", metadata=config) as logger:
+            for step in range(num_steps):
+                ...
+                logger.log_step(step, {"loss": loss, "lr": lr, "grad_norm": {"layer0": g0}})
+                if logger.should_snapshot(step):
+                    logger.log_snapshot(step, {"per_token_loss": losses, "direction": dirs})
+
+    An existing file is never overwritten: pass `resume=True` to keep appending to it, and
+    `resume_from_step=N` to first drop whatever was logged after step N (the steps a resumed run
+    is about to redo). Steps must not decrease; logging the same step again (e.g. validation
+    metrics after the training metrics of that step) fills in the same row. Up to `flush_every`
+    buffered rows are lost if the process dies, and all of them if close() is never called:
+    use it as a context manager (close() also runs when the training loop raises).
+    """
+
+    def __init__(self, experiment_dir, phase="base_training", flush_every=100, snapshot_every=1000,
+                 metadata=None, resume=False, resume_from_step=None):
+        if not isinstance(phase, str) or not _PHASE_PATTERN.match(phase):
+            raise UserError(f"phase {phase!r} is not a valid log name: use letters, digits, _ . -")
+        if _as_int(flush_every) < 1:
+            raise UserError(f"flush_every must be >= 1, got {flush_every}")
+        if resume_from_step is not None and not resume:
+            raise UserError("resume_from_step needs resume=True")
+        self.phase = phase
+        self.flush_every = int(flush_every)
+        self.snapshot_every = int(snapshot_every)
+        self.path = log_path(experiment_dir, phase)
+        self._file = None
+        self._rows = []              # buffered (step, {name: value}) not yet in the file
+        self._rows_have_tensors = False
+        self._datasets = {}          # flat name -> h5py dataset, every column in the file
+        self._known_names = set()    # columns in the file or in the buffer
+        self._num_rows = 0           # rows in the file
+        self._last_flushed_step = None
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        exists = os.path.exists(self.path)
+        if exists and not resume:
+            raise LogFileExistsError(
+                f"log file {self.path} already exists; pass resume=True (with resume_from_step) "
+                "to continue it, or use a new experiment or phase")
+        # No HDF5 file locking: with it, a notebook (or the readers below, in this very process)
+        # could not open the log while the run is alive, and opening fails on filesystems
+        # without locks (NFS, Lustre). Overwrites are prevented by the existence check instead.
+        try:
+            self._file = h5py.File(self.path, "a" if exists else "w-", locking=False)
+        except OSError as e:
+            raise UserError(f"cannot open research log {self.path}: {e}") from e
+        try:
+            if exists:
+                self._open_existing(metadata, resume_from_step)
+            else:
+                self._create_new(metadata)
+            self._file.flush()
+        except BaseException:
+            self._file.close()
+            self._file = None
+            raise
+
+    # ---------------------------------------------------------------- setup
+
+    def _create_new(self, metadata):
+        root = self._file
+        root.attrs["phase"] = self.phase
+        root.attrs["created_at"] = _utc_now_iso()
+        root.attrs["metadata"] = json.dumps(metadata if metadata is not None else {}, default=str)
+        root.attrs["resumed"] = "[]"
+        root.create_group(SNAPSHOTS)
+        root.create_group(SCALARS).create_dataset(
+            STEP, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(CHUNK_ROWS,))
+
+    def _open_existing(self, metadata, resume_from_step):
+        root = self._file
+        if SCALARS not in root or STEP not in root[SCALARS]:
+            raise UserError(f"{self.path} is not a research log (no /{SCALARS}/{STEP})")
+        root.require_group(SNAPSHOTS)
+        scalars = root[SCALARS]
+        step_ds = scalars[STEP]
+        self._num_rows = step_ds.shape[0]
+        for name, ds in _scalar_datasets(scalars).items():
+            # A writer killed between extending a column and extending /scalars/step leaves a
+            # column longer than step (or a new one shorter): make them agree again.
+            if ds.shape[0] != self._num_rows:
+                ds.resize((self._num_rows,))
+            self._datasets[name] = ds
+            self._known_names.add(name)
+        if self._num_rows:
+            self._last_flushed_step = int(step_ds[-1])
+        resumed = json.loads(root.attrs.get("resumed", "[]"))
+        resumed.append({"at": _utc_now_iso(), "from_step": resume_from_step})
+        root.attrs["resumed"] = json.dumps(resumed)
+        if metadata is not None:
+            root.attrs["metadata"] = json.dumps(metadata, default=str)
+        if resume_from_step is not None:
+            self.truncate_after(resume_from_step)
+
+    # ---------------------------------------------------------------- writing
+
+    @property
+    def closed(self):
+        return self._file is None
+
+    @property
+    def last_flushed_step(self):
+        """The last step that is on disk (None before the first block)."""
+        return self._last_flushed_step
+
+    @property
+    def last_step(self):
+        """The last step logged, buffered or not (None before the first)."""
+        return self._rows[-1][0] if self._rows else self._last_flushed_step
+
+    def should_snapshot(self, step):
+        """True on the steps where large arrays should be recorded: every `snapshot_every` steps."""
+        return self.snapshot_every > 0 and step % self.snapshot_every == 0
+
+    def log_step(self, step, metrics):
+        """Record the metrics of one step. Scalars are buffered; anything else becomes a snapshot."""
+        self._check_open()
+        step = _as_int(step)
+        if step < 0:
+            raise UserError(f"step must be >= 0, got {step}")
+        last = self.last_step
+        if last is not None and step < last:
+            raise UserError(f"step {step} logged after step {last}: steps must not decrease "
+                            "(a resumed run should pass resume_from_step)")
+        row = {}
+        arrays = {}
+        for name, value in metrics.items():
+            kind = type(value)
+            if kind is float or kind is int:  # the common case, kept cheap
+                row[name] = value
+            elif kind is dict:
+                for sub, subvalue in value.items():
+                    if type(subvalue) is dict:
+                        raise UserError(f"metric {name}/{sub}: only one level of nested dicts is allowed")
+                    self._add_value(f"{name}/{sub}", subvalue, row, arrays)
+            else:
+                self._add_value(name, value, row, arrays)
+        for name in row:
+            if name not in self._known_names:
+                self._add_name(name)
+        if arrays:
+            self.log_snapshot(step, arrays)
+        if not row:
+            return  # arrays only: no row of NaNs in the scalars
+        if self._rows and self._rows[-1][0] == step:
+            self._rows[-1][1].update(row)
+        elif step == self._last_flushed_step:
+            self._update_flushed_row(row)
+            return
+        else:
+            self._rows.append((step, row))
+        if len(self._rows) >= self.flush_every:
+            self.flush()
+
+    def _add_value(self, name, value, row, arrays):
+        """Sort one metric into the scalar row or the snapshot arrays."""
+        kind = type(value)
+        if kind is float or kind is int or kind is bool:
+            row[name] = float(value)
+            return
+        if value is None:
+            return  # recorded as missing (NaN)
+        if isinstance(value, (np.number, np.bool_)):
+            row[name] = float(value)
+            return
+        tensor_type = _torch_tensor_type()
+        if tensor_type is not None and isinstance(value, tensor_type):
+            if value.dim() != 0:
+                arrays[name] = value
+            elif _defer_to_flush(value):
+                # Copy (the caller may reuse the tensor in place) but stay on the device: the
+                # host transfer, and the GPU sync it implies, happens once per block in flush().
+                row[name] = value.detach().clone()
+                self._rows_have_tensors = True
+            else:
+                row[name] = value.item()  # a CPU tensor: reading it costs no synchronisation
+            return
+        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
+            row[name] = float(value)
+            return
+        arrays[name] = value
+
+    def _add_name(self, name):
+        parts = name.split("/") if isinstance(name, str) else [name]
+        if len(parts) > 2:
+            raise UserError(f"metric {name!r}: at most one '/' (one level of nesting) is allowed")
+        for part in parts:
+            _check_name(part, "metric")
+        if name == STEP:
+            raise UserError(f"'{STEP}' is reserved for the step column; rename the metric")
+        prefix = name.split("/")[0]
+        for known in self._known_names:
+            if known == prefix or known.startswith(name + "/"):
+                raise UserError(f"metric {name!r} clashes with {known!r}: a name cannot be both "
+                                "a value and a group of nested values")
+        self._known_names.add(name)
+
+    def _update_flushed_row(self, row):
+        """The step was already written: fill its row in the file in place."""
+        for name, value in row.items():
+            if name not in self._datasets:
+                self._create_column(name, self._num_rows)
+            self._datasets[name][self._num_rows - 1] = _scalar_to_float(value)
+        self._file.flush()
+
+    def _create_column(self, name, length):
+        # fillvalue NaN: rows before the metric first appeared, and any row a later block
+        # extends it by without a value, read back as NaN for free (no chunk is even written).
+        ds = self._file[SCALARS].create_dataset(
+            name, shape=(length,), maxshape=(None,), dtype=np.float64,
+            chunks=(CHUNK_ROWS,), fillvalue=np.nan)
+        self._datasets[name] = ds
+        return ds
+
+    def _resolve_tensors(self):
+        """Move every buffered 0-d tensor to the host: one stack and one transfer per device."""
+        by_device = {}
+        for i, (_, row) in enumerate(self._rows):
+            for name, value in row.items():
+                if not isinstance(value, (float, int)):
+                    by_device.setdefault(value.device, []).append((i, name, value))
+        for device, items in by_device.items():
+            torch = sys.modules["torch"]
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            values = torch.stack([v.to(dtype) for _, _, v in items]).cpu().tolist()
+            for (i, name, _), v in zip(items, values):
+                self._rows[i][1][name] = v
+        self._rows_have_tensors = False
+
+    def flush(self):
+        """Append the buffered rows as one block and flush the file to disk."""
+        self._check_open()
+        if self._rows:
+            if self._rows_have_tensors:
+                self._resolve_tensors()
+            start, count = self._num_rows, len(self._rows)
+            end = start + count
+            values = [row for _, row in self._rows]
+            names = dict.fromkeys(name for row in values for name in row)
+            for name in names:
+                if name not in self._datasets:
+                    self._create_column(name, start)
+            for name, ds in self._datasets.items():
+                if name in names:
+                    column = np.fromiter((row.get(name, np.nan) for row in values), dtype=np.float64, count=count)
+                    _append_block(ds, start, column)
+                else:
+                    ds.id.set_extent((end,))  # absent metric: the new rows read as the NaN fill value
+            # Step last: a reader trusts only the rows that /scalars/step covers.
+            _append_block(self._file[SCALARS][STEP], start,
+                          np.fromiter((s for s, _ in self._rows), dtype=np.int64, count=count))
+            self._num_rows = end
+            self._last_flushed_step = self._rows[-1][0]
+            self._rows = []
+        self._file.flush()
+
+    def log_snapshot(self, step, arrays):
+        """Store large arrays (or strings / lists of strings) under /snapshots/step_NNNNNN/.
+
+        `arrays` maps names to values; a value may also be a dict (one level) of such values,
+        stored as a subgroup. Written and flushed at once: snapshots are rare by design.
+        """
+        self._check_open()
+        step = _as_int(step)
+        if step < 0:
+            raise UserError(f"snapshot step must be >= 0, got {step}")
+        group = self._file[SNAPSHOTS].require_group(snapshot_group_name(step))
+        for name, value in arrays.items():
+            if type(value) is dict:
+                for sub, subvalue in value.items():
+                    if type(subvalue) is dict:
+                        raise UserError(f"snapshot {name}/{sub}: only one level of nested dicts is allowed")
+                    self._write_array(group, f"{name}/{sub}", subvalue)
+            else:
+                self._write_array(group, name, value)
+        self._file.flush()
+
+    @staticmethod
+    def _write_array(group, name, value):
+        for part in name.split("/"):
+            _check_name(part, "snapshot")
+        data = _to_numpy(value)
+        if name in group:
+            del group[name]  # the same step snapshotted twice: the later value wins
+        is_text = isinstance(data, str) or data.dtype == object
+        group.create_dataset(name, data=data, dtype=_STRING_DTYPE if is_text else None)
+
+    def truncate_after(self, step):
+        """Drop every row and snapshot with a step greater than `step` (for a resumed run)."""
+        self._check_open()
+        step = _as_int(step)
+        self._rows = [(s, row) for s, row in self._rows if s <= step]
+        if self._num_rows:
+            steps = self._file[SCALARS][STEP][:]
+            keep = int(np.searchsorted(steps, step, side="right"))
+            if keep < self._num_rows:
+                self._file[SCALARS][STEP].resize((keep,))
+                for ds in self._datasets.values():
+                    ds.resize((keep,))
+                self._num_rows = keep
+                self._last_flushed_step = int(steps[keep - 1]) if keep else None
+        snapshots = self._file[SNAPSHOTS]
+        for name in list(snapshots):
+            if _snapshot_step(name) > step:
+                del snapshots[name]
+        self._file.flush()
+
+    def _check_open(self):
+        if self._file is None:
+            raise ValueError(f"research logger for {self.path} is closed")
+
+    def close(self):
+        """Write what is buffered and close the file; safe to call more than once."""
+        if self._file is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()  # also on an exception: the steps before a crash are the interesting ones
+        return False
+
+
+def _append_block(ds, start, data):
+    """Grow a 1-D dataset to start + len(data) and write data at the end.
+
+    The low-level calls do what `ds.resize(...); ds[start:] = data` does, without the selection
+    machinery of h5py's high-level indexing, which is most of the per-block cost.
+    """
+    end = start + data.shape[0]
+    ds.id.set_extent((end,))
+    file_space = ds.id.get_space()
+    file_space.select_hyperslab((start,), (data.shape[0],))
+    ds.id.write(h5py.h5s.create_simple((data.shape[0],)), file_space, data)
+
+
+def _defer_to_flush(tensor):
+    """Whether a 0-d tensor is read at the next block (accelerators) rather than now (CPU)."""
+    return tensor.device.type != "cpu"
+
+
+def _scalar_to_float(value):
+    tensor_type = _torch_tensor_type()
+    if tensor_type is not None and isinstance(value, tensor_type):
+        return float(value.item())
+    return float(value)
+
+
+def _snapshot_step(group_name):
+    return int(group_name[len("step_"):])
+
+
+def _scalar_datasets(scalars_group):
+    """{flat name: dataset} for every column under /scalars except step (one nesting level)."""
+    found = {}
+    for name, obj in scalars_group.items():
+        if isinstance(obj, h5py.Group):
+            for sub, subobj in obj.items():
+                if isinstance(subobj, h5py.Dataset):
+                    found[f"{name}/{sub}"] = subobj
+        elif name != STEP:
+            found[name] = obj
+    return found
+
+
+# -------------------------------------------------------------------- readers
+
+def _open_for_reading(path):
+    if not os.path.exists(path):
+        raise UserError(f"no research log at {path}")
+    # locking=False: must match the writer's setting when both live in one process, and a reader
+    # must never be refused because a writer is alive.
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise UserError(f"cannot read research log {path}: {e}") from e
+
+
+def _aligned(ds, num_rows):
+    """A column cut or NaN-padded to the length of /scalars/step (see the flush order)."""
+    data = ds[:num_rows]
+    if data.shape[0] < num_rows:
+        data = np.concatenate([data, np.full(num_rows - data.shape[0], np.nan)])
+    return data
+
+
+def read_scalars(path):
+    """{name: np.ndarray} for every scalar column, all aligned with the int64 "step" column."""
+    with _open_for_reading(path) as f:
+        scalars = f[SCALARS]
+        steps = scalars[STEP][:]
+        out = {STEP: steps}
+        for name, ds in sorted(_scalar_datasets(scalars).items()):
+            out[name] = _aligned(ds, steps.shape[0])
+        return out
+
+
+def read_scalar(path, name):
+    """One scalar column (float64, NaN where absent), or the int64 "step" column."""
+    with _open_for_reading(path) as f:
+        scalars = f[SCALARS]
+        steps = scalars[STEP]
+        if name == STEP:
+            return steps[:]
+        columns = _scalar_datasets(scalars)
+        if name not in columns:
+            raise UserError(f"no scalar {name!r} in {path}; it has: {', '.join(sorted(columns)) or 'none'}")
+        return _aligned(columns[name], steps.shape[0])
+
+
+def read_attrs(path):
+    """The root attributes: phase, created_at, metadata (decoded) and the list of resumes."""
+    with _open_for_reading(path) as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    for key in ("metadata", "resumed"):
+        if key in attrs:
+            attrs[key] = json.loads(attrs[key])
+    return attrs
+
+
+def list_snapshots(path):
+    """The steps that have a snapshot, in increasing order."""
+    with _open_for_reading(path) as f:
+        if SNAPSHOTS not in f:
+            return []
+        return sorted(_snapshot_step(name) for name in f[SNAPSHOTS])
+
+
+def _read_group(group):
+    out = {}
+    for name, obj in group.items():
+        if isinstance(obj, h5py.Group):
+            out[name] = _read_group(obj)
+        elif h5py.check_string_dtype(obj.dtype) is not None:
+            value = obj.asstr()[()]
+            out[name] = value.tolist() if isinstance(value, np.ndarray) else value
+        else:
+            out[name] = obj[()]
+    return out
+
+
+def read_snapshot(path, step):
+    """{name: np.ndarray | str | list[str] | nested dict} stored at `step`."""
+    with _open_for_reading(path) as f:
+        name = snapshot_group_name(_as_int(step))
+        if SNAPSHOTS not in f or name not in f[SNAPSHOTS]:
+            available = sorted(_snapshot_step(n) for n in f.get(SNAPSHOTS, {}))
+            raise UserError(f"no snapshot at step {step} in {path}; steps with one: {available[:20]}")
+        return _read_group(f[SNAPSHOTS][name])
+
+
+# -------------------------------------------------------------------- overhead benchmark
+
+def _benchmark(num_steps, flush_every, use_tensors):
+    """Time log_step on a typical base-training scalar set; return (µs/step, bytes/1000 steps)."""
+    import tempfile
+    names = ["train/loss", "train/loss_smooth", "lrm", "grad_norm", "dt", "tok_per_sec", "mfu",
+             "total_training_flops"]
+    values = np.random.default_rng(0).random((num_steps, len(names)))
+    if use_tensors:
+        import torch
+        rows = [dict(zip(names, row.unbind(0))) for row in torch.from_numpy(values)]  # 0-d tensors
+    else:
+        rows = [dict(zip(names, v.tolist())) for v in values]
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = ResearchLogger(os.path.join(tmp, "empty"), flush_every=flush_every)
+        empty.close()
+        empty_size = os.path.getsize(empty.path)
+        logger = ResearchLogger(os.path.join(tmp, "bench"), flush_every=flush_every)
+        t0 = time.perf_counter()
+        for step, metrics in enumerate(rows):
+            logger.log_step(step, metrics)
+        logger.close()
+        elapsed = time.perf_counter() - t0
+        size = os.path.getsize(logger.path)
+        # sanity: what we wrote reads back
+        assert read_scalar(logger.path, "mfu").shape == (num_steps,)
+    return elapsed / num_steps * 1e6, (size - empty_size) / num_steps * 1000, size
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Time ResearchLogger.log_step and measure the file size.")
+    parser.add_argument("--steps", type=int, default=20000, help="steps to log")
+    parser.add_argument("--flush_every", "--flush-every", type=int, default=100, help="rows per block")
+    args = parser.parse_args()
+    for use_tensors in (False, True):
+        us, per_1000, total = _benchmark(args.steps, args.flush_every, use_tensors)
+        kind = "0-d torch tensors (CPU)" if use_tensors else "Python floats"
+        print(f"{kind:>24}: {us:6.2f} µs per log_step (8 scalars, flush_every={args.flush_every}, "
+              f"{args.steps} steps, close included); {per_1000 / 1024:.1f} KiB per 1,000 steps "
+              f"(file {total / 1024:.0f} KiB)")

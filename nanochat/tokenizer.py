@@ -1,0 +1,180 @@
+"""BPE tokenizer: trained with rustbpe, encoded with tiktoken, saved without pickles.
+
+One tokenizer serves all three directions: it is trained on forward text and always holds the
+direction markers <|forward|> and <|backward|> (DESIGN.md §1). Reversal happens on token ids,
+never on characters, so forward and backward rows of a document hold the same tokens.
+
+On disk ($NANOCHAT_BASE_DIR/tokenizer/):
+    tokenizer.json      split pattern, special tokens -> ids, vocab size
+    ranks.tiktoken      the merges, one "base64(token bytes) rank" per line (tiktoken's format)
+    token_bytes.npy     UTF-8 byte length of every token id, 0 for special tokens (for bpb)
+"""
+
+import base64
+import json
+import os
+
+import numpy as np
+
+from nanochat.common import UserError, get_base_dir
+
+# GPT-4's (cl100k) pre-tokenisation pattern: contractions, words with one optional leading
+# non-letter, numbers of up to three digits, punctuation runs, newlines and other whitespace.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+SPECIAL_TOKENS = [
+    "<|bos|>",               # document delimiter, first token of every document in every direction
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",   # tool call made by the assistant
+    "<|output_start|>", "<|output_end|>",   # tool output returned to the assistant
+    "<|forward|>", "<|backward|>",         # direction markers of bidirectional models
+]
+
+
+def tokenizer_dir(base_dir=None):
+    return os.path.join(base_dir or get_base_dir(), "tokenizer")
+
+
+class Tokenizer:
+    def __init__(self, mergeable_ranks, special_tokens, pattern=SPLIT_PATTERN, name="nanochat"):
+        import tiktoken
+        self.pattern = pattern
+        self.mergeable_ranks = mergeable_ranks
+        self.special_tokens = dict(special_tokens)
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=self.special_tokens)
+
+    # ---- training and persistence -------------------------------------------------------
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size, special_tokens=SPECIAL_TOKENS):
+        import rustbpe
+        n_merge_vocab = vocab_size - len(special_tokens)
+        if n_merge_vocab < 256:
+            raise UserError(f"--vocab_size={vocab_size} is too small: it needs 256 byte tokens plus "
+                            f"{len(special_tokens)} special tokens")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(text_iterator, n_merge_vocab, pattern=SPLIT_PATTERN)
+        ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+        offset = len(ranks)
+        specials = {name: offset + i for i, name in enumerate(special_tokens)}
+        return cls(ranks, specials, pattern=bpe.get_pattern())
+
+    def save(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "ranks.tiktoken.tmp"), "w") as f:
+            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+        meta = {"pattern": self.pattern, "special_tokens": self.special_tokens, "vocab_size": self.get_vocab_size()}
+        with open(os.path.join(directory, "tokenizer.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=2)
+        np.save(os.path.join(directory, "token_bytes.tmp.npy"), self.token_byte_lengths())
+        # Rename last, together, so a crash never leaves a half-written tokenizer behind.
+        os.replace(os.path.join(directory, "ranks.tiktoken.tmp"), os.path.join(directory, "ranks.tiktoken"))
+        os.replace(os.path.join(directory, "token_bytes.tmp.npy"), os.path.join(directory, "token_bytes.npy"))
+        os.replace(os.path.join(directory, "tokenizer.json.tmp"), os.path.join(directory, "tokenizer.json"))
+
+    @classmethod
+    def load(cls, directory):
+        meta_path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(meta_path):
+            raise UserError(f"no tokenizer in {directory}: train one with `python -m scripts.tok_train`")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        ranks = {}
+        with open(os.path.join(directory, "ranks.tiktoken")) as f:
+            for line in f:
+                if line.strip():
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok)] = int(rank)
+        return cls(ranks, meta["special_tokens"], pattern=meta["pattern"])
+
+    # ---- vocabulary ----------------------------------------------------------------------
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_special_tokens(self):
+        return set(self.special_tokens)
+
+    def encode_special(self, name):
+        if name not in self.special_tokens:
+            raise UserError(f"the tokenizer has no special token {name}; known: {sorted(self.special_tokens)}")
+        return self.special_tokens[name]
+
+    def get_bos_token_id(self):
+        return self.encode_special("<|bos|>")
+
+    def has_direction_markers(self):
+        return "<|forward|>" in self.special_tokens and "<|backward|>" in self.special_tokens
+
+    def get_marker_ids(self):
+        if not self.has_direction_markers():
+            raise UserError("this tokenizer has no <|forward|>/<|backward|> marker tokens, which bidirectional "
+                            "models need; retrain it with `python -m scripts.tok_train`")
+        return self.special_tokens["<|forward|>"], self.special_tokens["<|backward|>"]
+
+    def get_forward_token_id(self):
+        return self.get_marker_ids()[0]
+
+    def get_backward_token_id(self):
+        return self.get_marker_ids()[1]
+
+    def id_to_token(self, token_id):
+        return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def token_byte_lengths(self):
+        """UTF-8 byte length of each token id; 0 for special tokens, so they drop out of bpb."""
+        lengths = np.zeros(self.get_vocab_size(), dtype=np.int32)
+        for token, rank in self.mergeable_ranks.items():
+            lengths[rank] = len(token)
+        return lengths
+
+    # ---- encoding ------------------------------------------------------------------------
+    def _as_id(self, tok):
+        return self.encode_special(tok) if isinstance(tok, str) else int(tok)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """Encode a string (-> list of ids) or a list of strings (-> list of lists).
+
+        Special-token spellings inside the text are encoded as ordinary text. `prepend` /
+        `append` add one special token (its name or id) around each encoded text.
+        """
+        pre = None if prepend is None else self._as_id(prepend)
+        post = None if append is None else self._as_id(append)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            if pre is not None:
+                ids.insert(0, pre)
+            if post is not None:
+                ids.append(post)
+            return ids
+        if isinstance(text, (list, tuple)):
+            batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+            if pre is not None:
+                for ids in batch:
+                    ids.insert(0, pre)
+            if post is not None:
+                for ids in batch:
+                    ids.append(post)
+            return batch
+        raise TypeError(f"encode() takes a string or a list of strings, not {type(text).__name__}")
+
+    __call__ = encode
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+
+def get_tokenizer(base_dir=None):
+    return Tokenizer.load(tokenizer_dir(base_dir))
+
+
+def get_token_bytes(device="cpu", base_dir=None):
+    """Per-token UTF-8 byte lengths as a torch tensor (for bits-per-byte)."""
+    import torch
+    path = os.path.join(tokenizer_dir(base_dir), "token_bytes.npy")
+    if not os.path.exists(path):
+        raise UserError(f"no token byte table at {path}: train the tokenizer with `python -m scripts.tok_train`")
+    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64)).to(device)

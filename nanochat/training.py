@@ -1,0 +1,165 @@
+"""The training step shared by every phase (base, mid, SFT): phases differ in data, not in how
+a step is taken.
+
+One optimizer step = `grad_accum_steps` micro-batches on each of `world_size` ranks. Gradients
+are averaged over ranks with an explicit all-reduce (not the DDP wrapper), which keeps the
+Muon/AdamW pair simple and makes the distributed path and the accumulation path provably the
+same computation: mean over all micro-batches of the global batch.
+"""
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import UserError, all_reduce_mean
+
+# Peak dense bf16 throughput used for MFU (per GPU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def gpu_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def autocast_context(device_type):
+    # bf16 autocast on GPU; full fp32 on CPU/MPS where bf16 matmuls are slow or unsupported.
+    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+
+def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_size):
+    """Micro-batches per rank per step; the global batch must split evenly."""
+    per_micro = device_batch_size * seq_len * world_size
+    if total_batch_size == -1:
+        return 1
+    if total_batch_size <= 0 or total_batch_size % per_micro:
+        raise UserError(f"--total_batch_size={total_batch_size} is not divisible by device_batch_size x max_seq_len x "
+                        f"world_size = {device_batch_size} x {seq_len} x {world_size} = {per_micro}; "
+                        f"use a multiple of {per_micro}")
+    return total_batch_size // per_micro
+
+
+def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+    """Linear warmup, constant, then linear warmdown to final_lr_frac (trapezoidal schedule)."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / max(1, warmdown)
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step, ramp_steps=300):
+    """Muon momentum ramps 0.85 -> 0.95 over the first steps (stabler start)."""
+    frac = min(step / ramp_steps, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def sync_gradients(params, world_size):
+    """Average gradients over ranks (no-op without a process group)."""
+    if world_size <= 1 or not dist.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    handles = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
+    for h in handles:
+        h.wait()
+    for g in grads:
+        g.div_(world_size)
+
+
+def per_layer_grad_norms(model):
+    """{'layer<i>': L2 norm of all gradients in block i} plus embeddings and head."""
+    norms = {"embed": model.model.embed_tokens.weight.grad, "head": model.lm_head.weight.grad}
+    out = {k: (g.norm().item() if g is not None else 0.0) for k, g in norms.items()}
+    for i, block in enumerate(model.model.layers):
+        sq = sum(p.grad.float().pow(2).sum() for p in block.parameters() if p.grad is not None)
+        out[f"layer{i}"] = math.sqrt(float(sq))
+    return out
+
+
+class Trainer:
+    """Takes optimizer steps; knows nothing about where batches come from.
+
+    `batches` yields (inputs, targets) for this rank, one micro-batch at a time.
+    """
+
+    def __init__(self, model, optimizers, batches, grad_accum_steps, num_iterations, tokens_per_step,
+                 device, world_size=1, schedule=None, grad_clip=0.0, flops_per_token=None, init_lr_frac=1.0):
+        self.model, self.optimizers, self.batches = model, optimizers, batches
+        self.grad_accum_steps, self.num_iterations = grad_accum_steps, num_iterations
+        self.tokens_per_step, self.device, self.world_size = tokens_per_step, device, world_size
+        self.schedule = schedule or {}
+        self.grad_clip = grad_clip
+        self.flops_per_token = flops_per_token
+        self.peak_flops = gpu_peak_flops(device)
+        self.autocast = autocast_context(device.type)
+        self.params = [p for p in model.parameters()]
+        self.init_lr_frac = init_lr_frac
+        self.last_batch = None
+
+    def set_lr(self, step):
+        mult = lr_multiplier(step, self.num_iterations, **self.schedule)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * self.init_lr_frac * mult
+            if isinstance(opt, torch.optim.Muon):
+                for group in opt.param_groups:
+                    group["momentum"] = muon_momentum(step)
+        return mult
+
+    def step(self, step, want_layer_grads=False):
+        """One optimizer step; returns a dict of scalar metrics (and per-layer grad norms)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        self.model.train()
+        total = 0.0
+        for _ in range(self.grad_accum_steps):
+            x, y = next(self.batches)
+            with self.autocast:
+                loss = self.model(x, y)
+            total += loss.detach()
+            (loss / self.grad_accum_steps).backward()
+        self.last_batch = (x, y)
+        sync_gradients(self.params, self.world_size)
+        if self.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        layer_grads = per_layer_grad_norms(self.model) if want_layer_grads else None
+        mult = self.set_lr(step)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        loss_value = all_reduce_mean((total / self.grad_accum_steps).item(), self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        metrics = {"loss": loss_value, "lr_mult": mult, "dt": dt, "tok_per_s": self.tokens_per_step / dt,
+                   "grad_norm": float(grad_norm)}
+        if not math.isfinite(loss_value):
+            raise UserError(f"training diverged at step {step}: loss is {loss_value}; lower the learning rates")
+        if self.peak_flops and self.flops_per_token:
+            metrics["mfu"] = self.flops_per_token * self.tokens_per_step / dt / (self.peak_flops * self.world_size)
+        if layer_grads is not None:
+            metrics["layer_grad_norm"] = layer_grads
+        return metrics
+
+    def optimizer_state(self):
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_optimizer_state(self, states):
+        for opt, s in zip(self.optimizers, states):
+            opt.load_state_dict(s)
+            for group in opt.param_groups:  # the schedule is re-applied from the step
+                group.setdefault("initial_lr", group["lr"])

@@ -1,0 +1,60 @@
+"""Train the BPE tokenizer on the train split and save it to $NANOCHAT_BASE_DIR/tokenizer.
+
+    python -m scripts.tok_train --max_chars=2000000000 --vocab_size=65536
+
+The tokenizer is trained on forward text only; it carries the <|forward|>/<|backward|> markers,
+and backward models reverse token ids, so one tokenizer serves all three directions.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+from nanochat.common import UserError, add_flag, get_base_dir, run_main
+from nanochat.dataset import DocumentSource
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
+
+
+def text_iterator(max_chars, doc_cap, data_dir=None):
+    """Train documents, each cut to doc_cap characters, until max_chars characters in total."""
+    total = 0
+    for _, text in DocumentSource("train", data_dir).iter_from():
+        text = text[:doc_cap]
+        yield text
+        total += len(text)
+        if total >= max_chars:
+            return
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe) and save it (tiktoken format)")
+    add_flag(parser, "max_chars", type=int, default=2_000_000_000, help="characters of training text to use")
+    add_flag(parser, "doc_cap", type=int, default=10_000, help="characters taken from each document at most")
+    add_flag(parser, "vocab_size", type=int, default=65536, help="vocabulary size including special tokens")
+    add_flag(parser, "overwrite", action="store_true", help="replace an existing tokenizer")
+    args = parser.parse_args(argv)
+    if args.max_chars <= 0 or args.doc_cap <= 0:
+        raise UserError("--max_chars and --doc_cap must be positive")
+    out = tokenizer_dir()
+    if os.path.exists(os.path.join(out, "tokenizer.json")) and not args.overwrite:
+        raise UserError(f"a tokenizer already exists in {out}; checkpoints trained with it depend on its ids. "
+                        "Pass --overwrite to replace it, or set NANOCHAT_BASE_DIR elsewhere")
+    t0 = time.time()
+    tokenizer = Tokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap), args.vocab_size)
+    train_s = time.time() - t0
+    tokenizer.save(out)
+    # Sanity: a round trip and the special tokens every direction relies on.
+    sample = "def reverse(s):\n    return s[::-1]  # héllo wörld 123\n"
+    assert tokenizer.decode(tokenizer.encode(sample)) == sample
+    for name in SPECIAL_TOKENS:
+        tokenizer.encode_special(name)
+    lengths = tokenizer.token_byte_lengths()
+    print(f"trained a {tokenizer.get_vocab_size()}-token vocabulary in {train_s:.1f}s; saved to {out}")
+    print(f"special tokens: {len(SPECIAL_TOKENS)} (bos={tokenizer.get_bos_token_id()}, "
+          f"forward={tokenizer.get_forward_token_id()}, backward={tokenizer.get_backward_token_id()}); "
+          f"mean token length {lengths[lengths > 0].mean():.2f} bytes")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,250 @@
+"""Tests for nanochat.experiment_config: the experiments/ layout, configs, links and lineage."""
+
+import json
+import os
+import re
+from datetime import datetime
+
+import pytest
+
+from nanochat.common import UserError
+from nanochat.experiment_config import ExperimentConfig, format_lineage
+
+
+@pytest.fixture
+def ec(tmp_path):
+    return ExperimentConfig(base_dir=str(tmp_path))
+
+
+def make_base(ec, experiment_id="base_fwd", direction="forward", **flags):
+    return ec.create_experiment("base", direction, 4, experiment_id=experiment_id, **flags)
+
+
+def test_default_base_dir_comes_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nc"))
+    assert ExperimentConfig().root == os.path.join(str(tmp_path / "nc"), "experiments")
+
+
+def test_create_load_round_trip_has_all_fields(ec, tmp_path):
+    flags = {"seed": 7, "num_iterations": 10, "device_batch_size": 2, "run": "dummy"}
+    created = make_base(ec, **flags)
+    loaded = ec.load_config("base_fwd")
+    assert loaded == created
+    assert loaded["experiment_id"] == "base_fwd"
+    assert loaded["phase"] == "base"
+    assert loaded["direction"] == "forward"
+    assert loaded["depth"] == 4
+    assert loaded["flags"] == flags
+    assert loaded["seed"] == 7
+    assert loaded["parent_experiment"] is None
+    assert "code_version" in loaded
+    cv = loaded["code_version"]
+    assert cv is None or (isinstance(cv["commit"], str) and isinstance(cv["dirty"], bool))
+    assert datetime.fromisoformat(loaded["created_at"]).tzinfo is not None
+    assert loaded["updated_at"] == loaded["created_at"]
+    assert loaded["status"] == "created"
+    assert loaded["children"] == []
+    # The layout: everything under <base>/experiments/<id>/.
+    exp = os.path.join(str(tmp_path), "experiments", "base_fwd")
+    assert ec.experiment_dir("base_fwd") == exp
+    assert ec.config_path("base_fwd") == os.path.join(exp, "config.json")
+    assert ec.checkpoint_dir("base_fwd") == os.path.join(exp, "checkpoints")
+    assert ec.logs_dir("base_fwd") == os.path.join(exp, "logs")
+    assert ec.evaluations_dir("base_fwd") == os.path.join(exp, "evaluations")
+    for d in (ec.checkpoint_dir("base_fwd"), ec.logs_dir("base_fwd"), ec.evaluations_dir("base_fwd")):
+        assert os.path.isdir(d)
+    with open(ec.config_path("base_fwd")) as f:
+        assert json.load(f) == loaded
+    assert ec.exists("base_fwd") and not ec.exists("nope")
+    assert ec.list_experiments() == ["base_fwd"]
+    assert ec.load_parent_link("base_fwd") is None
+
+
+def test_default_id_is_descriptive_and_unique(ec):
+    a = ec.create_experiment("base", "backward", 6)["experiment_id"]
+    b = ec.create_experiment("base", "backward", 6)["experiment_id"]
+    assert re.fullmatch(r"base_d6_backward_\d{8}_\d{6}(_\d+)?", a)
+    assert a != b
+    assert ec.list_experiments() == sorted([a, b])
+
+
+def test_duplicate_id_refused(ec):
+    make_base(ec)
+    with pytest.raises(UserError, match="already exists"):
+        make_base(ec)
+
+
+def test_resume_returns_existing(ec):
+    first = make_base(ec, seed=1)
+    ec.set_status("base_fwd", "running")
+    again = ec.create_experiment("base", "forward", 4, experiment_id="base_fwd", resume=True, seed=99)
+    assert again["created_at"] == first["created_at"]
+    assert again["seed"] == 1 and again["status"] == "running"
+    with pytest.raises(UserError, match="direction"):
+        ec.create_experiment("base", "backward", 4, experiment_id="base_fwd", resume=True)
+    make_base(ec, experiment_id="base_other")
+    with pytest.raises(UserError, match="phase"):
+        ec.create_experiment("mid", "forward", 4, parent_experiment="base_other", experiment_id="base_fwd",
+                             resume=True)
+    assert ec.load_config("base_other")["children"] == []  # a refused resume links nothing
+
+
+def test_resume_of_missing_id_creates_it(ec):
+    cfg = ec.create_experiment("base", "forward", 4, experiment_id="fresh", resume=True)
+    assert cfg["status"] == "created" and ec.exists("fresh")
+
+
+def test_non_base_without_parent_refused(ec):
+    for phase in ("mid", "sft", "rl"):
+        with pytest.raises(UserError, match="parent"):
+            ec.create_experiment(phase, "forward", 4, experiment_id=f"{phase}_x")
+    assert ec.list_experiments() == []
+
+
+def test_missing_parent_refused(ec):
+    make_base(ec)
+    with pytest.raises(UserError, match="does not exist.*base_fwd"):
+        ec.create_experiment("mid", "forward", 4, parent_experiment="ghost", experiment_id="mid_a")
+    assert not ec.exists("mid_a")
+
+
+def test_invalid_phase_refused(ec):
+    with pytest.raises(UserError, match="base, mid, sft, rl"):
+        ec.create_experiment("pretrain", "forward", 4, experiment_id="x")
+
+
+def test_invalid_direction_and_depth_refused(ec):
+    with pytest.raises(UserError, match="forward"):
+        ec.create_experiment("base", "sideways", 4, experiment_id="x")
+    with pytest.raises(UserError, match="depth"):
+        ec.create_experiment("base", "forward", 0, experiment_id="x")
+    assert ec.list_experiments() == []
+
+
+@pytest.mark.parametrize("bad", ["", ".hidden", "..", "a/b", "../escape", "sp ace", "semi;colon", "ü"])
+def test_invalid_id_chars_refused(ec, bad):
+    with pytest.raises(UserError, match="invalid experiment id"):
+        ec.create_experiment("base", "forward", 4, experiment_id=bad)
+    with pytest.raises(UserError, match="invalid experiment id"):
+        ec.experiment_dir(bad)
+    assert not ec.exists(bad)
+    assert ec.find_experiment_for_checkpoint_tag(bad) is None
+
+
+def test_valid_id_chars_accepted(ec):
+    make_base(ec, experiment_id="Run-1.v2_x")
+    assert ec.exists("Run-1.v2_x")
+
+
+def test_load_missing_lists_known_ids(ec):
+    make_base(ec)
+    with pytest.raises(UserError, match="no experiment 'nope'.*base_fwd"):
+        ec.load_config("nope")
+
+
+def test_branching_two_children_of_one_parent(ec):
+    make_base(ec, seed=0)
+    ec.set_status("base_fwd", "completed")
+    ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a")
+    ec.create_experiment("mid", "forward", 4, parent_experiment="base_fwd", experiment_id="mid_b")
+    ec.create_experiment("sft", None, None, parent_experiment="mid_a", experiment_id="sft_a")
+    make_base(ec, experiment_id="base_bwd", direction="backward")
+
+    assert ec.load_parent_link("mid_a") == "base_fwd"
+    assert ec.load_parent_link("mid_b") == "base_fwd"
+    assert ec.load_parent_link("sft_a") == "mid_a"
+    parent = ec.load_config("base_fwd")
+    assert parent["children"] == ["mid_a", "mid_b"]
+    assert parent["status"] == "completed"  # appending a child keeps the parent's other fields
+    assert ec.load_config("mid_a")["children"] == ["sft_a"]
+
+    forest = ec.lineage()
+    assert sorted(r["id"] for r in forest) == ["base_bwd", "base_fwd"]
+    fwd = next(r for r in forest if r["id"] == "base_fwd")
+    assert fwd["phase"] == "base" and fwd["direction"] == "forward" and fwd["status"] == "completed"
+    assert sorted(c["id"] for c in fwd["children"]) == ["mid_a", "mid_b"]
+    mid_a = next(c for c in fwd["children"] if c["id"] == "mid_a")
+    assert [c["id"] for c in mid_a["children"]] == ["sft_a"]
+
+    # With an id, the tree rooted at its root ancestor (and nothing else).
+    tree = ec.lineage("sft_a")
+    assert len(tree) == 1 and tree[0]["id"] == "base_fwd"
+    assert sorted(c["id"] for c in tree[0]["children"]) == ["mid_a", "mid_b"]
+
+    text = format_lineage(tree)
+    for i in ("base_fwd", "mid_a", "mid_b", "sft_a"):
+        assert i in text
+    assert "base_bwd" not in text
+    lines = text.splitlines()
+    assert lines[0] == "base_fwd (base, forward, completed)"
+    assert all(line.startswith("  ") for line in lines[1:])  # children are indented
+    assert "├─" in text and "└─" in text
+    assert "base_bwd (base, backward, created)" in format_lineage(forest)
+
+
+def test_status_transitions_and_invalid_status(ec):
+    make_base(ec)
+    assert ec.load_config("base_fwd")["status"] == "created"
+    for status in ("running", "failed", "running", "completed"):
+        ec.set_status("base_fwd", status)
+        assert ec.load_config("base_fwd")["status"] == status
+    with pytest.raises(UserError, match="created, running, completed, failed"):
+        ec.set_status("base_fwd", "done")
+    with pytest.raises(UserError, match="status"):
+        ec.update_config("base_fwd", status="bogus")
+    assert ec.load_config("base_fwd")["status"] == "completed"
+
+
+def test_update_config_merges_and_protects_identity(ec):
+    make_base(ec, seed=3)
+    cfg = ec.update_config("base_fwd", final_val_bpb=0.91, step=100)
+    assert cfg["final_val_bpb"] == 0.91 and cfg["step"] == 100 and cfg["seed"] == 3
+    assert ec.load_config("base_fwd") == cfg
+    with pytest.raises(UserError, match="direction"):
+        ec.update_config("base_fwd", direction="backward")
+    with pytest.raises(UserError, match="no experiment"):
+        ec.update_config("ghost", step=1)
+
+
+def test_direction_inherited_and_contradiction_refused(ec):
+    make_base(ec, experiment_id="base_bwd", direction="backward")
+    child = ec.create_experiment("mid", None, None, parent_experiment="base_bwd", experiment_id="mid_bwd")
+    assert child["direction"] == "backward" and child["depth"] == 4
+    with pytest.raises(UserError, match="contradicts"):
+        ec.create_experiment("sft", "forward", 4, parent_experiment="mid_bwd", experiment_id="sft_fwd")
+    with pytest.raises(UserError, match="depth"):
+        ec.create_experiment("sft", None, 8, parent_experiment="mid_bwd", experiment_id="sft_d8")
+    assert not ec.exists("sft_fwd") and not ec.exists("sft_d8")
+    assert ec.load_config("mid_bwd")["children"] == []
+
+
+def test_atomic_write_leaves_no_temp_files(ec):
+    make_base(ec)
+    ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a")
+    ec.set_status("mid_a", "running")
+    ec.update_config("base_fwd", note="x")
+    for dirpath, _, files in os.walk(ec.root):
+        for name in files:
+            assert name == "config.json", os.path.join(dirpath, name)
+
+
+def test_failed_write_keeps_old_config_and_no_temp(ec, monkeypatch):
+    make_base(ec)
+    before = ec.load_config("base_fwd")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        ec.update_config("base_fwd", note="x")
+    monkeypatch.undo()
+    assert ec.load_config("base_fwd") == before
+    assert [n for n in os.listdir(ec.experiment_dir("base_fwd")) if n.endswith(".tmp")] == []
+
+
+def test_find_experiment_for_checkpoint_tag(ec):
+    make_base(ec)
+    assert ec.find_experiment_for_checkpoint_tag("base_fwd") == "base_fwd"
+    assert ec.find_experiment_for_checkpoint_tag("d12") is None
+    assert ec.find_experiment_for_checkpoint_tag("") is None
