@@ -65,6 +65,7 @@ def build_parser():
     add_flag(p, "run", default="dummy", help="wandb run name ('dummy' = no wandb, no research log)")
     add_flag(p, "research_log", type=int, default=-1, help="HDF5 research log: 1 on, 0 off, -1 = on when --run is named")
     add_flag(p, "log_every", type=int, default=1, help="print a progress line every N steps")
+    add_flag(p, "log_flush_every", type=int, default=100, help="research log: steps buffered per HDF5 write")
     add_flag(p, "snapshot_every", type=int, default=100, help="record per-token losses, per-layer stats every N steps")
     add_flag(p, "device_type", default="", help="cuda | mps | cpu (empty = autodetect)")
     add_flag(p, "compile", type=int, default=-1, help="torch.compile the model (-1 = on for cuda)")
@@ -212,7 +213,8 @@ def train(args, ddp, rank, world_size, device):
     research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
     logger = None
     if research_on and master:
-        logger = ResearchLogger(dirs["run"], phase="base_training", snapshot_every=args.snapshot_every,
+        logger = ResearchLogger(dirs["run"], phase="base_training", flush_every=args.log_flush_every,
+                                snapshot_every=args.snapshot_every,
                                 resume=resuming, resume_from_step=start_step if resuming else None,
                                 metadata={"direction": args.direction, "model_tag": model_tag, **user_config})
     wb = wandb_log.init(args.run, config=dict(user_config, num_params=num_params), master=master)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Quick start: set up .venv and run the test suite (CPU only, offline, a few minutes).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup_env.sh
+.venv/bin/python -m pytest "$@"

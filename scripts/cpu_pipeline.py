@@ -1,0 +1,79 @@
+"""The whole pipeline on a CPU, offline, in minutes: built-in corpus -> tokenizer -> a forward,
+a backward and a bidirectional base model (through the experiment orchestrator) -> bits per
+byte of each in both directions -> a research report.
+
+    bash runcpu.sh                       # sets up .venv, then runs this
+    python -m scripts.cpu_pipeline       # same, in an existing environment
+
+Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat). Rerunning reuses the data,
+the tokenizer and completed experiments (the orchestrator resumes), so an interrupted pipeline
+picks up where it stopped. `--tag` names a fresh set of experiments.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from nanochat.common import UserError, add_flag, get_base_dir, run_main
+from nanochat.dataset import list_shards, data_dir
+from nanochat.direction import DIRECTIONS
+from nanochat.tokenizer import tokenizer_dir
+
+
+def run(step, args):
+    """Run one stage as `python -m ...`, streaming its output; stop the pipeline if it fails."""
+    cmd = [sys.executable, "-m", *args]
+    print(f"\n=== {step}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise UserError(f"pipeline stage '{step}' failed (exit {result.returncode}): {' '.join(cmd)}")
+    print(f"=== {step}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="CPU pipeline: data -> tokenizer -> 3 base models -> bpb matrix -> report")
+    add_flag(p, "tag", default="cpu", help="experiment ids are <tag>_d<depth>_<direction>")
+    add_flag(p, "depth", type=int, default=4)
+    add_flag(p, "max_seq_len", type=int, default=128)
+    add_flag(p, "device_batch_size", type=int, default=8)
+    add_flag(p, "num_iterations", type=int, default=300)
+    add_flag(p, "vocab_size", type=int, default=4096)
+    add_flag(p, "tokenizer_chars", type=int, default=20_000_000)
+    add_flag(p, "eval_tokens", type=int, default=40_000)
+    args = p.parse_args(argv)
+    t0 = time.time()
+    base = get_base_dir()
+    print(f"base dir: {base}", flush=True)
+
+    if len(list_shards()) >= 2:
+        print(f"\n=== data: reusing {len(list_shards())} shards in {data_dir()}", flush=True)
+    else:
+        run("data", ["nanochat.dataset", "--builtin"])
+    if os.path.exists(os.path.join(tokenizer_dir(), "tokenizer.json")):
+        print(f"\n=== tokenizer: reusing {tokenizer_dir()}", flush=True)
+    else:
+        run("tokenizer", ["scripts.tok_train", f"--vocab_size={args.vocab_size}", f"--max_chars={args.tokenizer_chars}"])
+        run("tokenizer eval", ["scripts.tok_eval", "--max_docs=500"])
+
+    ids = []
+    for i, direction in enumerate(DIRECTIONS):
+        exp_id = f"{args.tag}_d{args.depth}_{direction}"
+        ids.append(exp_id)
+        run(f"base model {i + 1}/3 ({direction})", [
+            "scripts.run_backward_experiment", "--phase=base", f"--direction={direction}", f"--depth={args.depth}",
+            f"--experiment_id={exp_id}", f"--max_seq_len={args.max_seq_len}",
+            f"--device_batch_size={args.device_batch_size}", f"--total_batch_size={args.device_batch_size * args.max_seq_len}",
+            f"--num_iterations={args.num_iterations}", f"--eval_every={max(1, args.num_iterations // 5)}",
+            f"--eval_tokens={args.eval_tokens}", "--eval_directions=forward,backward",
+            f"--log_every={max(1, args.num_iterations // 20)}", "--sample_every=-1", "--device_type=cpu",
+        ])
+    run("report", ["scripts.report", f"--experiments={','.join(ids)}", f"--title=CPU pipeline ({args.tag})"])
+    print(f"\nCPU pipeline finished in {time.time() - t0:.0f}s. Experiments: {', '.join(ids)} "
+          f"in {os.path.join(base, 'experiments')}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

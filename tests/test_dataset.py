@@ -1,0 +1,238 @@
+"""Tests for nanochat.dataset: shards, splits, global indices, the built-in corpus, downloads."""
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat.common import UserError
+from nanochat.dataset import (
+    DocumentSource,
+    data_dir,
+    download_shard,
+    iter_documents,
+    list_shards,
+    shard_filename,
+    split_shards,
+    write_builtin_corpus,
+    write_shards,
+)
+
+
+def read_all(paths):
+    return [t for p in paths for t in pq.read_table(p).column("text").to_pylist()]
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    """Three shards of 4, 3 and 2 documents: train = 7 docs, val = 2."""
+    d = str(tmp_path / "data")
+    docs = [f"doc {i}" for i in range(9)]
+    write_shards(docs[:4], d, 4)
+    write_shards(docs[4:7], d, 3, start_index=1)
+    write_shards(docs[7:], d, 2, start_index=2)
+    return d, docs
+
+
+# ---- splits ---------------------------------------------------------------------------------
+
+def test_last_shard_is_validation(small_data):
+    d, docs = small_data
+    shards = list_shards(d)
+    assert [os.path.basename(p) for p in shards] == [shard_filename(i) for i in range(3)]
+    assert split_shards("val", d) == shards[-1:]
+    assert split_shards("train", d) == shards[:-1]
+    assert [t for _, t in DocumentSource("val", d).iter_from()] == docs[7:]
+    assert [t for _, t in DocumentSource("train", d).iter_from()] == docs[:7]
+
+
+def test_base_dir_corpus_split(base_dir, corpus_template):
+    assert [t for _, t in iter_documents("val")] == corpus_template["val"]
+    assert len(DocumentSource("train")) == len(corpus_template["train"])
+    assert data_dir() == os.path.join(base_dir, "base_data")
+
+
+def test_unknown_split_is_user_error(small_data):
+    with pytest.raises(UserError):
+        split_shards("test", small_data[0])
+
+
+@pytest.mark.parametrize("n_shards", [0, 1])
+def test_too_few_shards_is_user_error_mentioning_builtin(tmp_path, n_shards):
+    d = str(tmp_path / "data")
+    if n_shards:
+        write_shards(["only"], d, 10)
+    with pytest.raises(UserError) as e:
+        DocumentSource("train", d)
+    assert "--builtin" in str(e.value)
+
+
+def test_missing_dir_is_user_error_mentioning_builtin(tmp_path):
+    with pytest.raises(UserError) as e:
+        split_shards("train", str(tmp_path / "does_not_exist"))
+    assert "--builtin" in str(e.value)
+
+
+def test_empty_shard_is_user_error(tmp_path):
+    d = str(tmp_path / "data")
+    write_shards(["a", "b"], d, 2)
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), os.path.join(d, shard_filename(1)))
+    with pytest.raises(UserError) as e:
+        DocumentSource("val", d)
+    assert "empty" in str(e.value)
+
+
+def test_shard_without_text_column_is_user_error(tmp_path):
+    d = str(tmp_path / "data")
+    write_shards(["a", "b"], d, 2)
+    bad = os.path.join(d, shard_filename(1))
+    pq.write_table(pa.table({"content": ["x", "y"]}), bad)
+    with pytest.raises(UserError) as e:
+        list(DocumentSource("val", d).iter_from())
+    assert "'text'" in str(e.value) and bad in str(e.value)
+
+
+def test_non_utf8_text_is_user_error(tmp_path):
+    d = str(tmp_path / "data")
+    write_shards(["a", "b"], d, 2)
+    bad = os.path.join(d, shard_filename(1))
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"\xff\xfe"], type=pa.binary())}), bad)
+    source = DocumentSource("val", d)
+    with pytest.raises(UserError) as e:
+        source.get(0)
+    assert "UTF-8" in str(e.value) and "row 1" in str(e.value)
+
+
+def test_binary_column_with_valid_utf8_is_decoded(tmp_path):
+    d = str(tmp_path / "data")
+    write_shards(["a", "b"], d, 2)
+    pq.write_table(pa.table({"text": pa.array(["é".encode(), b"x"], type=pa.binary())}), os.path.join(d, shard_filename(1)))
+    assert [t for _, t in DocumentSource("val", d).iter_from()] == ["é", "x"]
+
+
+def test_unreadable_shard_is_user_error(tmp_path):
+    d = str(tmp_path / "data")
+    write_shards(["a", "b"], d, 2)
+    with open(os.path.join(d, shard_filename(1)), "wb") as f:
+        f.write(b"not a parquet file")
+    with pytest.raises(UserError):
+        DocumentSource("val", d)
+
+
+# ---- global indices -------------------------------------------------------------------------
+
+def test_global_index_get_and_iter_from_agree(small_data):
+    d, docs = small_data
+    source = DocumentSource("train", d)
+    assert len(source) == 7
+    pairs = list(source.iter_from())
+    assert pairs == [(i, docs[i]) for i in range(7)]
+    for i in range(7):
+        assert source.get(i) == docs[i]
+    assert source.get(7) == docs[0]  # wraps around (epochs)
+    for start in range(8):
+        for stride in (1, 2, 3):
+            for offset in range(stride):
+                got = list(source.iter_from(start, stride, offset))
+                want = [(i, docs[i]) for i in range(7) if i >= start and i % stride == offset]
+                assert got == want, (start, stride, offset)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_iter_documents_rank_sharding_is_disjoint_and_covering(small_data, world_size):
+    d, docs = small_data
+    per_rank = [list(iter_documents("train", r, world_size, d)) for r in range(world_size)]
+    indices = [i for part in per_rank for i, _ in part]
+    assert sorted(indices) == list(range(7))  # covering, and disjoint (no duplicates)
+    for r, part in enumerate(per_rank):
+        assert all(i % world_size == r and docs[i] == t for i, t in part)
+
+
+# ---- built-in corpus ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builtin_dirs(tmp_path_factory):
+    a = str(tmp_path_factory.mktemp("builtin_a"))
+    b = str(tmp_path_factory.mktemp("builtin_b"))
+    pa_ = write_builtin_corpus(a, docs_per_shard=100, max_docs=300)
+    pb_ = write_builtin_corpus(b, docs_per_shard=100, max_docs=300)
+    return a, pa_, b, pb_
+
+
+def test_builtin_corpus_writes_shards(builtin_dirs):
+    a, paths, _, _ = builtin_dirs
+    assert len(paths) >= 2
+    assert paths == list_shards(a)
+    texts = read_all(paths)
+    assert len(texts) == 300
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+    assert all(t.startswith("# ") for t in texts)  # each document names its module
+    assert len(DocumentSource("train", a)) + len(DocumentSource("val", a)) == 300
+    assert not [f for f in os.listdir(a) if f.endswith(".tmp")]
+
+
+def test_builtin_corpus_is_deterministic(builtin_dirs):
+    a, pa_, b, pb_ = builtin_dirs
+    assert [os.path.basename(p) for p in pa_] == [os.path.basename(p) for p in pb_]
+    assert read_all(pa_) == read_all(pb_)
+
+
+def test_builtin_corpus_refuses_to_overwrite(builtin_dirs, tmp_path):
+    a, paths, _, _ = builtin_dirs
+    before = read_all(paths)
+    with pytest.raises(UserError) as e:
+        write_builtin_corpus(a, docs_per_shard=100, max_docs=300)
+    assert "overwrite" in str(e.value)
+    assert read_all(list_shards(a)) == before
+
+
+def test_builtin_corpus_overwrite_replaces(tmp_path):
+    d = str(tmp_path / "data")
+    write_shards([f"old {i}" for i in range(5)], d, 1)  # five stale shards
+    paths = write_builtin_corpus(d, docs_per_shard=50, max_docs=100, overwrite=True)
+    assert list_shards(d) == paths and len(paths) == 2
+    assert not any(t.startswith("old ") for t in read_all(paths))
+
+
+# ---- download -------------------------------------------------------------------------------
+
+@pytest.fixture
+def remote(tmp_path):
+    """A local directory served through file:// holding shards 0 and 1."""
+    d = str(tmp_path / "remote")
+    write_shards([f"remote {i}" for i in range(4)], d, 2)
+    return d
+
+
+def test_download_shard_from_file_url(remote, tmp_path):
+    dest = str(tmp_path / "dest")
+    path = download_shard(1, dest, base_url="file://" + remote, backoff_s=0)
+    assert path == os.path.join(dest, shard_filename(1))
+    assert read_all([path]) == ["remote 2", "remote 3"]
+    assert sorted(os.listdir(dest)) == [shard_filename(1)]  # no temp file left
+
+
+def test_download_shard_skips_existing(remote, tmp_path):
+    dest = str(tmp_path / "dest")
+    write_shards(["local"], dest, 1)  # shard_00000 already present
+    path = download_shard(0, dest, base_url="file://" + remote, backoff_s=0)
+    assert read_all([path]) == ["local"]
+
+
+def test_download_missing_shard_fails_after_retries(remote, tmp_path, capsys):
+    dest = str(tmp_path / "dest")
+    with pytest.raises(UserError) as e:
+        download_shard(7, dest, base_url="file://" + remote, max_attempts=3, backoff_s=0)
+    assert shard_filename(7) in str(e.value) and "3 attempts" in str(e.value)
+    assert capsys.readouterr().out.count("retry") == 2
+    assert os.listdir(dest) == []
+
+
+def test_download_corrupt_shard_fails(remote, tmp_path):
+    with open(os.path.join(remote, shard_filename(5)), "wb") as f:
+        f.write(b"PAR1 truncated")
+    dest = str(tmp_path / "dest")
+    with pytest.raises(UserError):
+        download_shard(5, dest, base_url="file://" + remote, max_attempts=2, backoff_s=0)
+    assert os.listdir(dest) == []
