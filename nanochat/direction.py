@@ -106,6 +106,36 @@ def draw_direction(seed, doc_index, p_backward=0.5):
     return "backward" if (u >> 11) / float(1 << 53) < p_backward else "forward"
 
 
+# ---- conversations (DESIGN.md §4) ------------------------------------------------------------
+TRAIN_ON_CHOICES = ("assistant", "user", "all")
+
+
+def default_train_on(concrete_direction):
+    """Forward trains on the assistant (standard SFT); backward on the user: the model reads the
+    answer and writes the question (instruction backtranslation, p(instruction | response)).
+    Reversed assistant tokens would teach answers conditioned on nothing."""
+    return "assistant" if concrete_direction == "forward" else "user"
+
+
+def validate_train_on(train_on):
+    if train_on not in (None, "auto") + TRAIN_ON_CHOICES:
+        raise _user_error(f"--train_on={train_on!r}: use auto (assistant forward, user backward), "
+                          f"{', '.join(TRAIN_ON_CHOICES)}")
+    return None if train_on == "auto" else train_on
+
+
+def orient_conversation(ids, mask, concrete_direction, marker_id=None):
+    """Orient a rendered conversation; each mask bit travels with its token. BOS stays first;
+    a bidirectional marker (mask 0) goes right after it."""
+    validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
+    if concrete_direction == "backward":
+        ids, mask = reverse_tokens(ids, keep_bos=True), reverse_tokens(mask, keep_bos=True)
+    ids, mask = list(ids), list(mask)
+    if marker_id is not None:
+        ids, mask = ids[:1] + [marker_id] + ids[1:], mask[:1] + [0] + mask[1:]
+    return ids, mask
+
+
 class DirectionSpec:
     """Everything needed to orient and restore documents for one trained direction.
 
@@ -211,6 +241,58 @@ class DirectionSpec:
                 current = "backward" if row[i + 1] == self.backward_id else "forward"
             out.append(current)
         return out
+
+    # ---- conversations -----------------------------------------------------------------------
+    def conversation_row(self, tokenizer, conversation, doc_index=None, concrete_direction=None, train_on=None):
+        """(ids, mask, concrete_direction) of one training conversation in model orientation.
+
+        train_on None = the per-direction default (bidirectional: the policy of each draw)."""
+        if concrete_direction is None:
+            if self.direction == "bidirectional" and doc_index is None:
+                raise ValueError("bidirectional conversations need doc_index (or a forced concrete_direction)")
+            concrete_direction = self.concrete_direction_for(doc_index)
+        policy = train_on or default_train_on(concrete_direction)
+        closing = "end" if concrete_direction == "forward" else "start"
+        ids, mask = tokenizer.render_conversation(conversation, train_on=policy, closing=closing)
+        marker = self.marker_for(concrete_direction) if self.direction == "bidirectional" else None
+        ids, mask = orient_conversation(ids, mask, concrete_direction, marker)
+        return ids, mask, concrete_direction
+
+    def restore_conversation(self, ids, mask=None):
+        """Inverse of conversation_row: (ids, mask) in reading order without the marker."""
+        ids = list(ids)
+        mask = list(mask) if mask is not None else [0] * len(ids)
+        concrete = self.direction
+        if self.direction == "bidirectional":
+            concrete = "forward" if ids[1] == self.forward_id else "backward"
+            ids, mask = ids[:1] + ids[2:], mask[:1] + mask[2:]
+        if concrete == "backward":
+            ids, mask = reverse_tokens(ids, keep_bos=True), reverse_tokens(mask, keep_bos=True)
+        return ids, mask, concrete
+
+    def chat_prompt(self, tokenizer, conversation, concrete_direction):
+        """(prompt ids, stop ids) for generating one side of a single exchange.
+
+        forward: the conversation up to <|assistant_start|>; the model writes the answer and
+        stops at <|assistant_end|>. backward: the model is given the *answer* (the last assistant
+        turn), reads it right to left, and writes the question, stopping at <|user_start|>.
+        """
+        from nanochat.tokenizer import normalize_messages
+        validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
+        if self.direction != "bidirectional" and concrete_direction != self.direction:
+            raise _user_error(f"a {self.direction} model cannot generate {concrete_direction}; "
+                              f"only a bidirectional model does both")
+        bos = tokenizer.get_bos_token_id()
+        if concrete_direction == "forward":
+            body = tokenizer.render_for_completion(conversation)[1:]
+            return self.header("forward") + body, [tokenizer.encode_special("<|assistant_end|>"), bos]
+        messages = normalize_messages(conversation)
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("a backward chat prompt needs the assistant's answer as the last message")
+        ending = ([tokenizer.encode_special("<|assistant_start|>")] + tokenizer.encode(messages[-1]["content"])
+                  + [tokenizer.encode_special("<|assistant_end|>")])
+        prompt = self.header("backward") + reverse_tokens(ending, keep_bos=False) + [tokenizer.encode_special("<|user_end|>")]
+        return prompt, [tokenizer.encode_special("<|user_start|>"), bos]
 
     def target_mask_ids(self):
         """Token ids that must never be loss targets (the markers: control inputs, not text)."""

@@ -1,0 +1,484 @@
+"""Run an experiment chain (base -> mid -> sft -> rl) as tracked experiments, resumable by rerunning.
+
+    python -m scripts.run_backward_experiment --phase=base --direction=backward --depth=4 \
+        --experiment_id=bwd_d4 --num_iterations=200 --max_seq_len=128
+    python -m scripts.run_backward_experiment --phase=mid,sft --parent_experiment=bwd_d4
+
+Each phase is one experiment (nanochat.experiment_config) trained by that phase's script in a
+subprocess, whose output streams through. The orchestrator only decides *what* to run and records
+the outcome in the experiment's config.json (status created -> running -> completed | failed):
+
+1. Validate everything first (phase names and order, the parent, the direction, ids that already
+   exist, whether the phase scripts exist): a bad input writes nothing and exits 2 with one
+   `error: ...` line.
+2. Per phase: create the experiment (or load it on a rerun), mark it running, run the script
+   (`--model_tag=<id>` makes the script write into the experiment), then, after a base phase,
+   score the final checkpoint with scripts.base_eval in every --eval_directions direction (the
+   cells of the bits-per-byte matrix, in evaluations/) and record the final numbers under
+   "results". A phase that fails is marked failed, its command printed in full, the chain stops
+   and the exit status is 1.
+
+Experiment ids: the first phase is `--experiment_id` (default: `base_d<depth>_<direction>` for a
+base phase, `<parent>_<phase>` for a later one); every later phase of the chain is
+`<first id>_<phase>` and is the child of the phase before it. Ids are deterministic on purpose:
+rerunning the same command finds the same experiments. To train a fresh copy, pass a new id.
+
+Rerunning resumes after the last completed phase:
+- a completed phase is skipped (with a message; a note lists flags that differ from its record);
+- a failed, or crashed (still "running"), phase is retried: from its last checkpoint
+  (`--resume_from_step=<step>`) when it has one; when it has none but left a research log, the log
+  is moved aside to `<name>.attempt<N>.h5` (never overwritten) and training starts again; when
+  training had finished (the last checkpoint is the final step), only the evaluation is rerun.
+- an experiment that is "running" under a live orchestrator on this machine is refused.
+
+Flags: the ones below, plus ANY other flag, which is passed verbatim to every phase's training
+script (e.g. --max_seq_len=64 --total_batch_size 256). The orchestrator sets --model_tag,
+--resume_from_step, --research_log and --parent_experiment itself; passing them is an error.
+--device_batch_size, --eval_tokens and --device_type also go to the evaluation.
+
+Later phases: PHASE_SCRIPTS maps each phase to its script. mid, sft and rl are wired already and
+are refused until their scripts exist; they will be run with `--model_tag=<child id>
+--parent_experiment=<parent id>` (the script reads the parent's direction and depth from the
+parent's checkpoint; no --direction or --depth is passed) plus the shared and pass-through flags.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from collections import namedtuple
+from datetime import datetime, timezone
+
+from nanochat.checkpoint_manager import list_steps, load_meta
+from nanochat.common import UserError, add_flag, run_main
+from nanochat.direction import parse_directions, validate_direction
+from nanochat.experiment_config import PHASES, ExperimentConfig
+from nanochat.research_logger import log_path
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# module: what `python -m` runs; log_name: the phase name the script gives its ResearchLogger
+# (its log is logs/<log_name>.h5, moved aside before a restart from scratch).
+PhaseScript = namedtuple("PhaseScript", "module log_name")
+PHASE_SCRIPTS = {
+    "base": PhaseScript("scripts.base_train", "base_training"),
+    "mid": PhaseScript("scripts.mid_train", "mid_training"),
+    "sft": PhaseScript("scripts.chat_sft", "chat_sft"),
+    "rl": PhaseScript("scripts.chat_rl", "chat_rl"),
+}
+EVAL_MODULE = "scripts.base_eval"
+DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact
+
+# Flags that tie a run to its experiment: only the orchestrator may set them.
+MANAGED_FLAGS = ("model_tag", "resume_from_step", "research_log", "parent_experiment")
+# Orchestrator flags that are also training flags, forwarded when given (None = script default).
+FORWARDED_FLAGS = ("device_batch_size", "num_iterations", "init_lr_frac", "eval_tokens", "device_type")
+EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
+
+Step = namedtuple("Step", "phase experiment_id parent")
+
+
+def build_parser():
+    # allow_abbrev=False: an unknown pass-through flag must never be taken for an abbreviation of
+    # one of ours (--eval would otherwise match --eval_directions).
+    p = argparse.ArgumentParser(description="Run base/mid/sft/rl phases as tracked, resumable experiments",
+                                allow_abbrev=False)
+    add_flag(p, "phase", default="base", help="a phase or a comma list, in order: base, mid, sft, rl")
+    add_flag(p, "direction", default=None,
+             help="forward | backward | bidirectional (required for base; later phases inherit it)")
+    add_flag(p, "depth", type=int, default=None, help=f"model depth (base default {DEFAULT_DEPTH}; inherited later)")
+    add_flag(p, "experiment_id", default=None, help="id of the first phase's experiment (later: <id>_<phase>)")
+    add_flag(p, "parent_experiment", default=None, help="experiment a non-base first phase continues from")
+    add_flag(p, "device_batch_size", type=int, default=None, help="rows per micro-batch (training and eval)")
+    add_flag(p, "num_iterations", type=int, default=None, help="optimizer steps per phase")
+    add_flag(p, "init_lr_frac", type=float, default=None, help="scale all learning rates")
+    add_flag(p, "nproc_per_node", type=int, default=1, help=">1: launch each script under torchrun")
+    add_flag(p, "eval_directions", default="forward,backward",
+             help="after a base phase, bpb in these directions ('none' = no evaluation)")
+    add_flag(p, "eval_tokens", type=int, default=None, help="validation tokens (training evals and base_eval)")
+    add_flag(p, "device_type", default=None, help="cuda | mps | cpu (default: the scripts autodetect)")
+    return p
+
+
+# ---------------------------------------------------------------------------------- flags
+
+def _coerce(value):
+    """'4' -> 4, '0.5' -> 0.5, anything else stays text: how a pass-through flag is recorded."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_passthrough(tokens):
+    """Unknown arguments -> {name: value} for the record; the tokens themselves go on verbatim.
+
+    `--x=y` and `--x y` carry a value, a lone `--x` is recorded as True. Names are recorded with
+    underscores whichever spelling was used.
+    """
+    recorded = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise UserError(f"unexpected argument {token!r}: training flags are passed as --name=value")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value, i = tokens[i + 1], i + 1
+            else:
+                value = True
+        name = name.replace("-", "_")
+        if name in MANAGED_FLAGS:
+            hint = " (use --experiment_id)" if name == "model_tag" else ""
+            raise UserError(f"--{name} is set by the orchestrator for each phase; do not pass it{hint}")
+        recorded[name] = value if value is True else _coerce(value)
+        i += 1
+    return recorded
+
+
+def parse_phases(spec):
+    phases = [s.strip() for s in spec.split(",") if s.strip()]
+    if not phases:
+        raise UserError(f"--phase is empty: use one or a comma list of {', '.join(PHASES)}")
+    for phase in phases:
+        if phase not in PHASES:
+            raise UserError(f"unknown phase {phase!r} in --phase: use one or a comma list of {', '.join(PHASES)}")
+    order = [PHASES.index(p) for p in phases]
+    if order != sorted(set(order)):
+        raise UserError(f"--phase={spec}: phases must be distinct and in the order {', '.join(PHASES)}")
+    return phases
+
+
+def parse_eval_directions(spec):
+    if spec.strip().lower() in ("", "none"):
+        return []
+    return parse_directions(spec)
+
+
+# ---------------------------------------------------------------------------------- plan
+
+def plan_chain(args, experiments):
+    """Validate the request and return (steps, direction, depth). Reads only: writes nothing."""
+    phases = parse_phases(args.phase)
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
+    if args.eval_tokens is not None and args.eval_tokens <= 0:
+        raise UserError(f"--eval_tokens must be positive, got {args.eval_tokens}")
+    if args.depth is not None and args.depth <= 0:
+        raise UserError(f"--depth must be positive, got {args.depth}")
+    parse_eval_directions(args.eval_directions)
+
+    first = phases[0]
+    if first == "base":
+        if args.parent_experiment is not None:
+            raise UserError("--parent_experiment: a base phase trains from scratch and has no parent; "
+                            "start the chain at a later phase to continue an experiment")
+        if args.direction is None:
+            raise UserError("--direction is required for a base phase: forward, backward or bidirectional")
+        direction = validate_direction(args.direction)
+        depth = args.depth if args.depth is not None else DEFAULT_DEPTH
+        parent = None
+        first_id = args.experiment_id or f"base_d{depth}_{direction}"
+    else:
+        parent = args.parent_experiment
+        if parent is None:
+            raise UserError(f"a chain starting at phase {first!r} continues an earlier experiment: "
+                            "pass --parent_experiment=<id>")
+        experiments.validate_id(parent)
+        parent_config = experiments.load_config(parent)  # a clear error when it does not exist
+        if parent_config.get("phase") not in PHASES[:PHASES.index(first)]:
+            raise UserError(f"parent experiment {parent!r} is a {parent_config.get('phase')} experiment: "
+                            f"a {first} phase continues from one of {', '.join(PHASES[:PHASES.index(first)])}")
+        if parent_config.get("status") != "completed":
+            raise UserError(f"parent experiment {parent!r} is {parent_config.get('status')}, not completed: "
+                            "finish it first (rerun the command that started it)")
+        direction, depth = parent_config["direction"], parent_config.get("depth")
+        if args.direction is not None and validate_direction(args.direction) != direction:
+            raise UserError(f"--direction={args.direction} contradicts parent experiment {parent!r}, which is "
+                            f"{direction!r}: omit --direction to inherit it")
+        if args.depth is not None and args.depth != depth:
+            raise UserError(f"--depth={args.depth} contradicts parent experiment {parent!r}, which has depth "
+                            f"{depth}: a later phase keeps the model's size")
+        first_id = args.experiment_id or f"{parent}_{first}"
+
+    steps = []
+    for k, phase in enumerate(phases):
+        experiment_id = experiments.validate_id(first_id if k == 0 else f"{first_id}_{phase}")
+        if experiment_id == parent:
+            raise UserError(f"experiment {experiment_id!r} cannot be its own parent: choose another --experiment_id")
+        steps.append(Step(phase, experiment_id, parent))
+        parent = experiment_id
+
+    for step in steps:
+        if not experiments.exists(step.experiment_id):
+            continue
+        existing = experiments.load_config(step.experiment_id)
+        wanted = {"phase": step.phase, "direction": direction, "depth": depth, "parent_experiment": step.parent}
+        differ = [f"{name} {existing.get(name)!r} (not {value!r})" for name, value in wanted.items()
+                  if existing.get(name) != value]
+        if differ:
+            raise UserError(f"experiment {step.experiment_id!r} already exists with a different config: "
+                            f"{', '.join(differ)}; choose another --experiment_id")
+        runner = _live_runner(existing)
+        if existing.get("status") == "running" and runner is not None:
+            raise UserError(f"experiment {step.experiment_id!r} is being run right now by process {runner}; "
+                            "wait for it, or stop that process first")
+
+    for step in steps:
+        module = PHASE_SCRIPTS[step.phase].module
+        if importlib.util.find_spec(module) is None:
+            # Only the missing script's phase is named: the rest of the chain was valid.
+            raise UserError(f"phase {step.phase!r} is not available yet: {module.replace('.', '/')}.py "
+                            "arrives with the chat phases")
+    return steps, direction, depth
+
+
+def _live_runner(config):
+    """The pid of the orchestrator recorded as running this experiment, if it is alive here."""
+    runner = config.get("runner") or {}
+    pid = runner.get("pid")
+    if not pid or runner.get("host") != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+    except OSError:
+        return None  # no such process (or no /proc: we cannot tell, so we do not refuse)
+    return pid if "run_backward_experiment" in cmdline else None
+
+
+# ---------------------------------------------------------------------------------- running
+
+class PhaseFailed(Exception):
+    def __init__(self, experiment_id, phase, command, returncode):
+        super().__init__(f"phase {phase} of experiment {experiment_id} failed")
+        self.experiment_id, self.phase, self.command, self.returncode = experiment_id, phase, command, returncode
+
+
+def _now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def launcher(module, nproc_per_node):
+    """How to start `module`: plain `python -m`, or one process per GPU under torchrun."""
+    if nproc_per_node > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc_per_node}", "-m", module]
+    return [sys.executable, "-m", module]
+
+
+def child_env(experiments):
+    """The scripts must find this repo's packages and write under the same base dir as we read."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["NANOCHAT_BASE_DIR"] = os.path.abspath(experiments.base_dir)
+    return env
+
+
+def run_command(experiments, experiment_id, phase, command):
+    """Run one script with its output streaming through; record the attempt; raise on failure."""
+    text = shlex.join(command)
+    print(f"$ {text}", flush=True)
+    attempts = experiments.load_config(experiment_id).get("attempts", [])
+    attempt = {"command": text, "started_at": _now(), "finished_at": None, "returncode": None}
+    experiments.update_config(experiment_id, attempts=attempts + [attempt])
+    process = subprocess.Popen(command, env=child_env(experiments))
+    try:
+        returncode = process.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole process group: let the script finish its own cleanup.
+        returncode = process.wait()
+        if returncode == 0:
+            returncode = -2
+    attempt.update(finished_at=_now(), returncode=returncode)
+    experiments.update_config(experiment_id, attempts=attempts + [attempt])
+    if returncode != 0:
+        raise PhaseFailed(experiment_id, phase, text, returncode)
+
+
+def note_flag_changes(experiments, experiment_id, config, flags, will_run):
+    old = config.get("flags", {})
+    changed = {k: (old.get(k), flags.get(k)) for k in sorted(set(old) | set(flags)) if old.get(k) != flags.get(k)}
+    if not changed:
+        return
+    listing = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    if not will_run:
+        print(f"note: experiment {experiment_id} was completed with different flags ({listing}); "
+              "they are not applied: pass a new --experiment_id to train with these", flush=True)
+        return
+    print(f"note: experiment {experiment_id} was started with different flags ({listing}); "
+          "continuing with the new ones (the old ones are kept under flags_history)", flush=True)
+    history = config.get("flags_history", []) + [{"flags": old, "replaced_at": _now()}]
+    experiments.update_config(experiment_id, flags=flags, flags_history=history)
+
+
+def move_log_aside(path):
+    """logs/<name>.h5 -> logs/<name>.attempt<N>.h5 with the first free N; returns the new path."""
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.attempt{n}{ext}"):
+        n += 1
+    target = f"{stem}.attempt{n}{ext}"
+    shutil.move(path, target)
+    return target
+
+
+def training_command(args, passthrough_tokens, experiments, step, direction, depth):
+    """The training command for this attempt, or None when training already finished."""
+    script = PHASE_SCRIPTS[step.phase]
+    checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
+    saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    resume = []
+    if saved:
+        last = saved[-1]
+        planned = load_meta(checkpoint_dir, last).get("num_iterations")
+        wants_more = args.num_iterations is not None and args.num_iterations > last
+        if planned is not None and last >= planned and not wants_more:
+            print(f"{step.experiment_id}: training finished earlier (checkpoint at step {last} of {planned}); "
+                  "not rerunning it", flush=True)
+            return None
+        print(f"{step.experiment_id}: resuming {step.phase} training from its checkpoint at step {last}", flush=True)
+        resume = [f"--resume_from_step={last}"]
+    else:
+        log = log_path(experiments.experiment_dir(step.experiment_id), script.log_name)
+        if os.path.exists(log):
+            moved = move_log_aside(log)
+            print(f"{step.experiment_id}: the previous attempt left a log but no checkpoint; moved {log} "
+                  f"aside to {moved} and starting {step.phase} training again", flush=True)
+
+    command = launcher(script.module, args.nproc_per_node) + [f"--model_tag={step.experiment_id}"]
+    if step.phase == "base":
+        command += [f"--direction={direction}", f"--depth={depth}", "--research_log=1"]
+    else:
+        command += [f"--parent_experiment={step.parent}"]
+    command += [f"--{name}={getattr(args, name)}" for name in FORWARDED_FLAGS if getattr(args, name) is not None]
+    return command + list(passthrough_tokens) + resume
+
+
+def find_bpb_evaluation(experiments, experiment_id, step):
+    """The bpb evaluation record of `step` in the experiment's evaluations/, or None."""
+    directory = experiments.evaluations_dir(experiment_id)
+    if not os.path.isdir(directory):
+        return None
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and record.get("eval") == "bpb" and record.get("step") == step:
+            record["file"] = name
+            return record
+    return None
+
+
+def evaluate_base(args, experiments, step, eval_directions, last_step):
+    """Score the final checkpoint in each direction (skipped when that evaluation exists)."""
+    existing = find_bpb_evaluation(experiments, step.experiment_id, last_step)
+    if existing is not None and set(eval_directions) <= set(existing.get("results", {})):
+        print(f"{step.experiment_id}: evaluation of step {last_step} exists ({existing['file']}); not rerunning it",
+              flush=True)
+        return existing
+    command = launcher(EVAL_MODULE, args.nproc_per_node) + [
+        f"--model_tag={step.experiment_id}", "--source=base", f"--step={last_step}",
+        f"--eval_directions={','.join(eval_directions)}"]
+    command += [f"--{name}={getattr(args, name)}" for name in EVAL_FLAGS if getattr(args, name) is not None]
+    if existing is not None:
+        command.append("--overwrite")  # it lacks a requested direction
+    run_command(experiments, step.experiment_id, step.phase, command)
+    return find_bpb_evaluation(experiments, step.experiment_id, last_step)
+
+
+def final_results(experiments, experiment_id, evaluation):
+    """The numbers worth seeing in config.json without opening the logs."""
+    checkpoint_dir = experiments.checkpoint_dir(experiment_id)
+    saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    if not saved:
+        return None
+    meta = load_meta(checkpoint_dir, saved[-1])
+    results = {"step": saved[-1]}
+    results.update({k: v for k, v in meta.items() if k == "train_loss" or k.startswith("val_bpb_")})
+    if evaluation is not None:
+        results["bpb"] = {d: r.get("bpb") for d, r in evaluation.get("results", {}).items()}
+        results["arrow_of_time_gap"] = evaluation.get("arrow_of_time_gap")
+        results["evaluation"] = evaluation.get("file")
+    return results
+
+
+def run_step(args, passthrough_tokens, flags, experiments, step, direction, depth):
+    exists = experiments.exists(step.experiment_id)
+    if exists:
+        config = experiments.load_config(step.experiment_id)
+        if config.get("status") == "completed":
+            print(f"=== phase {step.phase}: experiment {step.experiment_id} is completed; skipping it", flush=True)
+            note_flag_changes(experiments, step.experiment_id, config, flags, will_run=False)
+            return
+        print(f"=== phase {step.phase}: retrying experiment {step.experiment_id} (it was {config.get('status')})",
+              flush=True)
+        note_flag_changes(experiments, step.experiment_id, config, flags, will_run=True)
+    else:
+        print(f"=== phase {step.phase}: experiment {step.experiment_id} ({direction}, depth {depth}"
+              f"{', parent ' + step.parent if step.parent else ''})", flush=True)
+    experiments.create_experiment(step.phase, direction, depth, parent_experiment=step.parent,
+                                  experiment_id=step.experiment_id, resume=exists, **flags)
+    experiments.update_config(step.experiment_id, status="running",
+                              runner={"pid": os.getpid(), "host": socket.gethostname()})
+    try:
+        command = training_command(args, passthrough_tokens, experiments, step, direction, depth)
+        if command is not None:
+            run_command(experiments, step.experiment_id, step.phase, command)
+        evaluation = None
+        eval_directions = parse_eval_directions(args.eval_directions)
+        if step.phase == "base" and eval_directions:
+            checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
+            saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+            if not saved:
+                raise UserError(f"{step.experiment_id}: training exited cleanly but left no checkpoint in "
+                                f"{checkpoint_dir}")
+            evaluation = evaluate_base(args, experiments, step, eval_directions, saved[-1])
+    except BaseException:
+        experiments.set_status(step.experiment_id, "failed")
+        raise
+    results = final_results(experiments, step.experiment_id, evaluation)
+    experiments.update_config(step.experiment_id, status="completed", results=results, runner=None)
+    summary = ""
+    if results and results.get("bpb"):
+        summary = " | " + " | ".join(f"bpb {d} {v:.4f}" for d, v in results["bpb"].items())
+    print(f"=== phase {step.phase}: experiment {step.experiment_id} completed{summary}", flush=True)
+
+
+def main(argv=None):
+    args, unknown = build_parser().parse_known_args(argv)
+    passthrough = parse_passthrough(unknown)
+    experiments = ExperimentConfig()
+    steps, direction, depth = plan_chain(args, experiments)
+
+    # What each experiment records as its flags: ours (when given) and every pass-through flag.
+    ours = {name: getattr(args, name) for name in
+            ("device_batch_size", "num_iterations", "init_lr_frac", "nproc_per_node", "eval_directions",
+             "eval_tokens", "device_type") if getattr(args, name) is not None}
+    flags = {**ours, **passthrough}
+    for step in steps:
+        try:
+            run_step(args, unknown, flags, experiments, step, direction, depth)
+        except PhaseFailed as e:
+            how = f"exit status {e.returncode}" if e.returncode > 0 else f"signal {-e.returncode}"
+            print(f"error: phase {e.phase} of experiment {e.experiment_id} failed ({how}); the command was:\n"
+                  f"  {e.command}\n"
+                  f"experiment {e.experiment_id} is marked failed; rerun this orchestrator command to retry it "
+                  "(completed phases are skipped)", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
