@@ -391,8 +391,10 @@ def compare_learning_curves(experiment_dirs, output_path, phase=BASE_LOG_PHASE, 
 
 # ---------------------------------------------------------------------------- cross-direction matrix
 
-def _direction_rows(experiment_dirs_or_ids, base_dir=None):
-    """([row], [(experiment_id, why, command)]): one row per experiment with an evaluation."""
+def collect_direction_rows(experiment_dirs_or_ids, base_dir=None):
+    """([row], [(experiment_id, what is missing, command producing it)]): the rows of
+    analyze_direction_transfer for the experiments that have an evaluation, and what is missing
+    for the others (no evaluation, or one direction not evaluated). Never raises for missing data."""
     rows, missing = [], []
     for experiment in experiment_dirs_or_ids:
         experiments, experiment_id = resolve_experiment(experiment, base_dir)
@@ -459,7 +461,7 @@ def analyze_direction_transfer(experiment_dirs_or_ids, base_dir=None):
     """
     if isinstance(experiment_dirs_or_ids, (str, os.PathLike)):
         experiment_dirs_or_ids = [experiment_dirs_or_ids]
-    rows, missing = _direction_rows(experiment_dirs_or_ids, base_dir)
+    rows, missing = collect_direction_rows(experiment_dirs_or_ids, base_dir)
     unevaluated = [m for m in missing if m[1].startswith("no bpb evaluation")]
     if unevaluated:
         raise UserError("; ".join(f"experiment {i!r} has {why}: run `{cmd}`" for i, why, cmd in unevaluated))
@@ -517,14 +519,18 @@ def plot_direction_matrix(matrix, output_path):
 
 # ---------------------------------------------------------------------------- per-position loss
 
-def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None):
+def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None, bucket_size=1):
     """Mean per-token loss at each position of the context (the row), split by the direction of
     the document each token belongs to (DESIGN §7), from the research log's snapshot at `step`
     (default: the latest one). Positions whose target is ignored (-1: direction markers) are left
-    out. Returns {"step", "position": arange(T), "forward"/"backward": mean loss per position (NaN
-    where no token of that direction), "count_forward"/"count_backward": tokens averaged,
+    out. A snapshot holds one batch (a few rows), so `bucket_size` > 1 averages neighbouring
+    positions together. Returns {"experiment", "step", "bucket_size", "position": the first position
+    of each bucket, "forward"/"backward": mean loss per bucket (NaN where no token of that
+    direction), "count_forward"/"count_backward": tokens averaged per bucket,
     "mean_forward"/"mean_backward": the overall mean (None if no such token)}.
     """
+    if not isinstance(bucket_size, int) or bucket_size < 1:
+        raise UserError(f"bucket_size must be a positive integer, got {bucket_size!r}")
     experiments, experiment_id = resolve_experiment(experiment, base_dir)
     path = _require_log(experiments, experiment_id, phase)
     steps = list_snapshots(path)
@@ -544,10 +550,12 @@ def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None
         raise UserError(f"the snapshot at step {step} in {path} has mismatched shapes: per_token_loss "
                         f"{loss.shape}, targets {targets.shape}, position_is_backward {is_backward.shape}")
     valid = targets >= 0
-    out = {"experiment": experiment_id, "step": int(step), "position": np.arange(loss.shape[1])}
+    T = loss.shape[1]
+    starts = np.arange(0, T, bucket_size)
+    out = {"experiment": experiment_id, "step": int(step), "bucket_size": bucket_size, "position": starts}
     for d, mask in (("forward", valid & ~is_backward), ("backward", valid & is_backward)):
-        counts = mask.sum(axis=0)
-        sums = np.where(mask, loss, 0.0).sum(axis=0)
+        counts = np.add.reduceat(mask.sum(axis=0), starts)
+        sums = np.add.reduceat(np.where(mask, loss, 0.0).sum(axis=0), starts)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[d] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         out[f"count_{d}"] = counts
@@ -572,8 +580,11 @@ def plot_per_position_loss(results, output_path, labels=None):
                 (line,) = ax.plot(res["position"][at], res[d][at], color=f"C{i % 10}", linestyle=_LINE_STYLE[d],
                                   label=f"{label} {d} tokens (step {res['step']})")
                 drawn[label][d] = _line_data(line)
+    sizes = sorted({res.get("bucket_size", 1) for res in results})
+    xlabel = "position in the context" + (f" (buckets of {sizes[0]} positions)" if sizes != [1] and len(sizes) == 1
+                                          else "")
     ax.set(title="per-position loss (solid: forward tokens, dashed: backward tokens)",
-           xlabel="position in the context", ylabel="loss (nats/token)")
+           xlabel=xlabel, ylabel="loss (nats/token)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
@@ -608,6 +619,13 @@ def _claim_report_dir(output_dir):
     return output_dir
 
 
+def _report_bucket_size(meta):
+    """About 32 buckets over the context: one snapshot batch is too few rows for single positions."""
+    flags, _ = _key_flags(meta)
+    seq_len = flags.get("max_seq_len")
+    return max(1, int(seq_len) // 32) if isinstance(seq_len, int) else 1
+
+
 def _code_version(config):
     cv = config.get("code_version")
     if not cv:
@@ -620,7 +638,10 @@ def _key_flags(meta):
     for source, flags in (("config.json", meta.get("flags") or {}),
                           ("the research log's metadata", meta.get("log_metadata") or {})):
         if flags:
-            return {k: flags[k] for k in KEY_FLAGS if k in flags}, source
+            shown = {k: flags[k] for k in KEY_FLAGS if k in flags}
+            if meta.get("direction") != "bidirectional":
+                shown.pop("p_backward", None)  # only the bidirectional draw uses it
+            return shown, source
     return {}, None
 
 
@@ -679,7 +700,7 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
         md += ["Left out (no training log): " + "; ".join(f"`{i}` ({why})" for i, why in skipped) + ".", ""]
 
     # Summary
-    rows, missing_evals = _direction_rows(dirs)
+    rows, missing_evals = collect_direction_rows(dirs)
     row_of = {r["experiment"]: r for r in rows}
     md += ["## Summary", "",
            "| experiment | phase | direction | depth | status | steps logged | final train loss | "
@@ -733,13 +754,16 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
     position_results, position_missing = [], []
     for experiments, experiment_id in resolved:
         try:
-            position_results.append(per_position_loss(experiments.experiment_dir(experiment_id), phase=phase))
+            position_results.append(per_position_loss(experiments.experiment_dir(experiment_id), phase=phase,
+                                                      bucket_size=_report_bucket_size(metas[experiment_id])))
         except UserError as e:
             position_missing.append((experiment_id, str(e)))
     if position_results:
         figure = plot_per_position_loss(position_results, os.path.join(output_dir, "per_position_loss.png"))
+        buckets = sorted({res["bucket_size"] for res in position_results})
         md += ["Mean training loss at each position of the context, from each run's latest research-log snapshot "
-               "(a few rows of one batch: noisy), split by the direction of the document each token is in.", "",
+               "(the rows of one batch, so noisy), split by the direction of the document each token is in; "
+               f"neighbouring positions averaged in buckets of {', '.join(map(str, buckets))}.", "",
                f"![per-position loss]({_rel(figure.path, output_dir)})", "",
                "| experiment | snapshot step | mean loss, forward tokens | mean loss, backward tokens |",
                "|---|---|---|---|"]

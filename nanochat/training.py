@@ -53,9 +53,11 @@ def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, fi
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
+    if step < num_iterations - warmdown:
         return 1.0
-    progress = (num_iterations - step) / max(1, warmdown)
+    # Steps num_iterations - warmdown .. num_iterations - 1 decay linearly; the last one runs at
+    # final_lr_frac.
+    progress = (num_iterations - 1 - step) / max(1, warmdown)
     return progress + (1 - progress) * final_lr_frac
 
 
@@ -163,3 +165,42 @@ class Trainer:
             opt.load_state_dict(s)
             for group in opt.param_groups:  # the schedule is re-applied from the step
                 group.setdefault("initial_lr", group["lr"])
+
+
+def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, evaluate=None, save=None,
+             save_every=-1, sample=None, sample_every=-1, logger=None, snapshot=None, wandb_run=None, print_fn=print):
+    """The step loop every phase shares: step, print progress, evaluate, log, sample, save.
+
+    evaluate(step) -> dict of metrics (printed by the caller); save(step); sample(step);
+    snapshot(step, layer_grads) -> dict of large arrays for the research log. Returns the last
+    metrics (train loss and the latest evaluation)."""
+    last = {}
+    t_start = time.time()
+    for step in range(start_step, num_iterations):
+        want_snapshot = logger is not None and snapshot is not None and logger.should_snapshot(step)
+        metrics = trainer.step(step, want_layer_grads=want_snapshot)
+        layer_grads = metrics.pop("layer_grad_norm", None)
+        last["train_loss"] = metrics["loss"]
+        is_last = step == num_iterations - 1
+        if evaluate is not None and ((eval_every > 0 and (step + 1) % eval_every == 0) or is_last):
+            val = evaluate(step + 1)
+            metrics.update(val)
+            last.update(val)
+        if step % log_every == 0 or is_last:
+            extra = f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+            print_fn(f"step {step + 1:05d}/{num_iterations} | loss {metrics['loss']:.4f} | lrm {metrics['lr_mult']:.3f} "
+                     f"| dt {1000 * metrics['dt']:.0f}ms | tok/s {metrics['tok_per_s']:,.0f}{extra} "
+                     f"| {time.time() - t_start:.0f}s")
+        if logger is not None:
+            logger.log_step(step + 1, metrics)
+            if want_snapshot:
+                logger.log_snapshot(step + 1, snapshot(step + 1, layer_grads))
+        if wandb_run is not None:
+            wandb_run.log(dict(metrics, step=step + 1))
+        if sample is not None and sample_every > 0 and (step + 1) % sample_every == 0:
+            sample(step + 1)
+        if save is not None and save_every > 0 and (step + 1) % save_every == 0 and not is_last:
+            save(step + 1, last)
+    if save is not None and start_step < num_iterations:
+        save(num_iterations, last)
+    return last

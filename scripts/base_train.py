@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
@@ -27,7 +26,7 @@ from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb, select_documents
 from nanochat.research_logger import ResearchLogger
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import Trainer, autocast_context, grad_accum_steps_for
+from nanochat.training import Trainer, autocast_context, grad_accum_steps_for, run_loop
 from nanochat import wandb_log
 
 # Text fragments used for samples: a beginning for forward generation, an ending for backward.
@@ -201,14 +200,19 @@ def train(args, ddp, rank, world_size, device):
                  "direction_spec": spec.describe(), "user_config": user_config, "parent": None,
                  "num_iterations": num_iterations, "tokens_per_step": tokens_per_step, "world_size": world_size,
                  "grad_accum_steps": grad_accum, "num_params": num_params}
-    last = {}
-
-    def save(step):
+    def save(step, last):
         meta = dict(base_meta, step=step, saved_at=datetime.now(timezone.utc).isoformat(),
                     tokens_seen=step * tokens_per_step, **last)
         save_checkpoint(checkpoint_dir, step, model.state_dict(),
                         {"optimizers": trainer.optimizer_state(), "dataloader": loader.state_dict()}, meta, rank=rank)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+
+    def sample(step):
+        if master:
+            model.eval()
+            for line in sample_texts(model, tokenizer, spec, device):
+                print0(line)
+            model.train()
 
     research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
     logger = None
@@ -218,40 +222,13 @@ def train(args, ddp, rank, world_size, device):
                                 resume=resuming, resume_from_step=start_step if resuming else None,
                                 metadata={"direction": args.direction, "model_tag": model_tag, **user_config})
     wb = wandb_log.init(args.run, config=dict(user_config, num_params=num_params), master=master)
-
     try:
-        t_start = time.time()
-        for step in range(start_step, num_iterations):
-            snapshot = logger is not None and logger.should_snapshot(step)
-            metrics = trainer.step(step, want_layer_grads=snapshot)
-            layer_grads = metrics.pop("layer_grad_norm", None)
-            last["train_loss"] = metrics["loss"]
-            is_last = step == num_iterations - 1
-            if args.eval_every > 0 and (step + 1) % args.eval_every == 0 or is_last:
-                val = evaluate(step + 1)
-                metrics.update(val)
-                last.update(val)
-            if master and (step % args.log_every == 0 or is_last):
-                extra = f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
-                elapsed = time.time() - t_start
-                print0(f"step {step + 1:05d}/{num_iterations} | loss {metrics['loss']:.4f} | lrm {metrics['lr_mult']:.3f} "
-                       f"| dt {1000 * metrics['dt']:.0f}ms | tok/s {metrics['tok_per_s']:,.0f}{extra} | {elapsed:.0f}s")
-            if logger is not None:
-                logger.log_step(step + 1, {k: v for k, v in metrics.items()})
-                if snapshot:
-                    logger.log_snapshot(step + 1, research_snapshot(model, trainer, spec, layer_grads))
-            wb.log(dict(metrics, step=step + 1))
-            if master and args.sample_every > 0 and (step + 1) % args.sample_every == 0:
-                model.eval()
-                for line in sample_texts(model, tokenizer, spec, device):
-                    print0(line)
-                model.train()
-            if args.save_every > 0 and (step + 1) % args.save_every == 0 and not is_last:
-                save(step + 1)
-        if start_step < num_iterations:
-            save(num_iterations)
-        if master:
-            print0("final: " + json.dumps({k: round(v, 4) for k, v in last.items()}))
+        last = run_loop(trainer, start_step, num_iterations, log_every=args.log_every, eval_every=args.eval_every,
+                        evaluate=evaluate, save=save, save_every=args.save_every, sample=sample,
+                        sample_every=args.sample_every, logger=logger,
+                        snapshot=lambda step, grads: research_snapshot(model, trainer, spec, grads),
+                        wandb_run=wb, print_fn=print0)
+        print0("final: " + json.dumps({k: round(v, 4) for k, v in last.items()}))
     finally:
         if logger is not None:
             logger.close()

@@ -400,11 +400,12 @@ def evaluate_base(args, experiments, step, eval_directions, last_step):
 
 
 def final_results(experiments, experiment_id, evaluation):
-    """The numbers worth seeing in config.json without opening the logs."""
+    """(results, seed): the numbers worth seeing in config.json without opening the logs, and the
+    seed the script actually used (from the final checkpoint's record of its flags)."""
     checkpoint_dir = experiments.checkpoint_dir(experiment_id)
     saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
     if not saved:
-        return None
+        return None, None
     meta = load_meta(checkpoint_dir, saved[-1])
     results = {"step": saved[-1]}
     results.update({k: v for k, v in meta.items() if k == "train_loss" or k.startswith("val_bpb_")})
@@ -412,7 +413,7 @@ def final_results(experiments, experiment_id, evaluation):
         results["bpb"] = {d: r.get("bpb") for d, r in evaluation.get("results", {}).items()}
         results["arrow_of_time_gap"] = evaluation.get("arrow_of_time_gap")
         results["evaluation"] = evaluation.get("file")
-    return results
+    return results, (meta.get("user_config") or {}).get("seed")
 
 
 def run_step(args, passthrough_tokens, flags, experiments, step, direction, depth):
@@ -449,8 +450,11 @@ def run_step(args, passthrough_tokens, flags, experiments, step, direction, dept
     except BaseException:
         experiments.set_status(step.experiment_id, "failed")
         raise
-    results = final_results(experiments, step.experiment_id, evaluation)
-    experiments.update_config(step.experiment_id, status="completed", results=results, runner=None)
+    results, effective_seed = final_results(experiments, step.experiment_id, evaluation)
+    done = {"status": "completed", "results": results, "runner": None}
+    if experiments.load_config(step.experiment_id).get("seed") is None and effective_seed is not None:
+        done["seed"] = effective_seed  # the script's default seed, so the record says what ran
+    experiments.update_config(step.experiment_id, **done)
     summary = ""
     if results and results.get("bpb"):
         summary = " | " + " | ".join(f"bpb {d} {v:.4f}" for d, v in results["bpb"].items())

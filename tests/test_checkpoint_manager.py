@@ -183,7 +183,7 @@ def test_corrupt_model_file_is_user_error_naming_it(base_dir, damage):
             f.truncate(size // 2)
     else:
         with open(path, "wb") as f:
-            f.write(os.urandom(64))
+            f.write(b"\x80\x02garbage, not a checkpoint" * 4)
     with pytest.raises(UserError) as e:
         load_model("base", "cpu", model_tag="d1")
     assert path in str(e.value)

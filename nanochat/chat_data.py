@@ -1,0 +1,115 @@
+"""Direction-aware conversation batches for midtraining (packed) and SFT (padded).
+
+Each conversation is rendered in reading order with a per-token mask, then oriented by
+nanochat.direction (the mask travels with its token). Targets are the next tokens where the
+next token's mask is 1, else -1. Direction markers always carry mask 0, so they are never
+targets.
+
+Sharding follows the pretraining loader: micro-batch slot s of N = world_size x grad_accum
+streams reads examples with index % N == s, so the global batch does not depend on how it is
+split over processes. The bidirectional draw is a function of (seed, example index).
+"""
+
+import torch
+
+from nanochat.direction import DirectionSpec
+
+
+class ConversationStream:
+    """Examples index % stride == offset of a task, oriented, cycling over epochs."""
+
+    def __init__(self, task, spec, tokenizer, stride, offset, train_on=None, max_len=None):
+        if len(task) <= offset:
+            raise ValueError(f"the task has {len(task)} examples, too few for {stride} data streams")
+        self.task, self.spec, self.tokenizer = task, spec, tokenizer
+        self.stride, self.offset, self.train_on, self.max_len = stride, offset, train_on, max_len
+        self.cursor, self.epoch = offset, 0
+
+    def next_example(self):
+        """(ids, mask, concrete_direction) of the next example (model orientation)."""
+        if self.cursor >= len(self.task):
+            self.cursor, self.epoch = self.offset, self.epoch + 1
+        index = self.cursor
+        self.cursor += self.stride
+        ids, mask, concrete = self.spec.conversation_row(self.tokenizer, self.task[index], doc_index=index,
+                                                         train_on=self.train_on)
+        if self.max_len is not None:
+            ids, mask = ids[:self.max_len], mask[:self.max_len]
+        return ids, mask, concrete
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])
+
+
+def _to_tensors(rows, masks, device):
+    rows = torch.tensor(rows, dtype=torch.long)
+    masks = torch.tensor(masks, dtype=torch.bool)
+    inputs = rows[:, :-1]
+    targets = rows[:, 1:].clone()
+    targets[~masks[:, 1:]] = -1
+    return inputs.to(device), targets.to(device)
+
+
+class ConversationBatches:
+    """Iterator of (inputs, targets), (B, T) each, for one rank.
+
+    mode "pack": conversations are concatenated into rows of T+1 (each row starts with a
+    conversation's BOS; the conversation that overflows a row is cropped), as in midtraining.
+    mode "pad": one conversation per row, cropped to T+1 and padded with masked BOS tokens, as
+    in SFT.
+    """
+
+    def __init__(self, task, tokenizer, direction, B, T, mode="pad", train_on=None, seed=0, p_backward=0.5,
+                 rank=0, world_size=1, grad_accum_steps=1, device="cpu"):
+        if mode not in ("pack", "pad"):
+            raise ValueError(f"mode must be 'pack' or 'pad', not {mode!r}")
+        self.B, self.T, self.mode, self.device = B, T, mode, torch.device(device)
+        self.spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=seed, p_backward=p_backward)
+        self.pad_id = tokenizer.get_bos_token_id()
+        n = world_size * grad_accum_steps
+        self.streams = [ConversationStream(task, self.spec, tokenizer, n, rank * grad_accum_steps + a, train_on,
+                                           max_len=T + 1)
+                        for a in range(grad_accum_steps)]
+        self.next_stream = 0
+        self.last_directions = []
+
+    def __iter__(self):
+        return self
+
+    def _pad_row(self, stream):
+        ids, mask, concrete = stream.next_example()
+        pad = self.T + 1 - len(ids)
+        return ids + [self.pad_id] * pad, mask + [0] * pad, [concrete]
+
+    def _pack_row(self, stream):
+        ids, mask, dirs = [], [], []
+        while len(ids) < self.T + 1:
+            e_ids, e_mask, concrete = stream.next_example()
+            room = self.T + 1 - len(ids)
+            ids += e_ids[:room]
+            mask += e_mask[:room]
+            dirs.append(concrete)
+        return ids, mask, dirs
+
+    def __next__(self):
+        stream = self.streams[self.next_stream]
+        self.next_stream = (self.next_stream + 1) % len(self.streams)
+        make = self._pad_row if self.mode == "pad" else self._pack_row
+        rows, masks, self.last_directions = [], [], []
+        for _ in range(self.B):
+            r, m, d = make(stream)
+            rows.append(r)
+            masks.append(m)
+            self.last_directions.append(d)
+        return _to_tensors(rows, masks, self.device)
+
+    def state_dict(self):
+        return {"next_stream": self.next_stream, "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state):
+        self.next_stream = int(state["next_stream"])
+        for s, st in zip(self.streams, state["streams"]):
+            s.load_state_dict(st)

@@ -1,0 +1,127 @@
+"""scripts.base_eval: the arrow of time on tiny forward and backward models, comparable byte
+counts across directions (DESIGN.md §3), evaluation files beside the checkpoints, and refusing
+to overwrite an evaluation."""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import run_script
+from test_cli_errors import assert_one_line_error, copy_base, snapshot
+
+STEPS = 40
+TAGS = {"forward": "arrow_fwd", "backward": "arrow_bwd"}
+EVAL_TOKENS = 3000
+
+
+def train_args(direction):
+    return [f"--direction={direction}", "--depth=2", "--max_seq_len=64", "--device_batch_size=2",
+            "--total_batch_size=128", f"--num_iterations={STEPS}", "--eval_every=-1", "--eval_tokens=256",
+            "--device_type=cpu", f"--model_tag={TAGS[direction]}"]
+
+
+def eval_args():
+    return [f"--model_tag={TAGS['forward']},{TAGS['backward']}", f"--eval_tokens={EVAL_TOKENS}",
+            "--device_batch_size=8", "--device_type=cpu"]
+
+
+def evaluation_file(base, tag):
+    return os.path.join(base, "base_checkpoints", tag, "evaluations", f"bpb_step{STEPS:06d}.json")
+
+
+@pytest.fixture(scope="module")
+def arrow(corpus_template, tmp_path_factory):
+    """A forward and a backward model (trained side by side), evaluated by one base_eval call.
+    The evaluation files are read right away, so later tests may rewrite them."""
+    base = copy_base(corpus_template["dir"], tmp_path_factory, "arrow")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        trained = list(pool.map(lambda d: run_script("scripts.base_train", *train_args(d), base_dir=base), TAGS))
+    for result in trained:
+        assert result.returncode == 0, result.stderr
+    result = run_script("scripts.base_eval", *eval_args(), base_dir=base)
+    assert result.returncode == 0, result.stderr
+    records = {}
+    for direction, tag in TAGS.items():
+        with open(evaluation_file(base, tag)) as f:
+            records[direction] = json.load(f)
+    return {"base": base, "result": result, "records": records, "val": corpus_template["val"]}
+
+
+def bpb(record, direction):
+    return record["results"][direction]["bpb"]
+
+
+def test_each_model_prefers_its_own_direction(arrow):
+    fwd, bwd = arrow["records"]["forward"], arrow["records"]["backward"]
+    assert fwd["trained_direction"] == "forward" and bwd["trained_direction"] == "backward"
+    assert bpb(fwd, "forward") < bpb(fwd, "backward")
+    assert bpb(bwd, "backward") < bpb(bwd, "forward")
+    for record in (fwd, bwd):
+        f, b = bpb(record, "forward"), bpb(record, "backward")
+        assert record["arrow_of_time_gap"] == pytest.approx((b - f) / f)
+    assert fwd["arrow_of_time_gap"] > 0 > bwd["arrow_of_time_gap"]
+
+
+def test_matrix_is_printed(arrow):
+    out = arrow["result"].stdout
+    assert "bpb fwd" in out and "bpb bwd" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["arrow_fwd"], ["arrow_bwd"])]
+    assert [r[:2] for r in rows] == [["arrow_fwd", "forward"], ["arrow_bwd", "backward"]]
+    for row, direction in zip(rows, TAGS):
+        record = arrow["records"][direction]
+        assert float(row[2]) == pytest.approx(bpb(record, "forward"), abs=1e-4)
+        assert float(row[3]) == pytest.approx(bpb(record, "backward"), abs=1e-4)
+
+
+def test_evaluation_files_sit_beside_checkpoints(arrow):
+    for direction, tag in TAGS.items():
+        path = evaluation_file(arrow["base"], tag)
+        assert os.path.isfile(path)
+        assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(path)), f"model_{STEPS:06d}.pt"))
+        record = arrow["records"][direction]
+        assert record["model_tag"] == tag and record["step"] == STEPS and record["max_seq_len"] == 64
+        assert record["eval_tokens"] == EVAL_TOKENS and record["split"] == "val"
+        assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]
+
+
+def test_byte_counts_are_identical_across_directions_and_models(arrow):
+    counts = set()
+    for record in arrow["records"].values():
+        for direction in ("forward", "backward"):
+            r = record["results"][direction]
+            counts.add((r["bytes"], r["tokens"], r["documents"]))
+    assert len(counts) == 1, counts
+    nbytes, ntokens, ndocs = counts.pop()
+    assert ntokens >= EVAL_TOKENS and ndocs > 1
+    # The denominator is the UTF-8 size of exactly the documents scored: the first ndocs of the
+    # validation shard, whole (the eval context of 64 is far shorter than many of them).
+    assert nbytes == sum(len(doc.encode("utf-8")) for doc in arrow["val"][:ndocs])
+
+
+def test_second_eval_without_overwrite_fails_and_keeps_the_file(arrow):
+    base = arrow["base"]
+    before = snapshot(base)
+    result = run_script("scripts.base_eval", *eval_args(), base_dir=base)
+    assert_one_line_error(result, os.path.basename(evaluation_file(base, TAGS["forward"])), "--overwrite")
+    assert snapshot(base) == before
+
+
+def test_overwrite_replaces_the_file(arrow):
+    base = arrow["base"]
+    path = evaluation_file(base, TAGS["backward"])
+    other = evaluation_file(base, TAGS["forward"])
+    with open(other, "rb") as f:
+        other_before = f.read()
+    result = run_script("scripts.base_eval", f"--model_tag={TAGS['backward']}", "--eval_directions=backward",
+                        f"--eval_tokens={EVAL_TOKENS}", "--device_batch_size=8", "--device_type=cpu", "--overwrite",
+                        base_dir=base)
+    assert result.returncode == 0, result.stderr
+    with open(path) as f:
+        record = json.load(f)
+    assert set(record["results"]) == {"backward"} and record["arrow_of_time_gap"] is None
+    # Evaluation is deterministic: the same documents give the same number as before.
+    assert bpb(record, "backward") == pytest.approx(bpb(arrow["records"]["backward"], "backward"), rel=1e-6)
+    with open(other, "rb") as f:
+        assert f.read() == other_before

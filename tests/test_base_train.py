@@ -1,0 +1,188 @@
+"""scripts.base_train end to end: the seed commands in every direction, flag aliases, checkpoint
+metadata, exact resume, and refusing to overwrite an existing run."""
+
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import run_script
+from test_cli_errors import assert_one_line_error, copy_base, snapshot
+
+DIRECTIONS = ["forward", "backward", "bidirectional"]
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.]+)", re.M)
+
+
+def seed_command(direction):
+    """The documented smoke-test command, verbatim."""
+    return [f"--direction={direction}", "--depth=4", "--max_seq_len=128", "--device_batch_size=2",
+            "--total_batch_size=512", "--num_iterations=10", "--core_metric_every=-1", "--eval_every=-1",
+            f"--model_tag=test_{direction}"]
+
+
+def step_losses(stdout):
+    """{step: loss} from the 'step NNNNN/N | loss X' progress lines."""
+    return {int(s): float(loss) for s, _, loss in STEP_LINE.findall(stdout)}
+
+
+# ---------------------------------------------------------------------------------------
+# Seed commands
+
+@pytest.fixture(scope="module")
+def seed_runs(corpus_template, tmp_path_factory):
+    """One base dir in which the three seed commands ran (two at a time)."""
+    base = copy_base(corpus_template["dir"], tmp_path_factory, "seed_runs")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = pool.map(lambda d: run_script("scripts.base_train", *seed_command(d), base_dir=base), DIRECTIONS)
+        return base, dict(zip(DIRECTIONS, results))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_seed_command_trains_and_records_direction(seed_runs, direction, monkeypatch):
+    from nanochat.checkpoint_manager import load_model
+    base, results = seed_runs
+    result = results[direction]
+    assert result.returncode == 0, result.stderr
+    losses = step_losses(result.stdout)
+    assert sorted(losses) == list(range(1, 11))
+    assert losses[10] < losses[1], "ten steps should lower the training loss"
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    model, tokenizer, meta = load_model("base", "cpu", phase="eval", model_tag=f"test_{direction}")
+    assert meta["direction"] == direction
+    assert meta["step"] == 10 and meta["phase"] == "base"
+    assert meta["model_config"]["n_layer"] == 4 and meta["model_config"]["sequence_len"] == 128
+    assert meta["tokens_per_step"] == 512 and meta["grad_accum_steps"] == 2
+    assert meta["user_config"]["direction"] == direction and meta["user_config"]["num_iterations"] == 10
+    assert not model.training
+    if direction == "bidirectional":
+        fwd, bwd = tokenizer.get_marker_ids()
+        assert meta["marker_ids"] == {"forward": fwd, "backward": bwd}
+    else:
+        assert meta["marker_ids"] is None
+
+    # The final evaluation covers each direction the model supports, and only those.
+    evaluated = set(re.findall(r"val bpb (\w+):", result.stdout))
+    assert evaluated == ({"forward", "backward"} if direction == "bidirectional" else {direction})
+    assert {k for k in meta if k.startswith("val_bpb_")} == {f"val_bpb_{d}" for d in evaluated}
+
+
+def test_seed_directions_see_different_data(seed_runs):
+    # Same seed, same documents: only the orientation differs, so the first-step losses (at
+    # identical initialisation) must not all coincide.
+    _, results = seed_runs
+    first = {d: step_losses(r.stdout).get(1) for d, r in results.items()}
+    assert None not in first.values()
+    assert len(set(first.values())) == 3, first
+
+
+# ---------------------------------------------------------------------------------------
+# Flags
+
+def test_every_flag_has_a_kebab_alias_with_the_same_meaning():
+    from scripts.base_train import build_parser
+    parser = build_parser()
+    actions = {s: a for a in parser._actions for s in a.option_strings}
+    underscored = [s for s in actions if s.startswith("--") and "_" in s]
+    assert "--num_iterations" in underscored and "--total_batch_size" in underscored
+    for flag in underscored:
+        assert actions.get(flag.replace("_", "-")) is actions[flag], f"{flag} has no kebab-case alias"
+    kebab = ["--num-iterations=3", "--max-seq-len=64", "--device-batch-size=4", "--p-backward=0.25",
+             "--model-tag=x", "--resume-from-step=2"]
+    underscore = ["--num_iterations=3", "--max_seq_len=64", "--device_batch_size=4", "--p_backward=0.25",
+                  "--model_tag=x", "--resume_from_step=2"]
+    assert vars(parser.parse_args(kebab)) == vars(parser.parse_args(underscore))
+    assert vars(parser.parse_args(kebab)) != vars(parser.parse_args([]))
+
+
+def test_kebab_case_flags_run_end_to_end(base_dir):
+    result = run_script("scripts.base_train", "--direction=backward", "--depth=2", "--max-seq-len=64",
+                        "--device-batch-size=2", "--total-batch-size=256", "--num-iterations=3",
+                        "--eval-every=-1", "--eval-tokens=256", "--model-tag=kebab", base_dir=base_dir)
+    assert result.returncode == 0, result.stderr
+    from nanochat.checkpoint_manager import load_meta, list_steps
+    ckpt = os.path.join(base_dir, "base_checkpoints", "kebab")
+    assert list_steps(ckpt) == [3]
+    meta = load_meta(ckpt, 3)
+    assert meta["direction"] == "backward"
+    assert meta["model_config"]["sequence_len"] == 64 and meta["grad_accum_steps"] == 2
+    assert meta["user_config"]["eval_tokens"] == 256
+    assert sorted(step_losses(result.stdout)) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------
+# Resume
+
+RESUME_RUN = ["--direction=bidirectional", "--depth=2", "--max_seq_len=64", "--device_batch_size=2",
+              "--total_batch_size=256", "--num_iterations=8", "--save_every=4", "--eval_every=-1",
+              "--eval_tokens=256", "--device_type=cpu"]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(corpus_template, tmp_path_factory):
+    """An uninterrupted 8-step run saving at step 4 ('full'), and a run resumed from that step-4
+    checkpoint ('resumed': the files an interrupted run would have left)."""
+    from nanochat.checkpoint_manager import meta_path, model_path, optim_path
+    base = copy_base(corpus_template["dir"], tmp_path_factory, "resume")
+    full = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", base_dir=base)
+    assert full.returncode == 0, full.stderr
+    src = os.path.join(base, "base_checkpoints", "full")
+    dst = os.path.join(base, "base_checkpoints", "resumed")
+    os.makedirs(dst)
+    for path_fn in (model_path, meta_path, lambda d, s: optim_path(d, s, 0)):
+        shutil.copy2(path_fn(src, 4), path_fn(dst, 4))
+    resumed = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=resumed", "--resume_from_step=4",
+                         base_dir=base)
+    assert resumed.returncode == 0, resumed.stderr
+    return base, full, resumed
+
+
+def test_save_every_writes_intermediate_and_final_checkpoints(resume_runs):
+    from nanochat.checkpoint_manager import list_steps
+    base, _, _ = resume_runs
+    ckpt = os.path.join(base, "base_checkpoints", "full")
+    assert list_steps(ckpt) == [4, 8]
+    for step in (4, 8):
+        for name in (f"model_{step:06d}.pt", f"optim_{step:06d}_rank0.pt"):
+            assert os.path.exists(os.path.join(ckpt, name))
+    assert not [f for f in os.listdir(ckpt) if ".tmp" in f], "temporary files left behind"
+
+
+def test_resume_reproduces_the_uninterrupted_run(resume_runs):
+    from nanochat.checkpoint_manager import load_meta, model_path
+    base, full, resumed = resume_runs
+    assert "resumed from step 4" in resumed.stdout
+    full_losses, resumed_losses = step_losses(full.stdout), step_losses(resumed.stdout)
+    assert sorted(full_losses) == list(range(1, 9))
+    assert sorted(resumed_losses) == [5, 6, 7, 8], "a resumed run must start after the saved step"
+    for step in resumed_losses:
+        assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-5), step
+
+    ckpt = lambda tag: os.path.join(base, "base_checkpoints", tag)  # noqa: E731
+    meta_full, meta_resumed = load_meta(ckpt("full"), 8), load_meta(ckpt("resumed"), 8)
+    assert meta_resumed["train_loss"] == pytest.approx(meta_full["train_loss"], abs=1e-5)
+    for d in ("forward", "backward"):
+        assert meta_resumed[f"val_bpb_{d}"] == pytest.approx(meta_full[f"val_bpb_{d}"], abs=1e-5)
+    weights_full = torch.load(model_path(ckpt("full"), 8), weights_only=True)
+    weights_resumed = torch.load(model_path(ckpt("resumed"), 8), weights_only=True)
+    for name, w in weights_full.items():
+        torch.testing.assert_close(weights_resumed[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_existing_checkpoints_are_not_overwritten(resume_runs):
+    base, _, _ = resume_runs
+    before = snapshot(base)
+    result = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", base_dir=base)
+    assert_one_line_error(result, "already holds checkpoints", "--resume_from_step=8")
+    assert snapshot(base) == before
+
+
+def test_resume_from_a_step_that_was_not_saved(resume_runs):
+    base, _, _ = resume_runs
+    before = snapshot(base)
+    result = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", "--resume_from_step=5", base_dir=base)
+    assert_one_line_error(result, "--resume_from_step=5", "[4, 8]")
+    assert snapshot(base) == before

@@ -1,0 +1,137 @@
+"""Tests for nanochat.loss_eval: bits per byte on whole documents, fair across directions."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.loss_eval import arrow_of_time_gap, evaluate_bpb, select_documents
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.tokenizer import get_tokenizer
+
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def tok(corpus_template):
+    return get_tokenizer(corpus_template["dir"])
+
+
+@pytest.fixture(scope="module")
+def token_bytes(tok):
+    return torch.from_numpy(tok.token_byte_lengths().astype("int64"))
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    m = GPT.build(config_for_depth(1, tok.get_vocab_size(), SEQ), "cpu")
+    with torch.no_grad():  # non-trivial predictions, so forward and backward losses differ
+        for block in m.model.layers:
+            block.self_attn.o_proj.weight.normal_(std=0.05)
+            block.mlp.down_proj.weight.normal_(std=0.05)
+        m.lm_head.weight.normal_(std=0.1)
+    return m.eval()
+
+
+def bpb(model, tok, token_bytes, docs, directions=("forward", "backward"), trained="forward", T=64, batch_size=4):
+    return evaluate_bpb(model, tok, token_bytes, docs, list(directions), trained, T, batch_size, "cpu")
+
+
+def manual_nats(model, row, T, tok):
+    """Sum of cross-entropy over the text targets of one oriented row, scored in pieces of T
+    (each piece has only itself as context), skipping targets that are special tokens."""
+    specials = {tok.encode_special(name) for name in tok.get_special_tokens()}
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(row) - 1, T):
+            chunk = row[start:start + T + 1]
+            x = torch.tensor([chunk[:-1]])
+            y = torch.tensor(chunk[1:])
+            logp = F.log_softmax(model(x)[0], dim=-1)
+            for i, t in enumerate(y.tolist()):
+                if t not in specials:
+                    nats -= logp[i, t].item()
+    return nats
+
+
+def test_select_documents_is_the_start_of_the_val_split(base_dir, tok, corpus_template):
+    docs = select_documents(tok, max_tokens=300, split="val")
+    expected = [tok.encode(t) for t in corpus_template["val"]]
+    assert docs == expected[:len(docs)]
+    total = sum(map(len, docs))
+    assert total >= 300 and total - len(docs[-1]) < 300
+    # ranks take disjoint shares: every other document
+    r0 = select_documents(tok, max_tokens=600, split="val", rank=0, world_size=2)
+    r1 = select_documents(tok, max_tokens=600, split="val", rank=1, world_size=2)
+    assert r0 == expected[0::2][:len(r0)] and r1 == expected[1::2][:len(r1)]
+
+
+@pytest.mark.parametrize("trained", ["forward", "backward", "bidirectional"])
+@pytest.mark.parametrize("T", [16, 64])
+def test_denominators_identical_across_directions(corpus_template, tok, token_bytes, model, trained, T):
+    texts = corpus_template["val"][:12]
+    docs = [tok.encode(t) for t in texts]
+    res = bpb(model, tok, token_bytes, docs, trained=trained, T=T)
+    fwd, bwd = res["forward"], res["backward"]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(d) for d in docs)
+    assert max(len(d) for d in docs) > 16  # with T=16 documents are cut into pieces
+    # every text token is a target exactly once in both directions
+    assert fwd["bytes"] == bwd["bytes"] == n_bytes
+    assert fwd["tokens"] == bwd["tokens"] == n_tokens
+    assert fwd["documents"] == bwd["documents"] == 12
+    assert fwd["bpb"] != bwd["bpb"]
+    for r in (fwd, bwd):
+        assert math.isclose(r["bpb"], r["nats"] / (math.log(2) * r["bytes"]), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_bpb_matches_manual_computation_one_doc(corpus_template, tok, token_bytes, model, direction):
+    text = max(corpus_template["val"][:20], key=len)
+    t = tok.encode(text)
+    assert len(t) < SEQ
+    body = t if direction == "forward" else t[::-1]
+    row = [tok.get_bos_token_id()] + body
+    nats = manual_nats(model, row, SEQ, tok)
+    res = bpb(model, tok, token_bytes, [t], directions=[direction], trained=direction, T=SEQ)[direction]
+    assert res["bytes"] == len(text.encode("utf-8"))
+    assert math.isclose(res["nats"], nats, rel_tol=1e-4)
+    assert math.isclose(res["bpb"], nats / (math.log(2) * len(text.encode("utf-8"))), rel_tol=1e-4)
+
+
+def test_bpb_long_document_in_pieces_matches_manual(corpus_template, tok, token_bytes, model):
+    text = max(corpus_template["val"], key=len)
+    t = tok.encode(text)
+    T = 16
+    assert len(t) > 3 * T
+    row = [tok.get_bos_token_id()] + t[::-1]
+    nats = manual_nats(model, row, T, tok)
+    res = bpb(model, tok, token_bytes, [t], directions=["backward"], trained="backward", T=T)["backward"]
+    assert res["tokens"] == len(t)
+    assert math.isclose(res["nats"], nats, rel_tol=1e-4)
+
+
+def test_bidirectional_bpb_excludes_the_marker(corpus_template, tok, token_bytes, model):
+    text = corpus_template["val"][0]
+    t = tok.encode(text)
+    row = [tok.get_bos_token_id(), tok.get_backward_token_id()] + t[::-1]
+    nats = manual_nats(model, row, SEQ, tok)  # the marker target (a special) is skipped
+    res = bpb(model, tok, token_bytes, [t], directions=["backward"], trained="bidirectional", T=SEQ)["backward"]
+    assert res["tokens"] == len(t)
+    assert math.isclose(res["nats"], nats, rel_tol=1e-4)
+
+
+def test_evaluate_bpb_rejects_non_concrete_direction(tok, token_bytes, model):
+    from nanochat.common import UserError
+    with pytest.raises(UserError):
+        bpb(model, tok, token_bytes, [[1, 2, 3]], directions=["bidirectional"])
+
+
+def test_arrow_of_time_gap():
+    res = {"forward": {"bpb": 2.0}, "backward": {"bpb": 2.5}}
+    assert arrow_of_time_gap(res) == pytest.approx(0.25)
+    assert arrow_of_time_gap({"forward": {"bpb": 2.0}}) is None
+    assert arrow_of_time_gap({"backward": {"bpb": 2.0}}) is None
+    assert arrow_of_time_gap({"forward": {"bpb": 2.0}, "backward": {"bpb": 1.5}}) == pytest.approx(-0.25)
