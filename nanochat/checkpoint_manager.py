@@ -70,7 +70,8 @@ def _safe_load(path, device):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint file {path} is unreadable (corrupt or truncated?): {type(e).__name__}: {e}")
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"checkpoint file {path} is unreadable (corrupt or truncated?): {type(e).__name__}: {first_line}")
 
 
 def load_meta(checkpoint_dir, step):
@@ -183,7 +184,10 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
     if "direction" not in meta or "model_config" not in meta:
         raise UserError(f"checkpoint metadata in {checkpoint_dir} lacks 'direction'/'model_config': not a nanochat checkpoint")
-    config = GPTConfig(**meta["model_config"])
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except TypeError as e:
+        raise UserError(f"checkpoint metadata in {checkpoint_dir} has a model config this code does not know: {e}")
     model = GPT.build(config, device)
     # torch.compile prefixes names with "_orig_mod."; accept checkpoints written either way.
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}

@@ -67,6 +67,9 @@ def _read_texts(path, row_group=None):
                         "pretraining shards need one string column named 'text'")
     table = pf.read(columns=["text"]) if row_group is None else pf.read_row_group(row_group, columns=["text"])
     column = table.column("text")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise UserError(f"shard {path}: column 'text' has type {column.type}; pretraining shards need a string column")
     offset = 0 if row_group is None else sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
     texts = []
     for chunk in column.chunks:

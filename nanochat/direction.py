@@ -36,7 +36,10 @@ def validate_direction(direction, allowed=DIRECTIONS):
 
 
 def validate_p_backward(p_backward):
-    p = float(p_backward)
+    try:
+        p = float(p_backward)
+    except (TypeError, ValueError):
+        raise _user_error(f"--p_backward={p_backward!r} is not a number in [0, 1]")
     if not 0.0 <= p <= 1.0:
         raise _user_error(f"--p_backward={p_backward} is outside [0, 1]: it is the probability that a "
                           "bidirectional document is drawn backward")

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from nanochat.common import UserError
 from nanochat.dataset import DocumentSource
 from nanochat.direction import DirectionSpec, validate_direction, validate_p_backward
 
@@ -41,7 +42,7 @@ class _Stream:
         # Buffer kept sorted by length: parallel lists so bisect finds the best fit quickly.
         self.lengths, self.docs, self.doc_ids = [], [], []
         if offset >= len(source):
-            raise ValueError(f"data stream {offset} has no documents: the split has only {len(source)} "
+            raise UserError(f"data stream {offset} has no documents: the split has only {len(source)} "
                              f"documents for {stride} streams; use fewer processes or more data")
 
     def _insert(self, doc_index, tokens):
@@ -76,7 +77,7 @@ class _Stream:
                 self.epoch += 1
                 self.cursor, self._iter = self.offset, None
                 if not self.docs and self.epoch > 1 and self._empty_epochs():
-                    raise ValueError("the data split holds no non-empty documents")
+                    raise UserError("the data split holds no non-empty documents")
                 continue
             self._add_texts(chunk)
 
@@ -161,8 +162,9 @@ class DirectionAwareLoader:
     def load_state_dict(self, state):
         layout = (state["world_size"], state["grad_accum_steps"])
         if layout != (self.world_size, self.grad_accum_steps) or state["rank"] != self.rank:
-            raise ValueError(f"dataloader state was saved with world_size x grad_accum = {layout} on rank "
-                             f"{state['rank']}; this run has {(self.world_size, self.grad_accum_steps)} on rank {self.rank}")
+            raise UserError(f"dataloader state was saved with world_size x grad_accum = {layout} on rank "
+                            f"{state['rank']}; this run has {(self.world_size, self.grad_accum_steps)} on rank {self.rank}. "
+                            "Resume with the same --total_batch_size, --device_batch_size and number of processes")
         self.next_stream = int(state["next_stream"])
         for stream, s in zip(self.streams, state["streams"]):
             stream.load_state_dict(s)

@@ -20,29 +20,21 @@ from nanochat.direction import DirectionSpec, validate_direction, CONCRETE_DIREC
 
 
 def select_documents(tokenizer, max_tokens, split="val", rank=0, world_size=1, data_dir=None, threads=4):
-    """The evaluation documents: the first documents of the split (this rank's share) until
-    `max_tokens` text tokens in total, as token lists. Independent of direction."""
+    """The evaluation documents as token lists: the first documents of the split until
+    `max_tokens` text tokens in total, then this rank's share (index % world_size == rank).
+    The set does not depend on direction or on the number of processes."""
     source = DocumentSource(split, data_dir)
-    budget = max(1, max_tokens // world_size)
     docs, total, batch = [], 0, []
-
-    def take(batch):
-        nonlocal total
+    texts = (text for _, text in source.iter_from())
+    while total < max_tokens:
+        batch = [t for _, t in zip(range(64), texts)]
+        if not batch:
+            break
         for tokens in tokenizer.encode(batch, num_threads=threads):
-            if tokens and total < budget:
+            if tokens and total < max_tokens:
                 docs.append(tokens)
                 total += len(tokens)
-
-    for _, text in source.iter_from(0, world_size, rank):
-        batch.append(text)
-        if len(batch) == 64:
-            take(batch)
-            batch = []
-            if total >= budget:
-                break
-    if batch and total < budget:
-        take(batch)
-    return docs
+    return docs[rank::world_size]
 
 
 def _pieces(row, T):

@@ -23,6 +23,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -48,6 +50,7 @@ KEY_FLAGS = ("max_seq_len", "device_batch_size", "total_batch_size", "num_iterat
              "embedding_lr", "unembedding_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
              "final_lr_frac", "grad_clip", "p_backward", "seed", "eval_every", "eval_tokens")
 _LINE_STYLE = {"forward": "-", "backward": "--"}
+REPORT_NAME = "report.md"
 
 
 # ---------------------------------------------------------------------------- resolving experiments
@@ -203,8 +206,9 @@ def load_experiment_metadata(experiment_dir_or_id, base_dir=None):
     meta["experiment_dir"] = experiments.experiment_dir(experiment_id)
     meta["base_dir"] = experiments.base_dir
     meta["logs"] = {}
+    scalars_of = {}
     for phase, path in _log_files(experiments, experiment_id).items():
-        scalars = read_scalars(path)
+        scalars = scalars_of[phase] = read_scalars(path)
         steps = scalars["step"]
         loss = scalars.get("loss")
         meta["logs"][phase] = {"path": path, "num_rows": int(steps.shape[0]),
@@ -220,7 +224,7 @@ def load_experiment_metadata(experiment_dir_or_id, base_dir=None):
     meta["final_val_bpb"] = {}
     meta["log_metadata"] = {}
     if log:
-        scalars = read_scalars(log["path"])
+        scalars = scalars_of[phase]
         for d in EVAL_DIRECTIONS:
             if f"val_bpb_{d}" in scalars:
                 value = _last_finite(scalars[f"val_bpb_{d}"])
@@ -462,7 +466,8 @@ def analyze_direction_transfer(experiment_dirs_or_ids, base_dir=None):
     if isinstance(experiment_dirs_or_ids, (str, os.PathLike)):
         experiment_dirs_or_ids = [experiment_dirs_or_ids]
     rows, missing = collect_direction_rows(experiment_dirs_or_ids, base_dir)
-    unevaluated = [m for m in missing if m[1].startswith("no bpb evaluation")]
+    evaluated = {r["experiment"] for r in rows}
+    unevaluated = [m for m in missing if m[0] not in evaluated]
     if unevaluated:
         raise UserError("; ".join(f"experiment {i!r} has {why}: run `{cmd}`" for i, why, cmd in unevaluated))
     return _matrix_from_rows(rows)
@@ -607,16 +612,15 @@ def _default_report_dir(base_dir, name=None):
     return candidate
 
 
-def _claim_report_dir(output_dir):
-    """Create `output_dir`; refuse one that already holds files (a report is never overwritten)."""
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise UserError(f"report directory {output_dir} exists and is not a directory")
-        if os.listdir(output_dir):
-            raise UserError(f"report directory {output_dir} already exists and is not empty; "
+def _check_report_dir(report_dir):
+    """Refuse a destination that already holds files: a report is never overwritten."""
+    if os.path.exists(report_dir):
+        if not os.path.isdir(report_dir):
+            raise UserError(f"report directory {report_dir} exists and is not a directory")
+        if os.listdir(report_dir):
+            raise UserError(f"report directory {report_dir} already exists and is not empty; "
                             "choose another --output_dir (or --name), or remove it")
-    os.makedirs(output_dir, exist_ok=True)
-    return output_dir
+    return report_dir
 
 
 def _report_bucket_size(meta):
@@ -686,12 +690,33 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
     for experiments, experiment_id in resolved:
         _require_log(experiments, experiment_id, phase)
         metas[experiment_id] = load_experiment_metadata(experiments.experiment_dir(experiment_id))
+    if output_dir is not None and name is not None:
+        raise UserError("give the report an output_dir or a name, not both")
+    report_dir = _check_report_dir(os.path.abspath(os.fspath(output_dir)) if output_dir is not None
+                                   else _default_report_dir(base_dir, name))
+    # Build the report in a hidden directory beside its destination and rename it at the end: a
+    # failure part-way leaves nothing behind, and a reader never sees a half-written report.
+    parent = os.path.dirname(report_dir)
+    os.makedirs(parent, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(report_dir)}.partial-", dir=parent)
+    try:
+        _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase, skipped)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+        if os.path.isdir(report_dir):
+            os.rmdir(report_dir)  # checked empty above; fails (and we stop) if something appeared since
+        os.rename(work_dir, report_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    return os.path.join(report_dir, REPORT_NAME)
+
+
+def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase, skipped):
+    """Write report.md and its figures into `work_dir` (links relative to the final `report_dir`)."""
     ids = [i for _, i in resolved]
     dirs = [experiments.experiment_dir(i) for experiments, i in resolved]
-
-    output_dir = _claim_report_dir(os.path.abspath(output_dir) if output_dir is not None
-                                   else _default_report_dir(base_dir, name))
-    report_path = os.path.join(output_dir, "report.md")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     title = title or f"Research report: {', '.join(ids)}"
     md = [f"# {title}", "",
@@ -728,8 +753,8 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
            "```", _mark_lineage(format_lineage(trees), set(ids)), "```", ""]
 
     # Learning curves
-    curves = compare_learning_curves(dirs, os.path.join(output_dir, "learning_curves.png"), phase=phase)
-    md += ["## Learning curves", "", f"![learning curves]({_rel(curves.path, output_dir)})", "",
+    curves = compare_learning_curves(dirs, os.path.join(work_dir, "learning_curves.png"), phase=phase)
+    md += ["## Learning curves", "", f"![learning curves]({_rel(curves.path, work_dir)})", "",
            "Panels: train loss vs step, train loss vs tokens, validation bpb vs step (solid forward, dashed backward).",
            ""]
     md += [f"- {note}" for note in curves.notes] + ([""] if curves.notes else [])
@@ -738,10 +763,10 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
     md += ["## Cross-direction bpb", ""]
     if rows:
         matrix = _matrix_from_rows(rows)
-        figure = plot_direction_matrix(matrix, os.path.join(output_dir, "direction_matrix.png"))
+        figure = plot_direction_matrix(matrix, os.path.join(work_dir, "direction_matrix.png"))
         md += ["Rows: the trained direction (one row per experiment); columns: the evaluated direction, on the "
                "same held-out documents. Gap = (bpb_bwd − bpb_fwd) / bpb_fwd.", "",
-               matrix["markdown"], "", f"![direction matrix]({_rel(figure.path, output_dir)})", ""]
+               matrix["markdown"], "", f"![direction matrix]({_rel(figure.path, work_dir)})", ""]
     else:
         md += ["No experiment in this report has a bpb evaluation, so there is no matrix.", ""]
     for experiment_id, why, command in missing_evals:
@@ -759,12 +784,12 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
         except UserError as e:
             position_missing.append((experiment_id, str(e)))
     if position_results:
-        figure = plot_per_position_loss(position_results, os.path.join(output_dir, "per_position_loss.png"))
+        figure = plot_per_position_loss(position_results, os.path.join(work_dir, "per_position_loss.png"))
         buckets = sorted({res["bucket_size"] for res in position_results})
         md += ["Mean training loss at each position of the context, from each run's latest research-log snapshot "
                "(the rows of one batch, so noisy), split by the direction of the document each token is in; "
                f"neighbouring positions averaged in buckets of {', '.join(map(str, buckets))}.", "",
-               f"![per-position loss]({_rel(figure.path, output_dir)})", "",
+               f"![per-position loss]({_rel(figure.path, work_dir)})", "",
                "| experiment | snapshot step | mean loss, forward tokens | mean loss, backward tokens |",
                "|---|---|---|---|"]
         for res in position_results:
@@ -780,11 +805,12 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
     # Per-experiment details
     md += ["## Experiments", ""]
     for i in ids:
-        md += _experiment_section(metas[i], row_of.get(i), report_dir=output_dir)
+        md += _experiment_section(metas[i], row_of.get(i), report_dir=report_dir)
 
-    with open(report_path, "w", encoding="utf-8") as f:
+    with open(os.path.join(work_dir, REPORT_NAME), "w", encoding="utf-8") as f:
         f.write("\n".join(md).rstrip() + "\n")
-    return report_path
+
+
 
 
 def _experiment_section(meta, row, report_dir):

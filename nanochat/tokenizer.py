@@ -58,6 +58,9 @@ class Tokenizer:
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(text_iterator, n_merge_vocab, pattern=SPLIT_PATTERN)
         ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+        if len(ranks) < n_merge_vocab:
+            print(f"warning: the training text only supported {len(ranks)} of the {n_merge_vocab} requested "
+                  f"non-special tokens; the vocabulary is smaller than --vocab_size", flush=True)
         offset = len(ranks)
         specials = {name: offset + i for i, name in enumerate(special_tokens)}
         return cls(ranks, specials, pattern=bpe.get_pattern())
@@ -84,7 +87,11 @@ class Tokenizer:
         with open(meta_path) as f:
             meta = json.load(f)
         ranks = {}
-        with open(os.path.join(directory, "ranks.tiktoken")) as f:
+        ranks_path = os.path.join(directory, "ranks.tiktoken")
+        if not os.path.exists(ranks_path):
+            raise UserError(f"tokenizer in {directory} is incomplete ({ranks_path} is missing); retrain it with "
+                            "`python -m scripts.tok_train --overwrite`")
+        with open(ranks_path) as f:
             for line in f:
                 if line.strip():
                     tok, rank = line.split()

@@ -31,15 +31,26 @@ Rerunning resumes after the last completed phase:
   training had finished (the last checkpoint is the final step), only the evaluation is rerun.
 - an experiment that is "running" under a live orchestrator on this machine is refused.
 
-Flags: the ones below, plus ANY other flag, which is passed verbatim to every phase's training
-script (e.g. --max_seq_len=64 --total_batch_size 256). The orchestrator sets --model_tag,
---resume_from_step, --research_log and --parent_experiment itself; passing them is an error.
---device_batch_size, --eval_tokens and --device_type also go to the evaluation.
+Flags: the ones below, plus ANY other flag, passed verbatim to the training script of every phase
+in the chain (e.g. --max_seq_len=64 --total_batch_size 256); `--<phase>.<flag>=value` goes to that
+phase's script only, as `--<flag>=value` (e.g. --mid.num_iterations=50 --base.snapshot_every=-1),
+and wins over an unscoped value. --device_batch_size, --num_iterations, --init_lr_frac,
+--eval_tokens and --device_type go to the phases whose script takes them (see PHASE_SCRIPTS), and
+--device_batch_size, --eval_tokens and --device_type to the evaluation too. The orchestrator sets
+--model_tag, --output_tag, --source, --parent_experiment, --resume_from_step and --research_log
+itself; passing them is an error.
 
-Later phases: PHASE_SCRIPTS maps each phase to its script. mid, sft and rl are wired already and
-are refused until their scripts exist; they will be run with `--model_tag=<child id>
---parent_experiment=<parent id>` (the script reads the parent's direction and depth from the
-parent's checkpoint; no --direction or --depth is passed) plus the shared and pass-through flags.
+Phase scripts (PHASE_SCRIPTS, one line each): base runs scripts.base_train with
+`--model_tag=<id> --direction --depth --research_log=1`. mid, sft and rl run scripts.mid_train,
+scripts.chat_sft and scripts.chat_rl with `--source=<parent's phase> --model_tag=<parent id>
+--output_tag=<child id> --parent_experiment=<parent id> --research_log=1`: the script reads the
+direction and depth from the parent's checkpoint, so neither is passed. A phase whose script is
+missing from the checkout is refused before anything runs. Scripts that cannot resume from a
+checkpoint (the chat phases, for now) restart from scratch on a retry, their partial checkpoints
+and log moved aside to `<name>.attempt<N>` first. Only base phases are evaluated by the
+orchestrator (bits per byte); chat evaluations are run separately (scripts.chat_eval).
+
+Exit status: 0 all phases completed (or skipped as completed), 1 a phase failed, 2 bad input.
 """
 
 import argparse
@@ -48,6 +59,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -62,25 +74,30 @@ from nanochat.research_logger import log_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# module: what `python -m` runs; log_name: the phase name the script gives its ResearchLogger
-# (its log is logs/<log_name>.h5, moved aside before a restart from scratch).
-PhaseScript = namedtuple("PhaseScript", "module log_name")
+# module: what `python -m` runs. log_name: the phase name the script gives its ResearchLogger (its
+# log is logs/<log_name>.h5). resumable: it takes --resume_from_step. shared_flags: which of our
+# training flags it takes (forwarded when given; otherwise the script's own default applies).
+PhaseScript = namedtuple("PhaseScript", "module log_name resumable shared_flags")
+_TRAINING = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type")
 PHASE_SCRIPTS = {
-    "base": PhaseScript("scripts.base_train", "base_training"),
-    "mid": PhaseScript("scripts.mid_train", "mid_training"),
-    "sft": PhaseScript("scripts.chat_sft", "chat_sft"),
-    "rl": PhaseScript("scripts.chat_rl", "chat_rl"),
+    "base": PhaseScript("scripts.base_train", "base_training", True, _TRAINING + ("eval_tokens",)),
+    "mid": PhaseScript("scripts.mid_train", "mid_training", False, _TRAINING),
+    "sft": PhaseScript("scripts.chat_sft", "sft", False, _TRAINING),
+    "rl": PhaseScript("scripts.chat_rl", "rl", False, ("num_iterations", "init_lr_frac", "device_type")),
 }
 EVAL_MODULE = "scripts.base_eval"
+EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
 DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact
 
-# Flags that tie a run to its experiment: only the orchestrator may set them.
-MANAGED_FLAGS = ("model_tag", "resume_from_step", "research_log", "parent_experiment")
-# Orchestrator flags that are also training flags, forwarded when given (None = script default).
-FORWARDED_FLAGS = ("device_batch_size", "num_iterations", "init_lr_frac", "eval_tokens", "device_type")
-EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
+# Flags that tie a run to its experiments: only the orchestrator sets them.
+MANAGED_FLAGS = ("model_tag", "output_tag", "source", "parent_experiment", "resume_from_step", "research_log")
+# Settings of the whole chain: never scoped to one phase.
+CHAIN_FLAGS = ("phase", "direction", "depth", "experiment_id", "nproc_per_node", "eval_directions")
 
-Step = namedtuple("Step", "phase experiment_id parent")
+# parent_phase: the phase of `parent` (the checkpoint source the script loads it from).
+Step = namedtuple("Step", "phase experiment_id parent parent_phase")
+# One pass-through flag: the phase it is scoped to (None = all), its name, recorded value, tokens.
+Passthrough = namedtuple("Passthrough", "scope name value tokens")
 
 
 def build_parser():
@@ -118,30 +135,43 @@ def _coerce(value):
 
 
 def parse_passthrough(tokens):
-    """Unknown arguments -> {name: value} for the record; the tokens themselves go on verbatim.
+    """Unknown arguments -> [Passthrough]: what to record, and the tokens each script receives.
 
-    `--x=y` and `--x y` carry a value, a lone `--x` is recorded as True. Names are recorded with
-    underscores whichever spelling was used.
+    `--x=y` and `--x y` carry a value, a lone `--x` is recorded as True; `--<phase>.x...` is scoped
+    to one phase and reaches its script as `--x...`. The tokens are otherwise passed verbatim;
+    names are recorded with underscores whichever spelling was used.
     """
-    recorded = {}
+    found = []
     i = 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or token == "--":
             raise UserError(f"unexpected argument {token!r}: training flags are passed as --name=value")
-        name, eq, value = token[2:].partition("=")
+        flag, eq, value = token[2:].partition("=")
+        given = [token]
         if not eq:
             if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
                 value, i = tokens[i + 1], i + 1
+                given.append(value)
             else:
                 value = True
-        name = name.replace("-", "_")
+        scope, dot, flag_name = flag.partition(".")
+        if not dot:
+            scope, flag_name = None, flag
+        elif scope not in PHASES:
+            raise UserError(f"--{flag}: {scope!r} is not a phase; scope a flag to one phase as "
+                            f"--<phase>.<flag> with a phase among {', '.join(PHASES)}")
+        name = flag_name.replace("-", "_")
         if name in MANAGED_FLAGS:
-            hint = " (use --experiment_id)" if name == "model_tag" else ""
-            raise UserError(f"--{name} is set by the orchestrator for each phase; do not pass it{hint}")
-        recorded[name] = value if value is True else _coerce(value)
+            hint = " (use --experiment_id)" if name in ("model_tag", "output_tag") else ""
+            raise UserError(f"--{flag} is set by the orchestrator for each phase; do not pass it{hint}")
+        if scope is not None and name in CHAIN_FLAGS:
+            raise UserError(f"--{flag}: --{name} is a setting of the whole chain; pass it unscoped")
+        if scope is not None:
+            given[0] = "--" + token[2 + len(scope) + 1:]
+        found.append(Passthrough(scope, name, value if value is True else _coerce(value), given))
         i += 1
-    return recorded
+    return found
 
 
 def parse_phases(spec):
@@ -165,9 +195,13 @@ def parse_eval_directions(spec):
 
 # ---------------------------------------------------------------------------------- plan
 
-def plan_chain(args, experiments):
+def plan_chain(args, passthrough, experiments):
     """Validate the request and return (steps, direction, depth). Reads only: writes nothing."""
     phases = parse_phases(args.phase)
+    for p in passthrough:
+        if p.scope is not None and p.scope not in phases:
+            raise UserError(f"--{p.scope}.{p.name} is scoped to phase {p.scope!r}, which is not in "
+                            f"--phase={args.phase}")
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
     if args.eval_tokens is not None and args.eval_tokens <= 0:
@@ -185,7 +219,7 @@ def plan_chain(args, experiments):
             raise UserError("--direction is required for a base phase: forward, backward or bidirectional")
         direction = validate_direction(args.direction)
         depth = args.depth if args.depth is not None else DEFAULT_DEPTH
-        parent = None
+        parent, parent_phase = None, None
         first_id = args.experiment_id or f"base_d{depth}_{direction}"
     else:
         parent = args.parent_experiment
@@ -200,7 +234,7 @@ def plan_chain(args, experiments):
         if parent_config.get("status") != "completed":
             raise UserError(f"parent experiment {parent!r} is {parent_config.get('status')}, not completed: "
                             "finish it first (rerun the command that started it)")
-        direction, depth = parent_config["direction"], parent_config.get("depth")
+        direction, depth, parent_phase = parent_config["direction"], parent_config.get("depth"), parent_config["phase"]
         if args.direction is not None and validate_direction(args.direction) != direction:
             raise UserError(f"--direction={args.direction} contradicts parent experiment {parent!r}, which is "
                             f"{direction!r}: omit --direction to inherit it")
@@ -214,8 +248,8 @@ def plan_chain(args, experiments):
         experiment_id = experiments.validate_id(first_id if k == 0 else f"{first_id}_{phase}")
         if experiment_id == parent:
             raise UserError(f"experiment {experiment_id!r} cannot be its own parent: choose another --experiment_id")
-        steps.append(Step(phase, experiment_id, parent))
-        parent = experiment_id
+        steps.append(Step(phase, experiment_id, parent, parent_phase))
+        parent, parent_phase = experiment_id, phase
 
     for step in steps:
         if not experiments.exists(step.experiment_id):
@@ -237,7 +271,7 @@ def plan_chain(args, experiments):
         if importlib.util.find_spec(module) is None:
             # Only the missing script's phase is named: the rest of the chain was valid.
             raise UserError(f"phase {step.phase!r} is not available yet: {module.replace('.', '/')}.py "
-                            "arrives with the chat phases")
+                            "is not in this checkout")
     return steps, direction, depth
 
 
@@ -291,13 +325,18 @@ def run_command(experiments, experiment_id, phase, command):
     attempt = {"command": text, "started_at": _now(), "finished_at": None, "returncode": None}
     experiments.update_config(experiment_id, attempts=attempts + [attempt])
     process = subprocess.Popen(command, env=child_env(experiments))
+    # A SIGTERM aimed at us alone (a scheduler, `kill <pid>`) must not leave the script training
+    # unwatched while the experiment says "running": pass it on, then record the failure.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
     try:
         returncode = process.wait()
     except KeyboardInterrupt:
         # Ctrl-C reaches the whole process group: let the script finish its own cleanup.
         returncode = process.wait()
         if returncode == 0:
-            returncode = -2
+            returncode = -signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     attempt.update(finished_at=_now(), returncode=returncode)
     experiments.update_config(experiment_id, attempts=attempts + [attempt])
     if returncode != 0:
@@ -320,9 +359,11 @@ def note_flag_changes(experiments, experiment_id, config, flags, will_run):
     experiments.update_config(experiment_id, flags=flags, flags_history=history)
 
 
-def move_log_aside(path):
-    """logs/<name>.h5 -> logs/<name>.attempt<N>.h5 with the first free N; returns the new path."""
-    stem, ext = os.path.splitext(path)
+def move_aside(path):
+    """<name>.h5 -> <name>.attempt<N>.h5 (a directory: <name>.attempt<N>) with the first free N.
+
+    A restart from scratch must never overwrite what a previous attempt left: it is evidence."""
+    stem, ext = (path, "") if os.path.isdir(path) else os.path.splitext(path)
     n = 1
     while os.path.exists(f"{stem}.attempt{n}{ext}"):
         n += 1
@@ -331,36 +372,61 @@ def move_log_aside(path):
     return target
 
 
-def training_command(args, passthrough_tokens, experiments, step, direction, depth):
+def phase_flags(args, passthrough, phase):
+    """(what the experiment records as its flags, the pass-through tokens its script receives)."""
+    script = PHASE_SCRIPTS[phase]
+    recorded = {name: getattr(args, name) for name in script.shared_flags if getattr(args, name) is not None}
+    recorded["nproc_per_node"] = args.nproc_per_node
+    if phase == "base":
+        recorded["eval_directions"] = args.eval_directions
+    tokens = []
+    # Unscoped flags first, then this phase's scoped ones: the last value wins, in the record as
+    # in the script's argparse, so a scoped value overrides an unscoped one wherever it was given.
+    for p in [p for p in passthrough if p.scope is None] + [p for p in passthrough if p.scope == phase]:
+        recorded[p.name] = p.value
+        tokens += p.tokens
+    return recorded, tokens
+
+
+def training_command(args, flags, tokens, experiments, step, direction, depth):
     """The training command for this attempt, or None when training already finished."""
     script = PHASE_SCRIPTS[step.phase]
     checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
     saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    log = log_path(experiments.experiment_dir(step.experiment_id), script.log_name)
     resume = []
     if saved:
         last = saved[-1]
         planned = load_meta(checkpoint_dir, last).get("num_iterations")
-        wants_more = args.num_iterations is not None and args.num_iterations > last
+        # Asking for more steps than the finished run took continues it (a resumable script).
+        wanted = flags.get("num_iterations")
+        wants_more = script.resumable and isinstance(wanted, int) and wanted > last
         if planned is not None and last >= planned and not wants_more:
             print(f"{step.experiment_id}: training finished earlier (checkpoint at step {last} of {planned}); "
                   "not rerunning it", flush=True)
             return None
-        print(f"{step.experiment_id}: resuming {step.phase} training from its checkpoint at step {last}", flush=True)
-        resume = [f"--resume_from_step={last}"]
-    else:
-        log = log_path(experiments.experiment_dir(step.experiment_id), script.log_name)
-        if os.path.exists(log):
-            moved = move_log_aside(log)
-            print(f"{step.experiment_id}: the previous attempt left a log but no checkpoint; moved {log} "
-                  f"aside to {moved} and starting {step.phase} training again", flush=True)
+        if script.resumable:
+            print(f"{step.experiment_id}: resuming {step.phase} training from its checkpoint at step {last}",
+                  flush=True)
+            resume = [f"--resume_from_step={last}"]
+        else:
+            moved = move_aside(checkpoint_dir)
+            print(f"{step.experiment_id}: {script.module} cannot resume; moved the partial checkpoints "
+                  f"{checkpoint_dir} aside to {moved}", flush=True)
+    if not resume and os.path.exists(log):
+        moved = move_aside(log)
+        print(f"{step.experiment_id}: the previous attempt left a log but no checkpoint to resume from; moved "
+              f"{log} aside to {moved} and starting {step.phase} training again", flush=True)
 
-    command = launcher(script.module, args.nproc_per_node) + [f"--model_tag={step.experiment_id}"]
+    command = launcher(script.module, args.nproc_per_node)
     if step.phase == "base":
-        command += [f"--direction={direction}", f"--depth={depth}", "--research_log=1"]
+        command += [f"--model_tag={step.experiment_id}", f"--direction={direction}", f"--depth={depth}"]
     else:
-        command += [f"--parent_experiment={step.parent}"]
-    command += [f"--{name}={getattr(args, name)}" for name in FORWARDED_FLAGS if getattr(args, name) is not None]
-    return command + list(passthrough_tokens) + resume
+        command += [f"--source={step.parent_phase}", f"--model_tag={step.parent}",
+                    f"--output_tag={step.experiment_id}", f"--parent_experiment={step.parent}"]
+    command.append("--research_log=1")
+    command += [f"--{name}={getattr(args, name)}" for name in script.shared_flags if getattr(args, name) is not None]
+    return command + tokens + resume
 
 
 def find_bpb_evaluation(experiments, experiment_id, step):
@@ -408,7 +474,10 @@ def final_results(experiments, experiment_id, evaluation):
         return None, None
     meta = load_meta(checkpoint_dir, saved[-1])
     results = {"step": saved[-1]}
-    results.update({k: v for k, v in meta.items() if k == "train_loss" or k.startswith("val_bpb_")})
+    # The scripts store their last metrics in the checkpoint metadata: train_loss, val_bpb_<dir>,
+    # val_loss; RL its rewards before and after.
+    results.update({k: v for k, v in meta.items()
+                    if (k.startswith(("train_", "val_")) and isinstance(v, (int, float))) or k == "rewards"})
     if evaluation is not None:
         results["bpb"] = {d: r.get("bpb") for d, r in evaluation.get("results", {}).items()}
         results["arrow_of_time_gap"] = evaluation.get("arrow_of_time_gap")
@@ -416,7 +485,8 @@ def final_results(experiments, experiment_id, evaluation):
     return results, (meta.get("user_config") or {}).get("seed")
 
 
-def run_step(args, passthrough_tokens, flags, experiments, step, direction, depth):
+def run_step(args, passthrough, experiments, step, direction, depth):
+    flags, tokens = phase_flags(args, passthrough, step.phase)
     exists = experiments.exists(step.experiment_id)
     if exists:
         config = experiments.load_config(step.experiment_id)
@@ -435,7 +505,7 @@ def run_step(args, passthrough_tokens, flags, experiments, step, direction, dept
     experiments.update_config(step.experiment_id, status="running",
                               runner={"pid": os.getpid(), "host": socket.gethostname()})
     try:
-        command = training_command(args, passthrough_tokens, experiments, step, direction, depth)
+        command = training_command(args, flags, tokens, experiments, step, direction, depth)
         if command is not None:
             run_command(experiments, step.experiment_id, step.phase, command)
         evaluation = None
@@ -465,16 +535,10 @@ def main(argv=None):
     args, unknown = build_parser().parse_known_args(argv)
     passthrough = parse_passthrough(unknown)
     experiments = ExperimentConfig()
-    steps, direction, depth = plan_chain(args, experiments)
-
-    # What each experiment records as its flags: ours (when given) and every pass-through flag.
-    ours = {name: getattr(args, name) for name in
-            ("device_batch_size", "num_iterations", "init_lr_frac", "nproc_per_node", "eval_directions",
-             "eval_tokens", "device_type") if getattr(args, name) is not None}
-    flags = {**ours, **passthrough}
+    steps, direction, depth = plan_chain(args, passthrough, experiments)
     for step in steps:
         try:
-            run_step(args, unknown, flags, experiments, step, direction, depth)
+            run_step(args, passthrough, experiments, step, direction, depth)
         except PhaseFailed as e:
             how = f"exit status {e.returncode}" if e.returncode > 0 else f"signal {-e.returncode}"
             print(f"error: phase {e.phase} of experiment {e.experiment_id} failed ({how}); the command was:\n"

@@ -13,10 +13,14 @@ answer and writes the question (`reward(conversation, question_text)` with direc
 
 import random
 
+from nanochat.common import UserError
+from nanochat.direction import CONCRETE_DIRECTIONS, concrete_directions, validate_direction
+
 
 class Task:
     """Subclasses implement `num_examples()` and `get_example(index)`; slicing is shared."""
 
+    name = "task"                         # the registry name, used in error messages
     eval_type = "generative"             # or "categorical" (multiple choice)
     generation_directions = ("forward",)  # where reward() can verify a generation
 
@@ -46,6 +50,32 @@ class Task:
 
     def supports(self, direction):
         return direction in self.generation_directions
+
+    def check_reward_direction(self, direction):
+        """For reward(): `direction` must be concrete (forward/backward) and declared."""
+        validate_direction(direction, CONCRETE_DIRECTIONS)
+        check_task_direction(self, direction)
+
+
+def check_task_direction(task, direction):
+    """The concrete directions in which `task` can be generated and rewarded for a model of
+    `direction` (forward, backward or bidirectional); a UserError if there are none.
+
+    A bidirectional model can use a task in any direction the task declares; a one-way model
+    only in its own (DESIGN.md §6)."""
+    validate_direction(direction)
+    declared = tuple(task.generation_directions)
+    usable = [d for d in concrete_directions(direction) if d in declared]
+    if usable:
+        return usable
+    if not declared:
+        raise UserError(f"task {task.name} has no reward: it is training data only, not a task that can "
+                        "be generated and verified (use arithmetic or reversal for RL)")
+    wanted = "forward or backward" if direction == "bidirectional" else direction
+    hint = (" (a backward model needs a task whose beginning can be verified, e.g. arithmetic)"
+            if direction == "backward" else "")
+    raise UserError(f"task {task.name} cannot be generated {wanted}: it declares only "
+                    f"{' and '.join(declared)}{hint}")
 
 
 class TaskMixture(Task):

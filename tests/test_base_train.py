@@ -186,3 +186,12 @@ def test_resume_from_a_step_that_was_not_saved(resume_runs):
     result = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", "--resume_from_step=5", base_dir=base)
     assert_one_line_error(result, "--resume_from_step=5", "[4, 8]")
     assert snapshot(base) == before
+
+
+def test_resume_with_a_contradicting_direction(resume_runs):
+    base, _, _ = resume_runs
+    before = snapshot(base)
+    args = [a if not a.startswith("--direction") else "--direction=backward" for a in RESUME_RUN]
+    result = run_script("scripts.base_train", *args, "--model_tag=full", "--resume_from_step=4", base_dir=base)
+    assert_one_line_error(result, "--direction=backward", "bidirectional")
+    assert snapshot(base) == before

@@ -1,10 +1,18 @@
 """Bad input to the command-line entry points: each mistake exits non-zero with ONE line on
 stderr that starts with 'error:' (no traceback), and leaves every file under the base dir as it
-was (nothing overwritten, nothing half-written)."""
+was (nothing overwritten, nothing half-written).
+
+The cases are a table: each gets its own copy of the generated data (plus a tiny trained
+checkpoint for base_eval), an optional `prepare` step that plants the mistake, a command and the
+fragments its one-line message must contain. The commands run two at a time (each is a ~2 s
+subprocess), then every case is checked by its own test.
+"""
 
 import hashlib
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +23,8 @@ from conftest import run_script
 # A tiny but valid training run: the base for the flags that must be rejected.
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
         "--num_iterations=2", "--eval_every=-1", "--eval_tokens=256", "--device_type=cpu"]
+EVAL = ["--eval_tokens=256", "--device_type=cpu"]
+TINY_TAG, TINY_STEP = "tiny", 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,158 +61,154 @@ def copy_base(src, tmp_path_factory, name):
     return dst
 
 
-def expect_clean_failure(base_dir, module, args, *fragments):
-    """Run a command expected to fail; check the message and that no file changed."""
-    before = snapshot(base_dir)
-    result = run_script(module, *args, base_dir=base_dir)
-    line = assert_one_line_error(result, *fragments)
-    assert snapshot(base_dir) == before, "a failed command changed files under the base dir"
-    return line
-
-
-def train_shard(base_dir):
-    return os.path.join(base_dir, "base_data", "shard_00000.parquet")
-
-
 # ---------------------------------------------------------------------------------------
-# base_train: flags
+# Ways to plant a mistake in a copy of the base dir.
 
-def test_unknown_direction_names_the_three(base_dir):
-    line = expect_clean_failure(base_dir, "scripts.base_train", ["--direction=sideways", *TINY], "sideways")
-    for valid in ("forward", "backward", "bidirectional"):
-        assert valid in line
+def train_shard(base):
+    return os.path.join(base, "base_data", "shard_00000.parquet")
 
 
-def test_p_backward_out_of_range(base_dir):
-    expect_clean_failure(base_dir, "scripts.base_train",
-                         ["--direction=bidirectional", "--p_backward=1.5", *TINY], "p_backward", "1.5")
+def tiny_model_file(base):
+    return os.path.join(base, "base_checkpoints", TINY_TAG, f"model_{TINY_STEP:06d}.pt")
 
 
-def test_total_batch_size_not_divisible(base_dir):
-    # B*T*world = 2*64*1 = 128; 200 is not a multiple of it.
-    args = [a for a in TINY if not a.startswith("--total_batch_size")] + ["--total_batch_size=200"]
-    expect_clean_failure(base_dir, "scripts.base_train", args, "--total_batch_size=200", "128")
+def remove_shards(base):
+    for name in os.listdir(os.path.join(base, "base_data")):
+        os.remove(os.path.join(base, "base_data", name))
 
 
-def test_core_metric_every_is_refused(base_dir):
-    expect_clean_failure(base_dir, "scripts.base_train", ["--core_metric_every=5", *TINY], "core_metric_every")
+def empty_shard(base):
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), train_shard(base))
 
 
-def test_bidirectional_needs_marker_tokens(base_dir):
+def shard_without_text(base):
+    pq.write_table(pa.table({"body": ["one document", "another document"]}), train_shard(base))
+
+
+def non_utf8_shard(base):
+    texts = [b"a valid document about numbers.", b"invalid bytes \xff\xfe here", b"another fine one."]
+    pq.write_table(pa.table({"text": pa.array(texts * 50, type=pa.binary())}), train_shard(base))
+
+
+def tokenizer_without_markers(base):
     from nanochat.dataset import DocumentSource
     from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
-    texts = [t for _, t in DocumentSource("train", os.path.join(base_dir, "base_data")).iter_from()]
-    plain = Tokenizer.train_from_iterator(iter(texts), 384, special_tokens=[t for t in SPECIAL_TOKENS if "ward" not in t])
-    plain.save(tokenizer_dir(base_dir))
+    texts = [t for _, t in DocumentSource("train", os.path.join(base, "base_data")).iter_from()]
+    specials = [t for t in SPECIAL_TOKENS if "ward" not in t]
+    plain = Tokenizer.train_from_iterator(iter(texts), 384, special_tokens=specials)
+    plain.save(tokenizer_dir(base))
     assert not plain.has_direction_markers()
-    expect_clean_failure(base_dir, "scripts.base_train", ["--direction=bidirectional", *TINY], "marker")
 
 
-# ---------------------------------------------------------------------------------------
-# base_train: data
-
-def test_no_shards(base_dir):
-    for name in os.listdir(os.path.join(base_dir, "base_data")):
-        os.remove(os.path.join(base_dir, "base_data", name))
-    expect_clean_failure(base_dir, "scripts.base_train", TINY, "no shards", "nanochat.dataset")
+def remove_checkpoints(base):
+    shutil.rmtree(os.path.join(base, "base_checkpoints"))
 
 
-def test_empty_shard(base_dir):
-    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), train_shard(base_dir))
-    expect_clean_failure(base_dir, "scripts.base_train", TINY, "shard_00000.parquet", "empty")
+def truncate_model_file(base):
+    with open(tiny_model_file(base), "rb") as f:
+        head = f.read(5000)
+    with open(tiny_model_file(base), "wb") as f:
+        f.write(head)
 
 
-def test_shard_without_text_column(base_dir):
-    pq.write_table(pa.table({"body": ["one document", "another document"]}), train_shard(base_dir))
-    expect_clean_failure(base_dir, "scripts.base_train", TINY, "shard_00000.parquet", "'text'")
+def garbage_model_file(base):
+    with open(tiny_model_file(base), "wb") as f:
+        f.write(b"garbage " * 100)
 
 
-def test_non_utf8_text(base_dir):
-    texts = [b"a valid document about numbers.", b"invalid bytes \xff\xfe here", b"another fine one."]
-    pq.write_table(pa.table({"text": pa.array(texts * 50, type=pa.binary())}), train_shard(base_dir))
-    expect_clean_failure(base_dir, "scripts.base_train", TINY, "shard_00000.parquet", "UTF-8")
+class Case(NamedTuple):
+    module: str
+    args: list
+    fragments: tuple            # must all appear in the one error line
+    prepare: Callable = None    # plants the mistake in the case's base dir
+    checkpoint: bool = False    # start from the base dir holding the tiny checkpoint
+    absent: tuple = ()          # must not appear in the error line
 
 
-# ---------------------------------------------------------------------------------------
-# base_eval
+TRAIN, EVAL_SCRIPT = "scripts.base_train", "scripts.base_eval"
+CASES = {
+    # base_train: flags
+    "unknown_direction": Case(TRAIN, ["--direction=sideways", *TINY],
+                              ("sideways", "forward", "backward", "bidirectional")),
+    "p_backward_1.5": Case(TRAIN, ["--direction=bidirectional", "--p_backward=1.5", *TINY], ("p_backward", "1.5")),
+    # B*T*world = 2*64*1 = 128; 200 is not a multiple of it.
+    "total_batch_not_divisible": Case(TRAIN, [*TINY, "--total_batch_size=200"], ("--total_batch_size=200", "128")),
+    "core_metric_every": Case(TRAIN, ["--core_metric_every=5", *TINY], ("core_metric_every",)),
+    "tokenizer_without_markers": Case(TRAIN, ["--direction=bidirectional", *TINY], ("marker",),
+                                      tokenizer_without_markers),
+    # base_train: data
+    "no_shards": Case(TRAIN, TINY, ("no shards", "nanochat.dataset"), remove_shards),
+    "empty_shard": Case(TRAIN, TINY, ("shard_00000.parquet", "empty"), empty_shard),
+    "shard_without_text": Case(TRAIN, TINY, ("shard_00000.parquet", "'text'"), shard_without_text),
+    "non_utf8_text": Case(TRAIN, TINY, ("shard_00000.parquet", "UTF-8"), non_utf8_shard),
+    # base_eval
+    "eval_max_seq_len": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", "--max_seq_len=128", *EVAL],
+                             ("--max_seq_len=128", "64"), checkpoint=True),
+    "eval_unknown_tag": Case(EVAL_SCRIPT, ["--model_tag=nosuchtag", *EVAL], ("nosuchtag", TINY_TAG), checkpoint=True),
+    "eval_missing_checkpoint_dir": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", *EVAL],
+                                        (TINY_TAG, "no base checkpoint"), remove_checkpoints, checkpoint=True),
+    "eval_no_checkpoints_no_tag": Case(EVAL_SCRIPT, EVAL, ("no base checkpoints",), remove_checkpoints,
+                                       checkpoint=True),
+    "eval_truncated_model": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", *EVAL], ("model_000002.pt", "corrupt"),
+                                 truncate_model_file, checkpoint=True),
+    # Never suggest loading untrusted pickles (DESIGN.md §8): no weights_only advice.
+    "eval_garbage_model": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", *EVAL], ("model_000002.pt", "corrupt"),
+                               garbage_model_file, checkpoint=True, absent=("weights_only",)),
+    # dataset and tokenizer entry points
+    "dataset_neither_source": Case("nanochat.dataset", [], ("--builtin", "-n")),
+    "dataset_both_sources": Case("nanochat.dataset", ["--builtin", "-n", "2"], ("--builtin", "-n")),
+    "tok_train_existing": Case("scripts.tok_train", ["--vocab_size=300", "--max_chars=10000"],
+                               ("already exists", "--overwrite")),
+}
+XFAIL = {
+    "eval_garbage_model": "BUG: checkpoint_manager._safe_load embeds torch's multi-line UnpicklingError text "
+                          "(6 lines, advising weights_only=False) in the UserError, so the error is not one line",
+}
+
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(corpus_template, tmp_path_factory):
-    """A base dir holding one 2-step checkpoint (tag 'tiny', T=64): copied by each test."""
+    """A base dir holding one 2-step checkpoint (tag 'tiny', T=64)."""
     base = copy_base(corpus_template["dir"], tmp_path_factory, "tiny_ckpt")
-    result = run_script("scripts.base_train", *TINY, "--model_tag=tiny", base_dir=base)
+    result = run_script(TRAIN, *TINY, f"--model_tag={TINY_TAG}", base_dir=base)
     assert result.returncode == 0, result.stderr
     return base
 
 
-@pytest.fixture
-def eval_base(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def failures(corpus_template, tiny_checkpoint, tmp_path_factory):
+    """{case id: (result, files before, files after)}, every case run in its own base dir."""
+    prepared = {}
+    for case_id, case in CASES.items():
+        base = copy_base(tiny_checkpoint if case.checkpoint else corpus_template["dir"], tmp_path_factory, case_id)
+        if case.prepare:
+            case.prepare(base)
+        prepared[case_id] = (base, snapshot(base))
+
+    def run(case_id):
+        base, before = prepared[case_id]
+        result = run_script(CASES[case_id].module, *CASES[case_id].args, base_dir=base)
+        return case_id, (result, before, snapshot(base))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, CASES))
+
+
+@pytest.mark.parametrize("case_id", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[c]))
+                                     if c in XFAIL else c for c in CASES])
+def test_bad_input_fails_cleanly(failures, case_id):
+    result, before, after = failures[case_id]
+    line = assert_one_line_error(result, *CASES[case_id].fragments)
+    for fragment in CASES[case_id].absent:
+        assert fragment not in line
+    assert after == before, "a failed command changed files under the base dir"
+
+
+def test_the_tiny_checkpoint_evaluates(tiny_checkpoint, tmp_path):
+    # The control for the base_eval failures: the same command on intact input works.
     base = str(tmp_path / "base")
     shutil.copytree(tiny_checkpoint, base)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
-    return base
-
-
-EVAL = ["--eval_tokens=256", "--device_type=cpu"]
-
-
-def test_eval_succeeds_on_the_tiny_checkpoint(eval_base):
-    # The control for the failures below: the same command with valid input works.
-    result = run_script("scripts.base_eval", "--model_tag=tiny", "--max_seq_len=64", *EVAL, base_dir=eval_base)
+    result = run_script(EVAL_SCRIPT, f"--model_tag={TINY_TAG}", "--max_seq_len=64", *EVAL, base_dir=base)
     assert result.returncode == 0, result.stderr
-    assert os.path.exists(os.path.join(eval_base, "base_checkpoints", "tiny", "evaluations", "bpb_step000002.json"))
-
-
-def test_eval_max_seq_len_beyond_checkpoint(eval_base):
-    expect_clean_failure(eval_base, "scripts.base_eval", ["--model_tag=tiny", "--max_seq_len=128", *EVAL],
-                         "--max_seq_len=128", "64")
-
-
-def test_eval_unknown_tag(eval_base):
-    expect_clean_failure(eval_base, "scripts.base_eval", ["--model_tag=nosuchtag", *EVAL], "nosuchtag", "tiny")
-
-
-def test_eval_missing_checkpoint_dir(eval_base):
-    shutil.rmtree(os.path.join(eval_base, "base_checkpoints"))
-    expect_clean_failure(eval_base, "scripts.base_eval", ["--model_tag=tiny", *EVAL], "tiny", "no base checkpoint")
-
-
-def test_eval_no_checkpoints_and_no_tag(eval_base):
-    shutil.rmtree(os.path.join(eval_base, "base_checkpoints"))
-    expect_clean_failure(eval_base, "scripts.base_eval", EVAL, "no base checkpoints")
-
-
-def _tiny_model_file(base):
-    return os.path.join(base, "base_checkpoints", "tiny", "model_000002.pt")
-
-
-def test_eval_truncated_model_file(eval_base):
-    path = _tiny_model_file(eval_base)
-    with open(path, "rb") as f:
-        head = f.read(5000)
-    with open(path, "wb") as f:
-        f.write(head)
-    expect_clean_failure(eval_base, "scripts.base_eval", ["--model_tag=tiny", *EVAL], "model_000002.pt", "corrupt")
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: checkpoint_manager._safe_load embeds torch's multi-line UnpicklingError text (6 lines, and it "
-    "advises re-running with weights_only=False) in the UserError, so the error is not one line"))
-def test_eval_garbage_model_file(eval_base):
-    with open(_tiny_model_file(eval_base), "wb") as f:
-        f.write(b"garbage " * 100)
-    line = expect_clean_failure(eval_base, "scripts.base_eval", ["--model_tag=tiny", *EVAL], "model_000002.pt", "corrupt")
-    assert "weights_only" not in line  # never suggest loading untrusted pickles
-
-
-# ---------------------------------------------------------------------------------------
-# dataset and tokenizer entry points
-
-@pytest.mark.parametrize("args", [[], ["--builtin", "-n", "2"]], ids=["neither", "both"])
-def test_dataset_needs_exactly_one_source(base_dir, args):
-    expect_clean_failure(base_dir, "nanochat.dataset", args, "--builtin", "-n")
-
-
-def test_tok_train_refuses_to_overwrite(base_dir):
-    expect_clean_failure(base_dir, "scripts.tok_train", ["--vocab_size=300", "--max_chars=10000"],
-                         "already exists", "--overwrite")
+    assert os.path.isfile(os.path.join(os.path.dirname(tiny_model_file(base)), "evaluations",
+                                       f"bpb_step{TINY_STEP:06d}.json"))

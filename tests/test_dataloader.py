@@ -17,6 +17,15 @@ from nanochat.tokenizer import get_tokenizer
 B, T = 4, 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def known(corpus_template):
     """Token lists of the training documents, forward and reversed, with prefix sets."""
@@ -75,9 +84,9 @@ def take(loader, n):
 
 # ---- content of rows ------------------------------------------------------------------------
 
-def check_basic_shapes(batches, bos):
+def check_basic_shapes(batches, bos, rows=B):
     for x, y in batches:
-        assert x.shape == (B, T) and y.shape == (B, T)
+        assert x.shape == (rows, T) and y.shape == (rows, T)
         assert x.dtype == torch.long and y.dtype == torch.long
         assert (x[:, 0] == bos).all()  # every row starts with a document's BOS
 
@@ -153,7 +162,7 @@ def check_bidirectional(batches, known, seed, p_backward):
             assert row_tgt[-1] not in markers
             if row_tgt[-1] == -1:
                 assert row_in[-1] == bos
-            assert not (torch.isin(y, torch.tensor(markers))).any()
+        assert not torch.isin(y, torch.tensor(markers)).any()
         for row in full_rows(x, y):
             for marker, body, is_last in segments(row, bos, markers):
                 if not body:
@@ -173,7 +182,7 @@ def check_bidirectional(batches, known, seed, p_backward):
 def test_bidirectional_rows_markers_and_fraction(base_dir, known, p_backward):
     seed = 5
     batches = take(make_loader("bidirectional", seed=seed, p_backward=p_backward, B=8), 40)
-    check_basic_shapes([(x[:B], y[:B]) for x, y in batches], known["bos"])
+    check_basic_shapes(batches, known["bos"], rows=8)
     counts = check_bidirectional(batches, known, seed, p_backward)
     n = counts["forward"] + counts["backward"]
     assert n >= 400
@@ -209,7 +218,7 @@ def test_val_split_reads_validation_documents(base_dir, corpus_template, known):
 # ---- sharding and resume --------------------------------------------------------------------
 
 @pytest.mark.parametrize("direction", ["forward", "bidirectional"])
-def test_two_ranks_equal_one_rank_accumulating_two(base_dir, direction):
+def test_two_ranks_equal_one_rank_accumulating_two(base_dir, known, direction):
     n = 6
     single = take(make_loader(direction, grad_accum_steps=2, rank=0, world_size=1), 2 * n)
     rank0 = take(make_loader(direction, rank=0, world_size=2), n)
@@ -219,6 +228,22 @@ def test_two_ranks_equal_one_rank_accumulating_two(base_dir, direction):
             assert torch.equal(single[2 * k + a][0], ranked[k][0])
             assert torch.equal(single[2 * k + a][1], ranked[k][1])
     assert not torch.equal(rank0[0][0], rank1[0][0])
+    if direction == "bidirectional":
+        # rank 1 reads odd global indices; its draws are those of the global index (seed 0)
+        check_bidirectional(rank1, known, seed=0, p_backward=0.5)
+
+
+def test_two_ranks_accumulating_equal_one_rank_accumulating_four(base_dir):
+    # micro-batch slot s = rank * grad_accum_steps + a: rank r's a-th micro-batch of step k is
+    # the single loader's micro-batch 4k + 2r + a
+    n = 3
+    single = take(make_loader("bidirectional", grad_accum_steps=4, world_size=1), 4 * n)
+    ranks = [take(make_loader("bidirectional", grad_accum_steps=2, rank=r, world_size=2), 2 * n) for r in (0, 1)]
+    for k in range(n):
+        for r in (0, 1):
+            for a in (0, 1):
+                assert torch.equal(single[4 * k + 2 * r + a][0], ranks[r][2 * k + a][0])
+                assert torch.equal(single[4 * k + 2 * r + a][1], ranks[r][2 * k + a][1])
 
 
 def test_world_size_from_environment(base_dir, monkeypatch):
@@ -250,11 +275,27 @@ def test_resume_gives_identical_batches(base_dir, direction, k):
         assert max(s["epoch"] for s in state["streams"]) >= 1
 
 
+def test_resume_state_with_other_layout_is_user_error(base_dir):
+    loader = make_loader("forward", grad_accum_steps=2)
+    next(loader)
+    with pytest.raises(UserError) as e:
+        make_loader("forward", resume_state=loader.state_dict())
+    assert "grad_accum" in str(e.value)
+
+
 def test_resume_state_with_other_layout_is_rejected(base_dir):
     loader = make_loader("forward", grad_accum_steps=2)
     next(loader)
-    with pytest.raises(ValueError):
+    with pytest.raises(Exception) as e:
         make_loader("forward", resume_state=loader.state_dict())
+    assert "grad_accum" in str(e.value) and "(1, 2)" in str(e.value)
+
+
+def test_more_streams_than_documents_is_user_error(base_dir, corpus_template):
+    n_val = len(corpus_template["val"])
+    with pytest.raises(UserError) as e:
+        make_loader("forward", split="val", grad_accum_steps=n_val + 1)
+    assert "fewer processes" in str(e.value)
 
 
 # ---- bad options ----------------------------------------------------------------------------

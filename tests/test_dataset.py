@@ -93,6 +93,16 @@ def test_shard_without_text_column_is_user_error(tmp_path):
     assert "'text'" in str(e.value) and bad in str(e.value)
 
 
+def test_text_column_of_wrong_type_is_user_error(tmp_path):
+    d = str(tmp_path / "data")
+    write_shards(["a", "b"], d, 2)
+    bad = os.path.join(d, shard_filename(1))
+    pq.write_table(pa.table({"text": pa.array([1, 2], type=pa.int64())}), bad)
+    with pytest.raises(UserError) as e:
+        list(DocumentSource("val", d).iter_from())
+    assert bad in str(e.value)
+
+
 def test_non_utf8_text_is_user_error(tmp_path):
     d = str(tmp_path / "data")
     write_shards(["a", "b"], d, 2)

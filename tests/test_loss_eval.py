@@ -6,11 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat.common import UserError
 from nanochat.loss_eval import arrow_of_time_gap, evaluate_bpb, select_documents
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer
 
 SEQ = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +134,6 @@ def test_bidirectional_bpb_excludes_the_marker(corpus_template, tok, token_bytes
 
 
 def test_evaluate_bpb_rejects_non_concrete_direction(tok, token_bytes, model):
-    from nanochat.common import UserError
     with pytest.raises(UserError):
         bpb(model, tok, token_bytes, [[1, 2, 3]], directions=["bidirectional"])
 

@@ -1,0 +1,203 @@
+"""Chat evaluation in every direction (DESIGN.md §5-7): the library behind scripts/chat_eval.py.
+
+Two kinds of task (tasks/common.py):
+
+- Generative (GSM8K, arithmetic, reversal facts): the model generates in a concrete direction
+  through Engine.chat. Forward, it reads the question and writes the answer; backward, it reads
+  the answer and writes the question that precedes it. The generation is restored to reading
+  order and scored by `task.reward(conversation, text, direction)`. A direction the task cannot
+  verify is skipped (tasks.common.check_task_direction says why).
+
+- Multiple choice (ARC, MMLU), direction-fair likelihood scoring: each choice is put in the
+  conversation as the assistant's answer and the *whole* conversation is scored in the evaluated
+  direction,
+
+      score(choice) = sum over positions i >= 1 of the oriented row, except markers,
+                      of log p(row[i] | row[:i])
+
+  where row = the conversation rendered with every turn trained on (train_on="all": BOS and the
+  bidirectional marker are inputs only, never targets) and oriented by DirectionSpec. The choice
+  with the highest score is the prediction. Forward, the question's part of the sum is the same
+  for every choice, so this ranks like log p(choice, <|assistant_end|> | question); backward it
+  is the natural analogue, log p(answer) + log p(question | answer), which no per-choice
+  conditional could give a model that reads the answer first. The sum is not length-normalised
+  (DESIGN.md §7): it is the probability of the whole text. What "the choice as the answer" is:
+  by default the letter the task's assistant writes (tasks/multiple_choice.py: the user turn
+  lists the lettered choices); mc_answer="text" puts the choice's own text there instead.
+
+Examples that do not fit the model's context are skipped and counted, never cropped: cropping
+one side would not be direction-fair.
+"""
+
+import torch
+
+from nanochat.common import UserError
+from nanochat.direction import concrete_directions, validate_direction, CONCRETE_DIRECTIONS
+from nanochat.tokenizer import normalize_messages
+
+EVAL_DIRECTION_CHOICES = ("auto", "both", "forward", "backward")
+
+
+def resolve_eval_directions(trained_direction, requested="auto"):
+    """The concrete directions to evaluate a model trained in `trained_direction`.
+
+    auto = what the model does natively (both for bidirectional, else its own); both, forward,
+    backward ask explicitly, and a one-way model asked for the other direction is an error."""
+    validate_direction(trained_direction)
+    if requested not in EVAL_DIRECTION_CHOICES:
+        raise UserError(f"--eval_direction={requested!r}: use {', '.join(EVAL_DIRECTION_CHOICES)}")
+    native = concrete_directions(trained_direction)
+    wanted = native if requested == "auto" else list(CONCRETE_DIRECTIONS) if requested == "both" else [requested]
+    missing = [d for d in wanted if d not in native]
+    if missing:
+        raise UserError(f"--eval_direction={requested}: this model was trained {trained_direction} and cannot "
+                        f"be evaluated {' and '.join(missing)} (only bidirectional models do both)")
+    return wanted
+
+
+def example_indices(n_total, max_examples):
+    """The first `max_examples` indices of a task (all when -1 or more than there are).
+
+    The first N, not a sample: deterministic, and the probes of one reversal fact (as_trained,
+    reversed) stay together. Sorted data sets (MMLU is sorted by subject) need N large enough."""
+    if max_examples is None or max_examples < 0:
+        return list(range(n_total))
+    return list(range(min(n_total, max_examples)))
+
+
+# ---- multiple choice ---------------------------------------------------------------------------
+def with_answer(conversation, answer_text):
+    """The conversation with `answer_text` as its last (assistant) turn."""
+    messages = normalize_messages(conversation)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return {"messages": messages + [{"role": "assistant", "content": answer_text}]}
+
+
+MC_ANSWERS = {"letter": "choices", "text": "choice_texts"}
+
+
+def choice_rows(spec, tokenizer, example, concrete_direction, mc_answer="letter"):
+    """[(ids, mask)] per choice: the whole conversation with that choice as the answer, in model
+    orientation; mask 1 on every position that is scored (all but BOS and the marker).
+
+    mc_answer "letter": the answer is what the task lets the assistant write (example["choices"],
+    the letters in tasks/multiple_choice.py); "text": the choice's own text
+    (example["choice_texts"]), so a backward model reads an answer with content first."""
+    if mc_answer not in MC_ANSWERS:
+        raise UserError(f"--mc_answer={mc_answer!r}: use {' or '.join(MC_ANSWERS)}")
+    field = MC_ANSWERS[mc_answer]
+    if field not in example or "answer" not in example:
+        raise UserError(f"a multiple-choice example needs '{field}' and 'answer' for --mc_answer={mc_answer}")
+    rows = []
+    for choice in example[field]:
+        ids, mask, _ = spec.conversation_row(tokenizer, with_answer(example, choice),
+                                             concrete_direction=concrete_direction, train_on="all")
+        rows.append((ids, mask))
+    return rows
+
+
+class Tally:
+    """Correct / scored counts, overall and per `probe` (reversal facts: as_trained vs reversed)."""
+
+    def __init__(self):
+        self.correct, self.n, self.skipped_too_long, self.by_probe = 0.0, 0, 0, {}
+
+    def add(self, example, score):
+        self.correct += score
+        self.n += 1
+        if example.get("probe") is not None:
+            c, n = self.by_probe.get(example["probe"], (0.0, 0))
+            self.by_probe[example["probe"]] = (c + score, n + 1)
+
+    def as_dict(self):
+        return {"correct": self.correct, "n": self.n, "skipped_too_long": self.skipped_too_long,
+                "by_probe": {k: {"correct": c, "n": n} for k, (c, n) in sorted(self.by_probe.items())}}
+
+
+@torch.no_grad()
+def sequence_logprobs(model, rows, device, batch_size=32, autocast_ctx=None):
+    """For each (ids, mask): the sum of log p(ids[i] | ids[:i]) over positions i >= 1 with
+    mask[i] == 1, in nats (float64 accumulation). Rows are padded per batch; padding is ignored."""
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk) - 1
+        x = torch.zeros((len(chunk), width), dtype=torch.long)
+        y = torch.full((len(chunk), width), -1, dtype=torch.long)
+        for r, (ids, mask) in enumerate(chunk):
+            n = len(ids) - 1
+            x[r, :n] = torch.tensor(ids[:-1])
+            y[r, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        x, y = x.to(device), y.to(device)
+        if autocast_ctx is not None:
+            with autocast_ctx:
+                loss = model(x, y, loss_reduction="none")
+        else:
+            loss = model(x, y, loss_reduction="none")
+        # cross_entropy gives 0 at ignored targets, so the row sum is over scored positions only
+        scores += (-loss.double().sum(dim=1)).tolist()
+    return scores
+
+
+def evaluate_multiple_choice(model, tokenizer, spec, task, indices, concrete_direction, device,
+                             batch_size=32, autocast_ctx=None, mc_answer="letter"):
+    """Whole-text likelihood scoring on task[indices] in one concrete direction.
+
+    Returns Tally.as_dict() plus "predictions": [(index, predicted, answer)]."""
+    max_len = model.config.sequence_len + 1  # a row of L tokens feeds L - 1 inputs to the model
+    tally, flat, kept = Tally(), [], []
+    for index in indices:
+        example = task[index]
+        rows = choice_rows(spec, tokenizer, example, concrete_direction, mc_answer)
+        if any(len(ids) > max_len for ids, _ in rows):
+            tally.skipped_too_long += 1
+            continue
+        kept.append((index, example, len(rows)))
+        flat += rows
+    scores = sequence_logprobs(model, flat, device, batch_size, autocast_ctx)
+    predictions, offset = [], 0
+    for index, example, n_choices in kept:
+        mine = scores[offset:offset + n_choices]
+        offset += n_choices
+        predicted = max(range(n_choices), key=lambda k: mine[k])  # ties: the first choice
+        tally.add(example, float(predicted == int(example["answer"])))
+        predictions.append((index, predicted, int(example["answer"])))
+    return {**tally.as_dict(), "predictions": predictions}
+
+
+# ---- generative --------------------------------------------------------------------------------
+def given_and_reference(conversation, concrete_direction):
+    """(what the model is given, what it should write), in reading order, for display."""
+    messages = normalize_messages(conversation)
+    question = next(m["content"] for m in messages if m["role"] == "user")
+    answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), None)
+    return (question, answer) if concrete_direction == "forward" else (answer, question)
+
+
+def evaluate_generative(engine, task, indices, concrete_direction, num_samples=1, max_new_tokens=64,
+                        temperature=0.0, top_k=None, seed=42, keep_samples=5):
+    """pass@num_samples of generations in one concrete direction, scored by task.reward (the
+    best of an example's samples counts; with 0/1 rewards, whether any sample is right).
+
+    Forward the model writes the assistant's answer; backward it is given the answer and writes
+    the question (Engine.chat). Returns Tally.as_dict() plus "reward_sum" (of each example's mean
+    reward over samples) and "samples": the first `keep_samples` examples, given and generated."""
+    limit = engine.model.config.sequence_len
+    tally, reward_sum, samples = Tally(), 0.0, []
+    for index in indices:
+        example = task[index]
+        prompt, _ = engine.spec.chat_prompt(engine.tokenizer, example, concrete_direction)
+        if len(prompt) >= limit:
+            tally.skipped_too_long += 1
+            continue
+        texts = engine.chat(example, direction=concrete_direction, num_samples=num_samples,
+                            max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + index)
+        rewards = [float(task.reward(example, text, concrete_direction)) for text in texts]
+        tally.add(example, max(rewards))  # pass@k for 0/1 rewards
+        reward_sum += sum(rewards) / len(rewards)
+        if len(samples) < keep_samples:
+            given, reference = given_and_reference(example, concrete_direction)
+            samples.append({"index": index, "given": given, "reference": reference,
+                            "generated": texts, "rewards": rewards})
+    return {**tally.as_dict(), "reward_sum": reward_sum, "samples": samples}

@@ -1,0 +1,407 @@
+"""Reinforcement learning on verifiable tasks, in the parent checkpoint's direction (DESIGN.md §6).
+
+The algorithm is on-policy policy gradient with group-normalised advantages (GRPO-style):
+
+    for each prompt, sample G completions from the current model;
+    advantage_i = (r_i - mean(r)) / (std(r) + eps)          within the group of G
+    loss = -sum_i advantage_i * log p(completion_i) / (tokens generated in the step)
+
+Why this and not PPO with a KL penalty: every step samples fresh completions from the current
+weights and takes exactly one optimizer step on them, so the ratio to the sampling policy is 1
+and PPO's clipping never triggers; the group mean is the baseline, so no value network is
+needed; and we drop the KL term to a reference model (a second model in memory and a second
+forward pass) because a small learning rate, few steps and linear decay to zero keep the policy
+close to its SFT parent in practice. A group whose rewards are all equal (all right or all
+wrong) carries no signal about which completion is better: its advantages are exactly zero.
+
+Directions. Generation runs left to right over the model's own orientation, through the one
+prompt builder (`DirectionSpec.chat_prompt`): forward writes the answer to the user's question;
+backward is given the assistant's answer and writes the question before it. Generated tokens are
+restored to reading order before `task.reward` sees them, so rewards never know the orientation.
+A bidirectional model trains on both: each example's direction is the deterministic draw of
+(seed, example index) with the parent's p_backward, restricted to the directions the task can
+reward (GSM8K: forward only). Evaluation on a bidirectional model reports each direction.
+
+What "log p(completion)" covers: every generated token and the token that ended the turn. A
+turn ends on either of two stop tokens (the turn's closing token or BOS) and both end the text
+the same way, so the stop action's probability is p(any stop token); a completion cut at
+--max_new_tokens has no stop term. Log-probabilities are the model's own (temperature 1, no
+top-k), the standard simplification: sampling settings change which completions are seen, not
+what is reinforced.
+
+Distributed: the examples of a step are split over ranks (example i on rank i % world_size);
+each rank normalises its loss by its own generated-token count and gradients are averaged with
+`training.sync_gradients`, as in the other phases.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+import torch.distributed as dist
+
+from nanochat import wandb_log
+from nanochat.checkpoint_manager import artifact_dirs, list_steps, load_model, save_checkpoint
+from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0
+from nanochat.direction import DirectionSpec, validate_direction
+from nanochat.engine import Engine
+from nanochat.research_logger import ResearchLogger
+from nanochat.training import autocast_context, lr_multiplier, muon_momentum, sync_gradients
+
+ADVANTAGE_EPS = 1e-6
+
+
+# ---- the update rule ------------------------------------------------------------------------
+
+def group_advantages(rewards, eps=ADVANTAGE_EPS):
+    """(r - mean) / (std + eps) within each group: the last axis of `rewards` is one group.
+
+    The population std is used (a group's own spread, no Bessel correction). A group whose
+    rewards are all equal gets advantage exactly 0 (r - mean is 0 before the division)."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    mean = r.mean(dim=-1, keepdim=True)
+    std = r.std(dim=-1, keepdim=True, correction=0)
+    return (r - mean) / (std + eps)
+
+
+def completion_logprobs(model, prompt, completions, stopped, stop_ids, device):
+    """Log-probabilities (with gradient) of a group of completions of one prompt.
+
+    Returns (per-token log p, mask), both (G, L+1): column j < len(completion) is generated token
+    j, column len(completion) the stop action (if the completion stopped), the rest padding
+    (mask 0). The stop action's probability is p(any of stop_ids)."""
+    P = len(prompt)
+    L = max(len(c) for c in completions)
+    pad = prompt[0]
+    rows = [list(prompt) + list(c) + [pad] * (L - len(c)) for c in completions]
+    x = torch.tensor(rows, dtype=torch.long, device=device)
+    logits = model(x)[:, P - 1:, :]                     # (G, L+1, V): position P-1+j predicts column j
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor([list(c) + [pad] * (L + 1 - len(c)) for c in completions], dtype=torch.long, device=device)
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    stop_logp = torch.logsumexp(logp[..., list(stop_ids)], dim=-1)
+    lengths = torch.tensor([len(c) for c in completions], device=device)
+    cols = torch.arange(L + 1, device=device)
+    is_token = cols[None, :] < lengths[:, None]
+    is_stop = (cols[None, :] == lengths[:, None]) & torch.tensor(list(stopped), dtype=torch.bool, device=device)[:, None]
+    per_token = torch.where(is_stop, stop_logp, token_logp)
+    mask = (is_token | is_stop).float()
+    return per_token * mask, mask
+
+
+def policy_gradient_loss(token_logp, mask, advantages, num_tokens):
+    """-sum(advantage x log p over each completion's tokens) / num_tokens (the step's tokens)."""
+    per_completion = (token_logp * mask).sum(dim=-1)
+    return -(advantages.to(per_completion.device) * per_completion).sum() / max(1, num_tokens)
+
+
+def pass_at_k(group_rewards):
+    """Best reward among a prompt's k samples (for 0/1 rewards: 1 if any sample is right)."""
+    return max(group_rewards) if group_rewards else 0.0
+
+
+# ---- rollouts -------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """G completions of one prompt, in model orientation, with their rewards."""
+    example_index: int
+    direction: str
+    prompt: list
+    stop_ids: tuple
+    completions: list
+    stopped: list
+    texts: list
+    rewards: list
+
+    @property
+    def num_tokens(self):
+        return sum(len(c) + int(s) for c, s in zip(self.completions, self.stopped))
+
+
+def sample_group(engine, spec, task, example_index, direction, num_samples, max_new_tokens, temperature, top_k, seed):
+    """Prompt the model with one task example in `direction`, sample, restore, reward."""
+    conversation = task[example_index]
+    prompt, stops = spec.chat_prompt(engine.tokenizer, conversation, direction)
+    room = min(max_new_tokens, engine.model.config.sequence_len - len(prompt))
+    completions = engine.generate(prompt, num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, seed=seed, stop_tokens=stops)
+    # Engine.generate drops the stop token; a completion shorter than the room it had stopped.
+    stopped = [len(c) < room for c in completions]
+    texts = [engine.tokenizer.decode(spec.restore_generation(c, direction)) for c in completions]
+    rewards = [float(task.reward(conversation, t, direction)) for t in texts]
+    return Group(example_index, direction, prompt, tuple(stops), completions, stopped, texts, rewards)
+
+
+def example_directions(spec, usable, index):
+    """The concrete direction of training example `index`: the model's (bidirectional: its
+    deterministic draw), or the one direction the task allows."""
+    if len(usable) == 1:
+        return usable[0]
+    return spec.concrete_direction_for(index)
+
+
+def sample_seed(seed, index, salt=0):
+    # Distinct, reproducible sampling seeds per example (and per purpose: train vs eval).
+    return (int(seed) * 1_000_003 + int(salt) * 7_919 + int(index)) % (2 ** 63)
+
+
+@torch.no_grad()
+def evaluate(engine, spec, task, directions, num_examples, k, max_new_tokens, temperature, top_k, seed,
+             rank=0, world_size=1, autocast=None):
+    """Per direction: mean reward over all samples and pass@k over prompts, on the first
+    `num_examples` examples (the same prompts and seeds at every evaluation)."""
+    device = engine.device
+    n = min(num_examples, len(task))
+    out = {}
+    for direction in directions:
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # reward sum, pass sum, prompts
+        for i in range(rank, n, world_size):
+            with autocast or nullcontext():
+                g = sample_group(engine, spec, task, i, direction, k, max_new_tokens, temperature, top_k,
+                                 sample_seed(seed, i, salt=1 + (direction == "backward")))
+            totals += torch.tensor([sum(g.rewards), pass_at_k(g.rewards), 1.0], dtype=torch.float64, device=device)
+        if world_size > 1 and dist.is_initialized():
+            dist.all_reduce(totals)
+        reward_sum, pass_sum, prompts = totals.tolist()
+        out[direction] = {"mean_reward": reward_sum / max(1.0, prompts * k), "pass_at_k": pass_sum / max(1.0, prompts),
+                          "prompts": int(prompts), "samples": int(prompts) * k}
+    return out
+
+
+def format_eval(results, k):
+    return "; ".join(f"{d}: mean reward {r['mean_reward']:.4f}, pass@{k} {r['pass_at_k']:.4f} "
+                     f"({r['prompts']} prompts x {k} samples)" for d, r in results.items())
+
+
+# ---- the script -----------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description="RL (group-normalised policy gradient) in the parent checkpoint's direction")
+    add_flag(p, "source", default="sft", help="parent checkpoint source: base | mid | sft | rl")
+    add_flag(p, "model_tag", default=None, help="parent's tag or experiment id (default: newest)")
+    add_flag(p, "step", type=int, default=None, help="parent's step (default: last)")
+    add_flag(p, "output_tag", default=None, help="tag or experiment id to save to (default: the parent's tag)")
+    add_flag(p, "direction", default=None, help="optional check: must match the parent's direction")
+    add_flag(p, "task", default="arithmetic", help="task with a reward: arithmetic (any direction), gsm8k (forward)")
+    add_flag(p, "num_iterations", type=int, default=100, help="RL steps")
+    add_flag(p, "examples_per_step", type=int, default=16, help="prompts per step (all ranks together)")
+    add_flag(p, "num_samples", type=int, default=8, help="completions per prompt (the group)")
+    add_flag(p, "max_new_tokens", type=int, default=128)
+    add_flag(p, "temperature", type=float, default=1.0)
+    add_flag(p, "top_k", type=int, default=-1, help="-1 = sample from the whole vocabulary")
+    add_flag(p, "init_lr_frac", type=float, default=0.05, help="scale of the base learning rates (decays linearly to 0)")
+    add_flag(p, "embedding_lr", type=float, default=0.2)
+    add_flag(p, "unembedding_lr", type=float, default=0.004)
+    add_flag(p, "matrix_lr", type=float, default=0.02)
+    add_flag(p, "p_backward", type=float, default=None, help="bidirectional draw (default: the parent's)")
+    add_flag(p, "seed", type=int, default=42)
+    add_flag(p, "eval_every", type=int, default=50, help="evaluate every N steps (-1 = only before and after)")
+    add_flag(p, "eval_examples", type=int, default=100, help="test prompts per evaluation")
+    add_flag(p, "eval_k", type=int, default=8, help="samples per test prompt (pass@k)")
+    add_flag(p, "log_every", type=int, default=1)
+    add_flag(p, "run", default="dummy", help="wandb run name ('dummy' = off)")
+    add_flag(p, "research_log", type=int, default=-1, help="1 on, 0 off, -1 = on when --run is named")
+    add_flag(p, "log_flush_every", type=int, default=100)
+    add_flag(p, "device_type", default="")
+    add_flag(p, "parent_experiment", default=None, help="recorded in the metadata (the orchestrator sets it)")
+    return p
+
+
+def check_args(args):
+    if args.direction is not None:
+        validate_direction(args.direction)
+    for name in ("num_iterations", "examples_per_step", "num_samples", "max_new_tokens", "eval_examples", "eval_k"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name}={getattr(args, name)} must be at least 1")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature={args.temperature}: RL samples, so it must be > 0")
+    if args.num_samples < 2:
+        raise UserError(f"--num_samples={args.num_samples}: a group needs at least 2 completions "
+                        "(with one, every advantage is 0)")
+
+
+def usable_directions(task_name, model_direction):
+    """The concrete directions in which the task can be generated and rewarded for this model;
+    one UserError if none. Checked on the task's class when the registry holds one, so that a
+    task that can never work here (gsm8k on a backward model) is refused before its data loads."""
+    from tasks.common import check_task_direction
+    from tasks.registry import TASKS, get_task
+    task = TASKS.get(task_name)
+    if not isinstance(task, type):  # unknown name (get_task says so) or a factory: build it
+        task = get_task(task_name, "test")
+    return list(check_task_direction(task, model_direction))
+
+
+def load_task(name, split):
+    from tasks.registry import get_task
+    return get_task(name, split)
+
+
+def set_learning_rates(optimizers, step, num_iterations, init_lr_frac):
+    """Linear decay from init_lr_frac x the base rates to 0 at the last step."""
+    mult = lr_multiplier(step, num_iterations, warmdown_ratio=1.0)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * init_lr_frac * mult
+        if isinstance(opt, torch.optim.Muon):
+            for group in opt.param_groups:
+                group["momentum"] = muon_momentum(step)
+    return mult
+
+
+def run_rl(args):
+    check_args(args)
+    _, rank, _, world_size, device = compute_init(args.device_type)
+    try:
+        _train(args, rank, world_size, device)
+    finally:
+        compute_cleanup()
+
+
+def _train(args, rank, world_size, device):
+    if args.examples_per_step % world_size:
+        raise UserError(f"--examples_per_step={args.examples_per_step} must be divisible by the number of "
+                        f"processes ({world_size})")
+    model, tokenizer, parent_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    direction = parent_meta["direction"]
+    if args.direction is not None and args.direction != direction:
+        raise UserError(f"--direction={args.direction} contradicts the parent checkpoint, which was trained "
+                        f"{direction} ({parent_meta['checkpoint_dir']}); drop --direction to inherit it")
+    # The task must be generable and rewardable in the model's direction(s): checked before any
+    # training (or any file) happens.
+    directions = usable_directions(args.task, direction)
+    train_task = load_task(args.task, "train")
+    test_task = load_task(args.task, "test")
+    output_tag = args.output_tag or parent_meta["model_tag"]
+    dirs = artifact_dirs("rl", output_tag)
+    checkpoint_dir = dirs["checkpoints"]
+    if os.path.isdir(checkpoint_dir) and list_steps(checkpoint_dir):
+        raise UserError(f"{checkpoint_dir} already holds rl checkpoints (steps {list_steps(checkpoint_dir)}); "
+                        "choose another --output_tag")
+
+    parent_spec = parent_meta.get("direction_spec") or {}
+    p_backward = args.p_backward if args.p_backward is not None else (parent_spec.get("p_backward") or 0.5)
+    spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=args.seed, p_backward=p_backward)
+    engine = Engine(model, tokenizer, {"direction": direction})
+    autocast = autocast_context(device.type)
+    top_k = None if args.top_k <= 0 else args.top_k
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k)
+    local_examples = args.examples_per_step // world_size
+
+    print0(f"rl: parent {parent_meta['checkpoint_dir']} step {parent_meta['step']} (trained {direction}); "
+           f"task {args.task} in {', '.join(directions)}; {len(train_task)} train / {len(test_task)} test examples")
+    print0(f"{args.num_iterations} steps x {args.examples_per_step} prompts x {args.num_samples} samples; "
+           f"saving to {checkpoint_dir}")
+
+    optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr)
+    params = list(model.parameters())
+
+    def run_eval(step):
+        model.eval()
+        results = evaluate(engine, spec, test_task, directions, args.eval_examples, args.eval_k, seed=args.seed,
+                           rank=rank, world_size=world_size, autocast=autocast, **sampling)
+        print0(f"step {step:05d} | eval {format_eval(results, args.eval_k)}")
+        return results
+
+    user_config = dict(vars(args))
+    research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
+    logger = None
+    if research_on and rank == 0:
+        logger = ResearchLogger(dirs["run"], phase="rl", flush_every=args.log_flush_every,
+                                metadata={"direction": direction, "model_tag": output_tag, **user_config})
+    wb = wandb_log.init(args.run, config=user_config, master=rank == 0)
+    try:
+        initial_eval = run_eval(0)
+        last_eval, history = initial_eval, []
+        if logger is not None:
+            logger.log_step(0, {"eval": _flat_eval(initial_eval)})
+        for step in range(args.num_iterations):
+            metrics = _rl_step(model, engine, spec, train_task, directions, optimizers, params, step, args,
+                               local_examples, rank, world_size, device, autocast, sampling)
+            history.append(metrics["reward"])
+            is_last = step == args.num_iterations - 1
+            if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or is_last:
+                last_eval = run_eval(step + 1)
+                metrics["eval"] = _flat_eval(last_eval)
+            if step % args.log_every == 0 or is_last:
+                print0(f"step {step + 1:05d}/{args.num_iterations} | reward {metrics['reward']:.4f} "
+                       f"| loss {metrics['loss']:+.4f} | lrm {metrics['lr_mult']:.3f} | tokens {metrics['tokens']} "
+                       f"| dt {1000 * metrics['dt']:.0f}ms")
+            if logger is not None:
+                logger.log_step(step + 1, metrics)
+            wb.log(dict(metrics, step=step + 1))
+
+        meta = {"phase": "rl", "direction": direction, "model_tag": output_tag, "step": args.num_iterations,
+                "model_config": model.config.to_dict(), "vocab_size": tokenizer.get_vocab_size(),
+                "bos_id": tokenizer.get_bos_token_id(), "marker_ids": parent_meta.get("marker_ids"),
+                "direction_spec": spec.describe(), "task": args.task, "task_directions": directions,
+                "user_config": user_config, "num_iterations": args.num_iterations, "world_size": world_size,
+                "rewards": {"before": initial_eval, "after": last_eval, "eval_k": args.eval_k,
+                            "train_reward_first": history[0], "train_reward_last": history[-1]},
+                "saved_at": datetime.now(timezone.utc).isoformat(),
+                "parent": {"source": args.source, "model_tag": parent_meta["model_tag"], "step": parent_meta["step"],
+                           "checkpoint_dir": parent_meta["checkpoint_dir"], "experiment": args.parent_experiment}}
+        save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(),
+                        {"optimizers": [opt.state_dict() for opt in optimizers]}, meta, rank=rank)
+        print0(f"saved rl checkpoint step {args.num_iterations} to {checkpoint_dir} (direction: {direction})")
+        print0("final: " + json.dumps({"before": _flat_eval(initial_eval), "after": _flat_eval(last_eval)}))
+    finally:
+        if logger is not None:
+            logger.close()
+        wb.finish()
+
+
+def _flat_eval(results):
+    return {f"{d}_{k}": v for d, r in results.items() for k, v in r.items() if k in ("mean_reward", "pass_at_k")}
+
+
+def _rl_step(model, engine, spec, task, directions, optimizers, params, step, args, local_examples, rank, world_size,
+             device, autocast, sampling):
+    t0 = time.time()
+    # 1. Rollouts with the current weights (no gradient).
+    model.eval()
+    groups = []
+    for j in range(local_examples):
+        index = step * args.examples_per_step + j * world_size + rank  # global example index
+        direction = example_directions(spec, directions, index)
+        with autocast:
+            groups.append(sample_group(engine, spec, task, index % len(task), direction, args.num_samples,
+                                       seed=sample_seed(args.seed, index), **sampling))
+    # 2. One gradient step on them: advantages within each group, loss over the step's tokens.
+    model.train()
+    num_tokens = sum(g.num_tokens for g in groups)
+    total_loss = 0.0
+    for g in groups:
+        advantages = group_advantages(g.rewards)
+        with autocast:
+            token_logp, mask = completion_logprobs(model, g.prompt, g.completions, g.stopped, g.stop_ids, device)
+        loss = policy_gradient_loss(token_logp, mask, advantages, num_tokens)
+        loss.backward()
+        total_loss += float(loss.detach())
+    sync_gradients(params, world_size)
+    mult = set_learning_rates(optimizers, step, args.num_iterations, args.init_lr_frac)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    rewards = [r for g in groups for r in g.rewards]
+    stats = torch.tensor([sum(rewards), len(rewards), total_loss, num_tokens], dtype=torch.float64, device=device)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(stats)
+    reward_sum, n, loss_sum, tokens = stats.tolist()
+    if not math.isfinite(loss_sum):
+        raise UserError(f"RL diverged at step {step}: loss is {loss_sum}; lower --init_lr_frac")
+    by_direction = {}
+    for g in groups:
+        by_direction.setdefault(g.direction, []).extend(g.rewards)
+    metrics = {"reward": reward_sum / max(1.0, n), "loss": loss_sum / world_size, "lr_mult": mult,
+               "tokens": int(tokens), "dt": time.time() - t0}
+    if len(directions) > 1:  # this rank's split by direction (informative, not all-reduced)
+        metrics.update({f"reward_{d}": sum(r) / len(r) for d, r in by_direction.items()})
+    return metrics

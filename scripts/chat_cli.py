@@ -1,0 +1,178 @@
+"""Talk to a chat checkpoint from the terminal, in the model's direction (DESIGN.md §5).
+
+    python -m scripts.chat_cli --model_tag=d4_fwd                 # interactive
+    python -m scripts.chat_cli --model_tag=d4_bwd -p "The answer is 56."
+
+- forward model: you type a question, the model writes the assistant's answer.
+- backward model: you type the *ending*, the assistant's answer, and the model writes the
+  *beginning*: the user's question that would lead to it (generated right to left, shown in
+  reading order, labelled as generated and placed before your answer).
+- bidirectional model: starts forward; `/forward` and `/backward` switch.
+
+Commands: /forward, /backward, /clear, /help, /quit (or end of input). Every exchange is a
+single exchange: the model sees only what you type now, no earlier turns (a backward model writes
+the question that precedes one answer; there is no history to extend), so /clear only confirms
+that nothing is carried over. The n-th exchange samples with seed + n, so a session is repeatable.
+"""
+
+import argparse
+import sys
+
+from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
+from nanochat.common import UserError, add_flag, compute_init, run_main
+from nanochat.direction import CONCRETE_DIRECTIONS, concrete_directions
+from nanochat.engine import Engine
+from nanochat.training import autocast_context
+
+# What the user types and what the model writes, per concrete direction.
+ROLES = {
+    "forward": {"typed": "question", "label": "assistant"},
+    "backward": {"typed": "answer", "label": "question (generated, precedes your answer)"},
+}
+HELP = ("commands: /forward, /backward (bidirectional models), /clear (each exchange is independent), "
+        "/help, /quit")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Chat with a checkpoint (forward: answers; backward: questions)")
+    add_flag(p, "source", default="sft", help="checkpoint source: base | mid | sft | rl")
+    add_flag(p, "model_tag", default=None, help="tag or experiment id (default: newest)")
+    add_flag(p, "step", type=int, default=None, help="checkpoint step (default: last)")
+    add_flag(p, "direction", default=None, help="initial mode: forward | backward (default: the model's; "
+             "forward for bidirectional)")
+    p.add_argument("-p", "--prompt", dest="prompt", default=None,
+                   help="one-shot: a question (forward) or an answer (backward); print the reply and exit")
+    add_flag(p, "temperature", type=float, default=0.6)
+    add_flag(p, "top_k", type=int, default=50, help="-1 = off")
+    add_flag(p, "max_tokens", type=int, default=256, help="tokens to generate at most")
+    add_flag(p, "seed", type=int, default=42)
+    add_flag(p, "device_type", default="")
+    return p
+
+
+class ChatSession:
+    """The REPL state: the engine, the current concrete direction and the exchange count."""
+
+    def __init__(self, engine, direction, args, out=sys.stdout):
+        self.engine, self.direction, self.args, self.out = engine, direction, args, out
+        self.native = concrete_directions(engine.direction)
+        self.exchanges = 0
+
+    def prompt_string(self):
+        return f"[{self.direction}] {ROLES[self.direction]['typed']}> "
+
+    def say(self, text):
+        print(text, file=self.out, flush=True)
+
+    def switch(self, direction):
+        if direction not in self.native:
+            self.say(f"error: this model was trained {self.engine.direction}: it cannot generate {direction} "
+                     "(only bidirectional models do both); staying "
+                     f"{self.direction}")
+            return
+        self.direction = direction
+        self.say(f"mode: {direction} (type {'an' if direction == 'backward' else 'a'} "
+                 f"{ROLES[direction]['typed']})")
+
+    def reply(self, text):
+        """One exchange: generate the other side of `text` and return it labelled."""
+        if self.direction == "forward":
+            conversation = {"messages": [{"role": "user", "content": text}]}
+        else:
+            conversation = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]}
+        top_k = None if self.args.top_k < 0 else self.args.top_k
+        with autocast_context(self.engine.device.type):
+            generated = self.engine.chat(conversation, direction=self.direction, num_samples=1,
+                                         max_tokens=self.args.max_tokens, temperature=self.args.temperature,
+                                         top_k=top_k, seed=self.args.seed + self.exchanges)[0]
+        self.exchanges += 1
+        return f"{ROLES[self.direction]['label']}: {generated.strip()}"
+
+    def handle(self, line):
+        """Process one input line; False when the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if line.startswith("/"):
+            command = line.split()[0].lower()
+            if command in ("/quit", "/exit"):
+                return False
+            if command in ("/forward", "/backward"):
+                self.switch(command[1:])
+            elif command == "/clear":
+                self.say("cleared (each exchange is independent: no history is kept)")
+            elif command == "/help":
+                self.say(HELP)
+            else:
+                self.say(f"unknown command {command}; {HELP}")
+            return True
+        try:
+            self.say(self.reply(line))
+        except UserError as e:  # e.g. an input too long for the context: report it, keep going
+            self.say(f"error: {e}")
+        return True
+
+    def read_line(self, stdin):
+        """The next input line, '' at end of input. A terminal gets input() (line editing and
+        history through readline); a pipe is read line by line, the prompt still shown."""
+        if stdin is sys.stdin and stdin.isatty():
+            try:
+                return input(self.prompt_string()) + "\n"
+            except EOFError:
+                return ""
+        self.out.write(self.prompt_string())
+        self.out.flush()
+        return stdin.readline()
+
+    def loop(self, stdin=sys.stdin):
+        self.say(f"chat: a {self.engine.direction} model; {HELP}")
+        if self.direction == "backward":
+            self.say("backward: type the assistant's ANSWER; the model writes the question that precedes it")
+        if stdin is sys.stdin and stdin.isatty():
+            try:
+                import readline  # noqa: F401  (enables line editing in input())
+            except ImportError:
+                pass
+        try:
+            while True:
+                line = self.read_line(stdin)
+                if not line:  # end of input
+                    self.say("")
+                    break
+                if not self.handle(line):
+                    break
+        except KeyboardInterrupt:
+            self.say("")
+
+
+def initial_direction(trained, requested):
+    if requested is None:
+        return "backward" if trained == "backward" else "forward"
+    if requested not in CONCRETE_DIRECTIONS:
+        raise UserError(f"--direction={requested!r}: use forward or backward")
+    if requested not in concrete_directions(trained):
+        raise UserError(f"--direction={requested}: this model was trained {trained} and cannot generate "
+                        f"{requested} (only bidirectional models do both)")
+    return requested
+
+
+def main(argv=None, stdin=None, out=None):
+    args = build_parser().parse_args(argv)
+    if args.source not in SOURCE_DIRS:
+        raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCE_DIRS)}")
+    if args.max_tokens < 1 or args.temperature < 0:
+        raise UserError("--max_tokens must be positive and --temperature >= 0")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("-p is empty: give a question (forward) or an answer (backward)")
+    _, _, _, _, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    session = ChatSession(Engine(model, tokenizer, meta), initial_direction(meta["direction"], args.direction),
+                          args, out or sys.stdout)
+    if args.prompt is not None:
+        session.say(session.reply(args.prompt))
+        return
+    session.loop(stdin or sys.stdin)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,21 @@
+"""Midtraining: continue a base model on conversations (packed rows), in the base model's direction.
+
+    python -m scripts.mid_train --model_tag=test_backward --device_batch_size=2 --num_iterations=5
+
+The direction comes from the parent checkpoint; see nanochat/chat_training.py for the flags
+and which tokens are trained on in each direction.
+"""
+
+import sys
+
+from nanochat.chat_training import build_parser, run_chat_phase
+from nanochat.common import run_main
+
+
+def main(argv=None):
+    args = build_parser("mid", "Midtrain a base model on conversations, in its own direction").parse_args(argv)
+    run_chat_phase("mid", args)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

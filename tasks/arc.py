@@ -1,0 +1,42 @@
+"""ARC (AI2 Reasoning Challenge): grade-school science questions, multiple choice
+(allenai/ai2_arc, subsets "ARC-Easy" and "ARC-Challenge").
+
+Columns: question, choices {text: [...], label: [...]}, answerKey. Labels are letters for most
+rows and digits ("1".."4") for a few; both are rendered as letters A, B, ... in order, so the
+model always answers with a letter (see tasks/multiple_choice.py for the conversation layout).
+"""
+
+from nanochat.common import UserError
+from tasks.hub import load_task_data
+from tasks.multiple_choice import MultipleChoiceTask, multiple_choice_conversation
+
+SPLITS = ("train", "validation", "test")
+SUBSETS = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}
+
+
+class ARC(MultipleChoiceTask):
+    """ARC `subset` ("ARC-Easy" or "ARC-Challenge"), `split` (train, validation, test);
+    data_files: local copies (see tasks/hub.py); the registry names are arc_easy/arc_challenge."""
+
+    def __init__(self, subset="ARC-Easy", split="train", data_files=None, **kwargs):
+        super().__init__(**kwargs)
+        if subset not in SUBSETS:
+            raise UserError(f"ARC has no subset {subset!r}: use one of {', '.join(SUBSETS)}")
+        if split not in SPLITS:
+            raise UserError(f"ARC has no split {split!r}: use one of {', '.join(SPLITS)}")
+        self.subset, self.split, self.name = subset, split, SUBSETS[subset]
+        self.ds = load_task_data(self.name, "allenai/ai2_arc", subset, split,
+                                 ("question", "choices", "answerKey"), data_files)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        labels = list(row["choices"]["label"])
+        if row["answerKey"] not in labels:
+            raise ValueError(f"{self.name} row {index}: answerKey {row['answerKey']!r} is not one of {labels}")
+        conversation = multiple_choice_conversation(row["question"], row["choices"]["text"],
+                                                    labels.index(row["answerKey"]))
+        conversation["subset"] = self.subset
+        return conversation

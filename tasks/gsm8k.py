@@ -1,0 +1,71 @@
+"""GSM8K: grade-school math word problems with worked solutions (openai/gsm8k, "main").
+
+Columns: question, answer. The answer is a worked solution whose last line is "#### <number>";
+its "<<48/2=24>>" calculator annotations are dropped (our conversations are plain text, no tool
+calls), the rest becomes the assistant's content:
+
+    user:      Natalia sold clips to 48 of her friends in April, and then ...
+    assistant: Natalia sold 48/2 = 24 clips in May. ... #### 72
+
+Forward only: the answer can be checked, the question cannot (many questions share a number).
+Reward: 1.0 iff the generated answer's final number (after its last "####", else its last
+number) equals the reference number.
+"""
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from nanochat.common import UserError
+from tasks.common import Task
+from tasks.hub import load_task_data
+
+SPLITS = ("train", "test")
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_NUMBER = re.compile(r"-?\$?[0-9][0-9,]*(?:\.[0-9]+)?")
+
+
+def final_number(text):
+    """The final number of a solution as a Decimal: the first number after the last "####" if
+    there is one, else the last number in the text; None if there is none."""
+    if not isinstance(text, str):
+        return None
+    if "####" in text:
+        match = _NUMBER.search(text.rsplit("####", 1)[1])
+        candidates = [match.group()] if match else []
+    else:
+        candidates = _NUMBER.findall(text)
+    if not candidates:
+        return None
+    try:
+        return Decimal(candidates[-1].replace(",", "").replace("$", ""))
+    except InvalidOperation:
+        return None
+
+
+class GSM8K(Task):
+    """GSM8K `split` ("train" or "test"); data_files: local copies (see tasks/hub.py)."""
+
+    name = "gsm8k"
+    generation_directions = ("forward",)
+
+    def __init__(self, split="train", data_files=None, **kwargs):
+        super().__init__(**kwargs)
+        if split not in SPLITS:
+            raise UserError(f"gsm8k has no split {split!r}: use one of {', '.join(SPLITS)}")
+        self.split = split
+        self.ds = load_task_data(self.name, "openai/gsm8k", "main", split, ("question", "answer"), data_files)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        solution = _CALCULATOR.sub("", row["answer"]).strip()
+        return {"messages": [{"role": "user", "content": row["question"].strip()},
+                             {"role": "assistant", "content": solution}]}
+
+    def reward(self, conversation, generated_text, direction="forward"):
+        self.check_reward_direction(direction)
+        reference = final_number(conversation["messages"][-1]["content"])
+        predicted = final_number(generated_text)
+        return 1.0 if reference is not None and predicted == reference else 0.0

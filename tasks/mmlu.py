@@ -1,0 +1,36 @@
+"""MMLU: 57 subjects of multiple-choice questions (cais/mmlu, config "all").
+
+Columns: question, subject, choices (four strings), answer (index of the right one). Splits:
+auxiliary_train (training questions from other benchmarks), dev (5 per subject, for few-shot),
+validation, test. Rendered as in tasks/multiple_choice.py with the subject as a preamble.
+"""
+
+from nanochat.common import UserError
+from tasks.hub import load_task_data
+from tasks.multiple_choice import MultipleChoiceTask, multiple_choice_conversation
+
+SPLITS = ("auxiliary_train", "dev", "validation", "test")
+
+
+class MMLU(MultipleChoiceTask):
+    """MMLU `split`; data_files: local copies (see tasks/hub.py)."""
+
+    name = "mmlu"
+
+    def __init__(self, split="test", data_files=None, **kwargs):
+        super().__init__(**kwargs)
+        if split not in SPLITS:
+            raise UserError(f"mmlu has no split {split!r}: use one of {', '.join(SPLITS)}")
+        self.split = split
+        self.ds = load_task_data(self.name, "cais/mmlu", "all", split, ("question", "choices", "answer"), data_files)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        subject = (row.get("subject") or "").replace("_", " ").strip()
+        preamble = f"The following is a multiple choice question about {subject}." if subject else None
+        conversation = multiple_choice_conversation(row["question"], row["choices"], int(row["answer"]), preamble)
+        conversation["subject"] = row.get("subject") or ""
+        return conversation

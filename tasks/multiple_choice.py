@@ -1,0 +1,67 @@
+"""Multiple-choice rendering and scoring, shared by ARC and MMLU.
+
+One example is one conversation:
+
+    user:      <preamble>
+
+               <question>
+
+               A. <first choice>
+               B. <second choice>
+               ...
+
+               Answer with the letter of the correct choice.
+    assistant: B
+
+and carries "choices" (the letters, what the assistant may write), "choice_texts" and "answer"
+(the index of the right choice). Likelihood scoring (DESIGN.md §7) replaces the assistant's
+content with each of `choices` in turn and compares the log-likelihood of the whole
+conversation, which is fair to every direction; `reward` checks a generated letter (forward).
+"""
+
+import re
+
+from tasks.common import Task
+
+LETTERS = "ABCDEFGHIJ"
+_INSTRUCTION = "Answer with the letter of the correct choice."
+_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z])([A-J])(?![A-Za-z])")
+
+
+def multiple_choice_conversation(question, choice_texts, answer, preamble=None):
+    """The conversation of one multiple-choice question (see the module docstring)."""
+    if not 2 <= len(choice_texts) <= len(LETTERS):
+        raise ValueError(f"a multiple-choice question needs 2 to {len(LETTERS)} choices, got {len(choice_texts)}")
+    if not 0 <= answer < len(choice_texts):
+        raise ValueError(f"answer index {answer} is out of range for {len(choice_texts)} choices")
+    letters = list(LETTERS[:len(choice_texts)])
+    listing = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, choice_texts))
+    parts = ([preamble] if preamble else []) + [question.strip(), listing, _INSTRUCTION]
+    return {
+        "messages": [
+            {"role": "user", "content": "\n\n".join(parts)},
+            {"role": "assistant", "content": letters[answer]},
+        ],
+        "choices": letters,
+        "choice_texts": [str(t) for t in choice_texts],
+        "answer": int(answer),
+    }
+
+
+class MultipleChoiceTask(Task):
+    """Categorical: evaluated by comparing the likelihood of each choice; a generated answer
+    (forward only: the letter comes after the question) is right iff its first standalone
+    letter among the choices' letters is the answer's."""
+
+    eval_type = "categorical"
+    generation_directions = ("forward",)
+
+    def reward(self, conversation, generated_text, direction="forward"):
+        self.check_reward_direction(direction)
+        if not isinstance(generated_text, str):
+            return 0.0
+        letters = conversation["choices"]
+        for match in _STANDALONE_LETTER.finditer(generated_text):
+            if match.group(1) in letters:
+                return 1.0 if match.group(1) == letters[conversation["answer"]] else 0.0
+        return 0.0

@@ -1,0 +1,87 @@
+"""scripts.chat_cli: one-shot and interactive chat in the model's direction (DESIGN.md §5).
+
+Forward, the user's text is a question and the reply the answer; backward, the user's text is
+the answer and the reply the generated question, labelled as such; a bidirectional model
+switches with /forward and /backward; a one-way model refuses the other direction. Uses the
+tiny base checkpoints of tests/test_chat_eval.py (trained once per session)."""
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_script
+from test_chat_eval import TAGS, trained_models
+from test_cli_errors import assert_one_line_error
+
+BACKWARD_LABEL = "question (generated, precedes your answer):"
+
+
+@pytest.fixture(scope="module")
+def models(corpus_template, tmp_path_factory):
+    return trained_models(corpus_template["dir"], tmp_path_factory)
+
+
+@pytest.fixture
+def env(models, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", models)
+    return models
+
+
+def chat(*args, stdin=None):
+    """Run chat_cli in-process; returns what it printed."""
+    from scripts.chat_cli import main
+    out = io.StringIO()
+    main(["--source=base", "--device_type=cpu", "--max_tokens=6", *args], stdin=stdin, out=out)
+    return out.getvalue()
+
+
+def test_one_shot_forward_prints_the_answer(env):
+    out = chat(f"--model_tag={TAGS['forward']}", "-p", "What is 7*8?")
+    assert out.startswith("assistant:"), out
+
+
+def test_one_shot_backward_prints_the_generated_question(env):
+    out = chat(f"--model_tag={TAGS['backward']}", "-p", "56", "--temperature=0")
+    assert out.startswith(BACKWARD_LABEL), out
+    # A bidirectional model asked for backward labels it the same way; the same seed repeats.
+    bidi = chat(f"--model_tag={TAGS['bidirectional']}", "--direction=backward", "-p", "56", "--seed=3")
+    assert bidi.startswith(BACKWARD_LABEL) and bidi == chat(f"--model_tag={TAGS['bidirectional']}",
+                                                             "--direction=backward", "-p", "56", "--seed=3")
+
+
+def test_forward_model_refuses_backward_and_keeps_going(env):
+    out = chat(f"--model_tag={TAGS['forward']}", stdin=io.StringIO("/backward\nWhat is 2*3?\n/quit\nnot read\n"))
+    assert "cannot generate backward" in out
+    assert out.count("[forward] question> ") == 3  # after /backward, after the question, before /quit
+    assert "[backward]" not in out and "assistant:" in out and BACKWARD_LABEL not in out
+
+
+def test_repl_switches_directions_through_stdin(env):
+    """The interactive loop as a user drives it: a subprocess reading commands from a pipe."""
+    session = "What is 2*3?\n/backward\n6\n/clear\n/forward\nWhat is 3*3?\n/nonsense\n/quit\n"
+    command = [sys.executable, "-m", "scripts.chat_cli", "--source=base", f"--model_tag={TAGS['bidirectional']}",
+               "--device_type=cpu", "--max_tokens=6"]
+    result = subprocess.run(command, input=session, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": env})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    order = ["[forward] question> assistant:", "[forward] question> mode: backward",
+             f"[backward] answer> {BACKWARD_LABEL}", "[backward] answer> cleared",
+             "[backward] answer> mode: forward", "[forward] question> assistant:",
+             "[forward] question> unknown command"]
+    positions = [out.find(fragment) for fragment in order]
+    assert -1 not in positions and positions[:5] == sorted(positions[:5]), out
+    assert out.rfind("[forward] question> assistant:") > positions[4]
+
+
+def test_bad_inputs_exit_with_one_error_line(env):
+    missing = run_script("scripts.chat_cli", "--source=base", "--model_tag=no_such_model", "-p", "hi", base_dir=env)
+    assert_one_line_error(missing, "no base checkpoint with tag 'no_such_model'")
+    from nanochat.common import UserError
+    with pytest.raises(UserError, match="trained forward and cannot generate backward"):
+        chat(f"--model_tag={TAGS['forward']}", "--direction=backward", "-p", "56")
+    with pytest.raises(UserError, match="-p is empty"):
+        chat(f"--model_tag={TAGS['forward']}", "-p", " ")

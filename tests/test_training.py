@@ -1,0 +1,206 @@
+"""Tests for nanochat.training: batch arithmetic, the LR schedule, and the shared Trainer step."""
+
+import copy
+
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.training import Trainer, grad_accum_steps_for, lr_multiplier, muon_momentum
+
+V, T = 64, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- batch arithmetic -----------------------------------------------------------------------
+
+def test_grad_accum_steps_divisible():
+    assert grad_accum_steps_for(4 * 16 * 2 * 3, 4, 16, 2) == 3
+    assert grad_accum_steps_for(8 * 64, 8, 64, 1) == 1
+    assert grad_accum_steps_for(-1, 8, 64, 4) == 1  # -1 = one micro-batch per rank
+
+
+@pytest.mark.parametrize("total", [1000, 0, -5])
+def test_grad_accum_steps_not_divisible_is_user_error(total):
+    with pytest.raises(UserError) as e:
+        grad_accum_steps_for(total, 4, 16, 2)
+    msg = str(e.value)
+    assert str(total) in msg
+    assert "4 x 16 x 2 = 128" in msg
+
+
+# ---- schedule -------------------------------------------------------------------------------
+
+def test_lr_multiplier_trapezoid():
+    # Steps 0 .. n-1 are trained: linear warmup, flat, then linear warmdown whose last step runs
+    # at exactly final_lr_frac.
+    n = 100
+    kw = dict(warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+    values = [lr_multiplier(s, n, **kw) for s in range(n)]
+    # linear warmup over the first 10 steps, reaching 1
+    assert values[0] == pytest.approx(0.1)
+    assert values[4] == pytest.approx(0.5)
+    assert values[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(values[:9], values[1:10]))
+    # flat
+    assert all(v == 1.0 for v in values[10:80])
+    # linear warmdown over the last 20 steps, down to final_lr_frac at the last step
+    warmdown = values[80:]
+    assert all(v < 1.0 for v in warmdown)
+    steps = [a - b for a, b in zip(warmdown, warmdown[1:])]
+    assert all(d == pytest.approx(steps[0]) and d > 0 for d in steps)
+    assert values[-1] == pytest.approx(0.1)
+    assert min(values) == pytest.approx(0.1)
+
+
+def test_lr_multiplier_defaults_have_no_warmup_and_decay_to_zero():
+    n = 50
+    assert lr_multiplier(0, n) == 1.0
+    assert lr_multiplier(39, n) == 1.0
+    assert lr_multiplier(40, n) == pytest.approx(0.9)
+    assert lr_multiplier(49, n) == pytest.approx(0.0)
+
+
+def test_muon_momentum_ramp():
+    assert muon_momentum(0) == pytest.approx(0.85)
+    assert muon_momentum(150) == pytest.approx(0.90)
+    assert muon_momentum(300) == pytest.approx(0.95)
+    assert muon_momentum(10_000) == pytest.approx(0.95)
+
+
+# ---- the Trainer ----------------------------------------------------------------------------
+
+def tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = GPT.build(config_for_depth(1, V, T), "cpu").to(dtype)
+    with torch.no_grad():  # give every matrix a gradient from the first step
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight.normal_(std=0.02)
+            block.mlp.down_proj.weight.normal_(std=0.02)
+    return model
+
+
+def data(n_rows, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (n_rows, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def make_trainer(model, batches, grad_accum_steps, num_iterations=10, **kwargs):
+    return Trainer(model, model.setup_optimizers(), iter(batches), grad_accum_steps, num_iterations,
+                   tokens_per_step=4 * T, device=torch.device("cpu"), **kwargs)
+
+
+def test_accumulating_two_micro_batches_equals_one_double_batch():
+    # float64: Muon orthogonalises in bf16 and AdamW (eps=1e-10) normalises tiny gradients, so
+    # float32 summation-order noise would be amplified; in float64 both paths agree to ~1e-12.
+    B, steps = 2, 3
+    x, y = data(2 * B * steps)
+    micro, whole = [], []
+    for s in range(steps):
+        xs, ys = x[2 * B * s:2 * B * (s + 1)], y[2 * B * s:2 * B * (s + 1)]
+        micro += [(xs[:B], ys[:B]), (xs[B:], ys[B:])]
+        whole.append((xs, ys))
+    model_a = tiny_model(dtype=torch.float64)
+    model_b = copy.deepcopy(model_a)
+    start = copy.deepcopy(model_a.state_dict())
+    ta = make_trainer(model_a, micro, grad_accum_steps=2)
+    tb = make_trainer(model_b, whole, grad_accum_steps=1)
+    for s in range(steps):
+        ma, mb = ta.step(s), tb.step(s)
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)  # logits are cast to float32
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-6)
+    moved = 0
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6, rtol=0), name
+        moved += not torch.equal(pa, start[name])
+    assert moved == len(start)  # every parameter was updated (the comparison is not vacuous)
+
+
+def test_accumulation_differs_from_a_single_micro_batch():
+    # Guard for the test above: using only the first half of the data gives a different update.
+    B = 2
+    x, y = data(2 * B)
+    model_a = tiny_model(dtype=torch.float64)
+    model_b = copy.deepcopy(model_a)
+    make_trainer(model_a, [(x[:B], y[:B]), (x[B:], y[B:])], grad_accum_steps=2).step(0)
+    make_trainer(model_b, [(x[:B], y[:B])], grad_accum_steps=1).step(0)
+    assert not all(torch.allclose(pa, pb, atol=1e-6) for pa, pb in zip(model_a.parameters(), model_b.parameters()))
+
+
+def test_step_metrics_and_loss_decreases():
+    model = tiny_model()
+    x, y = data(4)
+    trainer = make_trainer(model, [(x, y)] * 10, grad_accum_steps=1, num_iterations=10)
+    first = trainer.step(0, want_layer_grads=True)
+    assert {"loss", "lr_mult", "dt", "tok_per_s", "grad_norm", "layer_grad_norm"} <= set(first)
+    assert set(first["layer_grad_norm"]) == {"embed", "head", "layer0"}
+    assert all(v > 0 for v in first["layer_grad_norm"].values())
+    last = first
+    for s in range(1, 6):
+        last = trainer.step(s)
+    assert last["loss"] < first["loss"]
+    assert all(p.grad is None for p in model.parameters())  # gradients cleared after each step
+    assert torch.equal(trainer.last_batch[0], x)
+
+
+def test_set_lr_applies_schedule_and_init_frac():
+    model = tiny_model()
+    trainer = make_trainer(model, [], grad_accum_steps=1, num_iterations=10,
+                           schedule={"warmup_ratio": 0.0, "warmdown_ratio": 0.5, "final_lr_frac": 0.0},
+                           init_lr_frac=0.5)
+    mult = trainer.set_lr(8)
+    assert mult == pytest.approx(lr_multiplier(8, 10, warmdown_ratio=0.5))
+    assert 0 < mult < 1
+    for opt in trainer.optimizers:
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(g["initial_lr"] * 0.5 * mult)
+    muon = [o for o in trainer.optimizers if isinstance(o, torch.optim.Muon)][0]
+    assert muon.param_groups[0]["momentum"] == pytest.approx(muon_momentum(8))
+
+
+def test_grad_clip_limits_the_norm():
+    model = tiny_model()
+    x, y = data(4)
+    trainer = make_trainer(model, [(x, y)], grad_accum_steps=1, grad_clip=1e-3)
+    metrics = trainer.step(0)
+    assert metrics["grad_norm"] > 1e-3  # the norm before clipping is reported
+
+
+def test_divergence_is_user_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    x, y = data(2)
+    trainer = make_trainer(model, [(x, y)], grad_accum_steps=1)
+    with pytest.raises(UserError) as e:
+        trainer.step(3)
+    assert "diverged at step 3" in str(e.value)
+
+
+def test_optimizer_state_round_trip_resumes_identically():
+    x, y = data(4)
+    batches = [(x, y)] * 6
+    model_a = tiny_model()
+    model_b = copy.deepcopy(model_a)
+    ta = make_trainer(model_a, batches, grad_accum_steps=1)
+    for s in range(3):
+        ta.step(s)
+    # resume: copy weights and optimizer state into a fresh trainer
+    model_b.load_state_dict(model_a.state_dict())
+    tb = make_trainer(model_b, batches, grad_accum_steps=1)
+    tb.load_optimizer_state(copy.deepcopy(ta.optimizer_state()))
+    for s in range(3, 5):
+        ta.step(s)
+        tb.step(s)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
