@@ -80,6 +80,9 @@ def load_task_data(task_name, hub_path, hub_config, split, columns, data_files=N
     docstring.
     """
     import datasets  # imported here: it is slow to import and only tasks with data need it
+    # Our own progress output is enough; datasets' bars and retry warnings would bury errors.
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
 
     env_dir = os.environ.get(DATA_DIR_ENV)
     if data_files is not None:
@@ -105,7 +108,7 @@ def load_task_data(task_name, hub_path, hub_config, split, columns, data_files=N
                   f"{os.path.join(env_dir, task_name, split + '.jsonl')} or .parquet)" if env_dir else "")
         raise UserError(
             f"could not load {task_name} from the Hugging Face Hub ({'/'.join(hub_args)}, split {split}): "
-            f"{type(e).__name__}: {e}{looked}. Offline, point at local copies with the dataset's own columns: "
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}{looked}. Offline, point at local copies with the dataset's own columns: "
             f"pass data_files=<file, glob or directory>, or set {DATA_DIR_ENV}=<dir> holding "
             f"{task_name}/{split}.jsonl (or .parquet)") from e
     return _check_columns(task_name, dataset, columns, "/".join(hub_args))
