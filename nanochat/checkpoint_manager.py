@@ -18,6 +18,7 @@ instead: an experiment is the single owner of its checkpoints.
 import glob
 import json
 import os
+import pickle
 import re
 
 import torch
@@ -69,6 +70,10 @@ def _safe_load(path, device):
         raise UserError(f"checkpoint file {path} is missing")
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text suggests weights_only=False, which is wrong advice for a corrupt file
+        # and would execute arbitrary pickled code.
+        raise UserError(f"checkpoint file {path} is not a valid torch checkpoint (corrupt or truncated?)")
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"checkpoint file {path} is unreadable (corrupt or truncated?): {type(e).__name__}: {first_line}")

@@ -139,7 +139,7 @@ def sample_group(engine, spec, task, example_index, direction, num_samples, max_
     return Group(example_index, direction, prompt, tuple(stops), completions, stopped, texts, rewards)
 
 
-def example_directions(spec, usable, index):
+def example_direction(spec, usable, index):
     """The concrete direction of training example `index`: the model's (bidirectional: its
     deterministic draw), or the one direction the task allows."""
     if len(usable) == 1:
@@ -155,24 +155,34 @@ def sample_seed(seed, index, salt=0):
 @torch.no_grad()
 def evaluate(engine, spec, task, directions, num_examples, k, max_new_tokens, temperature, top_k, seed,
              rank=0, world_size=1, autocast=None):
-    """Per direction: mean reward over all samples and pass@k over prompts, on the first
-    `num_examples` examples (the same prompts and seeds at every evaluation)."""
+    """Per direction: mean reward over all samples, pass@k over prompts, and each prompt's mean
+    reward (for paired comparisons), on the first `num_examples` test examples. Every
+    evaluation uses the same prompts and sampling seeds, so before/after RL differ only in the
+    weights."""
     device = engine.device
     n = min(num_examples, len(task))
     out = {}
     for direction in directions:
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # reward sum, pass sum, prompts
+        per_prompt = torch.zeros(2, n, dtype=torch.float64, device=device)  # mean reward, best reward
         for i in range(rank, n, world_size):
             with autocast or nullcontext():
                 g = sample_group(engine, spec, task, i, direction, k, max_new_tokens, temperature, top_k,
                                  sample_seed(seed, i, salt=1 + (direction == "backward")))
-            totals += torch.tensor([sum(g.rewards), pass_at_k(g.rewards), 1.0], dtype=torch.float64, device=device)
+            per_prompt[0, i], per_prompt[1, i] = sum(g.rewards) / k, pass_at_k(g.rewards)
         if world_size > 1 and dist.is_initialized():
-            dist.all_reduce(totals)
-        reward_sum, pass_sum, prompts = totals.tolist()
-        out[direction] = {"mean_reward": reward_sum / max(1.0, prompts * k), "pass_at_k": pass_sum / max(1.0, prompts),
-                          "prompts": int(prompts), "samples": int(prompts) * k}
+            dist.all_reduce(per_prompt)  # each prompt was filled by exactly one rank
+        out[direction] = {"mean_reward": per_prompt[0].mean().item(), "pass_at_k": per_prompt[1].mean().item(),
+                          "prompts": n, "samples": n * k, "per_prompt_reward": per_prompt[0].tolist()}
     return out
+
+
+def paired_change(before, after):
+    """(mean change, its standard error) of the per-prompt mean reward between two evaluations
+    of the same prompts with the same seeds: a paired difference, so prompt difficulty cancels."""
+    diff = torch.tensor(after["per_prompt_reward"], dtype=torch.float64) - torch.tensor(before["per_prompt_reward"],
+                                                                                       dtype=torch.float64)
+    se = diff.std(correction=1).item() / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return diff.mean().item(), se
 
 
 def format_eval(results, k):
@@ -351,6 +361,11 @@ def _train(args, rank, world_size, device):
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(),
                         {"optimizers": [opt.state_dict() for opt in optimizers]}, meta, rank=rank)
         print0(f"saved rl checkpoint step {args.num_iterations} to {checkpoint_dir} (direction: {direction})")
+        for d in directions:
+            change, se = paired_change(initial_eval[d], last_eval[d])
+            print0(f"{d}: test mean reward {initial_eval[d]['mean_reward']:.4f} before RL -> "
+                   f"{last_eval[d]['mean_reward']:.4f} after ({change:+.4f} +- {se:.4f} paired s.e. over "
+                   f"{last_eval[d]['prompts']} prompts x {args.eval_k} samples)")
         print0("final: " + json.dumps({"before": _flat_eval(initial_eval), "after": _flat_eval(last_eval)}))
     finally:
         if logger is not None:
@@ -370,7 +385,7 @@ def _rl_step(model, engine, spec, task, directions, optimizers, params, step, ar
     groups = []
     for j in range(local_examples):
         index = step * args.examples_per_step + j * world_size + rank  # global example index
-        direction = example_directions(spec, directions, index)
+        direction = example_direction(spec, directions, index)
         with autocast:
             groups.append(sample_group(engine, spec, task, index % len(task), direction, args.num_samples,
                                        seed=sample_seed(args.seed, index), **sampling))

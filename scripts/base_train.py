@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from nanochat.checkpoint_manager import (artifact_dirs, build_model, load_checkpoint, list_steps,
+from nanochat.checkpoint_manager import (artifact_dirs, build_model, load_checkpoint, load_meta, list_steps,
                                          save_checkpoint)
 from nanochat.common import (UserError, add_flag, compute_cleanup, compute_init, print0, run_main)
 from nanochat.direction import DirectionSpec, concrete_directions, validate_direction, validate_p_backward
@@ -36,7 +36,8 @@ SAMPLE_ENDINGS = ["\n    return result\n", "raise ValueError(msg)\n"]
 
 def build_parser():
     p = argparse.ArgumentParser(description="Pretrain a forward, backward or bidirectional base model")
-    add_flag(p, "direction", default="forward", help="forward | backward | bidirectional")
+    add_flag(p, "direction", default=None,
+             help="forward | backward | bidirectional (default: forward; when resuming, the checkpoint's)")
     add_flag(p, "p_backward", type=float, default=0.5, help="bidirectional: probability a document is drawn backward")
     add_flag(p, "depth", type=int, default=20, help="number of layers; width and heads follow")
     add_flag(p, "max_seq_len", type=int, default=2048, help="context length T")
@@ -78,7 +79,8 @@ def default_model_tag(depth, direction):
 
 
 def validate_args(args):
-    validate_direction(args.direction)
+    if args.direction is not None:
+        validate_direction(args.direction)
     validate_p_backward(args.p_backward)
     if args.core_metric_every != -1:
         raise UserError("--core_metric_every: the CORE metric arrives with the evaluation suite; keep -1 for now")
@@ -118,11 +120,10 @@ def train(args, ddp, rank, world_size, device):
     master = rank == 0
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
-    spec = DirectionSpec.from_tokenizer(args.direction, tokenizer, seed=args.seed, p_backward=args.p_backward)
     B, T = args.device_batch_size, args.max_seq_len
     grad_accum = grad_accum_steps_for(args.total_batch_size, B, T, world_size)
     tokens_per_step = B * T * world_size * grad_accum
-    model_tag = args.model_tag or default_model_tag(args.depth, args.direction)
+    model_tag = args.model_tag or default_model_tag(args.depth, args.direction or "forward")
     dirs = artifact_dirs("base", model_tag)
     checkpoint_dir = dirs["checkpoints"]
 
@@ -135,6 +136,10 @@ def train(args, ddp, rank, world_size, device):
     if existing and not resuming:
         raise UserError(f"{checkpoint_dir} already holds checkpoints (steps {existing}); resume with "
                         f"--resume_from_step={existing[-1]} or choose another --model_tag")
+
+    if args.direction is None:  # a resumed run continues in its own direction
+        args.direction = load_meta(checkpoint_dir, args.resume_from_step)["direction"] if resuming else "forward"
+    spec = DirectionSpec.from_tokenizer(args.direction, tokenizer, seed=args.seed, p_backward=args.p_backward)
 
     torch.manual_seed(args.seed)
     if resuming:

@@ -19,6 +19,7 @@ can be rerun by hand.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import time
 from nanochat.checkpoint_manager import checkpoint_dir_for, find_last_step, load_meta
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.direction import DIRECTIONS, parse_directions
+from nanochat.rl import paired_change
 
 # SFT steps per direction: enough for a clearly non-zero reward, not enough to saturate.
 # Factoring (backward) is harder than multiplying, and bidirectional learns both.
@@ -55,13 +57,14 @@ def main(argv=None):
     add_flag(p, "sft_iterations", type=int, default=-1, help=f"-1 = per direction: {SFT_ITERATIONS}")
     add_flag(p, "sft_lr_frac", type=float, default=0.5)
     add_flag(p, "rl_iterations", type=int, default=60)
-    add_flag(p, "examples_per_step", type=int, default=8)
+    add_flag(p, "examples_per_step", type=int, default=16)
     add_flag(p, "num_samples", type=int, default=8)
     add_flag(p, "rl_lr_frac", type=float, default=0.2)
     add_flag(p, "eval_examples", type=int, default=200)
     add_flag(p, "eval_k", type=int, default=8)
     add_flag(p, "seed", type=int, default=42)
     add_flag(p, "verbose", type=int, default=0, help="1 = show every stage's output")
+    add_flag(p, "keep", type=int, default=0, help="1 = keep the temporary base dir (a --base_dir is always kept)")
     args = p.parse_args(argv)
     directions = parse_directions(args.directions, DIRECTIONS)
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="nanochat_rl_demo_")
@@ -108,17 +111,25 @@ def main(argv=None):
     print(f"\nReward on the arithmetic test split (mean over {args.eval_examples} prompts x {k} samples at "
           f"temperature 1.0; pass@{k} over prompts). RL: {args.rl_iterations} steps x {args.examples_per_step} "
           f"prompts x {args.num_samples} samples, init_lr_frac={args.rl_lr_frac}.")
-    header = f"{'model':<14} {'generates':<9} {'SFT steps':>9} | {'reward SFT':>10} {'reward RL':>9} {'change':>7} | " \
-             f"{f'pass@{k} SFT':>10} {f'pass@{k} RL':>9}"
+    header = f"{'model':<14} {'generates':<9} {'SFT steps':>9} | {'reward SFT':>10} {'reward RL':>9} " \
+             f"{'change +- s.e.':>16} | {f'pass@{k} SFT':>10} {f'pass@{k} RL':>9}"
     print(header)
     print("-" * len(header))
     for direction, concrete, sft_iterations, before, after in rows:
+        change, se = paired_change(before, after)
         print(f"{direction:<14} {concrete:<9} {sft_iterations:>9} | {before['mean_reward']:>10.4f} "
-              f"{after['mean_reward']:>9.4f} {after['mean_reward'] - before['mean_reward']:>+7.4f} | "
+              f"{after['mean_reward']:>9.4f} {f'{change:+.4f} +- {se:.4f}':>16} | "
               f"{before['pass_at_k']:>10.4f} {after['pass_at_k']:>9.4f}")
-    print(f"samples per cell: {rows[0][3]['samples'] if rows else 0}; total time {time.time() - t_start:.0f}s; "
-          f"base dir {base_dir}")
-    print("json: " + json.dumps([{"model": d, "generates": c, "sft": b, "rl": a} for d, c, _, b, a in rows]))
+    print(f"samples per cell: {rows[0][3]['samples'] if rows else 0} ({args.eval_examples} prompts x {k}); s.e. = "
+          f"standard error of the paired per-prompt change; total time {time.time() - t_start:.0f}s")
+    summary = [{"model": d, "generates": c, "sft_iterations": n,
+                **{f"{when}_{key}": r[key] for when, r in (("sft", b), ("rl", a))
+                   for key in ("mean_reward", "pass_at_k", "samples")}} for d, c, n, b, a in rows]
+    print("json: " + json.dumps(summary))
+    if args.base_dir is None and not args.keep:
+        shutil.rmtree(base_dir, ignore_errors=True)
+    else:
+        print(f"everything is in {base_dir}")
 
 
 if __name__ == "__main__":

@@ -338,6 +338,37 @@ def test_phase_without_its_script_fails_before_anything_runs(base_dir, monkeypat
     assert tree_state(base_dir) == before  # in particular, base was not trained first
 
 
+def test_commands_under_torchrun_and_pass_through_spellings(base_dir):
+    # Built in-process (nothing runs): what each script receives for a two-phase chain on 2 GPUs.
+    argv = ["--phase=base,mid", "--direction=forward", "--experiment_id=plan", "--nproc-per-node=2",
+            "--num_iterations=8", "--warmdown-ratio", "0.1", "--mid.tasks=smoltalk", "--seed=3"]
+    args, unknown = orchestrator.build_parser().parse_known_args(argv)
+    passthrough = orchestrator.parse_passthrough(unknown)
+    ec = ExperimentConfig(base_dir)
+    steps, direction, depth = orchestrator.plan_chain(args, passthrough, ec)
+    assert [(s.phase, s.experiment_id, s.parent, s.parent_phase) for s in steps] == \
+        [("base", "plan", None, None), ("mid", "plan_mid", "plan", "base")]
+    assert (direction, depth) == ("forward", orchestrator.DEFAULT_DEPTH)
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    base_flags, base_tokens = orchestrator.phase_flags(args, passthrough, "base")
+    assert base_flags == {"num_iterations": 8, "nproc_per_node": 2, "eval_directions": "forward,backward",
+                          "warmdown_ratio": 0.1, "seed": 3}
+    ec.create_experiment("base", direction, depth, experiment_id="plan", **base_flags)
+    assert orchestrator.training_command(args, base_flags, base_tokens, ec, steps[0], direction, depth) == \
+        torchrun + ["scripts.base_train", "--model_tag=plan", "--direction=forward", f"--depth={depth}",
+                    "--research_log=1", "--num_iterations=8", "--warmdown-ratio", "0.1", "--seed=3"]
+    mid_flags, mid_tokens = orchestrator.phase_flags(args, passthrough, "mid")
+    assert mid_flags["tasks"] == "smoltalk" and "eval_directions" not in mid_flags
+    assert orchestrator.training_command(args, mid_flags, mid_tokens, ec, steps[1], direction, depth) == \
+        torchrun + ["scripts.mid_train", "--source=base", "--model_tag=plan", "--output_tag=plan_mid",
+                    "--parent_experiment=plan", "--research_log=1", "--num_iterations=8", "--warmdown-ratio", "0.1",
+                    "--seed=3", "--tasks=smoltalk"]
+    # a lone flag is recorded as True; a value may look like a negative number
+    assert [(p.name, p.value) for p in orchestrator.parse_passthrough(["--dry-run", "--lr", "-1", "--tag=a=b"])] == \
+        [("dry_run", True), ("lr", -1), ("tag", "a=b")]
+
+
 # ------------------------------------------------------------------------ bad input
 
 BAD_INPUTS = [
