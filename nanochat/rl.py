@@ -29,9 +29,9 @@ the same way, so the stop action's probability is p(any stop token); a completio
 top-k), the standard simplification: sampling settings change which completions are seen, not
 what is reinforced.
 
-Distributed: the examples of a step are split over ranks (example i on rank i % world_size);
-each rank normalises its loss by its own generated-token count and gradients are averaged with
-`training.sync_gradients`, as in the other phases.
+Distributed: the examples of a step are split over ranks (example i on rank i % world_size), the
+loss is normalised by the tokens generated on all ranks and gradients are averaged with
+`training.sync_gradients`, as in the other phases; a torchrun step is the single-process step.
 """
 
 import argparse
@@ -389,34 +389,45 @@ def _rl_step(model, engine, spec, task, directions, optimizers, params, step, ar
         with autocast:
             groups.append(sample_group(engine, spec, task, index % len(task), direction, args.num_samples,
                                        seed=sample_seed(args.seed, index), **sampling))
-    # 2. One gradient step on them: advantages within each group, loss over the step's tokens.
+    # 2. One gradient step on them: advantages within each group, loss over the step's tokens
+    # (all ranks' tokens: with the world_size factor undone by sync_gradients' mean, a step under
+    # torchrun computes exactly the single-process gradient).
     model.train()
-    num_tokens = sum(g.num_tokens for g in groups)
-    total_loss = 0.0
+    num_tokens = _all_reduce_sum([sum(g.num_tokens for g in groups)], device)[0]
+    local_loss = 0.0
     for g in groups:
         advantages = group_advantages(g.rewards)
         with autocast:
             token_logp, mask = completion_logprobs(model, g.prompt, g.completions, g.stopped, g.stop_ids, device)
         loss = policy_gradient_loss(token_logp, mask, advantages, num_tokens)
-        loss.backward()
-        total_loss += float(loss.detach())
+        (loss * world_size).backward()
+        local_loss += float(loss.detach())
     sync_gradients(params, world_size)
     mult = set_learning_rates(optimizers, step, args.num_iterations, args.init_lr_frac)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
-    rewards = [r for g in groups for r in g.rewards]
-    stats = torch.tensor([sum(rewards), len(rewards), total_loss, num_tokens], dtype=torch.float64, device=device)
-    if world_size > 1 and dist.is_initialized():
-        dist.all_reduce(stats)
-    reward_sum, n, loss_sum, tokens = stats.tolist()
-    if not math.isfinite(loss_sum):
-        raise UserError(f"RL diverged at step {step}: loss is {loss_sum}; lower --init_lr_frac")
-    by_direction = {}
-    for g in groups:
-        by_direction.setdefault(g.direction, []).extend(g.rewards)
-    metrics = {"reward": reward_sum / max(1.0, n), "loss": loss_sum / world_size, "lr_mult": mult,
-               "tokens": int(tokens), "dt": time.time() - t0}
-    if len(directions) > 1:  # this rank's split by direction (informative, not all-reduced)
-        metrics.update({f"reward_{d}": sum(r) / len(r) for d, r in by_direction.items()})
+    # Step statistics over all ranks: loss, then reward sum and count overall and per direction.
+    stats = [local_loss]
+    for d in [None] + list(directions):
+        rewards = [r for g in groups if d in (None, g.direction) for r in g.rewards]
+        stats += [sum(rewards), len(rewards)]
+    stats = _all_reduce_sum(stats, device)
+    if not math.isfinite(stats[0]):
+        raise UserError(f"RL diverged at step {step}: loss is {stats[0]}; lower --init_lr_frac")
+    metrics = {"reward": stats[1] / max(1.0, stats[2]), "loss": stats[0], "lr_mult": mult, "tokens": int(num_tokens),
+               "dt": time.time() - t0}
+    if len(directions) > 1:
+        for i, d in enumerate(directions):
+            reward_sum, count = stats[3 + 2 * i], stats[4 + 2 * i]
+            metrics[f"reward_{d}"] = reward_sum / count if count else float("nan")
     return metrics
+
+
+def _all_reduce_sum(values, device):
+    """Element-wise sum of a list of floats over ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -52,6 +52,17 @@ def train_tokenizer(base_dir, vocab_size=384):
     return tok
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run in-process: one intra-op thread avoids OpenMP spin-waiting on a busy
+    2-core machine (subprocess scripts get OMP_NUM_THREADS=1 from run_script)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def corpus_template(tmp_path_factory):
     """Generated shards + tokenizer, built once per test session (copied into each test)."""

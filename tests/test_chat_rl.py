@@ -248,3 +248,27 @@ def test_flag_spellings_and_invalid_numbers(parents, monkeypatch):
         check_args(build_parser().parse_args(["--num_samples=1"]))
     with pytest.raises(UserError, match="temperature"):
         check_args(build_parser().parse_args(["--temperature=0"]))
+
+
+def test_torchrun_step_equals_the_single_process_step(parents, monkeypatch):
+    """Two ranks split the prompts; the loss is normalised by all ranks' tokens and gradients are
+    averaged, so the weights after RL under torchrun equal a single process's."""
+    from scripts.chat_sft import main as chat_sft_main
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", parents)
+    # A parent that is right now and then, so that some groups have a reward spread (and a gradient).
+    chat_sft_main(["--source=base", "--model_tag=fwd", "--output_tag=fwd_sft", "--tasks=arithmetic",
+                   "--num_iterations=250", "--init_lr_frac=0.5", "--max_seq_len=32", "--device_batch_size=16",
+                   "--eval_every=-1", "--log_every=1000", "--device_type=cpu"])
+    rl = ["--source=sft", "--model_tag=fwd_sft", "--num_iterations=2", "--examples_per_step=8", "--num_samples=8",
+          "--max_new_tokens=4", "--eval_examples=2", "--eval_k=2", "--init_lr_frac=0.5", "--device_type=cpu"]
+    result = run_script("scripts.chat_rl", *rl, "--output_tag=rl_ddp", base_dir=parents, torchrun_nproc=2, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    chat_rl_main(rl + ["--output_tag=rl_single"])
+    load = lambda tag, step: torch.load(os.path.join(parents, tag, f"model_{step:06d}.pt"), weights_only=True)
+    ddp, single = load("chatrl_checkpoints/rl_ddp", 2), load("chatrl_checkpoints/rl_single", 2)
+    parent = load("chatsft_checkpoints/fwd_sft", 250)
+    assert any(not torch.equal(single[k], parent[k]) for k in single), "RL did not change the weights"
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=0, atol=1e-6)
+    assert load_meta(os.path.join(parents, "chatrl_checkpoints", "rl_ddp"), 2)["world_size"] == 2
+    assert os.path.exists(os.path.join(parents, "chatrl_checkpoints", "rl_ddp", "optim_000002_rank1.pt"))

@@ -26,14 +26,6 @@ from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(vocab=384, seed=0):
     torch.manual_seed(seed)

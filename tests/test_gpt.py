@@ -8,14 +8,6 @@ from nanochat.gpt import GPT, GPTConfig, config_for_depth
 V, T = 96, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(depth=1, vocab=V, seq=T, seed=0):
     torch.manual_seed(seed)

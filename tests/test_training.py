@@ -12,14 +12,6 @@ from nanochat.training import Trainer, grad_accum_steps_for, lr_multiplier, muon
 V, T = 64, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---- batch arithmetic -----------------------------------------------------------------------
 
