@@ -66,8 +66,10 @@ def main(argv=None):
             "scripts.run_backward_experiment", "--phase=base", f"--direction={direction}", f"--depth={args.depth}",
             f"--experiment_id={exp_id}", f"--max_seq_len={args.max_seq_len}",
             f"--device_batch_size={args.device_batch_size}", f"--total_batch_size={args.device_batch_size * args.max_seq_len}",
-            f"--num_iterations={args.num_iterations}", f"--eval_every={max(1, args.num_iterations // 5)}",
-            f"--eval_tokens={args.eval_tokens}", "--eval_directions=forward,backward",
+            f"--num_iterations={args.num_iterations}", f"--eval_every={max(1, args.num_iterations // 3)}",
+            # a lighter validation during training; the final matrix uses --eval_tokens
+            f"--eval_tokens={args.eval_tokens}", f"--base.eval_tokens={max(1, args.eval_tokens // 4)}",
+            "--eval_directions=forward,backward",
             f"--log_every={max(1, args.num_iterations // 20)}", "--sample_every=-1", "--device_type=cpu",
         ])
     run("report", ["scripts.report", f"--experiments={','.join(ids)}", f"--title=CPU pipeline ({args.tag})"])

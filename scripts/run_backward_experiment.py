@@ -77,14 +77,27 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module: what `python -m` runs. log_name: the phase name the script gives its ResearchLogger (its
 # log is logs/<log_name>.h5). resumable: it takes --resume_from_step. shared_flags: which of our
 # training flags it takes (forwarded when given; otherwise the script's own default applies).
-PhaseScript = namedtuple("PhaseScript", "module log_name resumable shared_flags")
+# parser: "module:function(args)" building the script's argparse parser, so that an unscoped
+# pass-through flag reaches only the phases whose script takes it.
+PhaseScript = namedtuple("PhaseScript", "module log_name resumable shared_flags parser")
 _TRAINING = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type")
 PHASE_SCRIPTS = {
-    "base": PhaseScript("scripts.base_train", "base_training", True, _TRAINING + ("eval_tokens",)),
-    "mid": PhaseScript("scripts.mid_train", "mid_training", False, _TRAINING),
-    "sft": PhaseScript("scripts.chat_sft", "sft", False, _TRAINING),
-    "rl": PhaseScript("scripts.chat_rl", "rl", False, ("num_iterations", "init_lr_frac", "device_type")),
+    "base": PhaseScript("scripts.base_train", "base_training", True, _TRAINING + ("eval_tokens",),
+                        ("scripts.base_train", "build_parser", ())),
+    "mid": PhaseScript("scripts.mid_train", "mid_training", False, _TRAINING,
+                       ("nanochat.chat_training", "build_parser", ("mid", ""))),
+    "sft": PhaseScript("scripts.chat_sft", "sft", False, _TRAINING,
+                       ("nanochat.chat_training", "build_parser", ("sft", ""))),
+    "rl": PhaseScript("scripts.chat_rl", "rl", False, ("num_iterations", "init_lr_frac", "device_type"),
+                      ("nanochat.rl", "build_parser", ())),
 }
+
+
+def accepted_flags(phase):
+    """Flag names (underscore spelling) the phase's script accepts."""
+    module, function, args = PHASE_SCRIPTS[phase].parser
+    parser = getattr(importlib.import_module(module), function)(*args)
+    return {a.dest for a in parser._actions}
 EVAL_MODULE = "scripts.base_eval"
 EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
 DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact
@@ -202,6 +215,13 @@ def plan_chain(args, passthrough, experiments):
         if p.scope is not None and p.scope not in phases:
             raise UserError(f"--{p.scope}.{p.name} is scoped to phase {p.scope!r}, which is not in "
                             f"--phase={args.phase}")
+    missing = [ph for ph in phases if importlib.util.find_spec(PHASE_SCRIPTS[ph].module) is None]
+    accepted = {ph: accepted_flags(ph) for ph in phases if ph not in missing}
+    for p in passthrough:
+        targets = [p.scope] if p.scope is not None else list(accepted)
+        if targets and not any(p.name in accepted.get(ph, ()) for ph in targets):
+            raise UserError(f"--{p.name} is not a flag of the {'/'.join(targets)} script(s); "
+                            "see `python -m <script> --help`")
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
     if args.eval_tokens is not None and args.eval_tokens <= 0:
@@ -382,7 +402,9 @@ def phase_flags(args, passthrough, phase):
     tokens = []
     # Unscoped flags first, then this phase's scoped ones: the last value wins, in the record as
     # in the script's argparse, so a scoped value overrides an unscoped one wherever it was given.
-    for p in [p for p in passthrough if p.scope is None] + [p for p in passthrough if p.scope == phase]:
+    accepted = accepted_flags(phase)
+    unscoped = [p for p in passthrough if p.scope is None and p.name in accepted]
+    for p in unscoped + [p for p in passthrough if p.scope == phase]:
         recorded[p.name] = p.value
         tokens += p.tokens
     return recorded, tokens

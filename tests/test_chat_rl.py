@@ -23,15 +23,6 @@ from test_cli_errors import assert_one_line_error, snapshot
 SEQ_LEN = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(vocab, seed=0):
     torch.manual_seed(seed)
     model = GPT.build(config_for_depth(1, vocab, SEQ_LEN), "cpu")

@@ -112,27 +112,37 @@ def test_base_phase_in_each_direction_trains_logs_and_evaluates(base_dir):
 
 # ------------------------------------------------------------------------ failure and resume
 
+def test_unknown_passthrough_flag_is_refused_before_anything_runs(base_dir):
+    result = orchestrate(base_dir, "--phase=base", "--direction=forward", "--experiment_id=typo", *TINY,
+                         "--num_iteration=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --num_iteration is not a flag of the base script(s); see `python -m <script> --help`"]
+    assert not ExperimentConfig(base_dir).exists("typo")
+
+
+
 def test_failed_phase_is_marked_shown_and_retried_without_redoing_completed_work(base_dir):
     ec = ExperimentConfig(base_dir)
     args = ["--phase=base", "--direction=backward", "--experiment-id=flaky", *TINY]  # kebab alias too
 
-    # An unknown pass-through flag reaches base_train verbatim, which refuses it: a real failure.
-    failed = orchestrate(base_dir, *args, "--no_such_flag=1")
+    # A pass-through value base_train refuses (p_backward outside [0, 1]): a real failure.
+    failed = orchestrate(base_dir, *args, "--p_backward=7")
     assert failed.returncode == 1
     assert "error: phase base of experiment flaky failed" in failed.stderr
     shown = failed.stderr.split("the command was:\n", 1)[1].splitlines()[0].strip()
-    assert "-m scripts.base_train" in shown and "--model_tag=flaky" in shown and "--no_such_flag=1" in shown
-    assert "unrecognized arguments: --no_such_flag=1" in failed.stderr  # the script's own output streams through
+    assert "-m scripts.base_train" in shown and "--model_tag=flaky" in shown and "--p_backward=7" in shown
+    assert "--p_backward=7.0 is outside [0, 1]" in failed.stderr  # the script's own output streams through
     assert ec.load_config("flaky")["status"] == "failed"
     assert list_steps(ec.checkpoint_dir("flaky")) == []
 
     retried = orchestrate(base_dir, *args)
     assert retried.returncode == 0, retried.stdout + retried.stderr
     assert "retrying experiment flaky (it was failed)" in retried.stdout
-    assert "no_such_flag" in retried.stdout  # the note on the changed flags
+    assert "p_backward" in retried.stdout  # the note on the changed flags
     config = ec.load_config("flaky")
     assert config["status"] == "completed"
-    assert "no_such_flag" not in config["flags"] and config["flags_history"][0]["flags"]["no_such_flag"] == 1
+    assert "p_backward" not in config["flags"] and config["flags_history"][0]["flags"]["p_backward"] == 7
     assert [a["returncode"] for a in config["attempts"]] == [2, 0, 0]
 
     outputs = [os.path.join(ec.checkpoint_dir("flaky"), n) for n in os.listdir(ec.checkpoint_dir("flaky"))]
