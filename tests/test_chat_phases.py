@@ -1,0 +1,112 @@
+"""Midtraining and SFT take their direction from the parent checkpoint; the orchestrator chains
+base -> mid -> sft -> rl with parent links, for backward and bidirectional models."""
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import run_script
+from nanochat.experiment_config import ExperimentConfig
+
+BASE = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
+        "--num_iterations=3", "--eval_tokens=2000", "--eval_every=-1"]
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def seeded(corpus_template, tmp_path_factory):
+    """A base dir with the seed plan's base checkpoint `test_backward` (and a forward one)."""
+    base = str(tmp_path_factory.mktemp("chat_phases") / "base")
+    shutil.copytree(corpus_template["dir"], base)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda d: run_script("scripts.base_train", f"--direction={d}", f"--model_tag=test_{d}",
+                                                     *BASE, base_dir=base), ["backward", "forward"]))
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    return base
+
+
+def test_seed_commands_detect_backward_and_save_checkpoints_that_say_so(seeded, monkeypatch):
+    mid = run_script("scripts.mid_train", "--model_tag=test_backward", "--device_batch_size=2", "--num_iterations=5",
+                     "--eval_batches=2", base_dir=seeded)
+    assert mid.returncode == 0, mid.stderr
+    assert "(trained backward)" in mid.stdout
+    sft = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_backward", "--device_batch_size=2",
+                     "--num_iterations=5", "--eval_batches=2", base_dir=seeded)
+    assert sft.returncode == 0, sft.stderr
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", seeded)
+    from nanochat.checkpoint_manager import load_model
+    for source, phase in (("mid", "mid"), ("sft", "sft")):
+        _, _, meta = load_model(source, "cpu", model_tag="test_backward")
+        assert meta["direction"] == "backward" and meta["phase"] == phase and meta["step"] == 5
+        assert meta["parent"]["model_tag"] == "test_backward"
+    _, _, sft_meta = load_model("sft", "cpu", model_tag="test_backward")
+    assert sft_meta["parent"]["source"] == "base" and sft_meta["train_on"] == "auto"
+
+
+def test_contradicting_direction_is_refused(seeded):
+    before = sorted(os.listdir(seeded))
+    result = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--direction=backward",
+                        "--output_tag=contra", "--num_iterations=1", base_dir=seeded)
+    assert_one_error_line(result, "--direction=backward contradicts", "forward")
+    assert sorted(os.listdir(seeded)) == before
+    assert not os.path.exists(os.path.join(seeded, "chatsft_checkpoints", "contra"))
+
+
+def test_missing_parent_checkpoint_is_refused(seeded):
+    result = run_script("scripts.mid_train", "--model_tag=no_such_model", "--num_iterations=1", base_dir=seeded)
+    assert_one_error_line(result, "no_such_model")
+
+
+def test_existing_output_is_not_overwritten(seeded):
+    first = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--output_tag=once",
+                       "--device_batch_size=2", "--num_iterations=2", "--eval_batches=1", base_dir=seeded)
+    assert first.returncode == 0, first.stderr
+    target = os.path.join(seeded, "chatsft_checkpoints", "once")
+    stamp = {n: os.stat(os.path.join(target, n)).st_mtime_ns for n in os.listdir(target)}
+    again = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--output_tag=once",
+                       "--device_batch_size=2", "--num_iterations=2", base_dir=seeded)
+    assert_one_error_line(again, "already holds")
+    assert {n: os.stat(os.path.join(target, n)).st_mtime_ns for n in os.listdir(target)} == stamp
+
+
+@pytest.mark.parametrize("direction", ["backward", "bidirectional"])
+def test_orchestrator_runs_the_whole_chain_with_parent_links(base_dir, direction):
+    exp_id = f"chain_{direction}"
+    result = run_script(
+        "scripts.run_backward_experiment", "--phase=base,mid,sft,rl", f"--direction={direction}",
+        f"--experiment_id={exp_id}", "--depth=2", "--device_batch_size=2", "--num_iterations=2",
+        "--base.max_seq_len=64", "--base.total_batch_size=256", "--eval_tokens=2000",
+        "--mid.eval_batches=1", "--sft.eval_batches=1",
+        "--rl.examples_per_step=2", "--rl.num_samples=2", "--rl.max_new_tokens=8", "--rl.eval_examples=2",
+        "--rl.eval_k=2", base_dir=base_dir, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ec = ExperimentConfig(base_dir)
+    ids = [exp_id, f"{exp_id}_mid", f"{exp_id}_sft", f"{exp_id}_rl"]
+    parents = [None] + ids[:-1]
+    for eid, parent, phase in zip(ids, parents, ["base", "mid", "sft", "rl"]):
+        config = ec.load_config(eid)
+        assert config["status"] == "completed" and config["phase"] == phase
+        assert config["direction"] == direction and ec.load_parent_link(eid) == parent
+    from nanochat.checkpoint_manager import build_model, find_last_step
+    for eid, phase in zip(ids, ["base", "mid", "sft", "rl"]):
+        ckpt = ec.checkpoint_dir(eid)
+        _, meta = build_model(ckpt, find_last_step(ckpt), "cpu")
+        assert meta["direction"] == direction and meta["phase"] == phase
+        if direction == "bidirectional":
+            assert meta["marker_ids"] is not None
+    tree = ec.lineage(exp_id)
+    node, chain = tree[0], []
+    while node:
+        chain.append(node["id"])
+        node = node["children"][0] if node["children"] else None
+    assert chain == ids

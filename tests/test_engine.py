@@ -1,0 +1,124 @@
+"""Engine: KV-cache generation equals uncached generation; the direction-aware front restores
+backward generations to reading order and places them before the given ending."""
+
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.engine import Engine, KVCache
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
+
+
+def tiny_model(vocab, seq=96, seed=0):
+    torch.manual_seed(seed)
+    model = GPT.build(GPTConfig(vocab_size=vocab, sequence_len=seq, n_layer=2, n_head=2, n_kv_head=2,
+                                n_embd=64, intermediate_size=128), "cpu")
+    # Random (not zero) output projections so the model is not trivially uniform.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def tokenizer(base_dir):
+    return get_tokenizer()
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.8, 20)])
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_cached_and_uncached_generation_give_identical_tokens(tokenizer, temperature, top_k, num_samples):
+    model = tiny_model(tokenizer.get_vocab_size())
+    engine = Engine(model, tokenizer, {"direction": "forward"})
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("alice sends 12 letters.")
+    kw = dict(num_samples=num_samples, max_tokens=30, temperature=temperature, top_k=top_k, seed=3)
+    cached = engine.generate(prompt, use_cache=True, **kw)
+    uncached = engine.generate(prompt, use_cache=False, **kw)
+    assert cached == uncached
+    assert len(cached) == num_samples and all(len(s) == 30 for s in cached)
+    if temperature > 0 and num_samples > 1:
+        assert len({tuple(s) for s in cached}) > 1  # samples differ from each other
+
+
+def test_cache_logits_match_full_forward(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    ids = torch.tensor([[tokenizer.get_bos_token_id()] + tokenizer.encode("bob reads 7 books. The end.")])
+    full = model(ids)
+    cache = KVCache.for_model(model, 1, ids.size(1))
+    prefix = model(ids[:, :5], kv_cache=cache)
+    steps = [model(ids[:, i:i + 1], kv_cache=cache) for i in range(5, ids.size(1))]
+    torch.testing.assert_close(torch.cat([prefix] + steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_stops_at_stop_token_and_excludes_it(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    engine = Engine(model, tokenizer, {"direction": "forward"})
+    prompt = [tokenizer.get_bos_token_id()]
+    free = engine.generate(prompt, max_tokens=20, temperature=0.0)[0]
+    stop = free[5]
+    stopped = engine.generate(prompt, max_tokens=20, temperature=0.0, stop_tokens=(stop,))[0]
+    assert stopped == free[:free.index(stop)]
+
+
+def test_backward_completion_is_restored_and_precedes_the_ending(tokenizer, monkeypatch):
+    model = tiny_model(tokenizer.get_vocab_size())
+    engine = Engine(model, tokenizer, {"direction": "backward"})
+    ending = " The end."
+    seen = {}
+    real_generate = engine.generate
+
+    def spy(prompt, **kw):
+        seen["prompt"] = list(prompt)
+        out = real_generate(prompt, **kw)
+        seen["out"] = out
+        return out
+
+    monkeypatch.setattr(engine, "generate", spy)
+    result = engine.complete(ending, max_tokens=12, temperature=0.0)[0]
+    given = tokenizer.encode(ending)
+    # The model is prompted with BOS + the ending reversed ...
+    assert seen["prompt"] == [tokenizer.get_bos_token_id()] + given[::-1]
+    # ... and what it wrote (in its orientation) is shown reversed, before the ending.
+    generated_model_order = seen["out"][0]
+    assert result["generated"] == tokenizer.decode(generated_model_order[::-1])
+    assert result["text"] == tokenizer.decode(generated_model_order[::-1] + given)
+    assert result["text"].endswith(ending)
+
+
+def test_bidirectional_chooses_per_request_and_one_way_models_refuse_the_other(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    bidi = Engine(model, tokenizer, {"direction": "bidirectional"})
+    fwd_marker, bwd_marker = tokenizer.get_marker_ids()
+    captured = []
+    real = bidi.generate
+    bidi.generate = lambda prompt, **kw: captured.append(list(prompt)) or real(prompt, **kw)
+    bidi.complete("alice", direction="forward", max_tokens=3)
+    bidi.complete("alice", direction="backward", max_tokens=3)
+    assert captured[0][:2] == [tokenizer.get_bos_token_id(), fwd_marker]
+    assert captured[1][:2] == [tokenizer.get_bos_token_id(), bwd_marker]
+    with pytest.raises(UserError, match="trained forward"):
+        Engine(model, tokenizer, {"direction": "forward"}).complete("x", direction="backward")
+
+
+def test_backward_chat_writes_the_question_for_a_given_answer(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    engine = Engine(model, tokenizer, {"direction": "backward"})
+    conv = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "56"}]}
+    prompt, stops = engine.spec.chat_prompt(tokenizer, conv, "backward")
+    answer = tokenizer.encode("56")
+    expected = ([tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")] + answer[::-1]
+                + [tokenizer.encode_special("<|assistant_start|>"), tokenizer.encode_special("<|user_end|>")])
+    assert prompt == expected
+    assert tokenizer.encode_special("<|user_start|>") in stops
+    out = engine.chat(conv, max_tokens=8, temperature=0.0)
+    raw = engine.generate(prompt, max_tokens=8, temperature=0.0, stop_tokens=stops)[0]
+    assert out == [tokenizer.decode(raw[::-1])]
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size(), seq=16)
+    engine = Engine(model, tokenizer, {"direction": "forward"})
+    with pytest.raises(UserError, match="no room"):
+        engine.generate(list(range(16)), max_tokens=4)
