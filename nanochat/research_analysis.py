@@ -33,7 +33,7 @@ import numpy as np
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig, format_lineage
-from nanochat.loss_eval import arrow_of_time_gap
+from nanochat.loss_eval import arrow_of_time_gap, list_bpb_evaluations
 from nanochat.research_logger import list_snapshots, log_path, read_attrs, read_scalars, read_snapshot
 
 EVAL_DIRECTIONS = ("forward", "backward")
@@ -43,8 +43,6 @@ BASE_LOG_PHASE = "base_training"
 # training writes a research log so far; later phases are added here when their scripts do.
 TRAINING_LOG_PHASES = {"base": BASE_LOG_PHASE}
 TRAINING_SCRIPTS = {BASE_LOG_PHASE: "scripts.base_train"}
-# base_eval writes evaluations/bpb_step<NNNNNN>.json (scripts/base_eval.py: evaluation_path).
-_BPB_EVALUATION = re.compile(r"^bpb_step(\d+)\.json$")
 # Flags shown in the report, in this order, when the run recorded them.
 KEY_FLAGS = ("max_seq_len", "device_batch_size", "total_batch_size", "num_iterations", "matrix_lr",
              "embedding_lr", "unembedding_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
@@ -152,15 +150,7 @@ def _log_files(experiments, experiment_id):
 
 def _evaluation_files(experiments, experiment_id):
     """[(step, path)] of the experiment's bpb evaluation JSONs, by increasing step."""
-    eval_dir = experiments.evaluations_dir(experiment_id)
-    if not os.path.isdir(eval_dir):
-        return []
-    found = []
-    for name in os.listdir(eval_dir):
-        m = _BPB_EVALUATION.match(name)
-        if m:
-            found.append((int(m.group(1)), os.path.join(eval_dir, name)))
-    return sorted(found)
+    return list_bpb_evaluations(experiments.evaluations_dir(experiment_id))
 
 
 def _read_json(path):

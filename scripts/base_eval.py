@@ -18,15 +18,11 @@ from datetime import datetime, timezone
 from nanochat.checkpoint_manager import artifact_dirs, load_model
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.direction import parse_directions
-from nanochat.loss_eval import arrow_of_time_gap, evaluate_bpb, select_documents
+from nanochat.loss_eval import arrow_of_time_gap, bpb_evaluation_path, evaluate_bpb, select_documents
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import autocast_context
 
 SOURCES = ("base", "mid", "sft", "rl")
-
-
-def evaluation_path(evaluations_dir, step):
-    return os.path.join(evaluations_dir, f"bpb_step{step:06d}.json")
 
 
 def format_matrix(rows):
@@ -81,7 +77,7 @@ def evaluate_one(args, tag, directions, rank, world_size, device, docs_cache):
         raise UserError(f"--max_seq_len={args.max_seq_len} is larger than the checkpoint supports "
                         f"({trained_len}, its training context); use at most {trained_len}")
     step, tag = meta["step"], meta["model_tag"]
-    out_path = evaluation_path(artifact_dirs(args.source, tag)["evaluations"], step)
+    out_path = bpb_evaluation_path(artifact_dirs(args.source, tag)["evaluations"], step)
     if os.path.exists(out_path) and not args.overwrite:
         raise UserError(f"{out_path} already exists; pass --overwrite to replace it")
     if args.eval_tokens not in docs_cache:

@@ -70,6 +70,7 @@ from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.direction import parse_directions, validate_direction
 from nanochat.experiment_config import PHASES, ExperimentConfig
+from nanochat.loss_eval import list_bpb_evaluations
 from nanochat.research_logger import log_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -453,20 +454,16 @@ def training_command(args, flags, tokens, experiments, step, direction, depth):
 
 def find_bpb_evaluation(experiments, experiment_id, step):
     """The bpb evaluation record of `step` in the experiment's evaluations/, or None."""
-    directory = experiments.evaluations_dir(experiment_id)
-    if not os.path.isdir(directory):
-        return None
-    for name in sorted(os.listdir(directory)):
-        if not name.endswith(".json"):
+    for found_step, path in list_bpb_evaluations(experiments.evaluations_dir(experiment_id)):
+        if found_step != step:
             continue
         try:
-            with open(os.path.join(directory, name), encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 record = json.load(f)
         except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(record, dict) and record.get("eval") == "bpb" and record.get("step") == step:
-            record["file"] = name
-            return record
+            return None
+        record["file"] = os.path.basename(path)
+        return record
     return None
 
 

@@ -45,7 +45,7 @@ def main(argv=None):
     train_s = time.time() - t0
     tokenizer.save(out)
     # Sanity: a round trip and the special tokens every direction relies on.
-    sample = "def reverse(s):\n    return s[::-1]  # héllo wörld 123\n"
+    sample = "def add(a, b):\n    return a + b  # héllo wörld 123\n"
     assert tokenizer.decode(tokenizer.encode(sample)) == sample
     for name in SPECIAL_TOKENS:
         tokenizer.encode_special(name)
