@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU pipeline (one node, 8 GPUs by default): FineWeb-Edu shards -> tokenizer -> forward,
-# backward and bidirectional d20 base models on identical data -> bpb matrix -> report.
-# Later phases (mid, SFT, RL) join this script as they land.
+# backward and bidirectional d20 base models on identical data (-> mid -> SFT -> RL each)
+# -> bpb matrix -> report.
 #   NPROC=8 DEPTH=20 bash speedrun.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,7 +27,9 @@ $PY -m scripts.tok_eval
 wait $DOWNLOAD_PID
 
 for DIRECTION in forward backward bidirectional; do
-    $PY -m scripts.run_backward_experiment --phase=base --direction=$DIRECTION --depth=$DEPTH \
+    # base -> mid -> sft -> rl; the chat phases use the offline synthetic task mixture unless
+    # --mid.tasks / --sft.tasks name online datasets (smoltalk, gsm8k, ...)
+    $PY -m scripts.run_backward_experiment --phase=base,mid,sft,rl --direction=$DIRECTION --depth=$DEPTH \
         --experiment_id=${TAG}_d${DEPTH}_${DIRECTION} --nproc_per_node=$NPROC \
         --device_batch_size=32 --eval_directions=forward,backward --run=${TAG}_d${DEPTH}_${DIRECTION}
 done
