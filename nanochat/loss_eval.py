@@ -4,8 +4,9 @@
           / (ln 2 * total UTF-8 bytes of those targets)
 
 Special tokens (BOS, markers) are excluded from both sums. Every document is scored *whole*:
-a document longer than the context is cut into consecutive pieces, each scored once, so every
-text token is a target exactly once in every direction. The byte denominators are therefore
+a document longer than the context is scored in overlapping windows that each start with the
+document's header (BOS, marker) and score only their new tokens, so every text token is a target
+exactly once in every direction, with at least T/2 tokens of context after the first window. The byte denominators are therefore
 identical across directions and forward and backward bpb compare like for like. (Packed
 training rows crop documents at row ends, so they would not give this guarantee.)
 """
@@ -39,12 +40,33 @@ def select_documents(tokenizer, max_tokens, split="val", rank=0, world_size=1, d
     return docs[rank::world_size]
 
 
-def _pieces(row, T):
-    """(inputs, targets) pieces of one oriented document, each at most T long, covering every
-    target position once."""
-    for start in range(0, len(row) - 1, T):
-        chunk = row[start:start + T + 1]
-        yield chunk[:-1], chunk[1:], start == 0
+def _pieces(row, T, header_len):
+    """(inputs, targets, is_first) pieces of one oriented document, each T long at most, that
+    score every target position exactly once.
+
+    The first piece is the document's start. A longer document continues in windows that
+    advance by T/2: each starts with the document's header (BOS, and the marker of a
+    bidirectional model, as every training row starts with BOS) followed by the preceding
+    T - header_len tokens as context; only the new targets are scored (the rest are -1). Without
+    the header a bidirectional model would not know which way it is reading.
+    """
+    last = len(row) - 1  # index of the last target token
+    first = row[:T + 1]
+    yield first[:-1], first[1:], True
+    covered = len(first) - 1  # targets row[1..covered] are scored
+    if T <= header_len:
+        raise ValueError(f"a context of {T} tokens cannot hold the {header_len}-token document header and text")
+    stride = max(1, min(T // 2, T - header_len))
+    header = row[:header_len]
+    while covered < last:
+        end = min(covered + stride, last)          # score targets row[covered+1 .. end]
+        start = end - (T - header_len)             # context row[start .. end-1] after the header
+        inputs = header + row[start:end]
+        targets = [-1] * header_len + row[start + 1:end + 1]
+        n_old = (covered + 1) - (start + 1)        # targets row[start+1 .. covered] were scored before
+        targets = targets[:header_len] + [-1] * n_old + targets[header_len + n_old:]
+        yield inputs, targets, False
+        covered = end
 
 
 def _rows(docs, spec, concrete_direction, T, pad_id):
@@ -54,7 +76,7 @@ def _rows(docs, spec, concrete_direction, T, pad_id):
     cur_in, cur_tgt = [], []
     for tokens in docs:
         row, _ = spec.orient(tokens, concrete_direction=concrete_direction)
-        for inp, tgt, is_first in _pieces(row, T):
+        for inp, tgt, is_first in _pieces(row, T, spec.header_len):
             if cur_in and (not is_first or len(cur_in) + len(inp) > T):
                 yield cur_in + [pad_id] * (T - len(cur_in)), cur_tgt + [-1] * (T - len(cur_tgt))
                 cur_in, cur_tgt = [], []

@@ -41,20 +41,28 @@ def bpb(model, tok, token_bytes, docs, directions=("forward", "backward"), train
     return evaluate_bpb(model, tok, token_bytes, docs, list(directions), trained, T, batch_size, "cpu")
 
 
-def manual_nats(model, row, T, tok):
-    """Sum of cross-entropy over the text targets of one oriented row, scored in pieces of T
-    (each piece has only itself as context), skipping targets that are special tokens."""
+def manual_nats(model, row, T, tok, header_len=1):
+    """Sum of cross-entropy over the text targets of one oriented row, scored the documented
+    way: the first T targets with the document's start as context; each later target in the
+    window that first reaches it (windows end T/2 further each time), whose input is the header
+    (BOS, marker) then the T - header_len tokens before the window's end. Special targets skipped."""
     specials = {tok.encode_special(name) for name in tok.get_special_tokens()}
-    nats = 0.0
+    stride = max(1, min(T // 2, T - header_len))
+    last = len(row) - 1
+    nats, done, end = 0.0, 0, min(T, last)
     with torch.no_grad():
-        for start in range(0, len(row) - 1, T):
-            chunk = row[start:start + T + 1]
-            x = torch.tensor([chunk[:-1]])
-            y = torch.tensor(chunk[1:])
-            logp = F.log_softmax(model(x)[0], dim=-1)
-            for i, t in enumerate(y.tolist()):
-                if t not in specials:
-                    nats -= logp[i, t].item()
+        while done < last:
+            if done == 0:
+                inputs = row[:end]
+            else:
+                start = end - (T - header_len)
+                inputs = row[:header_len] + row[start:end]
+            logp = F.log_softmax(model(torch.tensor([inputs]))[0], dim=-1)
+            for j in range(done + 1, end + 1):  # target index j in row
+                pos = j - 1 if done == 0 else header_len + (j - 1 - (end - (T - header_len)))
+                if row[j] not in specials:
+                    nats -= logp[pos, row[j]].item()
+            done, end = end, min(end + stride, last)
     return nats
 
 
@@ -119,7 +127,7 @@ def test_bidirectional_bpb_excludes_the_marker(corpus_template, tok, token_bytes
     text = corpus_template["val"][0]
     t = tok.encode(text)
     row = [tok.get_bos_token_id(), tok.get_backward_token_id()] + t[::-1]
-    nats = manual_nats(model, row, SEQ, tok)  # the marker target (a special) is skipped
+    nats = manual_nats(model, row, SEQ, tok, header_len=2)  # the marker target (a special) is skipped
     res = bpb(model, tok, token_bytes, [t], directions=["backward"], trained="bidirectional", T=SEQ)["backward"]
     assert res["tokens"] == len(t)
     assert math.isclose(res["nats"], nats, rel_tol=1e-4)
@@ -136,3 +144,18 @@ def test_arrow_of_time_gap():
     assert arrow_of_time_gap({"forward": {"bpb": 2.0}}) is None
     assert arrow_of_time_gap({"backward": {"bpb": 2.0}}) is None
     assert arrow_of_time_gap({"forward": {"bpb": 2.0}, "backward": {"bpb": 1.5}}) == pytest.approx(-0.25)
+
+
+def test_bidirectional_long_document_windows_keep_the_marker(corpus_template, tok, token_bytes, model):
+    # Every continuation window restates [BOS, marker]: a bidirectional model must always know
+    # which way it reads (without it, a long document's tail is scored direction-blind).
+    text = max(corpus_template["val"], key=len)
+    t = tok.encode(text)
+    T = 16
+    assert len(t) > 3 * T
+    for direction, marker in (("forward", tok.get_forward_token_id()), ("backward", tok.get_backward_token_id())):
+        body = t if direction == "forward" else t[::-1]
+        nats = manual_nats(model, [tok.get_bos_token_id(), marker] + body, T, tok, header_len=2)
+        res = bpb(model, tok, token_bytes, [t], directions=[direction], trained="bidirectional", T=T)[direction]
+        assert res["tokens"] == len(t)
+        assert math.isclose(res["nats"], nats, rel_tol=1e-4)
