@@ -33,35 +33,49 @@ PHASES = {
 }
 
 
-def build_parser(phase, description):
-    d = PHASES[phase]
-    p = argparse.ArgumentParser(description=description)
-    add_flag(p, "source", default=d["parent_source"], help="parent checkpoint source: base | mid | sft")
+def add_parent_flags(p, default_source):
+    """Which checkpoint a later phase continues, and where it saves (shared with RL)."""
+    add_flag(p, "source", default=default_source, help="parent checkpoint source: base | mid | sft | rl")
     add_flag(p, "model_tag", default=None, help="parent's tag or experiment id (default: newest)")
     add_flag(p, "step", type=int, default=None, help="parent's step (default: last)")
     add_flag(p, "output_tag", default=None, help="tag or experiment id to save to (default: the parent's tag)")
     add_flag(p, "direction", default=None, help="optional check: must match the parent's direction")
-    add_flag(p, "train_on", default=d["train_on"], help="auto | assistant | user | all")
-    add_flag(p, "tasks", default="default", help="'default' (offline synthetic mixture) or a comma list of task names")
-    add_flag(p, "max_seq_len", type=int, default=-1, help="-1 = the parent's context length")
-    add_flag(p, "device_batch_size", type=int, default=8)
-    add_flag(p, "total_batch_size", type=int, default=-1, help="tokens per step (-1 = B*T*world)")
-    add_flag(p, "num_iterations", type=int, default=200)
-    add_flag(p, "init_lr_frac", type=float, default=1.0 if phase == "mid" else 0.1, help="scale of the base learning rates")
+
+
+def add_optimizer_flags(p, init_lr_frac):
+    add_flag(p, "init_lr_frac", type=float, default=init_lr_frac, help="scale of the base learning rates")
     add_flag(p, "embedding_lr", type=float, default=0.2)
     add_flag(p, "unembedding_lr", type=float, default=0.004)
     add_flag(p, "matrix_lr", type=float, default=0.02)
-    add_flag(p, "warmdown_ratio", type=float, default=0.2)
     add_flag(p, "p_backward", type=float, default=None, help="bidirectional draw (default: the parent's)")
     add_flag(p, "seed", type=int, default=42)
-    add_flag(p, "eval_every", type=int, default=50, help="validation loss every N steps (-1 = only at the end)")
-    add_flag(p, "eval_batches", type=int, default=8, help="validation batches per evaluation")
+
+
+def add_run_flags(p):
+    """Progress, logging, device and experiment bookkeeping (shared with RL)."""
     add_flag(p, "log_every", type=int, default=1)
     add_flag(p, "run", default="dummy", help="wandb run name ('dummy' = off)")
     add_flag(p, "research_log", type=int, default=-1, help="1 on, 0 off, -1 = on when --run is named")
     add_flag(p, "log_flush_every", type=int, default=100)
     add_flag(p, "device_type", default="")
     add_flag(p, "parent_experiment", default=None, help="recorded in the metadata (the orchestrator sets it)")
+
+
+def build_parser(phase, description):
+    d = PHASES[phase]
+    p = argparse.ArgumentParser(description=description)
+    add_parent_flags(p, d["parent_source"])
+    add_flag(p, "train_on", default=d["train_on"], help="auto | assistant | user | all")
+    add_flag(p, "tasks", default="default", help="'default' (offline synthetic mixture) or a comma list of task names")
+    add_flag(p, "max_seq_len", type=int, default=-1, help="-1 = the parent's context length")
+    add_flag(p, "device_batch_size", type=int, default=8)
+    add_flag(p, "total_batch_size", type=int, default=-1, help="tokens per step (-1 = B*T*world)")
+    add_flag(p, "num_iterations", type=int, default=200)
+    add_optimizer_flags(p, 1.0 if phase == "mid" else 0.1)
+    add_flag(p, "warmdown_ratio", type=float, default=0.2)
+    add_flag(p, "eval_every", type=int, default=50, help="validation loss every N steps (-1 = only at the end)")
+    add_flag(p, "eval_batches", type=int, default=8, help="validation batches per evaluation")
+    add_run_flags(p)
     return p
 
 

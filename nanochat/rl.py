@@ -47,12 +47,13 @@ import torch
 import torch.distributed as dist
 
 from nanochat import wandb_log
+from nanochat.chat_training import add_optimizer_flags, add_parent_flags, add_run_flags
 from nanochat.checkpoint_manager import artifact_dirs, list_steps, load_model, save_checkpoint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0
 from nanochat.direction import DirectionSpec, validate_direction
 from nanochat.engine import Engine
 from nanochat.research_logger import ResearchLogger
-from nanochat.training import autocast_context, lr_multiplier, muon_momentum, sync_gradients
+from nanochat.training import autocast_context, set_learning_rates, sync_gradients
 
 ADVANTAGE_EPS = 1e-6
 
@@ -194,11 +195,7 @@ def format_eval(results, k):
 
 def build_parser():
     p = argparse.ArgumentParser(description="RL (group-normalised policy gradient) in the parent checkpoint's direction")
-    add_flag(p, "source", default="sft", help="parent checkpoint source: base | mid | sft | rl")
-    add_flag(p, "model_tag", default=None, help="parent's tag or experiment id (default: newest)")
-    add_flag(p, "step", type=int, default=None, help="parent's step (default: last)")
-    add_flag(p, "output_tag", default=None, help="tag or experiment id to save to (default: the parent's tag)")
-    add_flag(p, "direction", default=None, help="optional check: must match the parent's direction")
+    add_parent_flags(p, "sft")
     add_flag(p, "task", default="arithmetic", help="task with a reward: arithmetic (any direction), gsm8k (forward)")
     add_flag(p, "num_iterations", type=int, default=100, help="RL steps")
     add_flag(p, "examples_per_step", type=int, default=16, help="prompts per step (all ranks together)")
@@ -206,21 +203,11 @@ def build_parser():
     add_flag(p, "max_new_tokens", type=int, default=128)
     add_flag(p, "temperature", type=float, default=1.0)
     add_flag(p, "top_k", type=int, default=-1, help="-1 = sample from the whole vocabulary")
-    add_flag(p, "init_lr_frac", type=float, default=0.05, help="scale of the base learning rates (decays linearly to 0)")
-    add_flag(p, "embedding_lr", type=float, default=0.2)
-    add_flag(p, "unembedding_lr", type=float, default=0.004)
-    add_flag(p, "matrix_lr", type=float, default=0.02)
-    add_flag(p, "p_backward", type=float, default=None, help="bidirectional draw (default: the parent's)")
-    add_flag(p, "seed", type=int, default=42)
+    add_optimizer_flags(p, 0.05)  # small: the policy stays near its SFT parent (the rate decays to 0)
     add_flag(p, "eval_every", type=int, default=50, help="evaluate every N steps (-1 = only before and after)")
     add_flag(p, "eval_examples", type=int, default=100, help="test prompts per evaluation")
     add_flag(p, "eval_k", type=int, default=8, help="samples per test prompt (pass@k)")
-    add_flag(p, "log_every", type=int, default=1)
-    add_flag(p, "run", default="dummy", help="wandb run name ('dummy' = off)")
-    add_flag(p, "research_log", type=int, default=-1, help="1 on, 0 off, -1 = on when --run is named")
-    add_flag(p, "log_flush_every", type=int, default=100)
-    add_flag(p, "device_type", default="")
-    add_flag(p, "parent_experiment", default=None, help="recorded in the metadata (the orchestrator sets it)")
+    add_run_flags(p)
     return p
 
 
@@ -252,18 +239,6 @@ def usable_directions(task_name, model_direction):
 def load_task(name, split):
     from tasks.registry import get_task
     return get_task(name, split)
-
-
-def set_learning_rates(optimizers, step, num_iterations, init_lr_frac):
-    """Linear decay from init_lr_frac x the base rates to 0 at the last step."""
-    mult = lr_multiplier(step, num_iterations, warmdown_ratio=1.0)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * init_lr_frac * mult
-        if isinstance(opt, torch.optim.Muon):
-            for group in opt.param_groups:
-                group["momentum"] = muon_momentum(step)
-    return mult
 
 
 def run_rl(args):
@@ -403,7 +378,8 @@ def _rl_step(model, engine, spec, task, directions, optimizers, params, step, ar
         (loss * world_size).backward()
         local_loss += float(loss.detach())
     sync_gradients(params, world_size)
-    mult = set_learning_rates(optimizers, step, args.num_iterations, args.init_lr_frac)
+    # linear decay from init_lr_frac x the base rates to 0 at the last step
+    mult = set_learning_rates(optimizers, step, args.num_iterations, args.init_lr_frac, warmdown_ratio=1.0)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)

@@ -67,6 +67,19 @@ def muon_momentum(step, ramp_steps=300):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def set_learning_rates(optimizers, step, num_iterations, init_lr_frac=1.0, **schedule):
+    """Apply the schedule (lr_multiplier) to every group, and Muon's momentum ramp; returns the
+    multiplier."""
+    mult = lr_multiplier(step, num_iterations, **schedule)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * init_lr_frac * mult
+        if isinstance(opt, torch.optim.Muon):
+            for group in opt.param_groups:
+                group["momentum"] = muon_momentum(step)
+    return mult
+
+
 def sync_gradients(params, world_size):
     """Average gradients over ranks (no-op without a process group)."""
     if world_size <= 1 or not dist.is_initialized():
@@ -110,14 +123,7 @@ class Trainer:
         self.last_batch = None
 
     def set_lr(self, step):
-        mult = lr_multiplier(step, self.num_iterations, **self.schedule)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * self.init_lr_frac * mult
-            if isinstance(opt, torch.optim.Muon):
-                for group in opt.param_groups:
-                    group["momentum"] = muon_momentum(step)
-        return mult
+        return set_learning_rates(self.optimizers, step, self.num_iterations, self.init_lr_frac, **self.schedule)
 
     def step(self, step, want_layer_grads=False):
         """One optimizer step; returns a dict of scalar metrics (and per-layer grad norms)."""
