@@ -33,7 +33,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.direction import concrete_directions, validate_direction, CONCRETE_DIRECTIONS
-from nanochat.tokenizer import normalize_messages
+from nanochat.tokenizer import normalize_messages, turn_content
 
 EVAL_DIRECTION_CHOICES = ("auto", "both", "forward", "backward")
 
@@ -170,8 +170,8 @@ def evaluate_multiple_choice(model, tokenizer, spec, task, indices, concrete_dir
 def given_and_reference(conversation, concrete_direction):
     """(what the model is given, what it should write), in reading order, for display."""
     messages = normalize_messages(conversation)
-    question = next(m["content"] for m in messages if m["role"] == "user")
-    answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), None)
+    question = turn_content(messages, "user")
+    answer = turn_content(messages, "assistant", which="last")
     return (question, answer) if concrete_direction == "forward" else (answer, question)
 
 

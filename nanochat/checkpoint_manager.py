@@ -151,9 +151,8 @@ def list_tags(source, base_dir=None):
     if os.path.isdir(root):
         candidates += [(t, os.path.join(root, t)) for t in os.listdir(root)]
     experiments = _experiments(base_dir)
-    phase = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}[source]
-    for exp_id in experiments.list_experiments():
-        if experiments.load_config(exp_id).get("phase") == phase:
+    for exp_id in experiments.list_experiments():  # experiment phases are named like sources
+        if experiments.load_config(exp_id).get("phase") == source:
             candidates.append((exp_id, experiments.checkpoint_dir(exp_id)))
     found = [(os.path.getmtime(d), t) for t, d in candidates if os.path.isdir(d) and list_steps(d)]
     return [t for _, t in sorted(found, reverse=True)]

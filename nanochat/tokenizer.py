@@ -235,6 +235,15 @@ def normalize_messages(conversation):
     return messages
 
 
+def turn_content(conversation, role, which="first"):
+    """Content of the first (or last) turn of `role` in reading order, or None."""
+    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+    turns = [m["content"] for m in messages if m["role"] == role]
+    if not turns:
+        return None
+    return turns[0] if which == "first" else turns[-1]
+
+
 def _render(tokenizer, conversation, train_on, closing):
     """ids and mask in reading order. `closing` says which delimiter of a trained turn is
     trained with it: 'end' when the turn is generated left to right (forward), 'start' when it

@@ -21,6 +21,7 @@ import random
 import re
 
 from nanochat.common import UserError
+from nanochat.tokenizer import turn_content
 from tasks.common import Task
 
 SPLITS = ("train", "test")
@@ -101,9 +102,10 @@ class TwoWayArithmetic(Task):
     @staticmethod
     def _problem(conversation):
         """(a, b, product) read back from a conversation of this task."""
-        messages = conversation["messages"]
-        question = next(m["content"] for m in messages if m["role"] == "user")
-        answer = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+        question = turn_content(conversation, "user")
+        answer = turn_content(conversation, "assistant", which="last")
+        if question is None or answer is None:
+            raise ValueError("an arithmetic conversation needs a user question and an assistant answer")
         factors = first_product_expression(question)
         if factors is None or len(factors) != 2:
             raise ValueError(f"not an arithmetic question: {question!r}")
