@@ -1,4 +1,4 @@
-"""Chat evaluation in every direction (DESIGN.md §5-7): the library behind scripts/chat_eval.py.
+"""Chat evaluation in every direction (docs/DESIGN.md §5-7): the library behind scripts/chat_eval.py.
 
 Two kinds of task (tasks/common.py):
 
@@ -21,7 +21,7 @@ Two kinds of task (tasks/common.py):
   for every choice, so this ranks like log p(choice, <|assistant_end|> | question); backward it
   is the natural analogue, log p(answer) + log p(question | answer), which no per-choice
   conditional could give a model that reads the answer first. The sum is not length-normalised
-  (DESIGN.md §7): it is the probability of the whole text. What "the choice as the answer" is:
+  (docs/DESIGN.md §7): it is the probability of the whole text. What "the choice as the answer" is:
   by default the letter the task's assistant writes (tasks/multiple_choice.py: the user turn
   lists the lettered choices); mc_answer="text" puts the choice's own text there instead.
 

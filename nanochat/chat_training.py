@@ -6,7 +6,7 @@ load the parent with load_model, take its direction from the checkpoint (a contr
 for SFT), train with the same Trainer/run_loop as base training, evaluate validation loss on
 the trained tokens, and save checkpoints whose metadata records direction, phase and parent.
 
-Which tokens are trained on (--train_on, DESIGN.md §4): auto = the assistant's answer forward,
+Which tokens are trained on (--train_on, docs/DESIGN.md §4): auto = the assistant's answer forward,
 the user's question backward (the model reads the answer and writes the question), each draw's
 policy for bidirectional; or assistant / user / all explicitly. Midtraining defaults to all.
 """

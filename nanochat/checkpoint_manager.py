@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, pickle-free loads, and direction metadata (DESIGN.md §8).
+"""Checkpoints: atomic writes, pickle-free loads, and direction metadata (docs/DESIGN.md §8).
 
 A checkpoint directory holds, per saved step:
     model_<step>.pt            model state dict (tensors only)

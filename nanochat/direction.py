@@ -1,4 +1,4 @@
-"""Direction: the one home for what forward, backward and bidirectional mean (DESIGN.md §1-2).
+"""Direction: the one home for what forward, backward and bidirectional mean (docs/DESIGN.md §1-2).
 
 Every other module (dataloader, evaluation, later the conversation and chat code) asks this
 module to orient a token sequence and to restore it; nobody else reverses tokens.
@@ -109,7 +109,7 @@ def draw_direction(seed, doc_index, p_backward=0.5):
     return "backward" if (u >> 11) / float(1 << 53) < p_backward else "forward"
 
 
-# ---- conversations (DESIGN.md §4) ------------------------------------------------------------
+# ---- conversations (docs/DESIGN.md §4) ------------------------------------------------------------
 TRAIN_ON_CHOICES = ("assistant", "user", "all")
 
 
@@ -220,7 +220,7 @@ class DirectionSpec:
         return orient_text_tokens(body, concrete), concrete
 
     def generation_prompt(self, given_tokens, concrete_direction):
-        """The model-side prompt for a generation (DESIGN.md §5): forward continues the given
+        """The model-side prompt for a generation (docs/DESIGN.md §5): forward continues the given
         beginning; backward is given an *ending* and writes what precedes it."""
         return self.header(concrete_direction) + orient_text_tokens(given_tokens, concrete_direction)
 

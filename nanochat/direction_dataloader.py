@@ -1,6 +1,6 @@
 """Direction-aware pretraining batches: orient each document, then pack whole documents.
 
-Order of operations (DESIGN.md §2):
+Order of operations (docs/DESIGN.md §2):
   1. read a document, tokenize it (in batches, multi-threaded),
   2. orient it with nanochat.direction (BOS first; reversed text for backward; a marker after
      BOS for bidirectional, drawn from (seed, global document index)),

@@ -1,6 +1,6 @@
 """Inference: KV-cache generation with batched sampling, and a direction-aware front.
 
-The model always generates left to right over its own orientation (DESIGN.md §5). The
+The model always generates left to right over its own orientation (docs/DESIGN.md §5). The
 front (`Engine.complete`, `Engine.chat`) turns the user's view into that orientation and back:
 - forward: the given text is a beginning; the model continues it.
 - backward: the given text is an *ending*; the model writes what precedes it, and the result is

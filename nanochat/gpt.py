@@ -1,4 +1,4 @@
-"""The GPT: a decoder-only transformer with a Qwen3-like layout (DESIGN.md §11).
+"""The GPT: a decoder-only transformer with a Qwen3-like layout (docs/DESIGN.md §11).
 
 - token embedding and an *untied* output head
 - pre-norm blocks: RMSNorm (with weight) -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual

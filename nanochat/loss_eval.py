@@ -1,4 +1,4 @@
-"""Bits per byte on whole validation documents, in any concrete direction (DESIGN.md §3).
+"""Bits per byte on whole validation documents, in any concrete direction (docs/DESIGN.md §3).
 
     bpb = sum of cross-entropy (nats) over targets that are text tokens
           / (ln 2 * total UTF-8 bytes of those targets)

@@ -1,4 +1,4 @@
-"""Reinforcement learning on verifiable tasks, in the parent checkpoint's direction (DESIGN.md §6).
+"""Reinforcement learning on verifiable tasks, in the parent checkpoint's direction (docs/DESIGN.md §6).
 
 The algorithm is on-policy policy gradient with group-normalised advantages (GRPO-style):
 

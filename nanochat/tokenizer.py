@@ -1,7 +1,7 @@
 """BPE tokenizer: trained with rustbpe, encoded with tiktoken, saved without pickles.
 
 One tokenizer serves all three directions: it is trained on forward text and always holds the
-direction markers <|forward|> and <|backward|> (DESIGN.md §1). Reversal happens on token ids,
+direction markers <|forward|> and <|backward|> (docs/DESIGN.md §1). Reversal happens on token ids,
 never on characters, so forward and backward rows of a document hold the same tokens.
 
 On disk ($NANOCHAT_BASE_DIR/tokenizer/):

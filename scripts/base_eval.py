@@ -1,5 +1,5 @@
 """Evaluate base checkpoints. `--eval=bpb`: bits per byte on the validation documents in each
-requested direction, the same documents for every direction (DESIGN.md §3, §7).
+requested direction, the same documents for every direction (docs/DESIGN.md §3, §7).
 
     python -m scripts.base_eval --eval=bpb --model_tag=d4_backward --eval_directions=forward,backward
     python -m scripts.base_eval --model_tag=fwd,bwd,bidi      # prints the cross-direction matrix

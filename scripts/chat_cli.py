@@ -1,4 +1,4 @@
-"""Talk to a chat checkpoint from the terminal, in the model's direction (DESIGN.md §5).
+"""Talk to a chat checkpoint from the terminal, in the model's direction (docs/DESIGN.md §5).
 
     python -m scripts.chat_cli --model_tag=d4_fwd                 # interactive
     python -m scripts.chat_cli --model_tag=d4_bwd -p "The answer is 56."

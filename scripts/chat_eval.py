@@ -1,4 +1,4 @@
-"""Evaluate chat checkpoints on tasks, in the model's direction(s) (DESIGN.md §5-7).
+"""Evaluate chat checkpoints on tasks, in the model's direction(s) (docs/DESIGN.md §5-7).
 
     python -m scripts.chat_eval --source=sft --model_tag=d4_bidi --tasks=arithmetic,arc_easy --max_examples=100
     python -m scripts.chat_eval --model_tag=d4_bidi --tasks=arithmetic --eval_direction=backward

@@ -7,7 +7,7 @@ Forward, the model reads the question and writes the product (multiplication: ea
 the model is given the answer "56" and writes the question that precedes it; any factorisation
 with both factors > 1 is right ("7*8", "8*7", "4*14" all earn 1.0 for 56). That is factoring,
 the hard direction of the same relation, and it is what lets RL run offline on backward and
-bidirectional models (DESIGN.md §6): a backward model needs a task whose *beginning* can be
+bidirectional models (docs/DESIGN.md §6): a backward model needs a task whose *beginning* can be
 verified.
 
 Examples are generated, never downloaded: example i is a pure function of (split, seed, i), so

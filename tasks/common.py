@@ -4,7 +4,7 @@ A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content":
 multiple-choice tasks add "choices" (list of strings) and "answer" (index of the right one)
 and put the full question in the user turn.
 
-Directions (DESIGN.md §6): a task declares `generation_directions`, the concrete directions in
+Directions (docs/DESIGN.md §6): a task declares `generation_directions`, the concrete directions in
 which its generated side can be verified. Forward: the model is given the user turn and writes
 the answer (`reward(conversation, answer_text)`). Backward: the model is given the assistant's
 answer and writes the question (`reward(conversation, question_text)` with direction
@@ -62,7 +62,7 @@ def check_task_direction(task, direction):
     `direction` (forward, backward or bidirectional); a UserError if there are none.
 
     A bidirectional model can use a task in any direction the task declares; a one-way model
-    only in its own (DESIGN.md §6)."""
+    only in its own (docs/DESIGN.md §6)."""
     validate_direction(direction)
     declared = tuple(task.generation_directions)
     usable = [d for d in concrete_directions(direction) if d in declared]

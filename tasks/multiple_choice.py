@@ -14,7 +14,7 @@ One example is one conversation:
     assistant: B
 
 and carries "choices" (the letters, what the assistant may write), "choice_texts" and "answer"
-(the index of the right choice). Likelihood scoring (DESIGN.md §7) replaces the assistant's
+(the index of the right choice). Likelihood scoring (docs/DESIGN.md §7) replaces the assistant's
 content with each of `choices` in turn and compares the log-likelihood of the whole
 conversation, which is fair to every direction; `reward` checks a generated letter (forward).
 """

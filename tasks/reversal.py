@@ -1,4 +1,4 @@
-"""Reversal-curse facts: fictitious people and what they are known for (DESIGN.md §7).
+"""Reversal-curse facts: fictitious people and what they are known for (docs/DESIGN.md §7).
 
 "Trained one way, tested both": each fact links a made-up name to a made-up description,
 
@@ -27,7 +27,7 @@ The facts depend only on `seed` (not on the split), so the test split probes exa
 the train split taught. Every example carries `fact` (its index), `probe` ("train",
 "as_trained" or "reversed"), `question_entity` and `answer_entity`.
 
-Rewards (text in reading order, DESIGN.md §6): forward, the model was given the question and
+Rewards (text in reading order, docs/DESIGN.md §6): forward, the model was given the question and
 wrote the answer: 1.0 iff `answer_entity` appears in it. Backward, the model was given the
 answer and wrote the question: 1.0 iff `question_entity` appears in it. Matching ignores case and
 extra whitespace and respects word boundaries. On the test split both are non-trivial, because

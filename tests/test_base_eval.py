@@ -1,5 +1,5 @@
 """scripts.base_eval: the arrow of time on tiny forward and backward models, comparable byte
-counts across directions (DESIGN.md §3), evaluation files beside the checkpoints, and refusing
+counts across directions (docs/DESIGN.md §3), evaluation files beside the checkpoints, and refusing
 to overwrite an evaluation."""
 
 import json

@@ -1,4 +1,4 @@
-"""scripts.chat_cli: one-shot and interactive chat in the model's direction (DESIGN.md §5).
+"""scripts.chat_cli: one-shot and interactive chat in the model's direction (docs/DESIGN.md §5).
 
 Forward, the user's text is a question and the reply the answer; backward, the user's text is
 the answer and the reply the generated question, labelled as such; a bidirectional model

@@ -1,5 +1,5 @@
 """Conversations in every direction: rendering, masks that travel with their tokens, and the
-mid/SFT batches built from them (DESIGN.md §4)."""
+mid/SFT batches built from them (docs/DESIGN.md §4)."""
 
 import pytest
 import torch

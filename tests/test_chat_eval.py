@@ -1,5 +1,5 @@
 """scripts.chat_eval and nanochat.chat_eval_lib: whole-text likelihood scoring of multiple
-choice in each direction (DESIGN.md §7), generative evaluation with task rewards in the model's
+choice in each direction (docs/DESIGN.md §7), generative evaluation with task rewards in the model's
 directions (§5-6), evaluation files beside the checkpoint, and clean errors.
 
 Models are tiny base checkpoints (depth 2, 64-token context, a few steps) in all three

@@ -1,5 +1,5 @@
 """Data-parallel training on CPU (gloo, two processes under torchrun) is the same computation as
-one process accumulating the same global batch (DESIGN.md §11, direction_dataloader docstring)."""
+one process accumulating the same global batch (docs/DESIGN.md §11, direction_dataloader docstring)."""
 
 import os
 import re
