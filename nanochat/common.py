@@ -24,8 +24,11 @@ import torch.distributed as dist
 from nanochat.direction import validate_direction, reverse_tokens  # noqa: F401
 
 
-class UserError(Exception):
-    """A mistake in the user's input or environment: shown as one line, exit status 2."""
+class UserError(ValueError):
+    """A mistake in the user's input or environment: shown as one line, exit status 2.
+
+    A ValueError, so code written against the plain Python contract (`except ValueError`, e.g.
+    around validate_direction) catches it too."""
 
 
 def run_main(main):
@@ -41,7 +44,13 @@ def run_main(main):
 
 def get_base_dir():
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
+    if os.path.exists(base) and not os.path.isdir(base):
+        raise UserError(f"the base dir {base} (NANOCHAT_BASE_DIR) is a file, not a directory: point "
+                        "NANOCHAT_BASE_DIR at a directory")
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the base dir {base} (NANOCHAT_BASE_DIR): {e.strerror or e}") from None
     return base
 
 

@@ -6,6 +6,8 @@ An experiment is one training run of one phase (base, mid, sft, rl) in one direc
     config.json      what was run: phase, direction, depth, every flag, seed, parent id,
                      code version, timestamps, status (created/running/completed/failed),
                      and the ids of the experiments that branched from it (`children`)
+    parent_link.json (children only) where the run starts from: parent_experiment (and the
+                     plan's spelling parent_experiment_id), parent_phase, parent_checkpoint_path
     checkpoints/     its checkpoints (the checkpoint module writes here, asking us for the path)
     logs/            its metric logs
     evaluations/     one JSON file per evaluation
@@ -18,6 +20,12 @@ of experiments a forest. The child's `parent_experiment` is the authoritative li
 Nobody else joins paths into `experiments/`: scripts ask `checkpoint_dir(id)`, `logs_dir(id)`
 and friends, so the layout can change in this file alone.
 
+`ExperimentConfig(base_dir)` takes the base directory ($NANOCHAT_BASE_DIR) or, as the original
+plan passes it, the experiments folder itself: a path whose last component is `experiments` is
+taken as the folder, so `ExperimentConfig(base / "experiments")` never nests experiments/experiments.
+`create_experiment` returns the experiment's directory as a `pathlib.Path`; its config is read back
+with `load_config(id_or_path)` (docs/PLAN_DIFFERENCES.md).
+
 Writes are atomic (temp file in the same directory, then `os.replace`), so a killed run never
 leaves a half-written config.json. Under torchrun only rank 0 should create or update experiments.
 """
@@ -28,6 +36,7 @@ import re
 import subprocess
 import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 
 from nanochat.common import UserError, get_base_dir
 from nanochat.direction import validate_direction
@@ -35,6 +44,8 @@ from nanochat.direction import validate_direction
 PHASES = ("base", "mid", "sft", "rl")
 STATUSES = ("created", "running", "completed", "failed")
 CONFIG_NAME = "config.json"
+PARENT_LINK_NAME = "parent_link.json"
+EXPERIMENTS_DIRNAME = "experiments"
 
 # Ids become directory names and checkpoint tags: keep them to characters that are safe in a path
 # on every filesystem, and forbid a leading dot so an id can never be "." / ".." or a hidden dir.
@@ -95,8 +106,14 @@ class ExperimentConfig:
     """Creates, reads and links experiments under `<base_dir>/experiments/`."""
 
     def __init__(self, base_dir=None):
-        self.base_dir = base_dir if base_dir is not None else get_base_dir()
-        self.root = os.path.join(self.base_dir, "experiments")
+        base_dir = os.fspath(base_dir) if base_dir is not None else get_base_dir()
+        if os.path.basename(os.path.normpath(base_dir)) == EXPERIMENTS_DIRNAME:
+            # The plan's spelling: the experiments folder itself (base/"experiments").
+            self.root = os.path.normpath(base_dir)
+            self.base_dir = os.path.dirname(self.root)
+        else:
+            self.base_dir = base_dir
+            self.root = os.path.join(base_dir, EXPERIMENTS_DIRNAME)
 
     # ------------------------------------------------------------------ layout (paths only)
 
@@ -113,6 +130,9 @@ class ExperimentConfig:
 
     def config_path(self, experiment_id):
         return os.path.join(self.experiment_dir(experiment_id), CONFIG_NAME)
+
+    def parent_link_path(self, experiment_id):
+        return os.path.join(self.experiment_dir(experiment_id), PARENT_LINK_NAME)
 
     def checkpoint_dir(self, experiment_id):
         return os.path.join(self.experiment_dir(experiment_id), "checkpoints")
@@ -141,7 +161,16 @@ class ExperimentConfig:
         """The experiment id a checkpoint tag refers to, or None if the tag is not an experiment."""
         return tag if tag and self.exists(tag) else None
 
+    def _as_id(self, experiment):
+        """An experiment id, or the directory create_experiment returned (a Path) -> its id."""
+        if isinstance(experiment, os.PathLike):
+            return os.path.basename(os.path.normpath(os.fspath(experiment)))
+        return experiment
+
     def load_config(self, experiment_id):
+        """The experiment's config.json as a dict; `experiment_id` may be the id or the Path
+        create_experiment returned."""
+        experiment_id = self._as_id(experiment_id)
         path = self.config_path(experiment_id)
         if not os.path.isfile(path):
             known = self.list_experiments()
@@ -159,7 +188,31 @@ class ExperimentConfig:
                 raise UserError(f"experiment config {path} is not valid JSON ({e}); fix or remove it") from None
 
     def load_parent_link(self, experiment_id):
-        return self.load_config(experiment_id).get("parent_experiment")
+        """The child's parent_link.json as a dict ({"parent_experiment", "parent_experiment_id",
+        "parent_phase", "parent_checkpoint_path"}), or None for a root experiment.
+
+        An experiment created before parent links were written gets the same dict rebuilt from
+        its config (config.json's `parent_experiment` is the authoritative link)."""
+        experiment_id = self._as_id(experiment_id)
+        config = self.load_config(experiment_id)
+        path = self.parent_link_path(experiment_id)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    return json.load(f)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+        parent = config.get("parent_experiment")
+        return None if parent is None else self._parent_link(parent)
+
+    def _parent_link(self, parent_experiment):
+        parent_phase = None
+        if self.exists(parent_experiment):
+            parent_phase = self.load_config(parent_experiment).get("phase")
+        return {"parent_experiment": parent_experiment,
+                "parent_experiment_id": parent_experiment,  # the original plan's key
+                "parent_phase": parent_phase,
+                "parent_checkpoint_path": self.checkpoint_dir(parent_experiment)}
 
     # ------------------------------------------------------------------ writes
 
@@ -199,11 +252,13 @@ class ExperimentConfig:
 
     def create_experiment(self, phase, direction, depth, parent_experiment=None, experiment_id=None,
                           resume=False, **kwargs):
-        """Create experiment `<id>` (or, with resume=True, return the existing one) and its config.
+        """Create experiment `<id>` (or, with resume=True, reuse the existing one) with its
+        config.json (and parent_link.json for a child); return its directory as a pathlib.Path.
 
         `kwargs` are the run's training flags, recorded verbatim under "flags" (and "seed").
         A non-base phase needs a parent; a child inherits the parent's direction and depth when
         they are None, and contradicting them is an error (a checkpoint's direction is fixed).
+        Read the config back with `load_config(path)` (or `load_config(path.name)`).
         """
         if phase not in PHASES:
             raise UserError(f"unknown phase {phase!r}: must be one of {', '.join(PHASES)}")
@@ -248,7 +303,9 @@ class ExperimentConfig:
                 if existing.get(name) != wanted:
                     raise UserError(f"cannot resume experiment {experiment_id!r}: its {name} is "
                                     f"{existing.get(name)!r}, not {wanted!r}")
-            return existing
+            if parent_experiment is not None and not os.path.isfile(self.parent_link_path(experiment_id)):
+                _atomic_write_json(self.parent_link_path(experiment_id), self._parent_link(parent_experiment))
+            return Path(self.experiment_dir(experiment_id))
 
         now = _utc_now().isoformat(timespec="seconds")
         config = {
@@ -269,13 +326,15 @@ class ExperimentConfig:
                     self.evaluations_dir(experiment_id)):
             os.makedirs(sub, exist_ok=True)
         self._write_config(experiment_id, config)
+        if parent is not None:
+            _atomic_write_json(self.parent_link_path(experiment_id), self._parent_link(parent_experiment))
 
         if parent is not None and experiment_id not in parent.get("children", []):
             # Re-read just before writing so the newest parent config (e.g. a status change) is kept.
             parent = self.load_config(parent_experiment)
             parent["children"] = parent.get("children", []) + [experiment_id]
             self._write_config(parent_experiment, parent)
-        return config
+        return Path(self.experiment_dir(experiment_id))
 
     # ------------------------------------------------------------------ lineage
 

@@ -4,6 +4,7 @@ import json
 import os
 import re
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,9 @@ def test_default_base_dir_comes_from_environment(tmp_path, monkeypatch):
 def test_create_load_round_trip_has_all_fields(ec, tmp_path):
     flags = {"seed": 7, "num_iterations": 10, "device_batch_size": 2, "run": "dummy"}
     created = make_base(ec, **flags)
+    assert isinstance(created, Path) and created == Path(tmp_path, "experiments", "base_fwd")
     loaded = ec.load_config("base_fwd")
-    assert loaded == created
+    assert ec.load_config(created) == loaded  # the returned Path reads the config back too
     assert loaded["experiment_id"] == "base_fwd"
     assert loaded["phase"] == "base"
     assert loaded["direction"] == "forward"
@@ -61,8 +63,8 @@ def test_create_load_round_trip_has_all_fields(ec, tmp_path):
 
 
 def test_default_id_is_descriptive_and_unique(ec):
-    a = ec.create_experiment("base", "backward", 6)["experiment_id"]
-    b = ec.create_experiment("base", "backward", 6)["experiment_id"]
+    a = ec.create_experiment("base", "backward", 6).name
+    b = ec.create_experiment("base", "backward", 6).name
     assert re.fullmatch(r"base_d6_backward_\d{8}_\d{6}(_\d+)?", a)
     assert a != b
     assert ec.list_experiments() == sorted([a, b])
@@ -75,9 +77,10 @@ def test_duplicate_id_refused(ec):
 
 
 def test_resume_returns_existing(ec):
-    first = make_base(ec, seed=1)
+    first = ec.load_config(make_base(ec, seed=1))
     ec.set_status("base_fwd", "running")
-    again = ec.create_experiment("base", "forward", 4, experiment_id="base_fwd", resume=True, seed=99)
+    again = ec.load_config(ec.create_experiment("base", "forward", 4, experiment_id="base_fwd", resume=True,
+                                                seed=99))
     assert again["created_at"] == first["created_at"]
     assert again["seed"] == 1 and again["status"] == "running"
     with pytest.raises(UserError, match="direction"):
@@ -90,8 +93,8 @@ def test_resume_returns_existing(ec):
 
 
 def test_resume_of_missing_id_creates_it(ec):
-    cfg = ec.create_experiment("base", "forward", 4, experiment_id="fresh", resume=True)
-    assert cfg["status"] == "created" and ec.exists("fresh")
+    path = ec.create_experiment("base", "forward", 4, experiment_id="fresh", resume=True)
+    assert ec.load_config(path)["status"] == "created" and ec.exists("fresh")
 
 
 def test_non_base_without_parent_refused(ec):
@@ -150,9 +153,13 @@ def test_branching_two_children_of_one_parent(ec):
     ec.create_experiment("sft", None, None, parent_experiment="mid_a", experiment_id="sft_a")
     make_base(ec, experiment_id="base_bwd", direction="backward")
 
-    assert ec.load_parent_link("mid_a") == "base_fwd"
-    assert ec.load_parent_link("mid_b") == "base_fwd"
-    assert ec.load_parent_link("sft_a") == "mid_a"
+    assert ec.load_parent_link("mid_a")["parent_experiment"] == "base_fwd"
+    assert ec.load_parent_link("mid_b")["parent_experiment"] == "base_fwd"
+    link = ec.load_parent_link("sft_a")
+    assert link == {"parent_experiment": "mid_a", "parent_experiment_id": "mid_a", "parent_phase": "mid",
+                    "parent_checkpoint_path": ec.checkpoint_dir("mid_a")}
+    with open(os.path.join(ec.experiment_dir("sft_a"), "parent_link.json")) as f:
+        assert json.load(f) == link  # written beside config.json
     parent = ec.load_config("base_fwd")
     assert parent["children"] == ["mid_a", "mid_b"]
     assert parent["status"] == "completed"  # appending a child keeps the parent's other fields
@@ -208,7 +215,8 @@ def test_update_config_merges_and_protects_identity(ec):
 
 def test_direction_inherited_and_contradiction_refused(ec):
     make_base(ec, experiment_id="base_bwd", direction="backward")
-    child = ec.create_experiment("mid", None, None, parent_experiment="base_bwd", experiment_id="mid_bwd")
+    child = ec.load_config(ec.create_experiment("mid", None, None, parent_experiment="base_bwd",
+                                                experiment_id="mid_bwd"))
     assert child["direction"] == "backward" and child["depth"] == 4
     with pytest.raises(UserError, match="contradicts"):
         ec.create_experiment("sft", "forward", 4, parent_experiment="mid_bwd", experiment_id="sft_fwd")
@@ -225,7 +233,7 @@ def test_atomic_write_leaves_no_temp_files(ec):
     ec.update_config("base_fwd", note="x")
     for dirpath, _, files in os.walk(ec.root):
         for name in files:
-            assert name == "config.json", os.path.join(dirpath, name)
+            assert name in ("config.json", "parent_link.json"), os.path.join(dirpath, name)
 
 
 def test_failed_write_keeps_old_config_and_no_temp(ec, monkeypatch):
@@ -248,3 +256,43 @@ def test_find_experiment_for_checkpoint_tag(ec):
     assert ec.find_experiment_for_checkpoint_tag("base_fwd") == "base_fwd"
     assert ec.find_experiment_for_checkpoint_tag("d12") is None
     assert ec.find_experiment_for_checkpoint_tag("") is None
+
+
+def test_experiments_folder_as_base_dir_is_not_nested(tmp_path):
+    """The plan passes the experiments folder itself: ExperimentConfig(base / "experiments")."""
+    by_folder = ExperimentConfig(base_dir=os.path.join(str(tmp_path), "experiments"))
+    path = by_folder.create_experiment("base", "forward", 2, experiment_id="plan_style")
+    assert path == Path(tmp_path, "experiments", "plan_style")
+    assert not os.path.exists(os.path.join(str(tmp_path), "experiments", "experiments"))
+    by_base = ExperimentConfig(base_dir=Path(tmp_path))
+    assert by_base.root == by_folder.root and by_base.base_dir == by_folder.base_dir == str(tmp_path)
+    assert by_base.list_experiments() == ["plan_style"]
+
+
+def test_parent_link_rebuilt_for_older_experiments_and_on_resume(ec):
+    make_base(ec)
+    child = ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a")
+    os.remove(child / "parent_link.json")  # an experiment made before parent links existed
+    assert ec.load_parent_link("mid_a") == {"parent_experiment": "base_fwd", "parent_experiment_id": "base_fwd",
+                                            "parent_phase": "base",
+                                            "parent_checkpoint_path": ec.checkpoint_dir("base_fwd")}
+    ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a", resume=True)
+    assert (child / "parent_link.json").is_file()
+
+
+def test_plan_example_experiment_config(tmp_path):
+    """docs/PLAN: the plan's own experiment-config test, as written there."""
+    config = ExperimentConfig(base_dir=str(tmp_path))
+    base_dir = config.create_experiment(phase="base", direction="forward", depth=20, experiment_id="test_base")
+    assert base_dir.exists()
+    assert (base_dir / "config.json").exists()
+    assert (base_dir / "checkpoints").exists()
+    mid_dir = config.create_experiment(phase="mid", direction="forward", depth=20, parent_experiment="test_base",
+                                       experiment_id="test_mid")
+    assert (mid_dir / "parent_link.json").exists()
+    loaded_config = config.load_config("test_base")
+    assert loaded_config["phase"] == "base"
+    parent_link = config.load_parent_link("test_mid")
+    assert parent_link["parent_experiment_id"] == "test_base"
+    assert parent_link["parent_phase"] == "base"
+    assert parent_link["parent_checkpoint_path"] == str(base_dir / "checkpoints")
