@@ -1,0 +1,199 @@
+"""Batches prepared ahead of the training step, on a background thread.
+
+Tokenizing, orienting and packing documents (nanochat.direction_dataloader) or rendering
+conversations (nanochat.chat_data) is CPU work. Done inside the step, the accelerator idles
+while it runs. `Prefetcher` wraps any such batch iterator and keeps up to `depth` batches
+ready in a bounded queue, so the step only pays for a queue hand-off.
+
+Exact resume (docs/DESIGN.md §8). The wrapped loader runs ahead of the trainer, so its own
+`state_dict()` describes batches nobody has trained on yet. The worker therefore snapshots
+the loader's state right after producing each batch and queues it with the batch; the
+prefetcher's `state_dict()` is the snapshot that came with the last batch the trainer
+*consumed*. Loading it into a fresh loader (prefetching or not) continues with exactly the
+batch that would have come next.
+
+On CUDA the worker copies each batch through pinned memory on its own stream, with a
+non-blocking copy, and the consumer's stream waits on that copy's event: the copy overlaps
+with the running step. On CPU batches are handed over as they are.
+
+A failure in the worker (a missing shard, a bad document) is re-raised in the training thread
+at the `next()` that would have received the batch. The thread is a daemon and polls a stop
+event, so `close()` (or interpreter exit) never hangs on it.
+"""
+
+import copy
+import queue
+import threading
+import time
+from contextlib import nullcontext as _no_stream
+
+import torch
+
+# What travels through the queue: ("batch", tensors, state, event) | ("error", exception) | ("end",)
+_POLL_S = 0.1  # how often a blocked worker checks whether it was asked to stop
+
+
+class Prefetcher:
+    """Iterator over `loader`'s batches (tuples of tensors), produced `depth` batches ahead.
+
+    loader: an iterator with `state_dict()` / `load_state_dict()` (DirectionAwareLoader,
+        ConversationBatches). Its tensors may be on the CPU; they are moved to `device` here.
+    depth: batches kept ready (>= 1).
+    device: where batches are delivered (default: left where the loader put them).
+
+    `wait_seconds` accumulates the time the consumer spent blocked waiting for a batch (the
+    data wait of the training step); `last_wait_seconds` is that of the latest `next()`.
+    """
+
+    def __init__(self, loader, depth=2, device=None):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self.loader, self.depth = loader, depth
+        self.device = torch.device(device) if device is not None else None
+        self.wait_seconds, self.last_wait_seconds = 0.0, 0.0
+        self._state = copy.deepcopy(loader.state_dict())  # nothing consumed yet
+        self._thread, self._queue, self._stop = None, None, None
+        self._finished = False
+        self._ran_ahead = False  # the loader is past the consumed state (a worker was stopped)
+
+    # ---- the worker ----------------------------------------------------------------------
+    def _start(self):
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(self._queue, self._stop),
+                                        name="nanochat-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, q, stop, item):
+        """Blocking put that gives up when asked to stop; returns False if it gave up."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, q, stop):
+        cuda = self.device is not None and self.device.type == "cuda"
+        try:
+            if cuda:
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+            # Copies (ours, and any the loader makes itself) go on a side stream so they overlap
+            # with the step running on the main stream.
+            stream = torch.cuda.Stream(self.device) if cuda else None
+            while not stop.is_set():
+                with torch.cuda.stream(stream) if cuda else _no_stream():
+                    try:
+                        batch = next(self.loader)
+                    except StopIteration:
+                        self._put(q, stop, ("end",))
+                        return
+                    state = copy.deepcopy(self.loader.state_dict())  # the state right after this batch
+                    event = None
+                    if cuda:
+                        batch = tuple(t.pin_memory().to(self.device, non_blocking=True) if t.device.type == "cpu"
+                                      else t for t in batch)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    elif self.device is not None:
+                        batch = tuple(t.to(self.device) for t in batch)
+                if not self._put(q, stop, ("batch", batch, state, event)):
+                    return
+        except BaseException as e:  # handed to the consumer, who re-raises it
+            self._put(q, stop, ("error", e))
+
+    # ---- the consumer ----------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        if self._thread is None:
+            if self._ran_ahead:  # batches prepared ahead were dropped by close(): rewind to them
+                self.loader.load_state_dict(copy.deepcopy(self._state))
+                self._ran_ahead = False
+            self._start()
+        t0 = time.perf_counter()
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the prefetch worker stopped without handing over a batch or an error")
+        self.last_wait_seconds = time.perf_counter() - t0
+        self.wait_seconds += self.last_wait_seconds
+        kind = item[0]
+        if kind == "end":
+            self._finished = True
+            raise StopIteration
+        if kind == "error":
+            self._finished = True
+            raise item[1]
+        _, batch, state, event = item
+        if event is not None:
+            # Kernels of this step run on the current stream: order them after the copy, and tell
+            # the allocator the tensors are used there (they were allocated on the copy stream).
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in batch:
+                t.record_stream(current)
+        self._state = state
+        return batch
+
+    # ---- resume ------------------------------------------------------------------------------
+    def state_dict(self):
+        """The loader's state right after the last batch returned by `next()`."""
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state):
+        """Discard batches produced ahead, restore the loader, and prefetch from there."""
+        self.close()
+        self.loader.load_state_dict(state)
+        self._state = copy.deepcopy(self.loader.state_dict())
+        self._finished = self._ran_ahead = False
+
+    # ---- shutdown ----------------------------------------------------------------------------
+    def close(self, timeout=10.0):
+        """Stop the worker and drop the batches it prepared; a later `next()` rewinds the loader
+        to the consumed state and restarts the worker."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        self._ran_ahead = True
+        # Unblock a worker waiting on a full queue.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout)
+        if thread.is_alive():
+            # The worker is inside next(loader) (e.g. tokenizing). It sees the stop event after
+            # that batch and exits; it is a daemon, so it never keeps the process alive. It must
+            # not touch the loader again, which is why load_state_dict refuses to go on.
+            raise RuntimeError(f"the prefetch worker did not stop within {timeout:.0f}s")
+        self._thread, self._queue, self._stop = None, None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if self._thread is not None:
+                self._stop.set()
+        except Exception:
+            pass
+
+
+def prefetching(loader, depth, device=None):
+    """`loader` wrapped in a Prefetcher of `depth` batches; `depth` 0 returns `loader` itself."""
+    if depth < 0:
+        raise ValueError(f"prefetch depth must be >= 0 (0 = off), got {depth}")
+    return Prefetcher(loader, depth, device) if depth > 0 else loader
