@@ -24,6 +24,7 @@ from nanochat.direction import DirectionSpec, concrete_directions, validate_dire
 from nanochat.direction_dataloader import direction_aware_dataloader
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb, select_documents
+from nanochat.prefetch import prefetching
 from nanochat.research_logger import ResearchLogger
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import Trainer, autocast_context, grad_accum_steps_for, run_loop
@@ -71,6 +72,7 @@ def build_parser():
     add_flag(p, "compile", type=int, default=-1, help="torch.compile the model (-1 = on for cuda)")
     add_flag(p, "resume_from_step", type=int, default=-1, help="continue from this saved step")
     add_flag(p, "tokenizer_threads", type=int, default=4)
+    add_flag(p, "prefetch", type=int, default=2, help="batches prepared ahead on a background thread (0 = off)")
     return p
 
 
@@ -167,10 +169,15 @@ def train(args, ddp, rank, world_size, device):
            f"steps={num_iterations} tokens={tokens_per_step * num_iterations:,} ({tokens_per_step * num_iterations / num_params:.2f}/param)")
     print0(f"checkpoints: {checkpoint_dir}")
 
+    if args.prefetch < 0:
+        raise UserError(f"--prefetch must be >= 0 (0 = off), got {args.prefetch}")
+    # With --prefetch the loader builds batches on the CPU and the prefetcher moves them (pinned,
+    # non-blocking); its state_dict is that of the last batch consumed (nanochat/prefetch.py).
     loader = direction_aware_dataloader(B, T, "train", args.direction, tokenizer_threads=args.tokenizer_threads,
-                                        device=device, seed=args.seed, p_backward=args.p_backward,
-                                        tokenizer=tokenizer, rank=rank, world_size=world_size,
-                                        grad_accum_steps=grad_accum)
+                                        device="cpu" if args.prefetch else device, seed=args.seed,
+                                        p_backward=args.p_backward, tokenizer=tokenizer, rank=rank,
+                                        world_size=world_size, grad_accum_steps=grad_accum)
+    loader = prefetching(loader, args.prefetch, device)
     trainer = Trainer(train_model, optimizers, loader, grad_accum, num_iterations, tokens_per_step, device,
                       world_size=world_size, grad_clip=args.grad_clip, flops_per_token=flops_per_token,
                       init_lr_frac=args.init_lr_frac,
