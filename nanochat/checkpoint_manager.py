@@ -5,9 +5,16 @@ A checkpoint directory holds, per saved step:
     meta_<step>.json           direction, marker ids, model config, phase, parent, user config...
     optim_<step>_rank<r>.pt    each rank's optimizer and dataloader state (for resuming)
 
-Every file is written to a temporary name and renamed, so a crash mid-save never leaves a
-half-written checkpoint under a real name. Loads use torch.load(weights_only=True), which
-refuses to execute pickled code.
+Every file is written to a temporary name and renamed (nanochat.paths.atomic_write), so a crash
+mid-save never leaves a half-written checkpoint under a real name; a save that fails (disk full)
+removes what it wrote of that step, and `clean_checkpoint_dir` removes what a killed save left
+(temporary files, model/optimizer files of a step without meta). Loads use
+torch.load(weights_only=True), which refuses to execute pickled code. Weights are checked finite
+before they are saved: a poisoned checkpoint is never written.
+
+Integrity: every checkpoint's meta holds `tokenizer_fingerprint` (a hash of the tokenizer's
+ranks, special tokens and split pattern, nanochat.tokenizer.Tokenizer.fingerprint); loading with
+a different tokenizer is an error, not silently wrong bits per byte.
 
 Where checkpoints live: `source` (base, mid, sft, rl) names a phase directory under the base
 dir, `{base,mid,chatsft,chatrl}_checkpoints/<model_tag>/`. When `<model_tag>` is the id of an
@@ -17,6 +24,7 @@ instead: an experiment is the single owner of its checkpoints.
 
 import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -24,18 +32,13 @@ import re
 import torch
 
 from nanochat.common import UserError, get_base_dir, print0
+from nanochat.paths import atomic_write, remove_stale_temporaries, validate_name
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-
-
-def _atomic_write(path, write_fn):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# A model config is checked against its weights before anything is allocated; beyond this many
+# parameters a meta file is taken to be corrupt rather than tried.
+MAX_PARAMS = 10**12
+_STEP_FILE = re.compile(r"(?:model|meta|optim)_(\d+)(?:_rank\d+)?\.(?:pt|json)")
 
 
 def model_path(checkpoint_dir, step):
@@ -50,19 +53,73 @@ def optim_path(checkpoint_dir, step, rank):
     return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
 
 
+class NonFiniteWeights(UserError):
+    """The weights hold NaN or inf: the step is not saved."""
+
+
+def check_finite_state(model_state, step):
+    """Raise NonFiniteWeights naming the first non-finite tensor of a state dict."""
+    for name, tensor in model_state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeights(f"the weights are not finite at step {step} ({name} holds NaN or inf): "
+                                   "that step is not saved")
+
+
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, rank=0):
     """Write one step's checkpoint. Rank 0 writes model and meta; every rank its own optimizer
-    (and dataloader) state. Meta is written last: its presence marks a complete checkpoint."""
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    if optimizer_states is not None:
-        _atomic_write(optim_path(checkpoint_dir, step, rank), lambda p: torch.save(optimizer_states, p))
-    if rank == 0:
-        _atomic_write(model_path(checkpoint_dir, step), lambda p: torch.save(model_state, p))
+    (and dataloader) state. Meta is written last: its presence marks a complete checkpoint.
 
-        def write_meta(p):
-            with open(p, "w") as f:
-                json.dump(meta, f, indent=2, default=str)
-        _atomic_write(meta_path(checkpoint_dir, step), write_meta)
+    Non-finite weights are refused before anything is written; a failed write (disk full)
+    removes this step's files and raises one UserError."""
+    check_finite_state(model_state, step)
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    written = []
+    try:
+        if optimizer_states is not None:
+            written.append(optim_path(checkpoint_dir, step, rank))
+            atomic_write(written[-1], lambda p: torch.save(optimizer_states, p))
+        if rank == 0:
+            written.append(model_path(checkpoint_dir, step))
+            atomic_write(written[-1], lambda p: torch.save(model_state, p))
+
+            def write_meta(p):
+                with open(p, "w") as f:
+                    json.dump(meta, f, indent=2, default=str)
+                    f.flush()
+                    os.fsync(f.fileno())
+            atomic_write(meta_path(checkpoint_dir, step), write_meta)
+    except BaseException:
+        for path in written:  # an incomplete step must not look like a checkpoint (or fill the disk)
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+
+
+def remove_steps(checkpoint_dir, steps):
+    """Delete every file of the given steps (meta first, so a step is never half-listed)."""
+    steps = set(steps)
+    if not os.path.isdir(checkpoint_dir):
+        return
+    names = sorted(os.listdir(checkpoint_dir), key=lambda n: not n.startswith("meta_"))
+    for name in names:
+        m = _STEP_FILE.fullmatch(name)
+        if m and int(m.group(1)) in steps:
+            os.remove(os.path.join(checkpoint_dir, name))
+
+
+def clean_checkpoint_dir(checkpoint_dir):
+    """Remove what a killed save left: temporary files, and model/optimizer files of a step that
+    has no meta (never complete). Returns the names removed. Call it holding the run lock."""
+    removed = remove_stale_temporaries(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        return removed
+    complete = set(list_steps(checkpoint_dir))
+    for name in sorted(os.listdir(checkpoint_dir)):
+        m = _STEP_FILE.fullmatch(name)
+        if m and not name.startswith("meta_") and int(m.group(1)) not in complete:
+            os.remove(os.path.join(checkpoint_dir, name))
+            removed.append(name)
+    return removed
 
 
 def _safe_load(path, device):
@@ -121,9 +178,11 @@ def _experiments(base_dir=None):
 
 
 def checkpoint_dir_for(source, model_tag, base_dir=None):
-    """Where checkpoints of (source, model_tag) are written and read."""
+    """Where checkpoints of (source, model_tag) are written and read. `model_tag` must be a plain
+    name (nanochat.paths.validate_name): a tag never escapes its phase directory."""
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}: use one of {', '.join(SOURCE_DIRS)}")
+    validate_name(model_tag, "model tag")
     experiments = _experiments(base_dir)
     if model_tag and experiments.find_experiment_for_checkpoint_tag(model_tag):
         return experiments.checkpoint_dir(model_tag)
@@ -135,6 +194,7 @@ def artifact_dirs(source, model_tag, base_dir=None):
 
     For an experiment these are the experiment's own directories; for a plain tagged run they
     sit inside its checkpoint directory."""
+    validate_name(model_tag, "model tag")
     experiments = _experiments(base_dir)
     if model_tag and experiments.find_experiment_for_checkpoint_tag(model_tag):
         return {"run": experiments.experiment_dir(model_tag), "checkpoints": experiments.checkpoint_dir(model_tag),
@@ -162,6 +222,8 @@ def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
     """(checkpoint_dir, step, model_tag) for a source, defaulting to the newest tag / last step."""
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}: use one of {', '.join(SOURCE_DIRS)}")
+    if model_tag is not None:
+        validate_name(model_tag, "model tag")
     if model_tag is None:
         tags = list_tags(source, base_dir)
         if not tags:
@@ -192,9 +254,10 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
         config = GPTConfig(**meta["model_config"])
     except TypeError as e:
         raise UserError(f"checkpoint metadata in {checkpoint_dir} has a model config this code does not know: {e}")
-    model = GPT.build(config, device)
     # torch.compile prefixes names with "_orig_mod."; accept checkpoints written either way.
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    _check_config_fits_weights(config, model_state, meta_path(checkpoint_dir, step))
+    model = GPT.build(config, device)
     try:
         model.load_state_dict(model_state, strict=True)
     except RuntimeError as e:
@@ -203,8 +266,40 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
     return model, meta
 
 
+def _check_config_fits_weights(config, model_state, where):
+    """Compare the config's parameter shapes (built on the meta device: nothing is allocated)
+    with the saved tensors, so an absurd or tampered config is refused before any allocation."""
+    from nanochat.gpt import GPT
+    values = [v for v in vars(config).values()]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise UserError(f"{where}: the model config {config.to_dict()} has non-positive or non-numeric values")
+    try:
+        with torch.device("meta"):
+            skeleton = GPT(config)
+    except Exception as e:
+        raise UserError(f"{where}: the model config {config.to_dict()} cannot be built: {type(e).__name__}: {e}")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    total = sum(math.prod(s) for s in expected.values())
+    if total > MAX_PARAMS:
+        raise UserError(f"{where}: the model config asks for {total:.3g} parameters: the metadata is corrupt")
+    saved = {k: tuple(v.shape) for k, v in model_state.items() if torch.is_tensor(v)}
+    if expected != saved:
+        differ = sorted(k for k in set(expected) | set(saved) if expected.get(k) != saved.get(k))
+        sample = ", ".join(f"{k}: config {expected.get(k)} vs saved {saved.get(k)}" for k in differ[:3])
+        raise UserError(f"{where}: the model config does not match the saved weights ({sample}"
+                        f"{', ...' if len(differ) > 3 else ''}): the checkpoint is corrupt or was edited")
+
+
+def tokenizer_fingerprint(tokenizer):
+    """The tokenizer's fingerprint, or None for a tokenizer class without one."""
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
 def check_tokenizer_matches(meta, tokenizer):
-    """A model is only meaningful with the token ids it was trained with."""
+    """A model is only meaningful with the token ids it was trained with: the tokenizer's
+    fingerprint must equal the one recorded at training time (older checkpoints without one are
+    checked by vocabulary size, BOS id and marker ids)."""
     if meta.get("vocab_size") is not None and meta["vocab_size"] != tokenizer.get_vocab_size():
         raise UserError(f"the checkpoint was trained with a {meta['vocab_size']}-token vocabulary but the tokenizer "
                         f"has {tokenizer.get_vocab_size()}: the tokenizer changed since training")
@@ -214,6 +309,15 @@ def check_tokenizer_matches(meta, tokenizer):
         if (markers.get("forward"), markers.get("backward")) != (fwd, bwd):
             raise UserError(f"the checkpoint's marker ids {markers} differ from the tokenizer's "
                             f"(forward={fwd}, backward={bwd}): the tokenizer changed since training")
+    saved = meta.get("tokenizer_fingerprint")
+    current = tokenizer_fingerprint(tokenizer)
+    if saved is not None and current is not None and saved != current:
+        raise UserError(f"the tokenizer differs from the one this checkpoint was trained with (fingerprint "
+                        f"{current[:12]} vs {saved[:12]}): it was retrained or edited since; restore that tokenizer "
+                        "or train a new model")
+    if meta.get("bos_id") is not None and meta["bos_id"] != tokenizer.get_bos_token_id():
+        raise UserError(f"the checkpoint was trained with BOS id {meta['bos_id']} but the tokenizer's is "
+                        f"{tokenizer.get_bos_token_id()}: the tokenizer changed since training")
 
 
 def load_model(source, device, phase="eval", model_tag=None, step=None, base_dir=None):
@@ -224,7 +328,14 @@ def load_model(source, device, phase="eval", model_tag=None, step=None, base_dir
     model, meta = build_model(directory, step, device, phase)
     tokenizer = get_tokenizer(base_dir)
     check_tokenizer_matches(meta, tokenizer)
-    meta.setdefault("model_tag", model_tag)
+    # Where this run lives is what was resolved from the tag, never what the metadata says: a
+    # copied or edited meta file must not redirect evaluations (meta["model_tag"] is overwritten;
+    # the recorded one is kept as saved_model_tag).
+    if "model_tag" in meta:
+        meta["saved_model_tag"] = meta["model_tag"]
+    meta["model_tag"] = model_tag
     meta["checkpoint_dir"] = directory
+    meta["run_dir"] = artifact_dirs(source, model_tag, base_dir)["run"]
+    meta["evaluations_dir"] = artifact_dirs(source, model_tag, base_dir)["evaluations"]
     meta["step"] = step
     return model, tokenizer, meta

@@ -119,11 +119,8 @@ class ExperimentConfig:
 
     @staticmethod
     def validate_id(experiment_id):
-        if not isinstance(experiment_id, str) or not _ID_PATTERN.match(experiment_id) \
-                or experiment_id.startswith("."):
-            raise UserError(f"invalid experiment id {experiment_id!r}: use only letters, digits, '.', '_' "
-                            "and '-', not starting with '.'")
-        return experiment_id
+        from nanochat.paths import validate_name  # the one gate for names that become paths
+        return validate_name(experiment_id, "experiment id")
 
     def experiment_dir(self, experiment_id):
         return os.path.join(self.root, self.validate_id(experiment_id))

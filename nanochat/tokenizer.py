@@ -84,19 +84,50 @@ class Tokenizer:
         meta_path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(meta_path):
             raise UserError(f"no tokenizer in {directory}: train one with `python -m scripts.tok_train`")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        retrain = "retrain it with `python -m scripts.tok_train --overwrite`"
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            specials, pattern = meta["special_tokens"], meta["pattern"]
+            if not isinstance(specials, dict) or not isinstance(pattern, str):
+                raise TypeError("special_tokens must be an object and pattern a string")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"tokenizer file {meta_path} is corrupt ({type(e).__name__}: {e}); {retrain}") from None
         ranks = {}
         ranks_path = os.path.join(directory, "ranks.tiktoken")
         if not os.path.exists(ranks_path):
-            raise UserError(f"tokenizer in {directory} is incomplete ({ranks_path} is missing); retrain it with "
-                            "`python -m scripts.tok_train --overwrite`")
+            raise UserError(f"tokenizer in {directory} is incomplete ({ranks_path} is missing); {retrain}")
         with open(ranks_path) as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if line.strip():
-                    tok, rank = line.split()
-                    ranks[base64.b64decode(tok)] = int(rank)
-        return cls(ranks, meta["special_tokens"], pattern=meta["pattern"])
+                    try:
+                        tok, rank = line.split()
+                        ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                    except ValueError:
+                        raise UserError(f"tokenizer file {ranks_path} is corrupt at line {number} ({line.strip()[:40]!r}); "
+                                        f"{retrain}") from None
+        try:
+            return cls(ranks, specials, pattern=pattern)
+        except Exception as e:  # tiktoken: a bad regex or inconsistent ranks/special ids
+            raise UserError(f"tokenizer in {directory} cannot be built ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0]}); {retrain}") from None
+
+    def fingerprint(self):
+        """sha256 of what defines the token ids: merge ranks, special tokens and split pattern.
+
+        Recorded in every checkpoint's meta and compared on load (nanochat.checkpoint_manager), so
+        a retrained tokenizer of the same size is caught instead of giving silently wrong bpb."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            import hashlib
+            h = hashlib.sha256()
+            h.update(self.pattern.encode())
+            for name, token_id in sorted(self.special_tokens.items()):
+                h.update(f"\0{name}\0{token_id}".encode())
+            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                h.update(b"\0" + base64.b64encode(token) + f" {rank}".encode())
+            cached = self._fingerprint = h.hexdigest()
+        return cached
 
     # ---- vocabulary ----------------------------------------------------------------------
     def get_vocab_size(self):

@@ -8,8 +8,10 @@ same computation: mean over all micro-batches of the global batch.
 """
 
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -156,7 +158,8 @@ class Trainer:
         metrics = {"loss": loss_value, "lr_mult": mult, "dt": dt, "tok_per_s": self.tokens_per_step / dt,
                    "grad_norm": float(grad_norm)}
         if not math.isfinite(loss_value):
-            raise UserError(f"training diverged at step {step}: loss is {loss_value}; lower the learning rates")
+            # step is 0-based here; progress lines and checkpoints count steps from 1
+            raise TrainingDiverged(f"training diverged at step {step + 1}: loss is {loss_value}; lower the learning rates")
         if self.peak_flops and self.flops_per_token:
             metrics["mfu"] = self.flops_per_token * self.tokens_per_step / dt / (self.peak_flops * self.world_size)
         if layer_grads is not None:
@@ -166,22 +169,122 @@ class Trainer:
     def optimizer_state(self):
         return [opt.state_dict() for opt in self.optimizers]
 
-    def load_optimizer_state(self, states):
+    def load_optimizer_state(self, states, keep_hyperparameters=True):
+        """Load saved optimizer state (moments, step counts). With keep_hyperparameters (the
+        default) every group keeps the hyperparameters this run was set up with (initial_lr,
+        weight_decay, betas...): the flags of a resumed run apply from the resume step, instead
+        of being silently replaced by the saved ones."""
         for opt, s in zip(self.optimizers, states):
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(s)
-            for group in opt.param_groups:  # the schedule is re-applied from the step
-                group.setdefault("initial_lr", group["lr"])
+            for group, wanted in zip(opt.param_groups, fresh):
+                if keep_hyperparameters:
+                    group.update(wanted)
+                group.setdefault("initial_lr", group["lr"])  # the schedule is re-applied from the step
+
+
+class TrainingDiverged(UserError):
+    """The loss (or a validation metric) is not finite, or blew up: the run stops, exit 2."""
+
+
+class LossMonitor:
+    """Reports loss spikes and stops a run that blew up.
+
+    A spike: a loss above `spike_factor` x the running mean (an exponential moving average,
+    reported after `warmup` steps), printed as a warning. A blow-up: a loss above `blowup_loss`
+    (the scripts pass 10 x ln(vocab size): ten times worse than a uniform guess, which no
+    healthy run reaches): the weights are wrecked even if the loss later settles, so the run
+    stops rather than end with exit 0."""
+
+    def __init__(self, blowup_loss=None, spike_factor=3.0, beta=0.9, warmup=5):
+        self.blowup_loss, self.spike_factor, self.beta, self.warmup = blowup_loss, spike_factor, beta, warmup
+        self.mean, self.seen, self.spikes = None, 0, []
+
+    def update(self, step, loss, print_fn=print):
+        """`step` counts from 1. Returns True for a spike; raises TrainingDiverged on a blow-up."""
+        if self.blowup_loss is not None and loss > self.blowup_loss:
+            raise TrainingDiverged(f"training blew up at step {step}: loss {loss:.4g} exceeds {self.blowup_loss:.4g} "
+                                   "(10 x ln(vocab size), far worse than a uniform guess); lower the learning rates")
+        spike = (self.mean is not None and self.seen >= self.warmup and self.spike_factor > 0
+                 and loss > self.spike_factor * self.mean)
+        if spike:
+            self.spikes.append(step)
+            print_fn(f"warning: loss spike at step {step}: {loss:.4f} is {loss / self.mean:.1f}x the running mean "
+                     f"{self.mean:.4f}")
+        else:  # a spike does not move the mean it is judged against
+            self.mean = loss if self.mean is None else self.beta * self.mean + (1 - self.beta) * loss
+        self.seen += 1
+        return spike
+
+
+class StopRequested(SystemExit):
+    """SIGTERM/SIGINT arrived: the loop stopped after a step with its log flushed."""
+
+
+@contextmanager
+def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
+    """Within the block, the first SIGTERM/SIGINT only sets `state["signal"]` (the loop finishes
+    its step, flushes the research log and stops); a second one interrupts at once. Outside the
+    main thread signals cannot be handled: the block then does nothing."""
+    state = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state["signal"] is not None:
+            raise KeyboardInterrupt(f"second signal {signum}")
+        state["signal"] = signum
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield state
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, evaluate=None, save=None,
-             save_every=-1, sample=None, sample_every=-1, logger=None, snapshot=None, wandb_run=None, print_fn=print):
+             save_every=-1, sample=None, sample_every=-1, logger=None, snapshot=None, wandb_run=None, print_fn=print,
+             blowup_loss=None, spike_factor=3.0):
     """The step loop every phase shares: step, print progress, evaluate, log, sample, save.
 
-    evaluate(step) -> dict of metrics (printed by the caller); save(step); sample(step);
+    evaluate(step) -> dict of metrics (printed by the caller); save(step, last); sample(step);
     snapshot(step, layer_grads) -> dict of large arrays for the research log. Returns the last
-    metrics (train loss and the latest evaluation)."""
+    metrics (train loss and the latest evaluation).
+
+    What a killed or diverged run keeps: the research log is flushed after every save, so its
+    rows up to the last checkpoint survive even SIGKILL; SIGTERM/SIGINT stop the loop after the
+    current step with the log flushed (StopRequested, exit status 128 + signal); a non-finite
+    loss, validation metric or weight, or a blow-up (LossMonitor), stops the run with one
+    message naming the last good checkpoint, and non-finite weights are never saved."""
+    monitor = LossMonitor(blowup_loss, spike_factor)
+    progress = {"saved": start_step if start_step > 0 else None}
+    with stop_on_signals() as stop:
+        try:
+            return _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, save, save_every,
+                         sample, sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress)
+        except UserError as e:
+            if not isinstance(e, TrainingDiverged) and type(e).__name__ != "NonFiniteWeights":
+                raise
+            where = (f"the last good checkpoint is step {progress['saved']}" if progress["saved"] is not None
+                     else "no checkpoint was saved")
+            raise type(e)(f"{e}; {where}") from None
+        finally:
+            if logger is not None and not logger.closed:
+                logger.flush()
+
+
+def _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, save, save_every, sample,
+          sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress):
     last = {}
     t_start = time.time()
+
+    def checkpoint(step):
+        save(step, last)
+        progress["saved"] = step
+        if logger is not None:
+            logger.flush()  # the log always reaches at least the last checkpoint
+
     for step in range(start_step, num_iterations):
         want_snapshot = logger is not None and snapshot is not None and logger.should_snapshot(step)
         metrics = trainer.step(step, want_layer_grads=want_snapshot)
@@ -203,10 +306,22 @@ def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, ev
                 logger.log_snapshot(step + 1, snapshot(step + 1, layer_grads))
         if wandb_run is not None:
             wandb_run.log(dict(metrics, step=step + 1))
+        bad = sorted(k for k, v in last.items() if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            raise TrainingDiverged(f"{', '.join(bad)} is not finite at step {step + 1} ({last[bad[0]]})")
+        monitor.update(step + 1, metrics["loss"], print_fn)
         if sample is not None and sample_every > 0 and (step + 1) % sample_every == 0:
             sample(step + 1)
         if save is not None and save_every > 0 and (step + 1) % save_every == 0 and not is_last:
-            save(step + 1, last)
+            checkpoint(step + 1)
+        if stop["signal"] is not None and not is_last:
+            name = signal.Signals(stop["signal"]).name
+            if logger is not None:
+                logger.flush()
+            where = (f"resume from step {progress['saved']}" if progress["saved"] is not None
+                     else "no checkpoint was saved yet")
+            print_fn(f"stopped by {name} after step {step + 1}: the research log is flushed; {where}")
+            raise StopRequested(128 + stop["signal"])
     if save is not None and start_step < num_iterations:
-        save(num_iterations, last)
+        checkpoint(num_iterations)
     return last

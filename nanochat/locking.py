@@ -1,0 +1,179 @@
+"""One writer per run directory: an OS file lock held for the life of the process.
+
+`acquire_run_lock(run_dir)` takes an exclusive `fcntl.flock` on `<run_dir>/.lock` and writes the
+holder's pid into it. The kernel releases the lock when the process dies (even by SIGKILL), so a
+stale lock can never block a rerun, and a second writer is refused at once with the holder's pid.
+Checking "does the directory already hold checkpoints?" is racy between two processes that start
+together; the lock is not.
+
+Orchestrated runs (scripts/run_backward_experiment.py): the orchestrator holds the lock of every
+experiment of its chain and names them in the environment variable NANOCHAT_HELD_LOCKS
+(os.pathsep-separated lock files). A script started under it finds its run directory's lock
+there, checks that the process holding it is one of its ancestors, and then takes a second lock,
+`<run_dir>/.lock.child`, for itself: at most one child trains per run even while an old child of
+a killed orchestrator is still shutting down. The child also watches the holder: when it dies the
+child stops (SIGTERM to itself), and on Linux the orchestrator additionally starts its children
+with PR_SET_PDEATHSIG (`parent_death_signal`), so killing the orchestrator takes its trainer down.
+
+Where fcntl is missing (Windows) the lock degrades to a pid file check without kernel release.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from nanochat.common import UserError
+
+ENV_HELD = "NANOCHAT_HELD_LOCKS"
+LOCK_NAME = ".lock"
+CHILD_LOCK_NAME = ".lock.child"
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux/macOS
+    fcntl = None
+
+
+class RunLock:
+    """A held lock; release() (or process exit) frees it."""
+
+    def __init__(self, path, fd, inherited=False):
+        self.path, self._fd, self.inherited = path, fd, inherited
+
+    def release(self):
+        if self._fd is not None:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def lock_path(run_dir):
+    return os.path.join(os.path.abspath(run_dir), LOCK_NAME)
+
+
+def _read_holder(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return int(text.split()[0]) if text else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _try_lock(path, what, wait_s=0.0):
+    """An fd holding an exclusive lock on `path`, or a UserError naming the holder."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create the lock file {path}: {e.strerror or e}; is the base dir writable?") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            holder = _read_holder(path)
+            os.close(fd)
+            who = f"process {holder}" if holder else "another process"
+            raise UserError(f"{what} is in use by {who} (lock {path}); wait for it to finish or stop it first: "
+                            "two writers would overwrite each other's checkpoints and logs") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _ancestors():
+    """Pids of this process's ancestors (Linux /proc; just the parent elsewhere)."""
+    found, pid = [], os.getppid()
+    for _ in range(64):
+        if pid <= 1:
+            break
+        found.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_holder(pid, interval=0.5):
+    """Stop this process (SIGTERM to itself: a clean shutdown) when the lock holder dies."""
+    def watch():
+        while _pid_alive(pid):
+            time.sleep(interval)
+        print(f"error: the process holding this run's lock ({pid}) died; stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="lock-holder-watch", daemon=True).start()
+
+
+def held_locks():
+    return [p for p in os.environ.get(ENV_HELD, "").split(os.pathsep) if p]
+
+
+def acquire_run_lock(run_dir, what=None):
+    """Lock `run_dir` for this process (see the module docstring); returns a RunLock."""
+    what = what or f"run directory {run_dir}"
+    os.makedirs(run_dir, exist_ok=True)
+    path = lock_path(run_dir)
+    if path in held_locks():
+        holder = _read_holder(path)
+        if holder is not None and holder in _ancestors():
+            # A short wait: the previous child of a killed orchestrator may still be shutting down.
+            fd = _try_lock(os.path.join(os.path.dirname(path), CHILD_LOCK_NAME), what, wait_s=15.0)
+            _watch_holder(holder)
+            return RunLock(path, fd, inherited=True)
+    return RunLock(path, _try_lock(path, what))
+
+
+def env_with_locks(env, locks):
+    """A copy of `env` naming `locks` (RunLocks held by this process) for child processes."""
+    env = dict(env)
+    paths = held_locks() + [lock.path for lock in locks]
+    env[ENV_HELD] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def parent_death_signal(sig=signal.SIGTERM):
+    """A preexec_fn for subprocess.Popen: on Linux the child gets `sig` when its parent dies.
+
+    Returns None elsewhere (the child's holder watch in acquire_run_lock is the fallback)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def set_pdeathsig():
+        import ctypes
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    return set_pdeathsig

@@ -1,0 +1,121 @@
+"""Names that become paths, and the few file operations every writer shares.
+
+Tags (`--model_tag`, `--output_tag`) and experiment ids become directory names under the base
+dir. `validate_name` is the one gate they all pass (checkpoint_manager.checkpoint_dir_for and
+artifact_dirs, experiment_config.validate_id): a plain name of letters, digits, '.', '_' and
+'-', not starting with '.', at most 128 characters. No separator, no '..', nothing absolute, so
+a tag can never write outside its phase directory.
+
+The file helpers:
+- `atomic_write(path, write_fn)`: write to a temporary name in the same directory, then rename.
+  A failure (disk full included) removes the temporary file and raises one clear UserError.
+- `remove_stale_temporaries(directory)`: the `*.tmp*` files a killed writer left behind.
+- `check_writable(directory)`: create the directory and prove a file can be written there,
+  before hours of training are spent on a run whose first save would fail.
+- `move_aside(path)`: `<name>.h5` -> `<name>.attempt<N>.h5`, never overwriting earlier evidence.
+"""
+
+import errno
+import os
+import re
+import shutil
+
+from nanochat.common import UserError
+
+MAX_NAME_LEN = 128
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+# Temporary names this project writes: `<file>.tmp<pid>` (checkpoints), `<file>.tmp` (shards,
+# evaluations, tokenizer), `.<file>.<random>.tmp` (experiment configs).
+_TEMP_PATTERN = re.compile(r"(\.tmp\d*$)|(\.tmp\.)|(^\..+\.tmp$)")
+
+
+def validate_name(name, what="tag"):
+    """`name` if it is a plain directory name; one UserError saying what is allowed otherwise."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{what} must be a non-empty name, got {name!r}")
+    if len(name) > MAX_NAME_LEN or not _NAME_PATTERN.match(name):
+        raise UserError(f"invalid {what} {name!r}: use only letters, digits, '.', '_' and '-' (no '/', no "
+                        f"leading '.', at most {MAX_NAME_LEN} characters); a {what} names a directory under the "
+                        "base dir, never a path")
+    return name
+
+
+def is_disk_full(exc):
+    """True for the ways a full disk shows up: ENOSPC/EDQUOT, or torch's zip writer message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path), then rename tmp_path to `path` (atomic within a filesystem).
+
+    On any failure the temporary file is removed; an OS-level failure (disk full, read-only,
+    permission) becomes one UserError naming the file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not isinstance(e, OSError) and not is_disk_full(e):
+            raise
+        if is_disk_full(e):
+            raise UserError(f"no space left on the device while writing {path}; nothing was kept under that "
+                            "name: free some space and rerun (resume from the last saved step)") from None
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    def write(p):
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
+def remove_stale_temporaries(directory):
+    """Delete the temporary files a killed writer left in `directory`; returns their names.
+
+    Call it only while holding the directory's run lock (nanochat.locking): another live writer's
+    temporary file would otherwise be removed under it."""
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if _TEMP_PATTERN.search(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def check_writable(directory, what="the run directory"):
+    """Create `directory` if needed and prove that a file can be written in it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_probe.tmp{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {directory}: {e.strerror or e}; point NANOCHAT_BASE_DIR at a "
+                        "writable directory (or fix its permissions / free space)") from None
+    return directory
+
+
+def move_aside(path):
+    """<name>.h5 -> <name>.attempt<N>.h5 (a directory: <name>.attempt<N>) with the first free N.
+
+    A restart from scratch must never overwrite what a previous attempt left: it is evidence."""
+    stem, ext = (path, "") if os.path.isdir(path) else os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.attempt{n}{ext}"):
+        n += 1
+    target = f"{stem}.attempt{n}{ext}"
+    shutil.move(path, target)
+    return target
