@@ -1,9 +1,19 @@
 """Train the BPE tokenizer on the train split and save it to $NANOCHAT_BASE_DIR/tokenizer.
 
     python -m scripts.tok_train --max_chars=2000000000 --vocab_size=65536
+    python -m scripts.tok_train --train_direction=both      # the tokenizer control
 
-The tokenizer is trained on forward text only; it carries the <|forward|>/<|backward|> markers,
-and backward models reverse token ids, so one tokenizer serves all three directions.
+The tokenizer carries the <|forward|>/<|backward|> markers, and backward models reverse token
+ids, so one tokenizer serves all three directions. By default its merges are fitted to forward
+text. --train_direction is the control of docs/DESIGN.md §2, to check that an arrow-of-time gap
+is not an artefact of merges fitted to one reading direction:
+  backward  merges fitted to each document with its characters reversed
+            (nanochat.direction.reverse_text)
+  both      each document forward and reversed, so neither direction is favoured
+The choice is recorded as "train_direction" in tokenizer.json. The split pattern is the same in
+every case. Models keep reversing token ids: `both` is the drop-in control for the existing
+pipeline; `backward` is the tokenizer a character-reversed pipeline (the published control,
+not yet built here: the dataloader reverses tokens, not characters) would use.
 """
 
 import argparse
@@ -13,7 +23,7 @@ import time
 
 from nanochat.common import UserError, add_flag, get_base_dir, run_main
 from nanochat.dataset import DocumentSource
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
+from nanochat.tokenizer import SPECIAL_TOKENS, TRAIN_DIRECTIONS, Tokenizer, tokenizer_dir
 
 
 def text_iterator(max_chars, doc_cap, data_dir=None):
@@ -32,8 +42,12 @@ def main(argv=None):
     add_flag(parser, "max_chars", type=int, default=2_000_000_000, help="characters of training text to use")
     add_flag(parser, "doc_cap", type=int, default=10_000, help="characters taken from each document at most")
     add_flag(parser, "vocab_size", type=int, default=65536, help="vocabulary size including special tokens")
+    add_flag(parser, "train_direction", default="forward",
+             help="text the merges are fitted to: forward, backward (characters reversed) or both")
     add_flag(parser, "overwrite", action="store_true", help="replace an existing tokenizer")
     args = parser.parse_args(argv)
+    if args.train_direction not in TRAIN_DIRECTIONS:
+        raise UserError(f"--train_direction={args.train_direction!r}: use one of {', '.join(TRAIN_DIRECTIONS)}")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         raise UserError("--max_chars and --doc_cap must be positive")
     out = tokenizer_dir()
@@ -41,7 +55,8 @@ def main(argv=None):
         raise UserError(f"a tokenizer already exists in {out}; checkpoints trained with it depend on its ids. "
                         "Pass --overwrite to replace it, or set NANOCHAT_BASE_DIR elsewhere")
     t0 = time.time()
-    tokenizer = Tokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap), args.vocab_size)
+    tokenizer = Tokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap), args.vocab_size,
+                                              train_direction=args.train_direction)
     train_s = time.time() - t0
     tokenizer.save(out)
     # Sanity: a round trip and the special tokens every direction relies on.
@@ -50,7 +65,8 @@ def main(argv=None):
     for name in SPECIAL_TOKENS:
         tokenizer.encode_special(name)
     lengths = tokenizer.token_byte_lengths()
-    print(f"trained a {tokenizer.get_vocab_size()}-token vocabulary in {train_s:.1f}s; saved to {out}")
+    print(f"trained a {tokenizer.get_vocab_size()}-token vocabulary on {args.train_direction} text in {train_s:.1f}s; "
+          f"saved to {out}")
     print(f"special tokens: {len(SPECIAL_TOKENS)} (bos={tokenizer.get_bos_token_id()}, "
           f"forward={tokenizer.get_forward_token_id()}, backward={tokenizer.get_backward_token_id()}); "
           f"mean token length {lengths[lengths > 0].mean():.2f} bytes")

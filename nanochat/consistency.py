@@ -1,0 +1,197 @@
+"""Factorisation consistency: do the two readings of a text agree on its probability?
+
+A language model factorises p(x) left to right, a backward model right to left. For the true
+distribution both give the same number for every document: log p_fwd(x) = log p_bwd(x). For a
+bidirectional model (one network, two factorisations) and for a separately trained forward /
+backward pair, this module measures how far apart the two are, per document:
+
+    bpb_fwd(doc), bpb_bwd(doc)       bits per byte of the same whole document read each way
+                                     (docs/DESIGN.md §3: same tokens, same byte denominator)
+    mean |bpb_fwd - bpb_bwd|         0 for a consistent model
+    mean (bpb_bwd - bpb_fwd)         the average arrow-of-time gap, per document
+    correlation                      Pearson r over documents: do both readings find the same
+                                     documents hard?
+
+Documents are scored with nanochat/loss_eval.py's windows (a long document is scored in windows
+that restate its header, every text token exactly once), one document per row so that each sum
+belongs to one document. The sums over all documents equal evaluate_bpb's.
+"""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, validate_direction
+from nanochat.loss_eval import _pieces
+
+
+@torch.no_grad()
+def per_document_bpb(model, tokenizer, token_bytes, docs, trained_direction, concrete_direction, T, batch_size,
+                     device, autocast_ctx=None):
+    """(nats, bytes) per document of `docs` (this rank's share) read in `concrete_direction`.
+
+    Lists in the order of `docs`; under a process group they are gathered from every rank
+    (rank r's documents at positions r, r + world, ..., as select_documents splits them)."""
+    validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
+    spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
+    token_bytes = token_bytes.to(device)
+    pieces = []  # (doc index, inputs, targets): one window per row
+    for d, tokens in enumerate(docs):
+        row, _ = spec.orient(tokens, concrete_direction=concrete_direction)
+        pieces += [(d, inp, tgt) for inp, tgt, _ in _pieces(row, T, spec.header_len)]
+    nats = [0.0] * len(docs)
+    nbytes = [0] * len(docs)
+    for start in range(0, len(pieces), batch_size):
+        chunk = pieces[start:start + batch_size]
+        width = max(len(inp) for _, inp, _ in chunk)
+        x = torch.full((len(chunk), width), spec.bos_id, dtype=torch.long)
+        y = torch.full((len(chunk), width), -1, dtype=torch.long)
+        for r, (_, inp, tgt) in enumerate(chunk):
+            x[r, :len(inp)] = torch.tensor(inp)
+            y[r, :len(tgt)] = torch.tensor(tgt)
+        x, y = x.to(device), y.to(device)
+        if autocast_ctx is not None:
+            with autocast_ctx:
+                loss = model(x, y, loss_reduction="none")
+        else:
+            loss = model(x, y, loss_reduction="none")
+        nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
+        row_nats = (loss.double() * (nb > 0)).sum(dim=1).tolist()  # special-token targets drop out
+        row_bytes = nb.sum(dim=1).tolist()
+        for (d, _, _), n, b in zip(chunk, row_nats, row_bytes):
+            nats[d] += n
+            nbytes[d] += int(b)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (nats, nbytes))
+        nats, nbytes = [], []
+        for i in range(max(len(g[0]) for g in gathered)):  # interleave back to global order
+            for g in gathered:
+                if i < len(g[0]):
+                    nats.append(g[0][i])
+                    nbytes.append(g[1][i])
+    return nats, nbytes
+
+
+def bits_per_byte(nats, nbytes):
+    return [n / (math.log(2) * b) if b > 0 else float("nan") for n, b in zip(nats, nbytes)]
+
+
+def consistency_stats(bpb_forward, bpb_backward):
+    """Agreement of two per-document bpb lists (same documents, same order)."""
+    f, b = np.asarray(bpb_forward, dtype=np.float64), np.asarray(bpb_backward, dtype=np.float64)
+    keep = np.isfinite(f) & np.isfinite(b)
+    f, b = f[keep], b[keep]
+    corr = float(np.corrcoef(f, b)[0, 1]) if len(f) > 1 and f.std() > 0 and b.std() > 0 else float("nan")
+    diff = b - f
+    return {"documents": int(len(f)), "mean_bpb_forward": float(f.mean()), "mean_bpb_backward": float(b.mean()),
+            "mean_abs_diff": float(np.abs(diff).mean()), "mean_diff": float(diff.mean()),
+            "std_diff": float(diff.std(ddof=1)) if len(f) > 1 else float("nan"),
+            "max_abs_diff": float(np.abs(diff).max()), "correlation": corr}
+
+
+def plot_consistency(bpb_forward, bpb_backward, output_path, title):
+    """Scatter of per-document bpb, forward (x) against backward (y), with the diagonal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(bpb_forward, bpb_backward, s=10, alpha=0.6)
+    values = [v for v in list(bpb_forward) + list(bpb_backward) if math.isfinite(v)]
+    lo, hi = (min(values), max(values)) if values else (0, 1)
+    ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, linestyle="--", label="same both ways")
+    ax.set_xlabel("bits per byte, forward reading")
+    ax.set_ylabel("bits per byte, backward reading")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    tmp = f"{output_path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, output_path)
+    return output_path
+
+
+def consistency_record(kind, forward, backward, docs_nbytes, **info):
+    """The JSON record: stats plus the per-document numbers. `forward`/`backward` are (nats, bytes)."""
+    bpb_f, bpb_b = bits_per_byte(*forward), bits_per_byte(*backward)
+    if list(forward[1]) != list(backward[1]):  # the same text both ways: identical byte counts
+        raise ValueError("forward and backward byte counts differ: not the same documents")
+    return dict(info, eval="consistency", kind=kind, stats=consistency_stats(bpb_f, bpb_b),
+                per_document={"bytes": list(docs_nbytes), "bpb_forward": bpb_f, "bpb_backward": bpb_b,
+                              "nats_forward": list(forward[0]), "nats_backward": list(backward[0])})
+
+
+# ---- files and the report ---------------------------------------------------------------------------
+# <run>/evaluations/consistency_step<NNNNNN>.json (a bidirectional model: its two readings) and
+# consistency_pair_<backward tag>_step<NNNNNN>.json in the forward model's run (a forward/backward pair);
+# the scatter plot beside each, same name with .png.
+_FILE = re.compile(r"^consistency_(?:pair_(.+)_)?step(\d+)\.json$")
+
+
+def consistency_evaluation_path(evaluations_dir, step, pair_tag=None):
+    name = f"consistency_pair_{pair_tag}_step{step:06d}.json" if pair_tag else f"consistency_step{step:06d}.json"
+    return os.path.join(evaluations_dir, name)
+
+
+def list_consistency_evaluations(evaluations_dir):
+    """[(step, pair_tag or None, path)] by increasing step."""
+    if not os.path.isdir(evaluations_dir):
+        return []
+    return sorted(((int(m.group(2)), m.group(1), os.path.join(evaluations_dir, n))
+                   for n in os.listdir(evaluations_dir) if (m := _FILE.match(n))), key=lambda t: (t[0], t[1] or ""))
+
+
+def write_consistency(path, record, title):
+    """JSON and its scatter plot (rank 0 only)."""
+    from nanochat.core_eval import write_record
+    per_doc = record["per_document"]
+    plot_consistency(per_doc["bpb_forward"], per_doc["bpb_backward"], path[:-len(".json")] + ".png", title)
+    write_record(path, record)
+
+
+def format_stats(label, stats):
+    return (f"{label}: {stats['documents']} documents | mean bpb fwd {stats['mean_bpb_forward']:.4f} "
+            f"bwd {stats['mean_bpb_backward']:.4f} | mean |diff| {stats['mean_abs_diff']:.4f} | "
+            f"mean diff (bwd - fwd) {stats['mean_diff']:+.4f} | correlation {stats['correlation']:.4f}")
+
+
+def markdown_section(run_name, evaluations_dir, plots_dir):
+    """The report's consistency section for one run (latest step, each kind), or None."""
+    import shutil
+    found = list_consistency_evaluations(evaluations_dir)
+    if not found:
+        return None
+    last_step = found[-1][0]
+    lines = [f"### Factorisation consistency: {run_name} (step {last_step})", "",
+             "Per-document bits per byte of the same documents read forward and backward "
+             "(nanochat/consistency.py). A perfect model gives the same number both ways.", "",
+             "| models | documents | bpb fwd | bpb bwd | mean abs diff | mean diff (bwd - fwd) | correlation |",
+             "|---|---|---|---|---|---|---|"]
+    plots = []
+    for step, pair, path in found:
+        if step != last_step:
+            continue
+        with open(path) as f:
+            record = json.load(f)
+        s = record["stats"]
+        label = record.get("label") or (f"{run_name} + {pair}" if pair else run_name)
+        lines.append(f"| {label} | {s['documents']} | {s['mean_bpb_forward']:.4f} | {s['mean_bpb_backward']:.4f} | "
+                     f"{s['mean_abs_diff']:.4f} | {s['mean_diff']:+.4f} | {s['correlation']:.4f} |")
+        png = path[:-len(".json")] + ".png"
+        if os.path.isfile(png) and plots_dir:
+            os.makedirs(plots_dir, exist_ok=True)
+            dst = os.path.join(plots_dir, f"{run_name}_{os.path.basename(png)}")
+            shutil.copyfile(png, dst)
+            plots.append((label, os.path.basename(dst)))
+    lines.append("")
+    for label, name in plots:
+        lines.append(f"![consistency {label}]({os.path.basename(plots_dir.rstrip(os.sep))}/{name})")
+    return "\n".join(lines) + "\n"

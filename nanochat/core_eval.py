@@ -1,0 +1,450 @@
+"""CORE-style in-context benchmark for base models, in every concrete direction (docs/DESIGN.md §7).
+
+The tasks are the usual few-shot ones of the public evaluation bundle (the DCLM "CORE" set that
+nanochat users read for every base model), three kinds:
+
+    multiple_choice     one context, several continuations     {"query", "choices", "gold"}
+    schema              several contexts, one continuation     {"context_options", "continuation", "gold"}
+    language_modeling   one context, one continuation          {"context", "continuation"}
+
+Bundle layout (downloaded once to $NANOCHAT_BASE_DIR/eval_bundle/, or pointed at with
+--bundle_dir): `core.yaml` lists the tasks (label, dataset_uri, num_fewshot, icl_task_type,
+continuation_delimiter), `eval_meta_data.csv` gives each task's random baseline in percent
+("Eval Task", "Random baseline"), `eval_data/.../*.jsonl` holds the items. The small fixture in
+tests/fixtures/eval_bundle/ has the same layout and goes through the same code.
+
+Direction-fair scoring. Every item is turned into whole texts, one per option (the item's
+context, the delimiter, the continuation), tokenised once in reading order and oriented by
+nanochat.direction, so the forward and backward readings hold exactly the same tokens.
+
+- Few-shot demonstrations (other items of the task with their right answer, drawn
+  deterministically per item) go where the evaluated reading meets them *first*: before the item
+  in reading order when scoring forward, after it when scoring backward. They are context only,
+  never scored. If a row does not fit the model's context, demonstrations are dropped (the same
+  number in both directions); an item that does not fit without them is skipped and counted.
+- multiple_choice and schema: the option whose whole item text (context + continuation) has the
+  highest log-likelihood in the evaluated direction wins; the sum over the item's tokens is not
+  length-normalised: it is the probability of the complete text, which a perfect model gives
+  identically in both directions. What is shared between options drops out of the ranking in the
+  direction that reads it first: forward multiple choice ranks like log p(choice | context)
+  (summed, not per-token as in nanochat's CORE, so absolute numbers are not comparable with
+  published ones); backward schema ranks like log p(context | continuation).
+- language_modeling: correct iff every target token is the greedy (argmax) prediction given what
+  precedes it in the reading. The target is "the continuation in the evaluated reading": the last
+  k item tokens the reading meets, k = the number of tokens of the task's continuation. Forward,
+  that is the task's continuation given its context (as usual). Backward, the model is given the
+  item's *ending* and must write its first k tokens, i.e. the mirror image of the forward question
+  on the same text with the same number of target tokens (docs/DESIGN.md §5: backward generation
+  writes what precedes a given ending). Tasks built so that their last word needs the whole
+  passage (LAMBADA) ask a different, usually harder question backward: read backward-LM numbers
+  as a mirror probe, not the same probe.
+
+A one-way model is also scored in the other direction (the cross-direction cell, as in the bpb
+matrix): its rows simply carry no marker. Aggregate: per task the centred accuracy
+(accuracy - baseline) / (1 - baseline), baseline = random-guess accuracy; CORE = the mean over
+tasks, per evaluated direction.
+"""
+
+import csv
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import urllib.request
+import zipfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanochat.common import UserError, get_base_dir, print0
+from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, concrete_directions, orient_text_tokens, \
+    validate_direction
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+BUNDLE_DIRNAME = "eval_bundle"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+FEWSHOT_SEPARATOR = "\n\n"
+CORE_TRAINING_MAX_PER_TASK = 500  # items per task when base_train runs CORE (--core_metric_every)
+
+
+# ---- the bundle ------------------------------------------------------------------------------------
+def default_bundle_dir(base_dir=None):
+    return os.path.join(base_dir or get_base_dir(), BUNDLE_DIRNAME)
+
+
+def _is_bundle(path):
+    return os.path.isfile(os.path.join(path, "core.yaml")) and os.path.isfile(os.path.join(path, "eval_meta_data.csv"))
+
+
+def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=4, backoff_s=2.0, timeout_s=60):
+    """Download the bundle zip (with retries) and unpack it to <base_dir>/eval_bundle/.
+
+    Written under temporary names and renamed at the end, so an interrupted download never
+    leaves a half bundle that looks complete. Raises a one-line UserError when it cannot."""
+    base_dir = base_dir or get_base_dir()
+    target = default_bundle_dir(base_dir)
+    zip_tmp = os.path.join(base_dir, f"eval_bundle.zip.tmp{os.getpid()}")
+    last_error = None
+    for attempt in range(1, max_attempts + 1):
+        try:
+            print0(f"downloading the CORE eval bundle from {url} (attempt {attempt}/{max_attempts})")
+            with urllib.request.urlopen(url, timeout=timeout_s) as response, open(zip_tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
+            break
+        except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are OSErrors
+            last_error = e
+            if os.path.exists(zip_tmp):
+                os.remove(zip_tmp)
+            if attempt < max_attempts:
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+    else:
+        reason = getattr(last_error, "reason", last_error)
+        raise UserError(f"could not download the CORE eval bundle from {url} ({type(last_error).__name__}: "
+                        f"{str(reason).splitlines()[0] if str(reason) else ''}); offline, unpack a copy so that "
+                        f"{os.path.join(target, 'core.yaml')} exists, or pass --bundle_dir=<dir with core.yaml>")
+    unpack_tmp = os.path.join(base_dir, f"eval_bundle.tmp{os.getpid()}")
+    try:
+        try:
+            with zipfile.ZipFile(zip_tmp) as z:
+                z.extractall(unpack_tmp)
+        except zipfile.BadZipFile:
+            raise UserError(f"the file downloaded from {url} is not a zip archive; check --bundle_url")
+        # The archive holds either the bundle's files or one folder that holds them.
+        root = unpack_tmp
+        if not _is_bundle(root):
+            inner = [os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+            root = next((d for d in inner if _is_bundle(d)), None)
+            if root is None:
+                raise UserError(f"the archive from {url} has no core.yaml and eval_meta_data.csv: not a CORE bundle")
+        if os.path.exists(target):
+            raise UserError(f"{target} exists but is not a complete bundle (no core.yaml or eval_meta_data.csv); "
+                            "remove it and run again")
+        os.replace(root, target)
+    finally:
+        shutil.rmtree(unpack_tmp, ignore_errors=True)
+        if os.path.exists(zip_tmp):
+            os.remove(zip_tmp)
+    print0(f"CORE eval bundle ready in {target}")
+    return target
+
+
+def ensure_bundle(bundle_dir=None, url=BUNDLE_URL, base_dir=None):
+    """A usable bundle directory: `bundle_dir` if given (never downloaded into), else the cached
+    <base_dir>/eval_bundle/, downloaded on first use."""
+    if bundle_dir:
+        if not _is_bundle(bundle_dir):
+            raise UserError(f"--bundle_dir={bundle_dir} is not a CORE bundle: it needs core.yaml and eval_meta_data.csv")
+        return bundle_dir
+    cached = default_bundle_dir(base_dir)
+    if _is_bundle(cached):
+        return cached
+    return download_bundle(url, base_dir)
+
+
+def load_task_list(bundle_dir):
+    """[{label, task_type, num_fewshot, delimiter, data_path, random_baseline}] of core.yaml."""
+    import yaml
+    with open(os.path.join(bundle_dir, "core.yaml")) as f:
+        config = yaml.safe_load(f) or {}
+    baselines = {}
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            baselines[row["Eval Task"].strip()] = float(row["Random baseline"])
+    tasks = []
+    for entry in config.get("icl_tasks", []):
+        label, task_type = entry["label"], entry["icl_task_type"]
+        if task_type not in TASK_TYPES:
+            raise UserError(f"{bundle_dir}/core.yaml: task {label} has type {task_type!r}; known: {', '.join(TASK_TYPES)}")
+        if label not in baselines:
+            raise UserError(f"{bundle_dir}/eval_meta_data.csv has no random baseline for task {label}")
+        shots = entry.get("num_fewshot", [0])
+        tasks.append({"label": label, "task_type": task_type,
+                      "num_fewshot": int(shots[0] if isinstance(shots, list) else shots),
+                      "delimiter": entry.get("continuation_delimiter", " "),
+                      "data_path": os.path.join(bundle_dir, "eval_data", entry["dataset_uri"].removeprefix("eval_data/")),
+                      "random_baseline": baselines[label] / 100.0})
+    if not tasks:
+        raise UserError(f"{bundle_dir}/core.yaml lists no icl_tasks")
+    return tasks
+
+
+def load_items(task):
+    """The task's items as [{"options": [(context, continuation)], "gold": index}]."""
+    items = []
+    with open(task["data_path"]) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if task["task_type"] == "multiple_choice":
+                items.append({"options": [(row["query"], c) for c in row["choices"]], "gold": int(row["gold"])})
+            elif task["task_type"] == "schema":
+                items.append({"options": [(c, row["continuation"]) for c in row["context_options"]],
+                              "gold": int(row["gold"])})
+            else:
+                items.append({"options": [(row["context"], row["continuation"])], "gold": 0})
+    return items
+
+
+# ---- rows -------------------------------------------------------------------------------------------
+def split_at_delimiter(context, delimiter, continuation):
+    """(given text, continuation text) of one option. The delimiter's trailing spaces move to the
+    continuation, so "Answer:" + " Paris" tokenise as in running text (the pre-tokeniser attaches a
+    space to the following word)."""
+    stripped = delimiter.rstrip(" ")
+    return context + stripped, delimiter[len(stripped):] + continuation
+
+
+def _fewshot_indices(label, index, n_items, num_fewshot):
+    # Deterministic per (task, item): the same demonstrations in every direction, rank and run.
+    rng = random.Random(f"core/{label}/{index}")
+    others = [i for i in range(n_items) if i != index]
+    return rng.sample(others, min(num_fewshot, len(others)))
+
+
+def item_rows(tokenizer, spec, task, items, index, concrete_direction, seq_len):
+    """Oriented rows for every option of items[index], or None if the item cannot fit.
+
+    Returns (rows, n_shots, target_len) where each row is (ids, roles): roles[i] is 'item' for
+    the item's tokens, 'context' for header, demonstrations and separators; target_len is the
+    number of continuation tokens (language_modeling)."""
+    enc = tokenizer.encode
+    delim = task["delimiter"]
+    item = items[index]
+    options = [split_at_delimiter(c, delim, k) for c, k in item["options"]]
+    encoded = [(enc(g), enc(k)) for g, k in options]
+    demos = []
+    for j in _fewshot_indices(task["label"], index, len(items), task["num_fewshot"]):
+        demo = items[j]
+        given, cont = split_at_delimiter(*demo["options"][demo["gold"]], delim)
+        demos.append(enc(given) + enc(cont))
+    sep = enc(FEWSHOT_SEPARATOR)
+    room = seq_len + 1 - spec.header_len  # a row of L tokens feeds L - 1 inputs
+    longest = max(len(g) + len(k) for g, k in encoded)
+    if longest > room:
+        return None
+    while demos and longest + sum(len(d) + len(sep) for d in demos) > room:
+        demos.pop()  # the same demonstrations are dropped in both directions
+    rows = []
+    for given, cont in encoded:
+        item_tokens = given + cont
+        # Reading order: the demonstrations where the evaluated reading meets them first, each
+        # joined to its neighbour by the separator (demo, sep, ..., item forward; item, sep,
+        # demo, ... backward). The backward text is the mirror arrangement, not the same text.
+        if concrete_direction == "forward":
+            context = [t for d in demos for t in d + sep]
+            text, roles = context + item_tokens, ["context"] * len(context) + ["item"] * len(item_tokens)
+        else:
+            context = [t for d in demos for t in sep + d]
+            text, roles = item_tokens + context, ["item"] * len(item_tokens) + ["context"] * len(context)
+        ids, _ = spec.orient(text, concrete_direction=concrete_direction)
+        roles = ["context"] * spec.header_len + orient_text_tokens(roles, concrete_direction)
+        rows.append((ids, roles))
+    return rows, len(demos), len(encoded[0][1])
+
+
+@torch.no_grad()
+def score_rows(model, rows, target_lens, device, batch_size=16, autocast_ctx=None):
+    """For each row (ids, roles): (log-likelihood of its 'item' tokens in nats, whether its last
+    target_len item tokens in the row are all greedy predictions)."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        lens = target_lens[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk) - 1
+        x = torch.zeros((len(chunk), width), dtype=torch.long)
+        y = torch.full((len(chunk), width), -1, dtype=torch.long)
+        for r, (ids, _) in enumerate(chunk):
+            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[r, :len(ids) - 1] = torch.tensor(ids[1:])
+        x, y = x.to(device), y.to(device)
+        if autocast_ctx is not None:
+            with autocast_ctx:
+                logits = model(x)
+        else:
+            logits = model(x)
+        token_logp = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                                      reduction="none").view(y.shape).double().cpu()
+        greedy = (logits.argmax(dim=-1) == y).cpu()
+        for r, (ids, roles) in enumerate(chunk):
+            positions = [i - 1 for i in range(1, len(ids)) if roles[i] == "item"]  # target i at input i-1
+            ll = float(token_logp[r, positions].sum())
+            last = positions[-lens[r]:] if lens[r] else []
+            out.append((ll, bool(greedy[r, last].all()) if last else False))
+    return out
+
+
+def evaluate_task(model, tokenizer, task, items, trained_direction, concrete_direction, device, seq_len,
+                  batch_size=16, autocast_ctx=None, rank=0, world_size=1):
+    """{"correct", "count", "skipped", "shots"} of one task in one concrete direction, summed
+    over ranks (items are split index % world_size)."""
+    spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
+    flat, lens, owners = [], [], []
+    skipped = shots = 0
+    for index in range(rank, len(items), world_size):
+        built = item_rows(tokenizer, spec, task, items, index, concrete_direction, seq_len)
+        if built is None:
+            skipped += 1
+            continue
+        rows, n_shots, target_len = built
+        shots += n_shots
+        owners.append((index, len(rows)))
+        flat += rows
+        lens += [target_len if task["task_type"] == "language_modeling" else 0] * len(rows)
+    scores = score_rows(model, flat, lens, device, batch_size, autocast_ctx)
+    correct, offset = 0.0, 0
+    for index, n in owners:
+        mine = scores[offset:offset + n]
+        offset += n
+        if task["task_type"] == "language_modeling":
+            correct += float(mine[0][1])
+        else:
+            best = max(s for s, _ in mine)
+            winners = [k for k, (s, _) in enumerate(mine) if s == best]
+            # An exact tie is shared among the tied options (the expected accuracy of a random pick).
+            correct += (items[index]["gold"] in winners) / len(winners)
+    totals = torch.tensor([correct, len(owners), skipped, shots], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    correct, count, skipped, shots = totals.tolist()
+    return {"correct": correct, "count": int(count), "skipped": int(skipped),
+            "mean_shots": shots / count if count else 0.0}
+
+
+def centered_accuracy(accuracy, random_baseline):
+    """(accuracy - baseline) / (1 - baseline): 0 at random guessing, 1 when always right."""
+    return (accuracy - random_baseline) / (1.0 - random_baseline)
+
+
+class CoreBenchmark:
+    """The tasks of one bundle, loaded once (optionally a subset and at most max_per_task items
+    each, the first ones of the file), evaluated on any model in any concrete direction."""
+
+    def __init__(self, bundle_dir, max_per_task=-1, labels=None):
+        self.bundle_dir = bundle_dir
+        tasks = load_task_list(bundle_dir)
+        if labels:
+            known = {t["label"] for t in tasks}
+            unknown = [name for name in labels if name not in known]
+            if unknown:
+                raise UserError(f"unknown CORE task(s) {', '.join(unknown)}; the bundle has {', '.join(sorted(known))}")
+            tasks = [t for t in tasks if t["label"] in labels]
+        self.tasks = []
+        for task in tasks:
+            if not os.path.isfile(task["data_path"]):
+                raise UserError(f"CORE task {task['label']}: {task['data_path']} is missing from the bundle")
+            items = load_items(task)
+            if max_per_task > 0:
+                items = items[:max_per_task]
+            self.tasks.append((task, items))
+
+    @classmethod
+    def prepare(cls, bundle_dir=None, bundle_url=BUNDLE_URL, max_per_task=-1, labels=None):
+        return cls(ensure_bundle(bundle_dir, bundle_url), max_per_task, labels)
+
+    def evaluate(self, model, tokenizer, trained_direction, directions, device, seq_len, batch_size=16,
+                 autocast_ctx=None, rank=0, world_size=1, log=print0):
+        """{"tasks": {label: {type, shots, random_baseline, items, results: {direction: {accuracy,
+        centered, ...}}}}, "core": {direction: mean centred accuracy}}."""
+        validate_direction(trained_direction)
+        tasks_out = {}
+        for task, items in self.tasks:
+            t0 = time.time()
+            per_direction = {}
+            for direction in directions:
+                validate_direction(direction, CONCRETE_DIRECTIONS)
+                r = evaluate_task(model, tokenizer, task, items, trained_direction, direction, device, seq_len,
+                                  batch_size, autocast_ctx, rank, world_size)
+                acc = r["correct"] / r["count"] if r["count"] else float("nan")
+                per_direction[direction] = dict(r, accuracy=acc, centered=centered_accuracy(acc, task["random_baseline"]))
+            tasks_out[task["label"]] = {"task_type": task["task_type"], "num_fewshot": task["num_fewshot"],
+                                        "random_baseline": task["random_baseline"], "items": len(items),
+                                        "results": per_direction}
+            log(f"CORE {task['label']:<28} " + " | ".join(
+                f"{d}: acc {r['accuracy']:.4f} centred {r['centered']:+.4f}" for d, r in per_direction.items())
+                + f" ({time.time() - t0:.1f}s)")
+        core = {}
+        for direction in directions:
+            values = [t["results"][direction]["centered"] for t in tasks_out.values()]
+            values = [v for v in values if not math.isnan(v)]
+            core[direction] = sum(values) / len(values) if values else float("nan")
+        return {"tasks": tasks_out, "core": core, "native_directions": concrete_directions(trained_direction)}
+
+    def evaluate_during_training(self, model, tokenizer, trained_direction, device, seq_len, batch_size,
+                                 autocast_ctx, step, evaluations_dir, rank=0, world_size=1, meta=None):
+        """CORE in the model's own directions during training: the metrics to log
+        ({"core_<direction>": value}); rank 0 also writes evaluations/core_step<step>.json (a
+        rerun of the same step replaces its own file)."""
+        directions = concrete_directions(trained_direction)
+        results = self.evaluate(model, tokenizer, trained_direction, directions, device, seq_len,
+                                batch_size, autocast_ctx, rank, world_size)
+        if rank == 0:
+            write_record(core_evaluation_path(evaluations_dir, step),
+                         dict(meta or {}, eval="core", step=step, trained_direction=trained_direction,
+                              bundle_dir=self.bundle_dir, max_seq_len=seq_len, **results))
+        print0(f"step {step:05d} | " + " | ".join(f"CORE {d}: {v:.4f}" for d, v in results["core"].items()))
+        return {f"core_{d}": v for d, v in results["core"].items()}
+
+
+# ---- files and the report ---------------------------------------------------------------------------
+_CORE_FILE = re.compile(r"^core_step(\d+)\.json$")
+
+
+def core_evaluation_path(evaluations_dir, step):
+    return os.path.join(evaluations_dir, f"core_step{step:06d}.json")
+
+
+def list_core_evaluations(evaluations_dir):
+    """[(step, path)] of the CORE evaluation files in a directory, by increasing step."""
+    if not os.path.isdir(evaluations_dir):
+        return []
+    return sorted((int(m.group(1)), os.path.join(evaluations_dir, n))
+                  for n in os.listdir(evaluations_dir) if (m := _CORE_FILE.match(n)))
+
+
+def write_record(path, record):
+    """Atomic JSON write (temporary name, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+
+
+def format_table(results):
+    """The per-task table and the CORE line as text (for the terminal)."""
+    directions = list(results["core"])
+    lines = [f"{'task':<30} {'type':<18} {'shots':>5} {'random':>7} " +
+             " ".join(f"{'acc ' + d[:3]:>9} {'ctr ' + d[:3]:>9}" for d in directions)]
+    for label, t in results["tasks"].items():
+        cells = " ".join(f"{t['results'][d]['accuracy']:>9.4f} {t['results'][d]['centered']:>+9.4f}" for d in directions)
+        lines.append(f"{label:<30} {t['task_type']:<18} {t['num_fewshot']:>5} {t['random_baseline']:>7.3f} {cells}")
+    lines.append(f"{'CORE (mean centred accuracy)':<63} " + " ".join(f"{'':>9} {results['core'][d]:>+9.4f}" for d in directions))
+    return "\n".join(lines)
+
+
+def markdown_section(run_name, evaluations_dir, plots_dir):
+    """The report's CORE section for one run (the latest core_step*.json), or None if none."""
+    found = list_core_evaluations(evaluations_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    with open(path) as f:
+        record = json.load(f)
+    directions = list(record["core"])
+    native = set(record.get("native_directions", directions))
+    head = " | ".join(f"acc {d}{'' if d in native else ' (cross)'} | centred {d}" for d in directions)
+    lines = [f"### CORE: {run_name} (step {step}, trained {record.get('trained_direction', '?')})", "",
+             "Few-shot in-context tasks scored by whole-text likelihood in each direction (docs/DESIGN.md §7; "
+             "nanochat/core_eval.py). Centred accuracy = (accuracy - random) / (1 - random).", "",
+             f"| task | type | shots | random | {head} |",
+             "|---|---|---|---|" + "---|---|" * len(directions)]
+    for label, t in record["tasks"].items():
+        cells = " | ".join(f"{t['results'][d]['accuracy']:.4f} | {t['results'][d]['centered']:+.4f}" for d in directions)
+        lines.append(f"| {label} | {t['task_type']} | {t['num_fewshot']} | {t['random_baseline']:.3f} | {cells} |")
+    lines.append("| **CORE** | | | | " + " | ".join(f" | **{record['core'][d]:+.4f}**" for d in directions) + " |")
+    return "\n".join(lines) + "\n"
