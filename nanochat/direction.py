@@ -99,14 +99,42 @@ def _splitmix64(x):
     return x ^ (x >> 31)
 
 
-def draw_direction(seed, doc_index, p_backward=0.5):
+def draw_direction(seed, doc_index, p_backward=0.5, epoch=0):
     """The bidirectional draw: 'backward' with probability p_backward, else 'forward'.
 
-    A pure function of (seed, global document index): the same document gets the same draw on
-    every rank, in every world size and after a resume.
+    A pure function of (seed, epoch, global document index): the same document gets the same
+    draw on every rank, in every world size and after a resume, and a fresh draw each epoch, so
+    over several epochs every document is read both ways (docs/DESIGN.md §2). Epoch 0 keeps the
+    draw of (seed, index) alone.
     """
-    u = _splitmix64(_splitmix64(int(seed) & 0xFFFFFFFFFFFFFFFF) ^ (int(doc_index) & 0xFFFFFFFFFFFFFFFF))
+    key = _splitmix64(int(seed) & 0xFFFFFFFFFFFFFFFF) ^ (int(doc_index) & 0xFFFFFFFFFFFFFFFF)
+    if epoch:
+        key = _splitmix64(key) ^ (int(epoch) & 0xFFFFFFFFFFFFFFFF)
+    u = _splitmix64(key)
     return "backward" if (u >> 11) / float(1 << 53) < p_backward else "forward"
+
+
+# ---- long documents: continuation pieces (docs/DESIGN.md §2, docs/DIRECTIONS.md) -------------
+def document_piece(row, header_len, body_start, context_cap, max_len=None):
+    """(tokens, n_masked) of the piece of an oriented document that scores text from `body_start` on.
+
+    `row` is the oriented document: its header (BOS, and the marker of a bidirectional model) of
+    `header_len` tokens, then its text in model orientation (the body). The first piece
+    (body_start 0) is the document itself. A continuation restates the header, then carries up to
+    `context_cap` tokens of the text that precedes `body_start` as context, then the text from
+    `body_start` on, cut to `max_len` tokens when given (context shrinks first so that at least one
+    new token fits). Positions 1 .. n_masked-1 of a piece are never targets: the marker is a control
+    token and the context was scored in an earlier piece. So every text token of a document is a
+    target exactly once, in every direction, and each piece tells the model which way it reads.
+    """
+    ctx = max(0, min(int(context_cap), body_start))
+    if max_len is not None:
+        if max_len <= header_len:
+            raise ValueError(f"a piece of {max_len} tokens cannot hold the {header_len}-token header and text")
+        ctx = min(ctx, max_len - header_len - 1)
+    start = header_len + body_start - ctx
+    end = len(row) if max_len is None else min(len(row), start + max_len - header_len)
+    return row[:header_len] + row[start:end], header_len + ctx
 
 
 # ---- conversations (docs/DESIGN.md §4) ------------------------------------------------------------
@@ -177,9 +205,9 @@ class DirectionSpec:
         """Tokens before the text: BOS, plus the marker for bidirectional."""
         return 2 if self.direction == "bidirectional" else 1
 
-    def concrete_direction_for(self, doc_index):
+    def concrete_direction_for(self, doc_index, epoch=0):
         if self.direction == "bidirectional":
-            return draw_direction(self.seed, doc_index, self.p_backward)
+            return draw_direction(self.seed, doc_index, self.p_backward, epoch=epoch)
         return self.direction
 
     def header(self, concrete_direction):
@@ -187,17 +215,17 @@ class DirectionSpec:
             return [self.bos_id, self.marker_for(concrete_direction)]
         return [self.bos_id]
 
-    def orient(self, tokens, doc_index=None, concrete_direction=None):
+    def orient(self, tokens, doc_index=None, concrete_direction=None, epoch=0):
         """Oriented row content for one document's bare text tokens.
 
-        For bidirectional, the concrete direction is the deterministic draw for `doc_index`
-        unless `concrete_direction` forces one (evaluation scores a document both ways).
+        For bidirectional, the concrete direction is the deterministic draw for (`doc_index`,
+        `epoch`) unless `concrete_direction` forces one (evaluation scores a document both ways).
         Returns (row_tokens, concrete_direction).
         """
         if concrete_direction is None:
             if self.direction == "bidirectional" and doc_index is None:
                 raise ValueError("bidirectional orientation needs doc_index (or a forced concrete_direction)")
-            concrete_direction = self.concrete_direction_for(doc_index)
+            concrete_direction = self.concrete_direction_for(doc_index, epoch)
         elif self.direction != "bidirectional" and concrete_direction != self.direction:
             # Scoring a one-way model in the other direction (the cross-direction cell) is
             # legitimate; the row simply has no marker.
@@ -246,14 +274,15 @@ class DirectionSpec:
         return out
 
     # ---- conversations -----------------------------------------------------------------------
-    def conversation_row(self, tokenizer, conversation, doc_index=None, concrete_direction=None, train_on=None):
+    def conversation_row(self, tokenizer, conversation, doc_index=None, concrete_direction=None, train_on=None,
+                         epoch=0):
         """(ids, mask, concrete_direction) of one training conversation in model orientation.
 
         train_on None = the per-direction default (bidirectional: the policy of each draw)."""
         if concrete_direction is None:
             if self.direction == "bidirectional" and doc_index is None:
                 raise ValueError("bidirectional conversations need doc_index (or a forced concrete_direction)")
-            concrete_direction = self.concrete_direction_for(doc_index)
+            concrete_direction = self.concrete_direction_for(doc_index, epoch)
         policy = train_on or default_train_on(concrete_direction)
         closing = "end" if concrete_direction == "forward" else "start"
         ids, mask = tokenizer.render_conversation(conversation, train_on=policy, closing=closing)
@@ -274,11 +303,17 @@ class DirectionSpec:
         return ids, mask, concrete
 
     def chat_prompt(self, tokenizer, conversation, concrete_direction):
-        """(prompt ids, stop ids) for generating one side of a single exchange.
+        """(prompt ids, stop ids) for generating one turn of a conversation (docs/DESIGN.md §5).
 
-        forward: the conversation up to <|assistant_start|>; the model writes the answer and
-        stops at <|assistant_end|>. backward: the model is given the *answer* (the last assistant
-        turn), reads it right to left, and writes the question, stopping at <|user_start|>.
+        forward: `conversation` is the whole history up to the user's latest question (a trailing
+        assistant turn is dropped); the model writes the next answer and stops at
+        <|assistant_end|>. backward: `conversation` is the *later* part of a chat in reading
+        order, starting with the assistant answer whose question the model writes (a leading
+        user turn is the slot being written: its content is ignored, so a single exchange
+        [user "", assistant answer] works as before) and ending with an assistant answer; the
+        model reads it right to left and writes the user turn that precedes it, stopping at
+        <|user_start|>. Turns after the first answer are the later exchanges, so a backward chat
+        grows towards its beginning by prepending each new exchange.
         """
         from nanochat.tokenizer import normalize_messages
         validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
@@ -289,12 +324,18 @@ class DirectionSpec:
         if concrete_direction == "forward":
             body = tokenizer.render_for_completion(conversation)[1:]
             return self.header("forward") + body, [tokenizer.encode_special("<|assistant_end|>"), bos]
-        messages = normalize_messages(conversation)
-        if messages[-1]["role"] != "assistant":
+        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+        messages = [dict(m) for m in messages]
+        if messages and messages[0].get("role") == "assistant":
+            messages = [{"role": "user", "content": ""}] + messages  # the slot the model writes
+        messages = normalize_messages(messages)
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise ValueError("a backward chat prompt needs the assistant's answer as the last message")
-        ending = ([tokenizer.encode_special("<|assistant_start|>")] + tokenizer.encode(messages[-1]["content"])
-                  + [tokenizer.encode_special("<|assistant_end|>")])
-        prompt = self.header("backward") + reverse_tokens(ending, keep_bos=False) + [tokenizer.encode_special("<|user_end|>")]
+        # Reading order: [BOS] <|user_start|> (written) <|user_end|> later...; the model's row is
+        # [BOS] + reversed(everything after BOS), so the prompt is header + reversed(later) + <|user_end|>.
+        later, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": ""}] + messages[1:]})
+        later = later[3:]  # drop BOS, <|user_start|>, <|user_end|> of the empty placeholder turn
+        prompt = self.header("backward") + reverse_tokens(later, keep_bos=False) + [tokenizer.encode_special("<|user_end|>")]
         return prompt, [tokenizer.encode_special("<|user_start|>"), bos]
 
     def target_mask_ids(self):
@@ -311,3 +352,13 @@ class DirectionSpec:
             "p_backward": self.p_backward if self.direction == "bidirectional" else None,
             "seed": self.seed,
         }
+
+
+def reverse_text(text):
+    """The characters of `text` in reverse order (Unicode code points; its own inverse).
+
+    Only for the tokenizer control of docs/DESIGN.md §2 (`scripts.tok_train --train_direction`):
+    a tokenizer fitted to reversed text. Models still reverse token ids, never characters. Code
+    points, not grapheme clusters: a combining accent ends up before its letter and "\\r\\n"
+    becomes "\\n\\r", as in any character-reversed corpus."""
+    return text[::-1]

@@ -63,6 +63,11 @@ def sample_next(logits, generator, temperature=1.0, top_k=None):
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def _autocast(device_type):
+    from nanochat.training import autocast_context  # lazy: training imports more than the engine needs
+    return autocast_context(device_type)
+
+
 class Engine:
     def __init__(self, model, tokenizer, meta=None):
         self.model, self.tokenizer = model, tokenizer
@@ -73,21 +78,19 @@ class Engine:
     def device(self):
         return self.model.lm_head.weight.device
 
-    @torch.inference_mode()
-    def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
-                 stop_tokens=(), use_cache=True):
-        """Sample `num_samples` continuations of one prompt (model orientation). Returns a list of
-        token lists, each without its stop token. Cached and uncached paths draw the same random
-        numbers in the same order, so with the same seed they return the same tokens."""
-        prompt = list(prompt)
+    def _room(self, prompt, max_tokens):
         limit = self.model.config.sequence_len
         max_tokens = min(max_tokens, limit - len(prompt))
         if max_tokens <= 0:
             raise UserError(f"the prompt has {len(prompt)} tokens: no room left in the model's {limit}-token context")
+        return max_tokens
+
+    def _steps(self, prompt, num_samples, max_tokens, temperature, top_k, seed, stop_tokens, use_cache):
+        """Yield (num_samples, 1) sampled ids, one step at a time, until every row has hit a stop
+        token or max_tokens are drawn. The one sampling loop behind generate() and stream()."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stops = torch.tensor(sorted(set(stop_tokens)) or [-1], device=self.device)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        out = torch.empty((num_samples, 0), dtype=torch.long, device=self.device)
         done = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
         if use_cache:
             cache = KVCache.for_model(self.model, 1, len(prompt) + max_tokens)
@@ -97,23 +100,53 @@ class Engine:
         else:
             ids = ids.expand(num_samples, -1)
             logits = self.model(ids)[:, -1, :]
-        for _ in range(max_tokens):
+        for step in range(max_tokens):
             next_ids = sample_next(logits, generator, temperature, top_k)
             done = done | torch.isin(next_ids.squeeze(1), stops)
-            out = torch.cat([out, next_ids], dim=1)
-            if bool(done.all()) or out.size(1) == max_tokens:
-                break
+            yield next_ids
+            if bool(done.all()) or step + 1 == max_tokens:
+                return
             if use_cache:
                 logits = self.model(next_ids, kv_cache=cache)[:, -1, :]
             else:
                 ids = torch.cat([ids, next_ids], dim=1)
                 logits = self.model(ids)[:, -1, :]
+
+    @torch.inference_mode()
+    def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
+                 stop_tokens=(), use_cache=True):
+        """Sample `num_samples` continuations of one prompt (model orientation). Returns a list of
+        token lists, each without its stop token. Cached and uncached paths draw the same random
+        numbers in the same order, so with the same seed they return the same tokens."""
+        prompt = list(prompt)
+        max_tokens = self._room(prompt, max_tokens)
+        steps = list(self._steps(prompt, num_samples, max_tokens, temperature, top_k, seed, stop_tokens, use_cache))
+        out = torch.cat(steps, dim=1) if steps else torch.empty((num_samples, 0), dtype=torch.long)
         results = []
         stop_set = set(stop_tokens)
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
             results.append(row[:cut])
         return results
+
+    def stream(self, prompt, max_tokens=64, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
+        """One sample, token by token (model orientation): yields each new id, stops before a stop
+        token. Draws the same random numbers as generate(num_samples=1), so the tokens are the
+        same for the same seed (tests/test_engine.py)."""
+        prompt = list(prompt)
+        max_tokens = self._room(prompt, max_tokens)
+        stop_set = set(stop_tokens)
+        steps = self._steps(prompt, 1, max_tokens, temperature, top_k, seed, stop_tokens, True)
+        while True:
+            # Contexts per step: the consumer (the web server) may resume us from another thread.
+            with torch.inference_mode(), _autocast(self.device.type):
+                next_ids = next(steps, None)
+            if next_ids is None:
+                return
+            token = int(next_ids[0, 0])
+            if token in stop_set:
+                return
+            yield token
 
     def _concrete(self, direction):
         direction = direction or (self.direction if self.direction != "bidirectional" else "forward")
@@ -148,3 +181,77 @@ class Engine:
         prompt, stops = self.spec.chat_prompt(self.tokenizer, conversation, direction)
         kwargs.setdefault("stop_tokens", stops)
         return [self.tokenizer.decode(self.spec.restore_generation(g, direction)) for g in self.generate(prompt, **kwargs)]
+
+    # ---- streaming fronts (the web page and the CLI) -------------------------------------------
+    def _stream_text(self, prompt, direction, stops, **kwargs):
+        """Yield the generated text so far, in reading order, after every token. Backward text
+        grows at its front (generation runs right to left), so each yield is the whole text."""
+        tokens = []
+        for token in self.stream(prompt, stop_tokens=stops, **kwargs):
+            tokens.append(token)
+            yield self.tokenizer.decode(self.spec.restore_generation(tokens, direction))
+
+    def complete_stream(self, given_text, direction=None, **kwargs):
+        """Streaming Engine.complete for one sample: yields the generated text so far (reading order)."""
+        direction = self._concrete(direction)
+        prompt = self.spec.generation_prompt(self.tokenizer.encode(given_text), direction)
+        return self._stream_text(prompt, direction, (self.tokenizer.get_bos_token_id(),), **kwargs)
+
+    def chat_stream(self, conversation, direction=None, **kwargs):
+        """Streaming Engine.chat for one sample: yields the generated turn so far (reading order)."""
+        direction = self._concrete(direction)
+        prompt, stops = self.spec.chat_prompt(self.tokenizer, conversation, direction)
+        return self._stream_text(prompt, direction, stops, **kwargs)
+
+    def chat_prompt_len(self, conversation, direction):
+        return len(self.spec.chat_prompt(self.tokenizer, conversation, self._concrete(direction))[0])
+
+
+class ChatHistory:
+    """A multi-turn chat in one concrete direction, in reading order (docs/DESIGN.md §5).
+
+    forward: the user types a question, the model answers; exchanges are appended.
+    backward: the user types an *answer*, the model writes the question before it; each new
+    exchange is prepended, so the chat grows towards its beginning. `messages` is always the
+    conversation in reading order. The CLI and the web page both build requests here."""
+
+    def __init__(self, direction, messages=()):
+        self.direction = validate_direction(direction, CONCRETE_DIRECTIONS)
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def request(self, text):
+        """The conversation handed to Engine.chat for the user's new `text`."""
+        if self.direction == "forward":
+            return {"messages": self.messages + [{"role": "user", "content": text}]}
+        return {"messages": [{"role": "assistant", "content": text}] + self.messages}
+
+    def record(self, text, generated):
+        """Keep the finished exchange: the user's text and the model's turn."""
+        if self.direction == "forward":
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": generated}]
+        else:
+            self.messages = [{"role": "user", "content": generated}, {"role": "assistant", "content": text}] + self.messages
+
+    def clear(self):
+        self.messages = []
+
+    @property
+    def exchanges(self):
+        return len(self.messages) // 2
+
+    def fit(self, engine, text, room, max_exchanges=None):
+        """Drop the exchanges farthest from the new turn (the oldest forward, the latest backward)
+        until the prompt leaves `room` tokens in the model's context and at most max_exchanges
+        earlier exchanges remain. Returns how many were dropped; a new text that does not fit
+        even alone is a UserError."""
+        dropped = 0
+        limit = engine.model.config.sequence_len
+        while True:
+            too_many = max_exchanges is not None and self.exchanges > max_exchanges
+            if not too_many and engine.chat_prompt_len(self.request(text), self.direction) + room <= limit:
+                return dropped
+            if not self.messages:
+                raise UserError(f"the message is too long for the model's {limit}-token context "
+                                f"(with {room} tokens to generate); shorten it")
+            self.messages = self.messages[2:] if self.direction == "forward" else self.messages[:-2]
+            dropped += 1

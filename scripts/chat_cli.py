@@ -9,10 +9,14 @@
   reading order, labelled as generated and placed before your answer).
 - bidirectional model: starts forward; `/forward` and `/backward` switch.
 
-Commands: /forward, /backward, /clear, /help, /quit (or end of input). Every exchange is a
-single exchange: the model sees only what you type now, no earlier turns (a backward model writes
-the question that precedes one answer; there is no history to extend), so /clear only confirms
-that nothing is carried over. The n-th exchange samples with seed + n, so a session is repeatable.
+Commands: /forward, /backward, /clear, /help, /quit (or end of input). The chat is multi-turn
+(nanochat.engine.ChatHistory, the same code path as the web page, scripts/chat_web.py): forward,
+each question is answered with the earlier exchanges as context; backward, each answer you type
+is an *earlier* answer of the same conversation, and its question is written with the later
+exchanges as context (the conversation grows towards its beginning). /clear starts over;
+switching direction starts over too. Exchanges that no longer fit in the model's context are
+dropped from the far end (a note says so). The n-th exchange samples with seed + n, so a
+session is repeatable.
 """
 
 import argparse
@@ -21,7 +25,7 @@ import sys
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
 from nanochat.common import UserError, add_flag, compute_init, run_main
 from nanochat.direction import CONCRETE_DIRECTIONS, concrete_directions
-from nanochat.engine import Engine
+from nanochat.engine import ChatHistory, Engine
 from nanochat.training import autocast_context
 
 # What the user types and what the model writes, per concrete direction.
@@ -29,7 +33,9 @@ ROLES = {
     "forward": {"typed": "question", "label": "assistant"},
     "backward": {"typed": "answer", "label": "question (generated, precedes your answer)"},
 }
-HELP = ("commands: /forward, /backward (bidirectional models), /clear (each exchange is independent), "
+# Tokens kept free for the reply when old exchanges are dropped to fit the context.
+MIN_ROOM = 32
+HELP = ("commands: /forward, /backward (bidirectional models), /clear (forget the conversation), "
         "/help, /quit")
 
 
@@ -51,12 +57,17 @@ def build_parser():
 
 
 class ChatSession:
-    """The REPL state: the engine, the current concrete direction and the exchange count."""
+    """The REPL state: the engine, the conversation so far (in its direction) and the exchange count."""
 
     def __init__(self, engine, direction, args, out=sys.stdout):
-        self.engine, self.direction, self.args, self.out = engine, direction, args, out
+        self.engine, self.args, self.out = engine, args, out
         self.native = concrete_directions(engine.direction)
+        self.history = ChatHistory(direction)
         self.exchanges = 0
+
+    @property
+    def direction(self):
+        return self.history.direction
 
     def prompt_string(self):
         return f"[{self.direction}] {ROLES[self.direction]['typed']}> "
@@ -70,22 +81,26 @@ class ChatSession:
                      "(only bidirectional models do both); staying "
                      f"{self.direction}")
             return
-        self.direction = direction
-        self.say(f"mode: {direction} (type {'an' if direction == 'backward' else 'a'} "
+        had_history = bool(self.history.messages)
+        self.history = ChatHistory(direction)  # a conversation has one direction: start over
+        self.say(f"mode: {direction}{' (conversation cleared)' if had_history else ''} (type {'an' if direction == 'backward' else 'a'} "
                  f"{ROLES[direction]['typed']})")
 
     def reply(self, text):
-        """One exchange: generate the other side of `text` and return it labelled."""
-        if self.direction == "forward":
-            conversation = {"messages": [{"role": "user", "content": text}]}
-        else:
-            conversation = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]}
+        """One exchange: generate the other side of `text` (with the conversation so far as
+        context), keep it in the history and return it labelled."""
+        room = min(self.args.max_tokens, MIN_ROOM)
+        dropped = self.history.fit(self.engine, text, room)
+        if dropped:
+            far = "oldest" if self.direction == "forward" else "latest"
+            self.say(f"(dropped the {far} {dropped} exchange(s): the conversation no longer fits the context)")
         top_k = None if self.args.top_k < 0 else self.args.top_k
         with autocast_context(self.engine.device.type):
-            generated = self.engine.chat(conversation, direction=self.direction, num_samples=1,
+            generated = self.engine.chat(self.history.request(text), direction=self.direction, num_samples=1,
                                          max_tokens=self.args.max_tokens, temperature=self.args.temperature,
                                          top_k=top_k, seed=self.args.seed + self.exchanges)[0]
         self.exchanges += 1
+        self.history.record(text, generated.strip())
         return f"{ROLES[self.direction]['label']}: {generated.strip()}"
 
     def handle(self, line):
@@ -100,7 +115,8 @@ class ChatSession:
             if command in ("/forward", "/backward"):
                 self.switch(command[1:])
             elif command == "/clear":
-                self.say("cleared (each exchange is independent: no history is kept)")
+                self.history.clear()
+                self.say("cleared: the conversation starts over")
             elif command == "/help":
                 self.say(HELP)
             else:
@@ -127,7 +143,8 @@ class ChatSession:
     def loop(self, stdin=sys.stdin):
         self.say(f"chat: a {self.engine.direction} model; {HELP}")
         if self.direction == "backward":
-            self.say("backward: type the assistant's ANSWER; the model writes the question that precedes it")
+            self.say("backward: type the assistant's ANSWER; the model writes the question that precedes it; "
+                     "each next answer you type comes earlier in the same conversation")
         if stdin is sys.stdin and stdin.isatty():
             try:
                 import readline  # noqa: F401  (enables line editing in input())

@@ -85,3 +85,75 @@ def test_bad_inputs_exit_with_one_error_line(env):
         chat(f"--model_tag={TAGS['forward']}", "--direction=backward", "-p", "56")
     with pytest.raises(UserError, match="-p is empty"):
         chat(f"--model_tag={TAGS['forward']}", "-p", " ")
+
+
+# ---- multi-turn (nanochat.engine.ChatHistory, the path the web page uses too) ------------------
+def spy_prompts(monkeypatch):
+    """Record every prompt the engine is asked to continue."""
+    from nanochat.engine import Engine
+    prompts, original = [], Engine.generate
+
+    def spy(self, prompt, *a, **kw):
+        prompts.append(list(prompt))
+        return original(self, prompt, *a, **kw)
+    monkeypatch.setattr(Engine, "generate", spy)
+    return prompts
+
+
+def test_forward_chat_keeps_history_and_clear_forgets_it(env, monkeypatch):
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    prompts = spy_prompts(monkeypatch)
+    out = chat(f"--model_tag={TAGS['forward']}", "--temperature=0",
+               stdin=io.StringIO("first question\nsecond question\n/clear\nthird question\n"))
+    assert out.count("assistant:") == 3 and "cleared" in out
+    first, second, third = prompts
+    assert second[:len(first)] == first  # the first exchange (question and answer) is the context
+    q2 = tok.encode("second question")
+    assert second[-len(q2) - 3:] == [tok.encode_special("<|user_start|>")] + q2 + first[-2:]  # ... <|user_end|> <|assistant_start|>
+    assert tok.encode_special("<|assistant_end|>") in second[len(first):]  # the first answer, closed
+    assert third == first[:-len(tok.encode("first question")) - 2] + tok.encode("third question") + first[-2:]
+
+
+def test_backward_chat_prepends_each_new_exchange(env, monkeypatch):
+    """Backward: the user types an answer, the model writes its question; the next answer is an
+    earlier one, and the model sees the later exchange (reversed, after BOS) as its context."""
+    from nanochat.direction import DirectionSpec
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    prompts = spy_prompts(monkeypatch)
+    out = chat(f"--model_tag={TAGS['backward']}", "--temperature=0",
+               stdin=io.StringIO("the last answer\nan earlier answer\n"))
+    assert out.count(BACKWARD_LABEL) == 2
+    first, second = prompts
+    # The second prompt starts with the first one's ending (the later answer, reversed) ...
+    assert second[:len(first) - 1] == first[:-1]
+    # ... and equals the reversed rendering of [slot, earlier answer, generated question, last answer].
+    spec = DirectionSpec.from_tokenizer("backward", tok)
+    generated = out.split(BACKWARD_LABEL)[1].split("\n")[0].strip()
+    conv = {"messages": [{"role": "assistant", "content": "an earlier answer"},
+                         {"role": "user", "content": generated}, {"role": "assistant", "content": "the last answer"}]}
+    assert second == spec.chat_prompt(tok, conv, "backward")[0]
+    user_start = tok.encode_special("<|user_start|>")
+    assert second.count(user_start) == 1 and second[-1] == tok.encode_special("<|user_end|>")
+
+
+def test_old_exchanges_are_dropped_when_the_context_is_full(env, monkeypatch):
+    from nanochat.engine import ChatHistory, Engine
+    from nanochat.checkpoint_manager import load_model
+    model, tok, meta = load_model("base", "cpu", model_tag=TAGS["forward"])
+    engine = Engine(model, tok, meta)
+    history = ChatHistory("forward")
+    for i in range(6):
+        history.record(f"q{i}", f"a{i}")
+    dropped = history.fit(engine, "new question", room=8)
+    assert 0 < dropped < 6 and history.messages[-1]["content"] == "a5"  # the newest stay
+    assert engine.chat_prompt_len(history.request("new question"), "forward") + 8 <= model.config.sequence_len
+    backward = ChatHistory("backward", [{"role": "user", "content": f"q{i}"} if j == 0 else
+                                        {"role": "assistant", "content": f"a{i}"}
+                                        for i in range(6) for j in range(2)])
+    backward_engine = Engine(*load_model("base", "cpu", model_tag=TAGS["backward"]))
+    assert backward.fit(backward_engine, "an answer", room=8) > 0 and backward.messages[0]["content"] == "q0"  # nearest stay
+    from nanochat.common import UserError
+    with pytest.raises(UserError, match="too long"):
+        ChatHistory("forward").fit(engine, "word " * 100, room=8)
