@@ -1,13 +1,18 @@
-"""Direction-aware pretraining batches: orient each document, then pack whole documents.
+"""Direction-aware pretraining batches: orient each document, then pack it with no token lost.
 
-Order of operations (docs/DESIGN.md §2):
-  1. read a document, tokenize it (in batches, multi-threaded),
+Order of operations (docs/DESIGN.md §2, docs/DIRECTIONS.md):
+  1. read a document, tokenize it (in batches, multi-threaded; a giant document in bounded pieces),
   2. orient it with nanochat.direction (BOS first; reversed text for backward; a marker after
-     BOS for bidirectional, drawn from (seed, global document index)),
-  3. pack oriented documents into rows of T+1 tokens, BOS-aligned: every row starts with a
-     document's BOS, documents are placed whole by best fit, and only the document that fills
-     the end of a row is cropped.
-Targets are the inputs shifted by one; a direction marker is never a target (-1).
+     BOS for bidirectional, drawn from (seed, epoch, global document index)),
+  3. pack oriented documents into rows of T+1 tokens, BOS-aligned and best fit: every row starts
+     with a document's BOS and whole documents are placed longest-first into the room left. When
+     no document fits, the shortest one fills the room with its beginning and *continues* in a
+     later row: the continuation restates the document's header (BOS, marker) and carries up to
+     `context_tokens` of the preceding text as context that is not a target
+     (nanochat.direction.document_piece).
+Targets are the inputs shifted by one; a direction marker or a context token is never a target
+(-1). So per epoch every text token of every document is a target exactly once, in every
+direction: forward and backward models learn from the same text.
 
 Data parallelism. Each optimizer step consumes N = world_size x grad_accum_steps micro-batches.
 Micro-batch slot s (0 <= s < N) is fed by its own *stream*, which reads the documents whose
@@ -15,9 +20,10 @@ global index is congruent to s modulo N. Rank r runs slots r*A .. r*A+A-1 (A = g
 So the global batch depends on (total batch, B, T) and not on how it is split over processes:
 two ranks without accumulation see exactly the data of one rank accumulating two micro-batches.
 
-Resuming: `state_dict()` after a batch records each stream's epoch, read cursor and the
-documents still waiting in its packing buffer; `load_state_dict()` re-reads those documents,
-so a resumed run yields the same batches as an uninterrupted one.
+Resuming: `state_dict()` after a batch records each stream's epoch, read cursor and the pieces
+still waiting in its packing buffer (document index, epoch read, where its untrained text
+starts); `load_state_dict()` re-reads those documents, so a resumed run yields the same batches
+as an uninterrupted one, mid-document included.
 """
 
 import bisect
@@ -27,56 +33,121 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.dataset import DocumentSource
-from nanochat.direction import DirectionSpec, validate_direction, validate_p_backward
+from nanochat.direction import DirectionSpec, document_piece, validate_direction, validate_p_backward
+
+# Texts longer than this are tokenized in pieces cut at line ends, so one giant document does not
+# need one giant tokenizer call (docs: bounded memory). Shorter texts are encoded whole.
+MAX_ENCODE_CHARS = 1 << 20
+
+
+def _split_long_text(text, max_chars=MAX_ENCODE_CHARS):
+    parts, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind("\n", start + max_chars // 2, start + max_chars)
+        cut = start + max_chars if cut < 0 else cut + 1
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts
+
+
+def encode_documents(tokenizer, texts, num_threads=4, max_chars=MAX_ENCODE_CHARS):
+    """Token lists of `texts`; a text over `max_chars` is encoded in pieces cut after a newline
+    (deterministic, the same for training and evaluation)."""
+    texts = list(texts)
+    if all(len(t) <= max_chars for t in texts):
+        return tokenizer.encode(texts, num_threads=num_threads)
+    out = []
+    for text in texts:
+        if len(text) <= max_chars:
+            out.extend(tokenizer.encode([text], num_threads=num_threads))
+        else:
+            tokens = []
+            for part in tokenizer.encode(_split_long_text(text, max_chars), num_threads=num_threads):
+                tokens.extend(part)
+            out.append(tokens)
+    return out
+
+
+class _Piece:
+    """What is left of one oriented document: the text from `body_start` on still has to be trained."""
+    __slots__ = ("doc_index", "epoch", "row", "body_start", "seq")
+
+    def __init__(self, doc_index, epoch, row, body_start=0, seq=0):
+        self.doc_index, self.epoch, self.row, self.body_start = doc_index, epoch, row, body_start
+        self.seq = seq  # arrival order: the document waiting longest is the next to be cut
 
 
 class _Stream:
     """One micro-batch slot: documents index % stride == offset, oriented and packed."""
 
-    def __init__(self, source, stride, offset, spec, tokenizer, tokenizer_threads, tokenizer_batch_size, buffer_docs):
+    def __init__(self, source, stride, offset, spec, tokenizer, tokenizer_threads, tokenizer_batch_size, buffer_docs,
+                 buffer_tokens, context_tokens):
         self.source, self.stride, self.offset = source, stride, offset
         self.spec, self.tokenizer = spec, tokenizer
-        self.threads, self.batch_size, self.buffer_docs = tokenizer_threads, tokenizer_batch_size, buffer_docs
+        self.threads, self.batch_size = tokenizer_threads, tokenizer_batch_size
+        # The buffer never holds more documents than the stream has, so a small corpus is not read
+        # several epochs ahead (each epoch's documents are trained before the next epoch's, bar a few).
+        n_docs = max(1, (len(source) - offset + stride - 1) // stride)
+        self.buffer_docs, self.buffer_tokens = min(buffer_docs, n_docs), buffer_tokens
+        self.context_tokens = context_tokens
+        self.header_len = spec.header_len
         self.epoch, self.cursor = 0, offset
         self._iter = None
-        # Buffer kept sorted by length: parallel lists so bisect finds the best fit quickly.
-        self.lengths, self.docs, self.doc_ids = [], [], []
+        # Buffer kept sorted by piece length: parallel lists so bisect finds the best fit quickly.
+        self.lengths, self.pieces, self.buffered = [], [], 0
+        self.carry, self._seq = None, 0  # the document cut at the end of the last row; arrival counter
         if offset >= len(source):
             raise UserError(f"data stream {offset} has no documents: the split has only {len(source)} "
                              f"documents for {stride} streams; use fewer processes or more data")
 
-    def _insert(self, doc_index, tokens):
-        pos = bisect.bisect_right(self.lengths, len(tokens))
-        self.lengths.insert(pos, len(tokens))
-        self.docs.insert(pos, tokens)
-        self.doc_ids.insert(pos, doc_index)
+    def _length(self, piece):
+        ctx = min(self.context_tokens, piece.body_start)
+        return len(piece.row) - piece.body_start + ctx
+
+    def _insert(self, piece):
+        n = self._length(piece)
+        pos = bisect.bisect_right(self.lengths, n)
+        self.lengths.insert(pos, n)
+        self.pieces.insert(pos, piece)
+        self.buffered += n
 
     def _pop(self, pos):
-        self.lengths.pop(pos)
-        self.doc_ids.pop(pos)
-        return self.docs.pop(pos)
+        self.buffered -= self.lengths.pop(pos)
+        return self.pieces.pop(pos)
 
-    def _add_texts(self, indexed_texts):
-        indices = [i for i, _ in indexed_texts]
-        token_lists = self.tokenizer.encode([t for _, t in indexed_texts], num_threads=self.threads)
-        for doc_index, tokens in zip(indices, token_lists):
-            if tokens:  # an empty document has nothing to predict
-                self._insert(doc_index, self.spec.orient(tokens, doc_index=doc_index)[0])
+    def _make_pieces(self, indexed, body_starts=None):
+        """indexed: [(doc_index, epoch, text)]; body_starts: where each document resumes (default 0).
+        Empty documents have nothing to predict and give no piece."""
+        token_lists = encode_documents(self.tokenizer, [t for _, _, t in indexed], self.threads)
+        pieces = []
+        for k, ((doc_index, epoch, _), tokens) in enumerate(zip(indexed, token_lists)):
+            if tokens:
+                row = self.spec.orient(tokens, doc_index=doc_index, epoch=epoch)[0]
+                pieces.append(_Piece(doc_index, epoch, row, 0 if body_starts is None else body_starts[k], self._seq))
+                self._seq += 1
+        return pieces
+
+    def _add_texts(self, indexed, body_starts=None):
+        for piece in self._make_pieces(indexed, body_starts):
+            self._insert(piece)
 
     def _refill(self):
-        while len(self.docs) < self.buffer_docs:
+        while len(self.pieces) < self.buffer_docs and self.buffered < self.buffer_tokens:
             if self._iter is None:
                 self._iter = self.source.iter_from(self.cursor, self.stride, self.offset)
-            chunk = []
+            chunk, chars = [], 0
             for doc_index, text in self._iter:
-                chunk.append((doc_index, text))
+                chunk.append((doc_index, self.epoch, text))
                 self.cursor = doc_index + self.stride
-                if len(chunk) == self.batch_size:
+                chars += len(text)
+                # a tokenizer batch is bounded in documents and (at ~4 characters a token) in tokens
+                if len(chunk) == self.batch_size or chars >= 4 * (self.buffer_tokens - self.buffered):
                     break
             if not chunk:  # end of the split: start the next epoch
                 self.epoch += 1
                 self.cursor, self._iter = self.offset, None
-                if not self.docs and self.epoch > 1 and self._empty_epochs():
+                if not self.pieces and self.epoch > 1 and self._empty_epochs():
                     raise UserError("the data split holds no non-empty documents")
                 continue
             self._add_texts(chunk)
@@ -84,29 +155,67 @@ class _Stream:
     def _empty_epochs(self):
         return all(not t.strip() for _, t in self.source.iter_from(0, self.stride, self.offset))
 
+    def _place(self, row, keep, placed, piece, room):
+        """Put (the beginning of) `piece` into `row`; returns what is left of it, or None.
+        `placed` gets (row offset, document index, epoch, first and end body position trained)."""
+        tokens, n_masked = document_piece(piece.row, self.header_len, piece.body_start, self.context_tokens,
+                                          max_len=room)
+        placed.append((len(row) + n_masked, piece.doc_index, piece.epoch, piece.body_start,
+                       piece.body_start + len(tokens) - n_masked))
+        row.extend(tokens)
+        keep.append(True)  # BOS: as a target it predicts the end of the document before it
+        keep.extend([False] * (n_masked - 1))  # marker, context
+        keep.extend([True] * (len(tokens) - n_masked))
+        new_start = piece.body_start + len(tokens) - n_masked
+        if self.header_len + new_start < len(piece.row):
+            piece.body_start = new_start
+            return piece
+        return None
+
     def next_row(self, width):
-        row = []
+        """(row, keep, placed): `width` tokens, whether each token may be a loss target, and where
+        each document's trained text went: [(row position of its first new token, document index,
+        epoch, body start, body end)] (what tests use to check that no token is lost).
+
+        A document cut at the end of a row is carried into the start of the next row, so a long
+        document is trained contiguously and its continuation always has a whole row of room."""
+        row, keep, placed = [], [], []
+        if self.carry is not None:
+            piece, self.carry = self.carry, None
+            self.carry = self._place(row, keep, placed, piece, width)
         while len(row) < width:
             self._refill()
-            remaining = width - len(row)
-            pos = bisect.bisect_right(self.lengths, remaining) - 1
-            if pos >= 0:
-                row.extend(self._pop(pos))  # the longest document that fits whole
-            else:
-                row.extend(self._pop(0)[:remaining])  # nothing fits: crop the shortest to fill the row
-        return row
+            room = width - len(row)
+            pos = bisect.bisect_right(self.lengths, room) - 1
+            if pos >= 0:  # the longest document that fits whole
+                self._place(row, keep, placed, self._pop(pos), room)
+            elif room <= self.header_len:  # no room for text: pad (BOS ends the document before it)
+                row.extend([self.spec.bos_id] * room)
+                keep.extend([True] + [False] * (room - 1))
+            else:  # nothing fits: the document waiting longest starts here and continues next row
+                oldest = min(range(len(self.pieces)), key=lambda i: self.pieces[i].seq)
+                self.carry = self._place(row, keep, placed, self._pop(oldest), room)
+        return row, keep, placed
 
     def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor, "pending": list(self.doc_ids)}
+        pending = sorted(self.pieces, key=lambda p: p.seq)
+        carry = self.carry and [self.carry.doc_index, self.carry.epoch, self.carry.body_start]
+        return {"epoch": self.epoch, "cursor": self.cursor, "carry": carry,
+                "pending": [[p.doc_index, p.epoch, p.body_start] for p in pending]}
 
     def load_state_dict(self, state):
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._iter = None
-        self.lengths, self.docs, self.doc_ids = [], [], []
-        pending = [int(i) for i in state["pending"]]
+        self.lengths, self.pieces, self.buffered, self.carry = [], [], 0, None
+        # Older states list bare document indices: those documents start afresh in the saved epoch.
+        pending = [(int(p), self.epoch, 0) if isinstance(p, int) else tuple(int(v) for v in p)
+                   for p in state["pending"]]
         for start in range(0, len(pending), self.batch_size):
             part = pending[start:start + self.batch_size]
-            self._add_texts([(i, self.source.get(i)) for i in part])
+            self._add_texts([(i, e, self.source.get(i)) for i, e, _ in part], [b for _, _, b in part])
+        if state.get("carry"):
+            i, e, b = (int(v) for v in state["carry"])
+            self.carry = self._make_pieces([(i, e, self.source.get(i))], [b])[0]
 
 
 class DirectionAwareLoader:
@@ -114,7 +223,8 @@ class DirectionAwareLoader:
 
     def __init__(self, B, T, split, direction="forward", tokenizer_threads=4, tokenizer_batch_size=128,
                  device="cuda", seed=0, p_backward=0.5, tokenizer=None, rank=None, world_size=None,
-                 grad_accum_steps=1, buffer_docs=256, data_dir=None, resume_state=None):
+                 grad_accum_steps=1, buffer_docs=256, buffer_tokens=None, context_tokens=None, data_dir=None,
+                 resume_state=None):
         validate_direction(direction)
         validate_p_backward(p_backward)
         if tokenizer is None:
@@ -127,14 +237,20 @@ class DirectionAwareLoader:
         self.grad_accum_steps = grad_accum_steps
         self.spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=seed, p_backward=p_backward)
         source = DocumentSource(split, data_dir)
+        # Continuations carry up to T/8 tokens of preceding text (docs/DIRECTIONS.md); the packing
+        # buffer is bounded in tokens as well as documents, so one giant document is held once.
+        self.context_tokens = T // 8 if context_tokens is None else int(context_tokens)
+        if self.context_tokens < 0:
+            raise UserError(f"context_tokens={context_tokens} must be >= 0")
+        buffer_tokens = buffer_docs * (T + 1) if buffer_tokens is None else int(buffer_tokens)
         n_streams = self.world_size * grad_accum_steps
         self.streams = [
             _Stream(source, n_streams, self.rank * grad_accum_steps + a, self.spec, tokenizer,
-                    tokenizer_threads, tokenizer_batch_size, buffer_docs)
+                    tokenizer_threads, tokenizer_batch_size, buffer_docs, buffer_tokens, self.context_tokens)
             for a in range(grad_accum_steps)
         ]
         self.next_stream = 0
-        self.marker_ids = torch.tensor(self.spec.marker_ids, dtype=torch.long)
+        self.last_placements = ()  # per row of the last batch: see _Stream.next_row
         if resume_state is not None:
             self.load_state_dict(resume_state)
 
@@ -144,11 +260,11 @@ class DirectionAwareLoader:
     def __next__(self):
         stream = self.streams[self.next_stream]
         self.next_stream = (self.next_stream + 1) % len(self.streams)
-        rows = torch.tensor([stream.next_row(self.T + 1) for _ in range(self.B)], dtype=torch.long)
+        rows, keeps, self.last_placements = zip(*(stream.next_row(self.T + 1) for _ in range(self.B)))
+        rows = torch.tensor(rows, dtype=torch.long)
         inputs = rows[:, :-1]
         targets = rows[:, 1:].clone()
-        if len(self.marker_ids):
-            targets[torch.isin(targets, self.marker_ids)] = -1  # markers are control inputs, not text
+        targets[~torch.tensor(keeps, dtype=torch.bool)[:, 1:]] = -1  # markers and context are not targets
         if self.device.type == "cuda":
             return (inputs.pin_memory().to(self.device, non_blocking=True),
                     targets.pin_memory().to(self.device, non_blocking=True))
@@ -173,6 +289,7 @@ class DirectionAwareLoader:
 def direction_aware_dataloader(B, T, split, direction="forward", tokenizer_threads=4, tokenizer_batch_size=128,
                                device="cuda", seed=0, p_backward=0.5, **kwargs):
     """Yields (inputs, targets) of shape (B, T); see DirectionAwareLoader for the extra options
-    (tokenizer, rank, world_size, grad_accum_steps, buffer_docs, data_dir, resume_state)."""
+    (tokenizer, rank, world_size, grad_accum_steps, buffer_docs, buffer_tokens, context_tokens, data_dir,
+    resume_state)."""
     return DirectionAwareLoader(B, T, split, direction, tokenizer_threads, tokenizer_batch_size,
                                 device, seed, p_backward, **kwargs)

@@ -5,6 +5,9 @@ The corpus is the generated one of conftest (`corpus_template["train"]`): every 
 """
 
 import itertools
+import os
+import random
+import shutil
 
 import pytest
 import torch
@@ -30,6 +33,7 @@ def known(corpus_template):
         return {s[:n] for s in seqs for n in range(1, len(s) + 1)}
 
     return {
+        "docs": docs,
         "tok": tok,
         "bos": tok.get_bos_token_id(),
         "markers": tok.get_marker_ids(),
@@ -47,81 +51,89 @@ def make_loader(direction="forward", **kwargs):
                                 direction, **kwargs)
 
 
-def full_rows(inputs, targets):
-    """The packed rows (T+1 tokens) behind a batch; when the last target is a masked marker its
-    identity is unknown, so that row is returned without it."""
-    rows = []
-    for x, y in zip(inputs.tolist(), targets.tolist()):
-        rows.append(x + [y[-1]] if y[-1] != -1 else x)
-    return rows
-
-
-def segments(row, bos, markers=()):
-    """Split a row at BOS into (marker or None, body tokens, is_last) triples."""
-    starts = [i for i, t in enumerate(row) if t == bos]
-    out = []
-    for k, s in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else len(row)
-        seg = row[s + 1:end]
-        marker = None
-        if markers and seg and seg[0] in markers:
-            marker, seg = seg[0], seg[1:]
-        out.append((marker, tuple(seg), end == len(row)))
-    return out
-
-
 def take(loader, n):
     return list(itertools.islice(loader, n))
 
 
+def take_traced(loader, n):
+    """n batches, each with the loader's placements: [(x, y, placements per row)]."""
+    out = []
+    for _ in range(n):
+        x, y = next(loader)
+        out.append((x, y, loader.last_placements))
+    return out
+
+
+def oriented(known, doc_index, concrete):
+    doc = known["docs"][doc_index]
+    return list(doc) if concrete == "forward" else list(reversed(doc))
+
+
+def check_traced(traced, known, direction, seed=0, p_backward=0.5, context_tokens=None):
+    """Check every row of every batch against the documents it claims to hold; returns
+    {(doc_index, epoch): [(body_start, body_end), ...]} of the text trained.
+
+    - a row starts with BOS; each document piece starts with BOS (+ the marker of its draw);
+    - the tokens before a piece's first new target are its header and the text just before it;
+    - the targets of new tokens are exactly the oriented document's tokens; every other target
+      is -1 or a BOS (the end of the document before it); a marker is never a target."""
+    bos, markers = known["bos"], known["markers"]
+    trained = {}
+    for x, y, placements in traced:
+        rows = x.tolist()
+        tgts = y.tolist()
+        for r, placed in enumerate(placements):
+            row, tgt = rows[r], tgts[r]
+            assert row[0] == bos
+            expected = [-1] * T
+            for start, doc_index, epoch, b0, b1 in placed:
+                concrete = direction
+                if direction == "bidirectional":
+                    concrete = draw_direction(seed, doc_index, p_backward, epoch=epoch)
+                body = oriented(known, doc_index, concrete)
+                header = [bos] if direction != "bidirectional" else [bos, markers[concrete == "backward"]]
+                ctx = start - len(header) - [p for p in range(start - 1, -1, -1) if row[p] == bos and
+                                             (p + len(header) <= start)][0]
+                hpos = start - len(header) - ctx
+                assert row[hpos:hpos + len(header)] == header[:T - hpos]
+                if context_tokens is not None:
+                    assert ctx <= min(context_tokens, b0)
+                    if start + (b1 - b0) < T + 1:  # a piece that was not cut at the row's end
+                        assert ctx == min(context_tokens, b0)
+                assert row[start - ctx:start] == body[b0 - ctx:b0]  # context: the text just before
+                for k in range(b0, b1):
+                    expected[start + (k - b0) - 1] = body[k]
+                if hpos > 0:
+                    expected[hpos - 1] = bos
+                trained.setdefault((doc_index, epoch), []).append((b0, b1))
+            last_end = max(start + (b1 - b0) for start, _, _, b0, b1 in placed)
+            if last_end <= T and tgt[last_end - 1] == bos:  # a header alone closes the row (no room
+                assert T + 1 - last_end <= len(markers) and all(e == -1 for e in expected[last_end - 1:])
+                expected[last_end - 1] = bos  # for text after it): its BOS ends the previous document
+            assert tgt == expected
+        assert not torch.isin(y, torch.tensor(markers)).any()
+    return trained
+
+
+def check_once_per_epoch(trained, known, epochs, n_docs):
+    """Every document of the completed epochs is trained exactly once, start to end."""
+    for epoch in epochs:
+        for d in range(n_docs):
+            spans = sorted(trained.get((d, epoch), []))
+            assert spans, (d, epoch)
+            assert spans[0][0] == 0 and spans[-1][1] == len(known["docs"][d]), (d, epoch, spans)
+            for (_, e0), (s1, _) in zip(spans, spans[1:]):
+                assert e0 == s1, (d, epoch, spans)  # contiguous, no overlap, no gap
+
+
 # ---- content of rows ------------------------------------------------------------------------
 
-def check_basic_shapes(batches, bos, rows=B):
-    for x, y in batches:
-        assert x.shape == (rows, T) and y.shape == (rows, T)
-        assert x.dtype == torch.long and y.dtype == torch.long
-        assert (x[:, 0] == bos).all()  # every row starts with a document's BOS
-
-
-def test_forward_rows_are_prefixes_of_forward_documents(base_dir, known):
-    batches = take(make_loader("forward"), 20)
-    check_basic_shapes(batches, known["bos"])
-    n_whole = 0
-    for x, y in batches:
-        assert (y != -1).all()  # one-way data has no masked targets
-        assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
-        for row in full_rows(x, y):
-            assert len(row) == T + 1
-            segs = segments(row, known["bos"])
-            for marker, body, is_last in segs:
-                assert marker is None
-                if body:
-                    assert body in known["fwd_prefixes"]
-                if not is_last:  # only the document at the row's end may be cropped
-                    assert body in known["fwd_index"]
-                    n_whole += 1
-    assert n_whole >= len(batches) * B // 2
-
-
-def test_backward_rows_are_prefixes_of_reversed_documents(base_dir, known):
-    batches = take(make_loader("backward"), 20)
-    check_basic_shapes(batches, known["bos"])
-    n_checked = 0
-    for x, y in batches:
-        assert (y != -1).all()
-        assert torch.equal(y[:, :-1], x[:, 1:])
-        for row in full_rows(x, y):
-            for marker, body, is_last in segments(row, known["bos"]):
-                assert marker is None
-                if body:
-                    assert body in known["bwd_prefixes"]
-                if len(body) >= 3:
-                    # reversed text reads " end. The ..." first: never the start of a forward document
-                    assert body not in known["fwd_prefixes"]
-                    n_checked += 1
-                if not is_last:
-                    assert body in known["bwd_index"]
-    assert n_checked >= len(batches) * B
+@pytest.mark.parametrize("direction", ["forward", "backward", "bidirectional"])
+def test_rows_hold_oriented_documents(base_dir, known, direction):
+    loader = make_loader(direction, seed=5)
+    traced = take_traced(loader, 20)
+    trained = check_traced(traced, known, direction, seed=5, context_tokens=T // 8)
+    assert len(trained) >= 20 * B // 2
 
 
 def test_forward_and_backward_decode_differently(base_dir, known):
@@ -132,62 +144,116 @@ def test_forward_and_backward_decode_differently(base_dir, known):
     assert not tok.decode(bx[0, 1:8].tolist()).startswith("Story")
 
 
-def check_bidirectional(batches, known, seed, p_backward):
-    bos, (fwd_id, bwd_id) = known["bos"], known["markers"]
-    markers = (fwd_id, bwd_id)
-    counts = {"forward": 0, "backward": 0}
-    for x, y in batches:
-        xl, yl = x.tolist(), y.tolist()
-        for r in range(x.size(0)):
-            row_in, row_tgt = xl[r], yl[r]
-            # every BOS with room after it is followed by a marker
-            for i, t in enumerate(row_in):
-                if t == bos and i + 1 < T:
-                    assert row_in[i + 1] in markers, (r, i)
-            # targets == -1 exactly where the next token is a marker; elsewhere the shifted input
-            for i in range(T - 1):
-                if row_in[i + 1] in markers:
-                    assert row_tgt[i] == -1
-                else:
-                    assert row_tgt[i] == row_in[i + 1]
-            # the last target: a masked marker can only follow BOS
-            assert row_tgt[-1] not in markers
-            if row_tgt[-1] == -1:
-                assert row_in[-1] == bos
-        assert not torch.isin(y, torch.tensor(markers)).any()
-        for row in full_rows(x, y):
-            for marker, body, is_last in segments(row, bos, markers):
-                if not body:
-                    continue
-                assert marker in markers
-                concrete = "forward" if marker == fwd_id else "backward"
-                prefixes = known["fwd_prefixes"] if concrete == "forward" else known["bwd_prefixes"]
-                assert body in prefixes
-                counts[concrete] += 1
-                if not is_last:  # a whole document: its draw must be the deterministic one
-                    index = known["fwd_index" if concrete == "forward" else "bwd_index"][body]
-                    assert draw_direction(seed, index, p_backward) == concrete
-    return counts
-
-
 @pytest.mark.parametrize("p_backward", [0.5, 0.2])
-def test_bidirectional_rows_markers_and_fraction(base_dir, known, p_backward):
+def test_bidirectional_fraction(base_dir, known, p_backward):
     seed = 5
-    batches = take(make_loader("bidirectional", seed=seed, p_backward=p_backward, B=8), 40)
-    check_basic_shapes(batches, known["bos"], rows=8)
-    counts = check_bidirectional(batches, known, seed, p_backward)
-    n = counts["forward"] + counts["backward"]
-    assert n >= 400
-    frac = counts["backward"] / n
-    assert abs(frac - p_backward) < 0.1, counts
+    loader = make_loader("bidirectional", seed=seed, p_backward=p_backward, B=8)
+    traced = take_traced(loader, 40)
+    trained = check_traced(traced, known, "bidirectional", seed=seed, p_backward=p_backward)
+    draws = [draw_direction(seed, d, p_backward, epoch=e) for d, e in trained]
+    assert len(draws) >= 300
+    assert abs(draws.count("backward") / len(draws) - p_backward) < 0.1
 
 
 @pytest.mark.parametrize("p_backward,expected", [(0.0, "forward"), (1.0, "backward")])
 def test_bidirectional_extreme_p(base_dir, known, p_backward, expected):
-    batches = take(make_loader("bidirectional", p_backward=p_backward), 5)
-    counts = check_bidirectional(batches, known, 0, p_backward)
-    assert counts[expected] > 0
-    assert sum(counts.values()) == counts[expected]
+    fwd_id, bwd_id = known["markers"]
+    x, _ = next(make_loader("bidirectional", p_backward=p_backward))
+    present = set(x.flatten().tolist())
+    assert (fwd_id in present) == (expected == "forward")
+    assert (bwd_id in present) == (expected == "backward")
+
+
+# ---- long documents: no token discarded (docs/DESIGN.md §2) ------------------------------------
+
+@pytest.fixture
+def long_docs_dir(corpus_template, tmp_path, monkeypatch):
+    """A base dir whose documents (~300-600 tokens) are far longer than the rows (T=64): 24 of
+    them, each line carrying its document and line number."""
+    from nanochat.dataset import write_shards
+    d = str(tmp_path / "long_base")
+    shutil.copytree(corpus_template["dir"], d)
+    shutil.rmtree(os.path.join(d, "base_data"))
+    rng = random.Random(7)
+    docs = []
+    for i in range(24):
+        lines = [f"line {i}.{k}: " + " ".join(rng.choice(corpus_template["train"]).split()[2:8])
+                 for k in range(rng.randint(12, 30))]
+        docs.append("\n".join(lines))
+    write_shards(docs, os.path.join(d, "base_data"), 12)
+    write_shards(docs[:4], os.path.join(d, "base_data"), 4, start_index=2)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", d)
+    return d, docs
+
+
+@pytest.fixture
+def long_known(long_docs_dir):
+    d, texts = long_docs_dir
+    tok = get_tokenizer(d)
+    return {"tok": tok, "bos": tok.get_bos_token_id(), "markers": tok.get_marker_ids(),
+            "docs": [tok.encode(t) for t in texts]}
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "bidirectional"])
+def test_every_text_token_is_a_target_once_per_epoch(long_known, direction):
+    docs = long_known["docs"]
+    assert min(len(t) for t in docs) > 3 * T  # documents much longer than a row
+    loader = make_loader(direction, B=2, grad_accum_steps=2, seed=1)
+    n_tokens = sum(len(t) for t in docs)
+    traced = take_traced(loader, int(3.2 * n_tokens / (2 * T)))  # > 2 epochs of text over both streams
+    trained = check_traced(traced, long_known, direction, seed=1, context_tokens=T // 8)
+    check_once_per_epoch(trained, long_known, epochs=(0, 1), n_docs=len(docs))
+
+
+def test_forward_and_backward_train_on_the_same_text(long_known):
+    """Two epochs of batches: the text targets, restored to reading order, are the whole corpus
+    twice, for forward and backward alike (the old cropping loader saw 13% of it, disjointly)."""
+    docs = long_known["docs"]
+    seen = {}
+    for direction in ("forward", "backward"):
+        loader = make_loader(direction, B=2, seed=1)
+        traced = take_traced(loader, int(3.2 * sum(map(len, docs)) / (2 * T)))
+        trained = check_traced(traced, long_known, direction)
+        positions = set()
+        for (d, epoch), spans in trained.items():
+            for b0, b1 in spans:
+                for k in range(b0, b1):  # body position k -> reading-order position
+                    positions.add((epoch, d, k if direction == "forward" else len(docs[d]) - 1 - k))
+        seen[direction] = {p for p in positions if p[0] < 2}
+    total = 2 * sum(len(t) for t in docs)
+    assert len(seen["forward"]) == total and seen["forward"] == seen["backward"]
+
+
+def test_bidirectional_documents_change_direction_between_epochs(long_known):
+    draws = [[draw_direction(3, d, 0.5, epoch=e) for d in range(2000)] for e in (0, 1)]
+    changed = sum(a != b for a, b in zip(*draws)) / 2000
+    assert 0.45 < changed < 0.55
+    loader = make_loader("bidirectional", B=2, seed=3)
+    traced = take_traced(loader, int(2.6 * sum(map(len, long_known["docs"])) / (2 * T)))
+    trained = check_traced(traced, long_known, "bidirectional", seed=3)
+    flips = [draw_direction(3, d, 0.5, 0) != draw_direction(3, d, 0.5, 1) for d in range(24)]
+    assert any(flips) and not all(flips)
+    assert all((d, 1) in trained for d in range(24))
+
+
+def test_context_tokens_zero_restates_only_the_header(long_known):
+    loader = make_loader("backward", context_tokens=0)
+    check_traced(take_traced(loader, 10), long_known, "backward", context_tokens=0)
+
+
+def test_giant_document_is_buffered_once(long_docs_dir, monkeypatch):
+    """A document larger than the token buffer is held once (not once per buffered slot) and is
+    tokenized in pieces."""
+    import nanochat.direction_dataloader as dl
+    monkeypatch.setattr(dl, "MAX_ENCODE_CHARS", 200)
+    loader = make_loader("forward", buffer_tokens=100)
+    next(loader)
+    stream = loader.streams[0]
+    assert len(stream.pieces) <= 2 and len({p.doc_index for p in stream.pieces}) == len(stream.pieces)
+    text = "first line\n" * 50
+    tok = loader.spec  # noqa: F841 (the loader's tokenizer encodes in pieces cut after newlines)
+    assert dl._split_long_text(text, 200)[0].endswith("\n")
+    assert "".join(dl._split_long_text(text, 200)) == text
 
 
 def test_factory_function_matches_class(base_dir):
@@ -199,12 +265,10 @@ def test_factory_function_matches_class(base_dir):
 
 def test_val_split_reads_validation_documents(base_dir, corpus_template, known):
     tok = known["tok"]
-    val_fwd = {tuple(tok.encode(t)) for t in corpus_template["val"]}
-    x, y = next(make_loader("forward", split="val"))
-    for row in full_rows(x, y):
-        for _, body, is_last in segments(row, known["bos"]):
-            if not is_last:
-                assert body in val_fwd and body not in known["fwd_index"]
+    val = [tok.encode(t) for t in corpus_template["val"]]
+    loader = make_loader("forward", split="val")
+    traced = take_traced(loader, 2)
+    check_traced(traced, dict(known, docs=val), "forward")
 
 
 # ---- sharding and resume --------------------------------------------------------------------
@@ -222,7 +286,9 @@ def test_two_ranks_equal_one_rank_accumulating_two(base_dir, known, direction):
     assert not torch.equal(rank0[0][0], rank1[0][0])
     if direction == "bidirectional":
         # rank 1 reads odd global indices; its draws are those of the global index (seed 0)
-        check_bidirectional(rank1, known, seed=0, p_backward=0.5)
+        loader = make_loader(direction, rank=1, world_size=2)
+        trained = check_traced(take_traced(loader, n), known, direction)
+        assert all(d % 2 == 1 for d, _ in trained)
 
 
 def test_two_ranks_accumulating_equal_one_rank_accumulating_four(base_dir):
@@ -302,3 +368,16 @@ def test_bad_direction_is_user_error(base_dir):
     with pytest.raises(UserError) as e:
         make_loader("reverse")
     assert "bidirectional" in str(e.value)
+
+
+@pytest.mark.parametrize("direction", ["backward", "bidirectional"])
+def test_resume_mid_document_gives_identical_batches(long_known, direction):
+    opts = dict(B=2, grad_accum_steps=2, buffer_docs=4, tokenizer_batch_size=2, seed=2)
+    reference = make_loader(direction, **opts)
+    take(reference, 7)
+    state = reference.state_dict()
+    assert any(s["carry"] and s["carry"][2] > 0 for s in state["streams"])  # a document half trained
+    expected = take(reference, 8)
+    got = take(make_loader(direction, resume_state=state, **opts), 8)
+    for (xe, ye), (xg, yg) in zip(expected, got):
+        assert torch.equal(xe, xg) and torch.equal(ye, yg)
