@@ -182,9 +182,10 @@ def evaluate_generative(engine, task, indices, concrete_direction, num_samples=1
 
     Forward the model writes the assistant's answer; backward it is given the answer and writes
     the question (Engine.chat). Returns Tally.as_dict() plus "reward_sum" (of each example's mean
-    reward over samples) and "samples": the first `keep_samples` examples, given and generated."""
+    reward over samples), "per_example": [(index, best reward)] of every scored example, and
+    "samples": the first `keep_samples` examples, given and generated."""
     limit = engine.model.config.sequence_len
-    tally, reward_sum, samples = Tally(), 0.0, []
+    tally, reward_sum, samples, per_example = Tally(), 0.0, [], []
     for index in indices:
         example = task[index]
         prompt, _ = engine.spec.chat_prompt(engine.tokenizer, example, concrete_direction)
@@ -195,9 +196,10 @@ def evaluate_generative(engine, task, indices, concrete_direction, num_samples=1
                             max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + index)
         rewards = [float(task.reward(example, text, concrete_direction)) for text in texts]
         tally.add(example, max(rewards))  # pass@k for 0/1 rewards
+        per_example.append((index, max(rewards)))
         reward_sum += sum(rewards) / len(rewards)
         if len(samples) < keep_samples:
             given, reference = given_and_reference(example, concrete_direction)
             samples.append({"index": index, "given": given, "reference": reference,
                             "generated": texts, "rewards": rewards})
-    return {**tally.as_dict(), "reward_sum": reward_sum, "samples": samples}
+    return {**tally.as_dict(), "reward_sum": reward_sum, "samples": samples, "per_example": per_example}

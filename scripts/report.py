@@ -4,6 +4,7 @@ matrix, per-position loss, lineage, configs and final numbers), with PNG figures
     python -m scripts.report --experiments=base_fwd,base_bwd,base_bidi
     python -m scripts.report --all --title="Arrow of time, d4" --name=d4_sweep
     python -m scripts.report --experiments=base_fwd --output_dir=/tmp/my_report
+    python -m scripts.report --experiments=base_fwd --output=/tmp/fwd.md    # + /tmp/fwd_figures/
 
 Prints the report's path and the bpb matrix. The report goes to <base_dir>/reports/<--name or a
 UTC timestamp>/report.md unless --output_dir is given; an existing non-empty directory is refused.
@@ -17,7 +18,8 @@ import sys
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.experiment_config import ExperimentConfig
 from nanochat.research_analysis import (BASE_LOG_PHASE, collect_direction_rows, direction_matrix_markdown,
-                                        generate_research_report, load_experiment_metadata)
+                                        experiment_metadata)
+from nanochat.research_report import generate_research_report
 
 
 def build_parser():
@@ -25,6 +27,7 @@ def build_parser():
     add_flag(p, "experiments", default=None, help="comma list of experiment ids (or experiment directories)")
     add_flag(p, "all", action="store_true", help="every experiment with a training log")
     add_flag(p, "output_dir", default=None, help="report directory (default <base_dir>/reports/<name or timestamp>)")
+    add_flag(p, "output", default=None, help="the report's file instead (figures go to <stem>_figures/ beside it)")
     add_flag(p, "name", default=None, help="report directory name under <base_dir>/reports/")
     add_flag(p, "title", default=None, help="report title")
     add_flag(p, "phase", default=BASE_LOG_PHASE, help="research-log phase to plot")
@@ -43,7 +46,7 @@ def select_experiments(args):
         return ids, []
     ids, skipped = [], []
     for experiment_id in experiments.list_experiments():
-        if args.phase in load_experiment_metadata(experiment_id)["logs"]:
+        if args.phase in experiment_metadata(experiment_id)["logs"]:
             ids.append(experiment_id)
         else:
             skipped.append((experiment_id, f"no {args.phase} log"))
@@ -56,11 +59,11 @@ def select_experiments(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.output_dir is not None and args.name is not None:
-        raise UserError("pass --output_dir or --name, not both")
+    if sum(x is not None for x in (args.output_dir, args.output, args.name)) > 1:
+        raise UserError("pass one of --output_dir, --output or --name")
     ids, skipped = select_experiments(args)
-    path = generate_research_report(ids, output_dir=args.output_dir, title=args.title, name=args.name,
-                                    phase=args.phase, skipped=skipped)
+    path = generate_research_report(ids, output_path=args.output, output_dir=args.output_dir, title=args.title,
+                                    name=args.name, phase=args.phase, skipped=skipped)
     print(f"report: {path}")
     rows, missing = collect_direction_rows(ids)
     if rows:

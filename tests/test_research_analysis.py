@@ -18,7 +18,7 @@ from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.research_analysis import (
     PlotResult, analyze_direction_transfer, compare_learning_curves, generate_research_report,
-    load_experiment_metadata, load_training_losses, per_position_loss, plot_direction_matrix,
+    load_experiment_metadata, load_training_curves, load_training_losses, per_position_loss, plot_direction_matrix,
     plot_per_position_loss, resolve_experiment,
 )
 from nanochat.research_logger import log_path, read_scalars, read_snapshot
@@ -103,8 +103,11 @@ def test_resolve_by_id_and_by_directory(runs):
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_training_losses_match_what_training_printed(runs, direction):
-    losses = load_training_losses(f"t_{direction}", base_dir=runs["base_dir"])
+    losses = load_training_curves(f"t_{direction}", base_dir=runs["base_dir"])
     assert losses["step"].tolist() == list(range(1, STEPS + 1))
+    steps, loss = load_training_losses(f"t_{direction}", base_dir=runs["base_dir"])  # the plan's (steps, losses)
+    np.testing.assert_array_equal(steps, losses["step"])
+    np.testing.assert_array_equal(loss, losses["loss"])
     printed = printed_losses(runs["stdout"][direction])
     assert sorted(printed) == list(range(1, STEPS + 1))
     assert np.all(np.isfinite(losses["loss"]))
@@ -127,13 +130,14 @@ def test_training_losses_match_what_training_printed(runs, direction):
 
 def test_metadata_has_config_and_derived_facts(runs):
     base = runs["base_dir"]
-    meta = load_experiment_metadata("t_bidirectional", base_dir=base)
+    meta, parent_link = load_experiment_metadata("t_bidirectional", base_dir=base)
+    assert parent_link is None  # a root experiment
     config = ExperimentConfig(base).load_config("t_bidirectional")
     for key, value in config.items():
         assert meta[key] == value
     assert set(meta["logs"]) == {"base_training"}
     assert meta["last_step"] == STEPS
-    losses = load_training_losses("t_bidirectional", base_dir=base)
+    losses = load_training_curves("t_bidirectional", base_dir=base)
     assert meta["final_loss"] == losses["loss"][-1]
     assert meta["final_val_bpb"] == {"forward": losses["val_bpb_forward"][-1],
                                      "backward": losses["val_bpb_backward"][-1]}
@@ -142,17 +146,22 @@ def test_metadata_has_config_and_derived_facts(runs):
     assert meta["latest_evaluation"]["results"] == record["results"]
     assert meta["log_metadata"]["max_seq_len"] == 64
     # The same through the directory path.
-    by_path = load_experiment_metadata(meta["experiment_dir"])
+    by_path, _ = load_experiment_metadata(meta["experiment_dir"])
     assert by_path["final_loss"] == meta["final_loss"]
     # An experiment that never trained: no logs, nothing derived, no error.
-    empty = load_experiment_metadata(NO_LOG_ID, base_dir=base)
+    empty, link = load_experiment_metadata(NO_LOG_ID, base_dir=base)
+    assert link["parent_experiment"] == "t_forward" and link["parent_phase"] == "base"
+    assert link["parent_checkpoint_path"] == ExperimentConfig(base).checkpoint_dir("t_forward")
     assert empty["logs"] == {} and empty["last_step"] is None and empty["final_loss"] is None
     assert empty["latest_evaluation"] is None and empty["parent_experiment"] == "t_forward"
 
 
 def test_training_losses_without_log_name_the_experiment_and_the_command(runs):
     with pytest.raises(UserError, match=rf"{NO_LOG_ID}.*no base_training log.*scripts.base_train"):
-        load_training_losses(NO_LOG_ID, base_dir=runs["base_dir"])
+        load_training_curves(NO_LOG_ID, base_dir=runs["base_dir"])
+    assert load_training_losses(NO_LOG_ID, base_dir=runs["base_dir"]) == (None, None)  # the plan's contract
+    with pytest.raises(UserError, match="no experiment 'nope'"):
+        load_training_losses("nope", base_dir=runs["base_dir"])  # a typo is not "no log"
 
 
 # ------------------------------------------------------------------------ learning curves
@@ -274,8 +283,8 @@ def test_report_contains_ids_lineage_values_and_linked_pngs(runs, tmp_path):
         record = evaluation_record(base, f"t_{d}")
         fwd, bwd = record["results"]["forward"]["bpb"], record["results"]["backward"]["bpb"]
         assert f"| t_{d} | {d} | 2 | {STEPS} | {fwd:.4f} | {bwd:.4f} | {100 * record['arrow_of_time_gap']:+.2f}% |" in text
-        losses = load_training_losses(f"t_{d}", base_dir=base)
-        assert f"final train loss: {losses['loss'][-1]:.4f} at step {STEPS}" in text
+        _, losses = load_training_losses(f"t_{d}", base_dir=base)
+        assert f"final train loss: {losses[-1]:.4f} at step {STEPS}" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(links) == ["direction_matrix.png", "learning_curves.png", "per_position_loss.png"]
     for link in links:

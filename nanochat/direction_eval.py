@@ -1,0 +1,295 @@
+"""Task evaluation in several directions: the plan's evaluate_task_multi_direction and
+compute_direction_metrics (docs/DESIGN.md §7), on the chat evaluation of nanochat/chat_eval_lib.py.
+
+    results = evaluate_task_multi_direction(task, model, tokenizer, ["forward", "backward"],
+                                            engine=Engine(model, tokenizer, meta), max_examples=100)
+    results["backward"]["accuracy"], results["backward"]["per_example"], results["backward"]["total"]
+    compute_direction_metrics(results)   # forward_accuracy, backward_accuracy, direction_gap, ...
+
+Any model is scored in any concrete direction: a one-way model in its own direction and in the
+other (the cross-direction transfer, like the bpb matrix), a bidirectional model in each of its
+two (its marker after BOS). The trained direction comes from `engine` (Engine(model, tokenizer,
+meta) knows it from the checkpoint) or `model_direction`; without either the model is read as a
+one-way model, which is right for multiple choice and likelihood whatever way it was trained.
+
+Per direction (tasks/direction_wrapper.py decides which applies):
+- multiple choice: every choice is put in as the assistant's answer and the choices are ranked
+  by the log-likelihood of the *whole* conversation read in that direction: the sum over every
+  position after BOS (markers excluded) of log p(token | preceding tokens), in nats, with no
+  length normalisation (it is the probability of the whole text). Forward this ranks exactly like
+  log p(answer, <|assistant_end|> | question) because the question's part is the same for every
+  choice; backward it is log p(answer) + log p(question | answer). By default the answer is the
+  choice's letter (one token per choice, so normalising would change nothing); mc_answer="text"
+  scores the choice's own text.
+- generative, in a direction the model generates natively and the task can verify: the model
+  generates (forward the answer, backward the question before the given answer), the text is
+  restored to reading order and checked by the task's reward; accuracy is pass@num_samples.
+- generative otherwise ("likelihood_only"): no accuracy. A one-way model never learned to write in
+  the other direction, and GSM8K cannot check a generated question: an accuracy would be made up.
+  The entry says why (`reason`) with accuracy None, and the likelihood below is the measure.
+
+Every entry also holds `bpb`: bits per byte of the reference conversations' text read in that
+direction (nats over the text tokens' targets / (ln 2 × their UTF-8 bytes); special tokens drop
+out of both sums as in docs/DESIGN.md §3). Every text token is a target in both directions, so
+forward and backward bpb of one task are directly comparable, for any model.
+
+Examples longer than the model's context are skipped and counted (`skipped_too_long`), never
+cropped: cropping one end is not direction-fair. Results are saved as
+evaluations/direction_<task>_step<NNNNNN>.json (save_direction_evaluation) and shown in the report
+by markdown_section (registered in nanochat/research_report.py REPORT_SECTIONS).
+"""
+
+import json
+import math
+import os
+import re
+from datetime import datetime, timezone
+
+import torch
+
+from nanochat.chat_eval_lib import (evaluate_generative, evaluate_multiple_choice, example_indices,
+                                    sequence_logprobs)
+from nanochat.common import UserError, print0
+from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, validate_direction
+from tasks.direction_wrapper import DirectionTaskWrapper
+
+SECTION_TITLE = "Task accuracy in each direction"
+_FILE_PATTERN = re.compile(r"^direction_(.+)_step(\d+)\.json$")
+
+
+def _trained_direction(engine, model_direction):
+    if engine is not None:
+        engine_direction = getattr(engine, "direction", None)
+        if model_direction is not None and engine_direction != model_direction:
+            raise UserError(f"model_direction={model_direction!r} contradicts the engine's {engine_direction!r}")
+        return engine_direction
+    if model_direction is not None:
+        validate_direction(model_direction, DIRECTIONS)
+    return model_direction
+
+
+def _model_device(model):
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")  # a parameter-free stand-in model (tests)
+
+
+def reference_bpb(model, wrapper, indices, device, token_bytes, batch_size=32, autocast_ctx=None):
+    """(nats, bytes, examples) of the reference conversations task[indices] read in the wrapper's
+    direction: nats summed over targets that are text tokens, bytes their UTF-8 length. Rows
+    longer than the context are left out."""
+    max_len = model.config.sequence_len + 1
+    rows, n_bytes = [], 0
+    for index in indices:
+        ids = wrapper.render_for_eval(wrapper[index])
+        if len(ids) > max_len:
+            continue
+        lengths = [int(token_bytes[t]) for t in ids]
+        rows.append((ids, [1 if b > 0 else 0 for b in lengths]))
+        n_bytes += sum(lengths[1:])
+    if not rows:
+        return 0.0, 0, 0
+    nats = -sum(sequence_logprobs(model, rows, device, batch_size, autocast_ctx))
+    return nats, n_bytes, len(rows)
+
+
+def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward", "backward"), engine=None,
+                                  max_examples=None, *, model_direction=None, mc_answer="letter", batch_size=32,
+                                  num_samples=1, max_new_tokens=64, temperature=0.0, top_k=None, seed=42,
+                                  autocast_ctx=None, verbose=True):
+    """Evaluate `task` in each concrete direction of `directions`; the first `max_examples`
+    examples (None or -1: all). Returns {direction: entry}, each entry:
+
+        accuracy          correct / total (a float), or None where no accuracy applies ("reason")
+        per_example       [bool] one per scored example, in order of "indices"
+        total             examples scored (the accuracy's denominator)
+        indices           the task indices scored
+        correct           sum of the example scores
+        scoring           "multiple_choice" | "generation" | "likelihood_only"
+        reason            why accuracy is None (only then)
+        skipped_too_long  examples left out because they do not fit the model's context
+        bpb, bpb_nats, bpb_bytes, bpb_examples   the reference conversations' bits per byte
+        stderr            binomial standard error of the accuracy (None with no accuracy)
+    """
+    if isinstance(directions, str):
+        directions = [directions]
+    directions = [validate_direction(d, CONCRETE_DIRECTIONS) for d in directions]
+    if not directions or len(set(directions)) != len(directions):
+        raise UserError(f"directions={directions!r}: give forward and/or backward, each once")
+    trained = _trained_direction(engine, model_direction)
+    device = _model_device(model)
+    if autocast_ctx is None:
+        from nanochat.training import autocast_context
+        autocast_ctx = autocast_context(device.type)
+    token_bytes = tokenizer.token_byte_lengths()
+    indices = example_indices(len(task), -1 if max_examples is None else max_examples)
+    if not indices:
+        raise UserError(f"task {getattr(task, 'name', '?')} has no examples to evaluate")
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for direction in directions:
+            if verbose:
+                print0(f"Evaluating {getattr(task, 'name', type(task).__name__)} in the {direction} direction "
+                       f"({len(indices)} examples, model trained {trained or 'one-way'})...")
+            wrapper = DirectionTaskWrapper(task, direction, tokenizer, model_direction=trained)
+            entry = {"scoring": wrapper.scoring}
+            if wrapper.scoring == "multiple_choice":
+                r = evaluate_multiple_choice(model, tokenizer, wrapper.spec, task, indices, direction, device,
+                                             batch_size=batch_size, autocast_ctx=autocast_ctx, mc_answer=mc_answer)
+                entry["indices"] = [i for i, _, _ in r["predictions"]]
+                entry["per_example"] = [p == a for _, p, a in r["predictions"]]
+                entry["predictions"] = [p for _, p, _ in r["predictions"]]
+            elif wrapper.scoring == "generation":
+                if engine is None:
+                    from nanochat.engine import Engine
+                    engine = Engine(model, tokenizer, {"direction": trained})
+                with autocast_ctx:
+                    r = evaluate_generative(engine, task, indices, direction, num_samples=num_samples,
+                                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                            seed=seed)
+                entry["indices"] = [i for i, _ in r["per_example"]]
+                entry["per_example"] = [score >= 1.0 for _, score in r["per_example"]]
+                entry["samples"] = r["samples"]
+            else:
+                r = {"correct": 0.0, "n": 0, "skipped_too_long": None}
+                entry.update(indices=[], per_example=[], reason=wrapper.not_applicable_reason)
+            entry["correct"], entry["total"] = r["correct"], r["n"]
+            if wrapper.scoring == "likelihood_only":
+                entry["accuracy"] = None
+            elif r["n"] == 0:
+                entry["accuracy"] = None
+                entry["reason"] = (f"none of the {len(indices)} examples fits the model's "
+                                   f"{model.config.sequence_len}-token context")
+            else:
+                entry["accuracy"] = r["correct"] / r["n"]
+            acc = entry["accuracy"]
+            entry["stderr"] = None if acc is None else math.sqrt(max(acc * (1 - acc), 0.0) / r["n"])
+            nats, n_bytes, n_rows = reference_bpb(model, wrapper, indices, device, token_bytes, batch_size,
+                                                  autocast_ctx)
+            entry.update(bpb=nats / (math.log(2) * n_bytes) if n_bytes else None, bpb_nats=nats,
+                         bpb_bytes=n_bytes, bpb_examples=n_rows)
+            entry["skipped_too_long"] = (len(indices) - n_rows if r["skipped_too_long"] is None
+                                         else r["skipped_too_long"])
+            if verbose:
+                shown = (f"accuracy {acc:.4f} ({entry['correct']:g}/{entry['total']})" if acc is not None
+                         else f"accuracy n/a ({entry['reason']})")
+                bpb = f"{entry['bpb']:.4f}" if entry["bpb"] is not None else "n/a"
+                print0(f"  {direction}: {shown}; reference bpb {bpb}")
+            results[direction] = entry
+    finally:
+        model.train(was_training)
+    return results
+
+
+def compute_direction_metrics(results):
+    """Cross-direction numbers from evaluate_task_multi_direction's results:
+
+        forward_accuracy, backward_accuracy     (None where no accuracy applies)
+        direction_gap       |forward − backward| accuracy (the plan's), None unless both exist
+        signed_gap          forward − backward accuracy
+        average_accuracy    their mean
+        forward_stderr, backward_stderr         binomial standard errors
+        forward_bpb, backward_bpb               reference bits per byte in each direction
+        bpb_gap             (bpb_bwd − bpb_fwd) / bpb_fwd, the arrow-of-time gap (docs/DESIGN.md §3)
+
+    Keys of a direction appear only if that direction was evaluated; the two-direction keys only
+    if both were."""
+    metrics = {}
+    for d in CONCRETE_DIRECTIONS:
+        if d in results:
+            metrics[f"{d}_accuracy"] = results[d].get("accuracy")
+            metrics[f"{d}_stderr"] = results[d].get("stderr")
+            metrics[f"{d}_bpb"] = results[d].get("bpb")
+    if "forward" in results and "backward" in results:
+        fwd, bwd = metrics["forward_accuracy"], metrics["backward_accuracy"]
+        both = fwd is not None and bwd is not None
+        metrics["direction_gap"] = abs(fwd - bwd) if both else None
+        metrics["signed_gap"] = fwd - bwd if both else None
+        metrics["average_accuracy"] = (fwd + bwd) / 2 if both else None
+        fb, bb = metrics["forward_bpb"], metrics["backward_bpb"]
+        metrics["bpb_gap"] = (bb - fb) / fb if fb and bb is not None else None
+    return metrics
+
+
+# ---- files --------------------------------------------------------------------------------------
+def direction_evaluation_path(evaluations_dir, task_name, step):
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(task_name))
+    return os.path.join(evaluations_dir, f"direction_{safe}_step{int(step):06d}.json")
+
+
+def list_direction_evaluations(evaluations_dir):
+    """[(task, step, path)] of the direction evaluations in `evaluations_dir`, by increasing step."""
+    if not os.path.isdir(evaluations_dir):
+        return []
+    found = []
+    for name in os.listdir(evaluations_dir):
+        match = _FILE_PATTERN.match(name)
+        if match:
+            found.append((match.group(1), int(match.group(2)), os.path.join(evaluations_dir, name)))
+    return sorted(found, key=lambda t: (t[1], t[0]))
+
+
+def save_direction_evaluation(results, evaluations_dir, task_name, step, trained_direction=None, overwrite=False,
+                              **extra):
+    """Write one task's results (with compute_direction_metrics) as JSON; return the path. An
+    existing file is refused unless overwrite."""
+    path = direction_evaluation_path(evaluations_dir, task_name, step)
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    record = {"eval": "direction", "task": task_name, "step": int(step), "trained_direction": trained_direction,
+              "eval_directions": list(results), "results": results, "metrics": compute_direction_metrics(results),
+              **extra, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    os.makedirs(evaluations_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+# ---- report section (nanochat/research_report.py REPORT_SECTIONS) -------------------------------
+def _cell_accuracy(entry):
+    if entry is None:
+        return "not evaluated"
+    if entry.get("accuracy") is None:
+        return "n/a"
+    stderr = entry.get("stderr")
+    return f"{entry['accuracy']:.4f} ± {stderr:.4f} (n={entry['total']})" if stderr is not None else \
+        f"{entry['accuracy']:.4f} (n={entry['total']})"
+
+
+def _cell_bpb(entry):
+    return "n/a" if entry is None or entry.get("bpb") is None else f"{entry['bpb']:.4f}"
+
+
+def markdown_section(run_name, evaluations_dir, plots_dir):
+    """The run's latest direction evaluation of each task as a Markdown table, or None if it has none."""
+    latest = {}
+    for task, step, path in list_direction_evaluations(evaluations_dir):
+        latest[task] = (step, path)
+    if not latest:
+        return None
+    lines = ["| task | step | accuracy forward | accuracy backward | bpb forward | bpb backward | bpb gap |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    for task, (step, path) in sorted(latest.items()):
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        results = record.get("results") or {}
+        gap = (record.get("metrics") or {}).get("bpb_gap")
+        lines.append(f"| {task} | {step} | {_cell_accuracy(results.get('forward'))} | "
+                     f"{_cell_accuracy(results.get('backward'))} | {_cell_bpb(results.get('forward'))} | "
+                     f"{_cell_bpb(results.get('backward'))} | {'n/a' if gap is None else f'{100 * gap:+.2f}%'} |")
+        for d, entry in results.items():
+            if entry.get("accuracy") is None and entry.get("reason"):
+                notes.append(f"- {task}, {d}: no accuracy: {entry['reason']}")
+    trained = record.get("trained_direction") or "one-way"
+    text = [f"Model trained {trained}. Multiple choice: choices ranked by the log-likelihood of the whole "
+            "conversation read in that direction (no length normalisation); generative: generated and checked "
+            "by the task's reward (± binomial standard error). bpb: the reference conversations' text read in "
+            "that direction; bpb gap = (bwd − fwd) / fwd.", "", *lines]
+    if notes:
+        text += ["", *notes]
+    return "\n".join(text)

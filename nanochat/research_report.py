@@ -1,0 +1,647 @@
+"""Research reports: Markdown with PNG figures, from what nanochat/research_analysis.py computes.
+
+    generate_research_report(["fwd", "bwd", "bidi"])           # <base_dir>/reports/<timestamp>/report.md
+    generate_research_report(["fwd"], output_dir="/tmp/r")      # /tmp/r/report.md + figures beside it
+    generate_research_report("experiments/fwd", "report.md")    # the plan's call: that file, figures
+                                                                # in report_figures/ beside it
+    compare_learning_curves(["fwd", "bwd"], "curves.png")       # one figure (a PlotResult)
+
+A report is never overwritten: an existing file, or a non-empty directory, is refused. It is
+built in a hidden directory and moved into place at the end, so a failure leaves nothing behind.
+
+Evaluation sections (one extension point): REPORT_SECTIONS maps an evaluation kind to the module
+that renders it. Each module exposes
+
+    markdown_section(run_name, evaluations_dir, plots_dir) -> str | None
+
+called once per experiment in the report: `run_name` is the experiment id, `evaluations_dir` its
+evaluations/ directory (read your JSON files there), `plots_dir` the directory the report is
+built in (write PNGs there under names that include run_name, and link them by file name only:
+![...](<file name>)). Return Markdown (headings level 4 or below; the report adds "## <title>" and
+"### <run_name>"), or None when the run has no such evaluation. The module may set SECTION_TITLE.
+Modules are imported when a report is written; a module that does not exist is skipped.
+Register one with `REPORT_SECTIONS["kind"] = "package.module"`.
+
+Figures are drawn on `matplotlib.figure.Figure` objects and saved as PNG through the Agg canvas,
+never through pyplot: nothing is displayed, no global backend is switched (a notebook keeps its
+own), and no figure is left open.
+"""
+
+import importlib
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from nanochat.common import UserError
+from nanochat.experiment_config import format_lineage
+from nanochat.research_analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
+                                        _matrix_from_rows, _require_log, collect_direction_rows,
+                                        experiment_metadata, load_training_curves, per_position_loss,
+                                        resolve_experiment)
+
+# Evaluation kind -> module exposing markdown_section(run_name, evaluations_dir, plots_dir).
+REPORT_SECTIONS = {
+    "direction": "nanochat.direction_eval",
+}
+
+# Flags shown in the report, in this order, when the run recorded them.
+KEY_FLAGS = ("max_seq_len", "device_batch_size", "total_batch_size", "num_iterations", "matrix_lr",
+             "embedding_lr", "unembedding_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
+             "final_lr_frac", "grad_clip", "p_backward", "seed", "eval_every", "eval_tokens")
+_LINE_STYLE = {"forward": "-", "backward": "--"}
+REPORT_NAME = "report.md"
+def curve_label(config):
+    """"<id> (<direction>, d<depth>)": how one experiment is named in every figure."""
+    return f"{config['experiment_id']} ({config.get('direction')}, d{config.get('depth')})"
+
+
+@dataclass
+class PlotResult:
+    """A written figure: its PNG `path` and the `series` actually drawn (read back from the lines).
+
+    `os.fspath(result)` is the path, so a PlotResult can be passed wherever a path is expected.
+    """
+    path: str
+    series: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def __fspath__(self):
+        return self.path
+
+
+def _new_figure(ncols, width_per_panel=5.5, height=4.2):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width_per_panel * ncols, height), layout="constrained")
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _save_png(fig, output_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    output_path = os.fspath(output_path)
+    if os.path.dirname(output_path):
+        os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    FigureCanvasAgg(fig)  # attaches the Agg canvas: a PNG without any GUI backend
+    fig.savefig(output_path, format="png", dpi=110)
+    return output_path
+
+
+def _line_data(line):
+    return (np.asarray(line.get_xdata(), dtype=np.float64), np.asarray(line.get_ydata(), dtype=np.float64))
+
+
+def compare_learning_curves(experiment_dirs, output_path, phase=BASE_LOG_PHASE, base_dir=None):
+    """One PNG, three panels: train loss vs step, train loss vs tokens, val bpb vs step (solid
+    forward, dashed backward). One colour per experiment, labelled "<id> (<direction>, d<depth>)".
+
+    Returns a PlotResult whose `series[<id>]` holds the (x, y) arrays read back from the drawn
+    lines: "loss_vs_step", "loss_vs_tokens" (absent when tokens per step is unknown), and
+    "val_bpb_<direction>" for each evaluated direction. An experiment without the log is an error.
+    """
+    if isinstance(experiment_dirs, (str, os.PathLike)):
+        experiment_dirs = [experiment_dirs]
+    if not experiment_dirs:
+        raise UserError("compare_learning_curves needs at least one experiment")
+    loaded = []
+    for experiment in experiment_dirs:
+        experiments, experiment_id = resolve_experiment(experiment, base_dir)
+        config = experiments.load_config(experiment_id)
+        losses = load_training_curves(experiment, phase=phase, base_dir=base_dir)
+        loaded.append((experiment_id, config, losses))
+
+    fig, (ax_step, ax_tokens, ax_bpb) = _new_figure(3)
+    colors = [f"C{i % 10}" for i in range(len(loaded))]
+    drawn, notes = {}, []
+    any_bpb = any_tokens = False
+    for (experiment_id, config, losses), color in zip(loaded, colors):
+        label = curve_label(config)
+        lines = {}
+        finite = np.isfinite(losses["loss"])
+        steps = losses["step"][finite]
+        (lines["loss_vs_step"],) = ax_step.plot(steps, losses["loss"][finite], color=color, label=label)
+        if losses["tokens_per_step"]:
+            (lines["loss_vs_tokens"],) = ax_tokens.plot(losses["tokens"][finite], losses["loss"][finite],
+                                                        color=color, label=label)
+            any_tokens = True
+        else:
+            notes.append(f"{experiment_id}: tokens per step unknown (no checkpoint and no explicit "
+                         "--total_batch_size), so it is missing from the loss-vs-tokens panel")
+        for d in EVAL_DIRECTIONS:
+            values = losses[f"val_bpb_{d}"]
+            at = np.isfinite(values)
+            if at.any():
+                (lines[f"val_bpb_{d}"],) = ax_bpb.plot(losses["step"][at], values[at], color=color,
+                                                       linestyle=_LINE_STYLE[d], marker="o", markersize=3,
+                                                       label=f"{label} {d}")
+                any_bpb = True
+        if not any(k.startswith("val_bpb_") for k in lines):
+            notes.append(f"{experiment_id}: no validation bpb in its log (train with --eval_every=N)")
+        drawn[experiment_id] = {"label": label, "color": color,
+                                **{k: _line_data(line) for k, line in lines.items()}}
+
+    ax_step.set(title="train loss vs step", xlabel="step", ylabel="train loss (nats/token)")
+    ax_tokens.set(title="train loss vs tokens", xlabel="tokens", ylabel="train loss (nats/token)")
+    ax_bpb.set(title="validation bpb vs step (solid fwd, dashed bwd)", xlabel="step", ylabel="bits per byte")
+    for ax, has_data, why in ((ax_tokens, any_tokens, "tokens per step unknown"),
+                              (ax_bpb, any_bpb, "no validation bpb logged")):
+        if not has_data:
+            ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center")
+    for ax in (ax_step, ax_tokens, ax_bpb):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    return PlotResult(path=_save_png(fig, output_path), series=drawn, notes=notes)
+
+
+def plot_direction_matrix(matrix, output_path):
+    """Heatmap of the bpb matrix (rows: experiment and trained direction; columns: evaluated
+    direction; cells annotated) beside a bar chart of the arrow-of-time gap. Returns a PlotResult
+    whose series holds the drawn "values" and "gap" arrays."""
+    rows = matrix["rows"]
+    if not rows:
+        raise UserError("the direction matrix has no rows: evaluate an experiment first "
+                        "(python -m scripts.base_eval --model_tag=<id>)")
+    values = np.asarray(matrix["values"], dtype=np.float64)
+    labels = [f"{r['experiment']}\n(trained {r['trained_direction']})" for r in rows]
+    fig, (ax_heat, ax_gap) = _new_figure(2, width_per_panel=5.0, height=1.6 + 0.7 * len(rows))
+    image = ax_heat.imshow(np.ma.masked_invalid(values), cmap="viridis_r", aspect="auto")
+    fig.colorbar(image, ax=ax_heat, label="bits per byte (lower is better)")
+    ax_heat.set_xticks(range(len(EVAL_DIRECTIONS)), [f"eval {d}" for d in EVAL_DIRECTIONS])
+    ax_heat.set_yticks(range(len(rows)), labels, fontsize="small")
+    ax_heat.set_title("bpb: trained (rows) × evaluated (columns)")
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            text = f"{v:.4f}" if math.isfinite(v) else "not\nevaluated"
+            # viridis_r is dark at high values: white text there, black on the light low end.
+            ax_heat.text(j, i, text, ha="center", va="center", fontsize="small",
+                         color="white" if math.isfinite(v) and v > middle else "black")
+    gaps = np.array([r["gap"] if r["gap"] is not None else np.nan for r in rows], dtype=np.float64)
+    positions = np.arange(len(rows))
+    bar_colors = ["C3" if g > 0 else "C0" for g in np.nan_to_num(gaps)]
+    ax_gap.barh(positions, np.nan_to_num(100 * gaps), color=bar_colors)
+    ax_gap.set_yticks(positions, labels, fontsize="small")
+    ax_gap.invert_yaxis()  # the same row order as the heatmap, top to bottom
+    ax_gap.axvline(0, color="black", linewidth=0.8)
+    ax_gap.set(title="arrow-of-time gap (bwd − fwd) / fwd", xlabel="%")
+    for pos, g in zip(positions, gaps):
+        ax_gap.text(0, pos, f" {100 * g:+.2f}% " if math.isfinite(g) else " not computable",
+                    va="center", ha="left" if not math.isfinite(g) or g < 0 else "right", fontsize="small")
+    ax_gap.grid(axis="x", alpha=0.3)
+    return PlotResult(path=_save_png(fig, output_path),
+                      series={"values": np.asarray(image.get_array().filled(np.nan)), "gap": gaps})
+
+
+def plot_per_position_loss(results, output_path, labels=None):
+    """Mean loss vs position for one or more per_position_loss() results: solid forward tokens,
+    dashed backward tokens, one colour per experiment. Returns a PlotResult."""
+    if isinstance(results, dict):
+        results = [results]
+    fig, (ax,) = _new_figure(1, width_per_panel=7.0)
+    drawn = {}
+    for i, res in enumerate(results):
+        label = (labels[i] if labels else res.get("experiment", f"run {i}"))
+        drawn[label] = {}
+        for d in EVAL_DIRECTIONS:
+            if res[f"count_{d}"].sum():
+                at = np.isfinite(res[d])
+                (line,) = ax.plot(res["position"][at], res[d][at], color=f"C{i % 10}", linestyle=_LINE_STYLE[d],
+                                  label=f"{label} {d} tokens (step {res['step']})")
+                drawn[label][d] = _line_data(line)
+    sizes = sorted({res.get("bucket_size", 1) for res in results})
+    xlabel = "position in the context" + (f" (buckets of {sizes[0]} positions)" if sizes != [1] and len(sizes) == 1
+                                          else "")
+    ax.set(title="per-position loss (solid: forward tokens, dashed: backward tokens)",
+           xlabel=xlabel, ylabel="loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return PlotResult(path=_save_png(fig, output_path), series=drawn)
+
+
+# ---------------------------------------------------------------------------- report
+
+def _default_report_dir(base_dir, name=None):
+    """<base_dir>/reports/<name or UTC timestamp>; a taken timestamp gets a _2, _3... suffix."""
+    reports = os.path.join(base_dir, "reports")
+    if name is not None:
+        if not re.match(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$", name):
+            raise UserError(f"report name {name!r}: use letters, digits, '.', '_' and '-'")
+        return os.path.join(reports, name)
+    stem = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
+    candidate, n = os.path.join(reports, stem), 2
+    while os.path.exists(candidate):
+        candidate, n = os.path.join(reports, f"{stem}_{n}"), n + 1
+    return candidate
+
+
+def _check_report_dir(report_dir):
+    """Refuse a destination that already holds files: a report is never overwritten."""
+    if os.path.exists(report_dir):
+        if not os.path.isdir(report_dir):
+            raise UserError(f"report directory {report_dir} exists and is not a directory")
+        if os.listdir(report_dir):
+            raise UserError(f"report directory {report_dir} already exists and is not empty; "
+                            "choose another --output_dir (or --name), or remove it")
+    return report_dir
+
+
+def _report_bucket_size(meta):
+    """About 32 buckets over the context: one snapshot batch is too few rows for single positions."""
+    flags, _ = _key_flags(meta)
+    seq_len = flags.get("max_seq_len")
+    return max(1, int(seq_len) // 32) if isinstance(seq_len, int) else 1
+
+
+def _code_version(config):
+    cv = config.get("code_version")
+    if not cv:
+        return "not recorded (no git repository when the experiment was created)"
+    return f"{cv.get('commit', '?')[:12]}{' (uncommitted changes)' if cv.get('dirty') else ''}"
+
+
+def _key_flags(meta):
+    """(flags, where they were recorded): config.json flags, else the research log's metadata."""
+    for source, flags in (("config.json", meta.get("flags") or {}),
+                          ("the research log's metadata", meta.get("log_metadata") or {})):
+        if flags:
+            shown = {k: flags[k] for k in KEY_FLAGS if k in flags}
+            if meta.get("direction") != "bidirectional":
+                shown.pop("p_backward", None)  # only the bidirectional draw uses it
+            return shown, source
+    return {}, None
+
+
+def _mark_lineage(text, included):
+    """Append a marker to the lineage lines of the experiments in the report."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^[\s│├└─]*(\S+) \(", line)
+        out.append(f"{line}   ◀ in this report" if m and m.group(1) in included else line)
+    return "\n".join(out)
+
+
+def _rel(path, start):
+    return os.path.relpath(path, start).replace(os.sep, "/")
+
+
+def generate_research_report(experiment_ids, output_path=None, base_dir=None, title=None, name=None,
+                             phase=BASE_LOG_PHASE, skipped=None, output_dir=None):
+    """Write a Markdown report comparing experiments, with its figures beside it; return its path.
+
+    `output_path` (the plan's second argument) is the report's file: it is written there and its
+    figures go to `<stem>_figures/` beside it. `output_dir` instead names a directory that gets
+    report.md with the figures beside it; with neither, <base_dir>/reports/<name or timestamp>/.
+
+    The report (`report.md`) holds: a summary table, the lineage tree, the learning curves
+    (learning_curves.png), the cross-direction bpb matrix (table + direction_matrix.png),
+    per-position loss from the latest snapshots (per_position_loss.png) and each experiment's
+    config and final numbers. Where data is missing, its section says what and which command
+    produces it. Default directory: <base_dir>/reports/<name or UTC timestamp>/; an existing
+    non-empty directory is refused. Every experiment needs its training log (UserError
+    otherwise). `skipped`: [(id, reason)] for experiments left out by the caller (listed as such).
+    """
+    if isinstance(experiment_ids, (str, os.PathLike)):
+        experiment_ids = [experiment_ids]
+    if not experiment_ids:
+        raise UserError("no experiments to report on")
+    resolved, seen = [], set()
+    for experiment in experiment_ids:
+        experiments, experiment_id = resolve_experiment(experiment, base_dir)
+        if experiment_id not in seen:
+            seen.add(experiment_id)
+            resolved.append((experiments, experiment_id))
+    base_dir = resolved[0][0].base_dir
+    # Refuse experiments without a training log before anything is written.
+    metas = {}
+    for experiments, experiment_id in resolved:
+        _require_log(experiments, experiment_id, phase)
+        metas[experiment_id] = experiment_metadata(experiments.experiment_dir(experiment_id))
+    if sum(x is not None for x in (output_path, output_dir, name)) > 1:
+        raise UserError("give the report one of output_path, output_dir or name")
+    if output_path is not None:
+        return _write_report_file(os.path.abspath(os.fspath(output_path)), resolved, metas, base_dir, title,
+                                  phase, skipped)
+    report_dir = _check_report_dir(os.path.abspath(os.fspath(output_dir)) if output_dir is not None
+                                   else _default_report_dir(base_dir, name))
+    # Build the report in a hidden directory beside its destination and rename it at the end: a
+    # failure part-way leaves nothing behind, and a reader never sees a half-written report.
+    parent = os.path.dirname(report_dir)
+    os.makedirs(parent, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(report_dir)}.partial-", dir=parent)
+    try:
+        _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase, skipped)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+        if os.path.isdir(report_dir):
+            os.rmdir(report_dir)  # checked empty above; fails (and we stop) if something appeared since
+        os.rename(work_dir, report_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    return os.path.join(report_dir, REPORT_NAME)
+
+
+def _write_report_file(report_path, resolved, metas, base_dir, title, phase, skipped):
+    """generate_research_report with an output file: <report_path> and <stem>_figures/ beside it."""
+    if os.path.isdir(report_path):
+        raise UserError(f"{report_path} is a directory: output_path is the report's file (e.g. report.md); "
+                        "pass output_dir= to write report.md into a directory")
+    if os.path.exists(report_path):
+        raise UserError(f"{report_path} already exists; choose another path, or remove it")
+    parent, stem = os.path.dirname(report_path), os.path.splitext(os.path.basename(report_path))[0]
+    figures_dir = os.path.join(parent, f"{stem}_figures")
+    _check_report_dir(figures_dir)
+    os.makedirs(parent, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=parent)
+    partial = None
+    try:
+        _write_report(work_dir, parent, resolved, metas, base_dir, title, phase, skipped)
+        with open(os.path.join(work_dir, REPORT_NAME), encoding="utf-8") as f:
+            text = f.read()
+        os.remove(os.path.join(work_dir, REPORT_NAME))
+        figures = sorted(os.listdir(work_dir))
+        for figure in figures:  # the figures were linked by file name: they now live in figures_dir
+            text = text.replace(f"]({figure})", f"]({os.path.basename(figures_dir)}/{figure})")
+        fd, partial = tempfile.mkstemp(prefix=f".{stem}.", suffix=".partial", dir=parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(partial, 0o666 & ~_umask())
+        if figures:
+            os.chmod(work_dir, 0o777 & ~_umask())
+            if os.path.isdir(figures_dir):
+                os.rmdir(figures_dir)  # checked empty above
+            os.rename(work_dir, figures_dir)
+        else:
+            os.rmdir(work_dir)
+        os.link(partial, report_path)  # fails rather than replace a file that appeared meanwhile
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    finally:
+        if partial is not None and os.path.exists(partial):
+            os.remove(partial)
+    return report_path
+
+
+def _umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _section_module(module_path):
+    """The module of a REPORT_SECTIONS entry, or None if it does not exist (yet)."""
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as e:
+        if e.name and (module_path == e.name or module_path.startswith(e.name + ".")):
+            return None
+        raise  # the module exists but one of *its* imports is missing: a real error
+
+
+def evaluation_sections(resolved, plots_dir, sections=None):
+    """[(title, [(experiment_id, markdown)])] of the registered evaluation sections that have
+    something to say for at least one experiment, in REPORT_SECTIONS order."""
+    out = []
+    for kind, module_path in (REPORT_SECTIONS if sections is None else sections).items():
+        module = _section_module(module_path)
+        render = getattr(module, "markdown_section", None) if module is not None else None
+        if render is None:
+            continue
+        parts = []
+        for experiments, experiment_id in resolved:
+            text = render(experiment_id, experiments.evaluations_dir(experiment_id), plots_dir)
+            if text is not None and text.strip():
+                parts.append((experiment_id, text.strip()))
+        if parts:
+            out.append((getattr(module, "SECTION_TITLE", kind), parts))
+    return out
+
+
+def write_transfer_analysis(output_path, configs, matrix):
+    """analyze_direction_transfer's file: the bpb matrix, the task accuracy in each direction and
+    what is missing (with the command producing it), as Markdown at `output_path` (never
+    overwritten). Returns the path."""
+    output_path = os.path.abspath(os.fspath(output_path))
+    if os.path.isdir(output_path):
+        raise UserError(f"{output_path} is a directory: give the analysis a file path (e.g. transfer.md)")
+    if os.path.exists(output_path):
+        raise UserError(f"{output_path} already exists; choose another path, or remove it")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    md = ["# Direction transfer analysis", "", f"Generated {now}.", "",
+          "| experiment | phase | trained direction | depth |", "|---|---|---|---|"]
+    md += [f"| {c['experiment_id']} | {c.get('phase')} | {c.get('direction')} | {c.get('depth')} |" for c in configs]
+    md += ["", "## Bits per byte, trained direction × evaluated direction", ""]
+    if matrix["rows"]:
+        md += ["Each model read forward and backward on the same held-out documents (docs/DESIGN.md §3, §7); "
+               "gap = (bpb_bwd − bpb_fwd) / bpb_fwd.", "", matrix["markdown"], ""]
+    else:
+        md += ["No bpb evaluation yet.", ""]
+    md += [f"- `{i}`: {why}; produce it with `{command}`" for i, why, command in matrix["missing"]]
+    if matrix["missing"]:
+        md.append("")
+    md += ["## Task accuracy in each direction", ""]
+    if matrix["tasks"]:
+        md += [task_table_markdown(matrix["tasks"]), "", TASK_TABLE_NOTE, ""]
+    else:
+        md += ["No task evaluation in any direction yet; produce one with "
+               "`python -m scripts.direction_eval --model_tag=<id> --tasks=arithmetic,arc_easy`.", ""]
+    os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(output_path)}.", suffix=".partial",
+                                   dir=os.path.dirname(output_path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(md).rstrip() + "\n")
+        os.chmod(partial, 0o666 & ~_umask())
+        os.link(partial, output_path)
+    finally:
+        os.remove(partial)
+    return output_path
+
+
+TASK_TABLE_NOTE = ("Accuracy: multiple choice ranks each choice by the log-likelihood of the whole conversation read "
+                   "in that direction (no length normalisation); generative tasks are generated and checked by the "
+                   "task's reward. n/a: the model cannot generate in that direction or the task cannot check it "
+                   "(no accuracy is made up); bpb: bits per byte of the reference conversations' text read in that "
+                   "direction, comparable across directions (nanochat/direction_eval.py).")
+
+
+def task_table_markdown(task_rows):
+    """One line per (experiment, task): accuracy and bpb in each evaluated direction."""
+    lines = ["| experiment | trained direction | task | step | acc forward | acc backward | bpb forward | "
+             "bpb backward |", "|---|---|---|---|---|---|---|---|"]
+    for r in task_rows:
+        cells = []
+        for d in EVAL_DIRECTIONS:
+            if d not in r["accuracy"]:
+                cells.append("not evaluated")
+            elif r["accuracy"][d] is None:
+                cells.append("n/a")
+            else:
+                cells.append(f"{r['accuracy'][d]:.4f} (n={r['n'][d]})")
+        cells += [_fmt(r["bpb"].get(d)) for d in EVAL_DIRECTIONS]
+        lines.append(f"| {r['experiment']} | {r['trained_direction']} | {r['task']} | {r['step']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase, skipped):
+    """Write report.md and its figures into `work_dir` (links relative to the final `report_dir`)."""
+    ids = [i for _, i in resolved]
+    dirs = [experiments.experiment_dir(i) for experiments, i in resolved]
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    title = title or f"Research report: {', '.join(ids)}"
+    md = [f"# {title}", "",
+          f"Generated {now} from `{base_dir}` for {len(ids)} experiment(s): {', '.join(f'`{i}`' for i in ids)}.", ""]
+    if skipped:
+        md += ["Left out (no training log): " + "; ".join(f"`{i}` ({why})" for i, why in skipped) + ".", ""]
+
+    # Summary
+    rows, missing_evals = collect_direction_rows(dirs)
+    row_of = {r["experiment"]: r for r in rows}
+    md += ["## Summary", "",
+           "| experiment | phase | direction | depth | status | steps logged | final train loss | "
+           "final val bpb fwd | final val bpb bwd | eval bpb fwd | eval bpb bwd | gap |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i in ids:
+        m, r = metas[i], row_of.get(i)
+        md.append(f"| {i} | {m.get('phase')} | {m.get('direction')} | {m.get('depth')} | {m.get('status')} | "
+                  f"{m['last_step']} | {_fmt(m['final_loss'])} | {_fmt(m['final_val_bpb'].get('forward'))} | "
+                  f"{_fmt(m['final_val_bpb'].get('backward'))} | "
+                  f"{_fmt(r['bpb']['forward']) if r else 'no evaluation'} | "
+                  f"{_fmt(r['bpb']['backward']) if r else 'no evaluation'} | "
+                  f"{_fmt_gap(r['gap']) if r else 'no evaluation'} |")
+    md += ["", "Train loss is nats per token of the last logged step; val bpb is the last in-training "
+           "evaluation; eval bpb is the latest `scripts.base_eval` result (DESIGN §3).", ""]
+
+    # Lineage
+    trees, roots_seen = [], set()
+    for experiments, experiment_id in resolved:
+        tree = experiments.lineage(experiment_id)
+        if tree[0]["id"] not in roots_seen:
+            roots_seen.add(tree[0]["id"])
+            trees += tree
+    md += ["## Lineage", "", "Each line: id (phase, direction, status); children branch from their parent.", "",
+           "```", _mark_lineage(format_lineage(trees), set(ids)), "```", ""]
+
+    # Learning curves
+    curves = compare_learning_curves(dirs, os.path.join(work_dir, "learning_curves.png"), phase=phase)
+    md += ["## Learning curves", "", f"![learning curves]({_rel(curves.path, work_dir)})", "",
+           "Panels: train loss vs step, train loss vs tokens, validation bpb vs step (solid forward, dashed backward).",
+           ""]
+    md += [f"- {note}" for note in curves.notes] + ([""] if curves.notes else [])
+
+    # Direction matrix
+    md += ["## Cross-direction bpb", ""]
+    if rows:
+        matrix = _matrix_from_rows(rows)
+        figure = plot_direction_matrix(matrix, os.path.join(work_dir, "direction_matrix.png"))
+        md += ["Rows: the trained direction (one row per experiment); columns: the evaluated direction, on the "
+               "same held-out documents. Gap = (bpb_bwd − bpb_fwd) / bpb_fwd.", "",
+               matrix["markdown"], "", f"![direction matrix]({_rel(figure.path, work_dir)})", ""]
+    else:
+        md += ["No experiment in this report has a bpb evaluation, so there is no matrix.", ""]
+    for experiment_id, why, command in missing_evals:
+        md.append(f"- `{experiment_id}`: {why}; produce it with `{command}`")
+    if missing_evals:
+        md.append("")
+
+    # Per-position loss
+    md += ["## Per-position loss", ""]
+    position_results, position_missing = [], []
+    for experiments, experiment_id in resolved:
+        try:
+            position_results.append(per_position_loss(experiments.experiment_dir(experiment_id), phase=phase,
+                                                      bucket_size=_report_bucket_size(metas[experiment_id])))
+        except UserError as e:
+            position_missing.append((experiment_id, str(e)))
+    if position_results:
+        figure = plot_per_position_loss(position_results, os.path.join(work_dir, "per_position_loss.png"))
+        buckets = sorted({res["bucket_size"] for res in position_results})
+        md += ["Mean training loss at each position of the context, from each run's latest research-log snapshot "
+               "(the rows of one batch, so noisy), split by the direction of the document each token is in; "
+               f"neighbouring positions averaged in buckets of {', '.join(map(str, buckets))}.", "",
+               f"![per-position loss]({_rel(figure.path, work_dir)})", "",
+               "| experiment | snapshot step | mean loss, forward tokens | mean loss, backward tokens |",
+               "|---|---|---|---|"]
+        for res in position_results:
+            md.append(f"| {res['experiment']} | {res['step']} | "
+                      f"{_fmt(res['mean_forward']) if res['mean_forward'] is not None else 'no forward tokens'} | "
+                      f"{_fmt(res['mean_backward']) if res['mean_backward'] is not None else 'no backward tokens'} |")
+        md.append("")
+    for experiment_id, why in position_missing:
+        md.append(f"- `{experiment_id}`: {why}")
+    if position_missing:
+        md.append("")
+
+    # Evaluation sections registered in REPORT_SECTIONS (task accuracy per direction, CORE, ...)
+    for section_title, parts in evaluation_sections(resolved, work_dir):
+        md += [f"## {section_title}", ""]
+        for experiment_id, text in parts:
+            md += [f"### {experiment_id}", "", text, ""]
+
+    # Per-experiment details
+    md += ["## Experiments", ""]
+    for i in ids:
+        md += _experiment_section(metas[i], row_of.get(i), report_dir=report_dir)
+
+    with open(os.path.join(work_dir, REPORT_NAME), "w", encoding="utf-8") as f:
+        f.write("\n".join(md).rstrip() + "\n")
+
+
+def _experiment_section(meta, row, report_dir):
+    i = meta["experiment_id"]
+    out = [f"### {i}", "",
+           f"- phase: {meta.get('phase')}; direction: {meta.get('direction')}; depth: {meta.get('depth')}; "
+           f"status: {meta.get('status')}",
+           f"- parent: {meta.get('parent_experiment') or 'none (a root experiment)'}; "
+           f"children: {', '.join(meta.get('children') or []) or 'none'}",
+           f"- code version: {_code_version(meta)}; created {meta.get('created_at')}",
+           f"- directory: `{meta['experiment_dir']}`"]
+    flags, source = _key_flags(meta)
+    if flags:
+        out.append(f"- key flags (from {source}): " + ", ".join(f"`{k}={v}`" for k, v in flags.items()))
+    else:
+        out.append("- key flags: none recorded in config.json or the research log")
+    tps = meta.get("tokens_per_step")
+    out.append(f"- tokens per step: {tps:,} ({meta['tokens_per_step_source']})" if tps
+               else f"- tokens per step: unknown ({meta['tokens_per_step_source']})")
+    logs = meta["logs"]
+    out.append("- logs: " + (", ".join(f"{p} ({v['num_rows']} rows, last step {v['last_step']})"
+                                       for p, v in logs.items()) or "none"))
+    out.append(f"- checkpoints at steps: {', '.join(map(str, meta['checkpoint_steps'])) or 'none'}")
+    out.append(f"- final train loss: {_fmt(meta['final_loss'])} at step {meta['last_step']}")
+    for d in EVAL_DIRECTIONS:
+        if d in meta["final_val_bpb"]:
+            out.append(f"- final validation bpb ({d}, during training): {_fmt(meta['final_val_bpb'][d])}")
+    if not meta["final_val_bpb"]:
+        out.append("- final validation bpb: none logged (train with --eval_every=N)")
+    if row is None:
+        out.append(f"- evaluation: none; produce it with `{_eval_command(i, meta.get('phase') or 'base')}`")
+    else:
+        parts = []
+        for d in EVAL_DIRECTIONS:
+            detail = row["details"].get(d)
+            if detail:
+                counts = ", ".join(f"{detail[k]:,} {k}" for k in ("tokens", "bytes", "documents") if k in detail)
+                parts.append(f"{d} {_fmt(detail['bpb'])}" + (f" ({counts})" if counts else ""))
+            else:
+                parts.append(f"{d} not evaluated")
+        out.append(f"- evaluation at step {row['step']} ([{os.path.basename(row['evaluation_path'])}]"
+                   f"({_rel(row['evaluation_path'], report_dir)})): bpb " + "; ".join(parts)
+                   + f"; arrow-of-time gap {_fmt_gap(row['gap'])}")
+        ckpts = meta["checkpoint_steps"]
+        if ckpts and ckpts[-1] > row["step"]:
+            out.append(f"- the latest checkpoint (step {ckpts[-1]}) is newer than the evaluation: "
+                       f"`{_eval_command(i, meta.get('phase') or 'base')}`")
+    out.append("")
+    return out

@@ -1,0 +1,126 @@
+"""One task seen in one evaluated direction: the plan's DirectionTaskWrapper (docs/DESIGN.md §5-7).
+
+    wrapper = DirectionTaskWrapper(task, "backward", tokenizer)             # a one-way model
+    wrapper = DirectionTaskWrapper(task, "backward", tokenizer, model_direction="bidirectional")
+    conversation = wrapper[0]                          # reading order, exactly the task's example
+    ids = wrapper.render_for_eval(conversation, model, tokenizer)   # what likelihood scoring reads
+    rows = wrapper.render_choices(conversation)        # multiple choice: one (ids, mask) per choice
+    prompt, stops = wrapper.render_prompt(conversation)  # generation, native directions only
+
+`direction` is the *evaluated* direction, forward or backward. `model_direction` is the direction
+the model was *trained* in; it decides the row header (a bidirectional model reads its marker
+after BOS) and whether the model can generate in `direction`. Left out, the model is taken to be
+one-way: its rows are [BOS] + text oriented for `direction` whichever way it was trained, which is
+exactly how a one-way model is read in the other direction for the cross-direction matrix
+(docs/DESIGN.md §7); a generative task then needs model_direction to know whether it can generate.
+
+Orientation is not re-implemented here: every row comes from nanochat.direction.DirectionSpec
+(conversation_row, chat_prompt), the one home of reversal. The conversation itself is never
+changed: `wrapper[i]` is the task's example in reading order, and rewards see reading order.
+
+What each (task, direction) is scored by (`wrapper.scoring`):
+- "multiple_choice": categorical tasks, in every direction and for every model. Each choice is put
+  in as the assistant's answer and the whole conversation's log-likelihood, read in `direction`,
+  ranks the choices (nanochat/chat_eval_lib.py states the sum and why it is not length-normalised).
+- "generation": a generative task in a direction the model generates natively and the task can
+  verify (tasks/common.py generation_directions).
+- "likelihood_only": anything else. A one-way model was never trained to write in the other
+  direction, and a task such as GSM8K cannot check a generated question; an accuracy there would
+  be made up, so none is given (`not_applicable_reason` says why) and the reference
+  conversations' bits per byte in that direction is what the evaluation reports.
+"""
+
+from nanochat.common import UserError
+from nanochat.direction import (CONCRETE_DIRECTIONS, DIRECTIONS, DirectionSpec, concrete_directions,
+                                validate_direction)
+
+SCORING_KINDS = ("multiple_choice", "generation", "likelihood_only")
+
+
+class DirectionTaskWrapper:
+    """`task` evaluated in the concrete `direction`, for a model trained in `model_direction`."""
+
+    def __init__(self, task, direction="forward", tokenizer=None, model_direction=None):
+        if direction == "bidirectional":
+            raise UserError("DirectionTaskWrapper evaluates one concrete direction (forward or backward); for a "
+                            "bidirectional model pass model_direction='bidirectional' and wrap once per direction")
+        self.direction = validate_direction(direction, CONCRETE_DIRECTIONS)
+        if model_direction is not None:
+            validate_direction(model_direction, DIRECTIONS)
+        if tokenizer is None:
+            raise UserError("DirectionTaskWrapper needs the tokenizer (token ids, BOS and the direction markers)")
+        self.task, self.tokenizer, self.model_direction = task, tokenizer, model_direction
+        # A one-way model of unknown direction reads `direction` rows with no marker: the spec of
+        # a model trained in `direction` builds exactly those.
+        self.spec = DirectionSpec.from_tokenizer(model_direction or direction, tokenizer)
+
+    def __len__(self):
+        return len(self.task)
+
+    def __getitem__(self, idx):
+        """The task's conversation, in reading order (orientation happens when it is rendered)."""
+        return self.task[idx]
+
+    # ---- what is scored ----------------------------------------------------------------------
+    @property
+    def eval_type(self):
+        return getattr(self.task, "eval_type", "generative")
+
+    @property
+    def not_applicable_reason(self):
+        """Why no accuracy is computed in this direction (None when one is)."""
+        if self.eval_type == "categorical":
+            return None
+        name = getattr(self.task, "name", type(self.task).__name__)
+        if self.model_direction is None:
+            return (f"task {name} is generative: whether the model can generate {self.direction} depends on the "
+                    "direction it was trained in; pass model_direction (or an Engine) to know")
+        if self.direction not in concrete_directions(self.model_direction):
+            return (f"a {self.model_direction} model was never trained to generate {self.direction}: generated "
+                    f"text would say nothing about the task, so only likelihood is reported")
+        if not self.task.supports(self.direction):
+            declared = " and ".join(getattr(self.task, "generation_directions", ())) or "no direction"
+            return (f"task {name} can only check generations {declared}: a {self.direction} generation "
+                    "(the model writes the question before a given answer) cannot be verified")
+        return None
+
+    @property
+    def scoring(self):
+        if self.eval_type == "categorical":
+            return "multiple_choice"
+        return "generation" if self.not_applicable_reason is None else "likelihood_only"
+
+    # ---- rendering ---------------------------------------------------------------------------
+    def render_for_eval(self, conversation, model=None, tokenizer=None):
+        """The conversation as the model reads it in this direction: every turn (its reference
+        answer included) rendered and oriented, [BOS] (+ marker) first. Likelihood scoring reads
+        this row; its first token is BOS in every direction. `model` is accepted for the plan's
+        signature and used only to check that the row fits its context."""
+        tokenizer = tokenizer or self.tokenizer
+        ids, _, _ = self.spec.conversation_row(tokenizer, conversation, concrete_direction=self.direction,
+                                               train_on="all")
+        self._check_fits(model, len(ids))
+        return ids
+
+    def render_choices(self, conversation, mc_answer="letter"):
+        """Multiple choice: [(ids, mask)], the whole conversation with each choice as the answer,
+        oriented for this direction; mask 1 on every scored position (all but BOS and marker)."""
+        from nanochat.chat_eval_lib import choice_rows
+        if self.eval_type != "categorical":
+            raise UserError(f"task {getattr(self.task, 'name', '?')} is not multiple choice: it has no choices")
+        return choice_rows(self.spec, self.tokenizer, conversation, self.direction, mc_answer)
+
+    def render_prompt(self, conversation):
+        """(prompt ids, stop ids) for generating this direction's side (docs/DESIGN.md §5):
+        forward the answer after the question, backward the question before the answer."""
+        if self.model_direction is None:
+            raise UserError("render_prompt needs model_direction: the prompt of a bidirectional model has a marker")
+        return self.spec.chat_prompt(self.tokenizer, conversation, self.direction)
+
+    @staticmethod
+    def _check_fits(model, length):
+        config = getattr(model, "config", None)
+        limit = getattr(config, "sequence_len", None)
+        if limit is not None and length > limit + 1:
+            raise UserError(f"the rendered conversation has {length} tokens: more than the model's "
+                            f"{limit}-token context can score")
