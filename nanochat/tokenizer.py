@@ -1,6 +1,7 @@
 """BPE tokenizer: trained with rustbpe, encoded with tiktoken, saved without pickles.
 
-One tokenizer serves all three directions: it is trained on forward text and always holds the
+One tokenizer serves all three directions: it is trained on forward text (or, as a control,
+on character-reversed text or both: train_direction, recorded in tokenizer.json) and always holds the
 direction markers <|forward|> and <|backward|> (docs/DESIGN.md §1). Reversal happens on token ids,
 never on characters, so forward and backward rows of a document hold the same tokens.
 
@@ -34,6 +35,18 @@ SPECIAL_TOKENS = [
 ]
 
 
+TRAIN_DIRECTIONS = ("forward", "backward", "both")
+
+
+def _texts_for_direction(texts, train_direction):
+    from nanochat.direction import reverse_text
+    for text in texts:
+        if train_direction != "backward":
+            yield text
+        if train_direction != "forward":
+            yield reverse_text(text)
+
+
 def tokenizer_dir(base_dir=None):
     return os.path.join(base_dir or get_base_dir(), "tokenizer")
 
@@ -47,10 +60,21 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
 
+    # Which text the merges were fitted to (TRAIN_DIRECTIONS): recorded in tokenizer.json; a
+    # tokenizer saved before this was recorded was trained on forward text.
+    train_direction = "forward"
+
     # ---- training and persistence -------------------------------------------------------
     @classmethod
-    def train_from_iterator(cls, text_iterator, vocab_size, special_tokens=SPECIAL_TOKENS):
+    def train_from_iterator(cls, text_iterator, vocab_size, special_tokens=SPECIAL_TOKENS, train_direction="forward"):
+        """Fit the merges to the texts as given (forward), to each text with its characters
+        reversed (backward), or to both versions of every text (both): the tokenizer control of
+        docs/DESIGN.md §2, checking that an arrow-of-time gap is not an artefact of merges fitted
+        to one reading direction. Character reversal is nanochat.direction.reverse_text."""
         import rustbpe
+        if train_direction not in TRAIN_DIRECTIONS:
+            raise UserError(f"--train_direction={train_direction!r}: use one of {', '.join(TRAIN_DIRECTIONS)}")
+        text_iterator = _texts_for_direction(text_iterator, train_direction)
         n_merge_vocab = vocab_size - len(special_tokens)
         if n_merge_vocab < 256:
             raise UserError(f"--vocab_size={vocab_size} is too small: it needs 256 byte tokens plus "
@@ -63,14 +87,17 @@ class Tokenizer:
                   f"non-special tokens; the vocabulary is smaller than --vocab_size", flush=True)
         offset = len(ranks)
         specials = {name: offset + i for i, name in enumerate(special_tokens)}
-        return cls(ranks, specials, pattern=bpe.get_pattern())
+        tokenizer = cls(ranks, specials, pattern=bpe.get_pattern())
+        tokenizer.train_direction = train_direction
+        return tokenizer
 
     def save(self, directory):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "ranks.tiktoken.tmp"), "w") as f:
             for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
                 f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-        meta = {"pattern": self.pattern, "special_tokens": self.special_tokens, "vocab_size": self.get_vocab_size()}
+        meta = {"pattern": self.pattern, "special_tokens": self.special_tokens, "vocab_size": self.get_vocab_size(),
+                "train_direction": self.train_direction}
         with open(os.path.join(directory, "tokenizer.json.tmp"), "w") as f:
             json.dump(meta, f, indent=2)
         np.save(os.path.join(directory, "token_bytes.tmp.npy"), self.token_byte_lengths())
@@ -107,10 +134,12 @@ class Tokenizer:
                         raise UserError(f"tokenizer file {ranks_path} is corrupt at line {number} ({line.strip()[:40]!r}); "
                                         f"{retrain}") from None
         try:
-            return cls(ranks, specials, pattern=pattern)
+            tokenizer = cls(ranks, specials, pattern=pattern)
         except Exception as e:  # tiktoken: a bad regex or inconsistent ranks/special ids
             raise UserError(f"tokenizer in {directory} cannot be built ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0]}); {retrain}") from None
+        tokenizer.train_direction = meta.get("train_direction", "forward")
+        return tokenizer
 
     def fingerprint(self):
         """sha256 of what defines the token ids: merge ranks, special tokens and split pattern.

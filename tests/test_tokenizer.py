@@ -1,6 +1,8 @@
 """Tests for nanochat.tokenizer: round trips, special tokens, byte table, persistence."""
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -130,3 +132,79 @@ def test_get_tokenizer_on_empty_dir_is_user_error(tmp_path):
     with pytest.raises(UserError):
         get_token_bytes(base_dir=str(tmp_path))
     assert tokenizer_dir(str(tmp_path)) == os.path.join(str(tmp_path), "tokenizer")
+
+
+# ---- the tokenizer control: merges fitted to reversed text (scripts.tok_train --train_direction) ----
+from nanochat.direction import reverse_text  # noqa: E402
+
+
+def _tokens_per_char(tok, texts):
+    return sum(len(tok.encode(t)) for t in texts) / sum(len(t) for t in texts)
+
+
+@pytest.fixture(scope="module")
+def tokenizers_by_direction(corpus_template):
+    texts = corpus_template["train"][:300]
+    return {d: Tokenizer.train_from_iterator(iter(texts), 320, train_direction=d)
+            for d in ("forward", "backward", "both")}
+
+
+def test_reverse_text_is_an_involution_on_code_points():
+    for text in SAMPLES:
+        assert reverse_text(reverse_text(text)) == text
+        assert len(reverse_text(text)) == len(text)
+    assert reverse_text("ab\r\nc") == "c\n\rba"
+
+
+def test_train_direction_fits_merges_to_that_reading(tokenizers_by_direction, corpus_template):
+    """A tokenizer compresses the text it was fitted to better than its mirror image; one fitted
+    to both readings is less lopsided than the forward one."""
+    val = corpus_template["val"][:60]
+    rev = [reverse_text(t) for t in val]
+    cost = {d: (_tokens_per_char(tok, val), _tokens_per_char(tok, rev)) for d, tok in tokenizers_by_direction.items()}
+    assert cost["forward"][0] < cost["forward"][1]
+    assert cost["backward"][1] < cost["backward"][0]
+    lopsided = {d: abs(f - b) / min(f, b) for d, (f, b) in cost.items()}
+    assert lopsided["both"] < lopsided["forward"]
+    for tok in tokenizers_by_direction.values():  # the round trip holds either way
+        for text in val[:5] + rev[:5]:
+            assert tok.decode(tok.encode(text)) == text
+
+
+def test_train_direction_is_saved_and_loaded(tokenizers_by_direction, tok, tmp_path):
+    for direction, trained in tokenizers_by_direction.items():
+        d = str(tmp_path / direction)
+        trained.save(d)
+        with open(os.path.join(d, "tokenizer.json")) as f:
+            assert json.load(f)["train_direction"] == direction
+        assert Tokenizer.load(d).train_direction == direction
+    # A tokenizer saved before the field existed was trained on forward text.
+    d = str(tmp_path / "old")
+    tok.save(d)
+    path = os.path.join(d, "tokenizer.json")
+    with open(path) as f:
+        meta = json.load(f)
+    del meta["train_direction"]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    assert Tokenizer.load(d).train_direction == "forward"
+
+
+def test_unknown_train_direction_is_user_error():
+    with pytest.raises(UserError) as e:
+        Tokenizer.train_from_iterator(iter(["abc"]), 300, train_direction="sideways")
+    assert "both" in str(e.value)
+
+
+def test_tok_train_cli_records_train_direction(corpus_template, tmp_path):
+    from conftest import run_script
+    from test_cli_errors import assert_one_line_error
+    base = str(tmp_path / "base")
+    shutil.copytree(os.path.join(corpus_template["dir"], "base_data"), os.path.join(base, "base_data"))
+    bad = run_script("scripts.tok_train", "--train_direction=up", "--vocab_size=300", base_dir=base)
+    assert_one_line_error(bad, "--train_direction", "backward")
+    result = run_script("scripts.tok_train", "--train-direction=backward", "--vocab_size=300", "--max_chars=20000",
+                        base_dir=base)
+    assert result.returncode == 0, result.stderr
+    assert "on backward text" in result.stdout
+    assert get_tokenizer(base).train_direction == "backward"
