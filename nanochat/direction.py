@@ -362,13 +362,3 @@ def reverse_text(text):
     points, not grapheme clusters: a combining accent ends up before its letter and "\\r\\n"
     becomes "\\n\\r", as in any character-reversed corpus."""
     return text[::-1]
-
-
-def reverse_text(text):
-    """The characters of `text` in reverse order (Unicode code points; its own inverse).
-
-    Only for the tokenizer control of docs/DESIGN.md §2 (`scripts.tok_train --train_direction`):
-    a tokenizer fitted to reversed text. Models still reverse token ids, never characters. Code
-    points, not grapheme clusters: a combining accent ends up before its letter and "\\r\\n"
-    becomes "\\n\\r", as in any character-reversed corpus."""
-    return text[::-1]
