@@ -39,12 +39,22 @@ except ImportError:  # pragma: no cover - not on Linux/macOS
 class RunLock:
     """A held lock; release() (or process exit) frees it."""
 
-    def __init__(self, path, fd, inherited=False):
-        self.path, self._fd, self.inherited = path, fd, inherited
+    def __init__(self, path, fd, inherited=False, file=None):
+        # path: the run's lock (what children are told about); file: the lock file this process
+        # holds (the child lock when inherited).
+        self.path, self._fd, self.inherited, self._file = path, fd, inherited, file
 
     def release(self):
+        """Remove the lock file (while still holding it, so no one can hold a lock on a file that
+        is about to vanish: see _try_lock's inode check), then unlock."""
         if self._fd is not None:
             try:
+                lock_file = self._file if self._file is not None else self.path
+                try:
+                    if os.stat(lock_file).st_ino == os.fstat(self._fd).st_ino:
+                        os.remove(lock_file)
+                except OSError:
+                    pass
                 if fcntl is not None:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
@@ -83,7 +93,16 @@ def _try_lock(path, what, wait_s=0.0):
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
+            # The holder we waited for may have removed the file on release: a lock on a removed
+            # inode protects nothing, so lock the file now at `path` instead.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
             if time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -147,9 +166,10 @@ def acquire_run_lock(run_dir, what=None):
         holder = _read_holder(path)
         if holder is not None and holder in _ancestors():
             # A short wait: the previous child of a killed orchestrator may still be shutting down.
-            fd = _try_lock(os.path.join(os.path.dirname(path), CHILD_LOCK_NAME), what, wait_s=15.0)
+            child = os.path.join(os.path.dirname(path), CHILD_LOCK_NAME)
+            fd = _try_lock(child, what, wait_s=15.0)
             _watch_holder(holder)
-            return RunLock(path, fd, inherited=True)
+            return RunLock(path, fd, inherited=True, file=child)
     return RunLock(path, _try_lock(path, what))
 
 

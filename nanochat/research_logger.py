@@ -118,7 +118,10 @@ class ResearchLogger:
     is about to redo). Steps must not decrease; logging the same step again (e.g. validation
     metrics after the training metrics of that step) fills in the same row. Up to `flush_every`
     buffered rows are lost if the process dies, and all of them if close() is never called:
-    use it as a context manager (close() also runs when the training loop raises).
+    use it as a context manager (close() also runs when the training loop raises). The shared
+    training loop (nanochat.training.run_loop) also flushes after every checkpoint and on
+    SIGTERM/SIGINT, so the rows up to the last checkpoint survive even SIGKILL and a resumed
+    log is contiguous; `resume_gap` reports a hole left by a log that was not flushed that way.
     """
 
     def __init__(self, experiment_dir, phase="base_training", flush_every=100, snapshot_every=1000,
@@ -140,6 +143,8 @@ class ResearchLogger:
         self._known_names = set()    # columns in the file or in the buffer
         self._num_rows = 0           # rows in the file
         self._last_flushed_step = None
+        # (last step in the log, resume step) when resuming left a hole in the log, else None.
+        self.resume_gap = None
 
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         exists = os.path.exists(self.path)
@@ -201,6 +206,12 @@ class ResearchLogger:
             root.attrs["metadata"] = json.dumps(metadata, default=str)
         if resume_from_step is not None:
             self.truncate_after(resume_from_step)
+            last = self._last_flushed_step
+            if resume_from_step > 0 and (last is None or last < resume_from_step):
+                # The rows between the log's end and the resume step are gone (a run killed
+                # between flushes before flushing at checkpoints): say so instead of silently
+                # continuing with a hole.
+                self.resume_gap = (0 if last is None else last, resume_from_step)
 
     # ---------------------------------------------------------------- writing
 

@@ -37,6 +37,23 @@ def autocast_context(device_type):
     return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
 
+def check_flags(args, positive=(), nonnegative=(), fraction=(), positive_or_off=()):
+    """One clear error for a numeric flag out of range: every value must be finite; `positive` > 0,
+    `nonnegative` >= 0, `fraction` in [0, 1], `positive_or_off` -1 (off) or >= 1."""
+    rules = [(positive, lambda v: v > 0, "must be positive"), (nonnegative, lambda v: v >= 0, "must be >= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+             (positive_or_off, lambda v: v == -1 or v >= 1, "must be at least 1, or -1 for off")]
+    for names, ok, rule in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                raise UserError(f"--{name}={value}: must be a finite number")
+            if not ok(value):
+                raise UserError(f"--{name}={value} {rule}")
+
+
 def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_size):
     """Micro-batches per rank per step; the global batch must split evenly."""
     per_micro = device_batch_size * seq_len * world_size
