@@ -7,12 +7,17 @@ targets.
 
 Sharding follows the pretraining loader: micro-batch slot s of N = world_size x grad_accum
 streams reads examples with index % N == s, so the global batch does not depend on how it is
-split over processes. The bidirectional draw is a function of (seed, example index).
+split over processes. The bidirectional draw is a function of (seed, epoch, example index).
+
+Packed rows (midtraining) lose no token: a conversation longer than the room left in a row
+continues at the start of the next row behind its header (BOS, marker) and up to T/8 tokens of
+its preceding text as untrained context, as pretraining rows do (docs/DIRECTIONS.md). Padded
+rows (SFT) hold one conversation each, cut to T+1 tokens.
 """
 
 import torch
 
-from nanochat.direction import DirectionSpec
+from nanochat.direction import DirectionSpec, document_piece
 
 
 class ConversationStream:
@@ -24,24 +29,52 @@ class ConversationStream:
         self.task, self.spec, self.tokenizer = task, spec, tokenizer
         self.stride, self.offset, self.train_on, self.max_len = stride, offset, train_on, max_len
         self.cursor, self.epoch = offset, 0
+        self.carry = None  # (index, epoch, ids, mask, concrete, body_start) of a conversation cut at a row's end
 
-    def next_example(self):
-        """(ids, mask, concrete_direction) of the next example (model orientation)."""
-        if self.cursor >= len(self.task):
-            self.cursor, self.epoch = self.offset, self.epoch + 1
-        index = self.cursor
-        self.cursor += self.stride
+    def _row(self, index, epoch):
         ids, mask, concrete = self.spec.conversation_row(self.tokenizer, self.task[index], doc_index=index,
-                                                         train_on=self.train_on)
+                                                         train_on=self.train_on, epoch=epoch)
         if self.max_len is not None:
             ids, mask = ids[:self.max_len], mask[:self.max_len]
         return ids, mask, concrete
 
+    def _advance(self):
+        """(index, epoch) of the next example."""
+        if self.cursor >= len(self.task):
+            self.cursor, self.epoch = self.offset, self.epoch + 1
+        index = self.cursor
+        self.cursor += self.stride
+        return index, self.epoch
+
+    def next_example(self):
+        """(ids, mask, concrete_direction) of the next example (model orientation)."""
+        return self._row(*self._advance())
+
+    def next_piece(self, room, context_tokens):
+        """(ids, mask, concrete) of at most `room` tokens: the rest of a conversation cut at the end
+        of the previous row, else the next conversation; what does not fit is carried over."""
+        if self.carry is None:
+            index, epoch = self._advance()
+            self.carry = (index, epoch, *self._row(index, epoch), 0)
+        index, epoch, ids, mask, concrete, body_start = self.carry
+        hl = self.spec.header_len
+        piece, n_masked = document_piece(ids, hl, body_start, context_tokens, max_len=room)
+        n_new = len(piece) - n_masked
+        piece_mask = mask[:1] + [0] * (n_masked - 1) + mask[hl + body_start:hl + body_start + n_new]
+        body_start += n_new
+        self.carry = (index, epoch, ids, mask, concrete, body_start) if hl + body_start < len(ids) else None
+        return piece, piece_mask, concrete
+
     def state_dict(self):
-        return {"cursor": self.cursor, "epoch": self.epoch}
+        carry = None if self.carry is None else [self.carry[0], self.carry[1], self.carry[5]]
+        return {"cursor": self.cursor, "epoch": self.epoch, "carry": carry}
 
     def load_state_dict(self, state):
         self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])
+        self.carry = None
+        if state.get("carry"):
+            index, epoch, body_start = (int(v) for v in state["carry"])
+            self.carry = (index, epoch, *self._row(index, epoch), body_start)
 
 
 def _to_tensors(rows, masks, device):
@@ -57,21 +90,23 @@ class ConversationBatches:
     """Iterator of (inputs, targets), (B, T) each, for one rank.
 
     mode "pack": conversations are concatenated into rows of T+1 (each row starts with a
-    conversation's BOS; the conversation that overflows a row is cropped), as in midtraining.
+    conversation's BOS; the conversation that overflows a row continues in the next row behind
+    its header and `context_tokens` of context, default T/8), as in midtraining.
     mode "pad": one conversation per row, cropped to T+1 and padded with masked BOS tokens, as
     in SFT.
     """
 
     def __init__(self, task, tokenizer, direction, B, T, mode="pad", train_on=None, seed=0, p_backward=0.5,
-                 rank=0, world_size=1, grad_accum_steps=1, device="cpu"):
+                 rank=0, world_size=1, grad_accum_steps=1, device="cpu", context_tokens=None):
         if mode not in ("pack", "pad"):
             raise ValueError(f"mode must be 'pack' or 'pad', not {mode!r}")
         self.B, self.T, self.mode, self.device = B, T, mode, torch.device(device)
         self.spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=seed, p_backward=p_backward)
         self.pad_id = tokenizer.get_bos_token_id()
+        self.context_tokens = T // 8 if context_tokens is None else int(context_tokens)
         n = world_size * grad_accum_steps
         self.streams = [ConversationStream(task, self.spec, tokenizer, n, rank * grad_accum_steps + a, train_on,
-                                           max_len=T + 1)
+                                           max_len=T + 1 if mode == "pad" else None)
                         for a in range(grad_accum_steps)]
         self.next_stream = 0
         self.last_directions = []
@@ -87,10 +122,14 @@ class ConversationBatches:
     def _pack_row(self, stream):
         ids, mask, dirs = [], [], []
         while len(ids) < self.T + 1:
-            e_ids, e_mask, concrete = stream.next_example()
             room = self.T + 1 - len(ids)
-            ids += e_ids[:room]
-            mask += e_mask[:room]
+            if room <= self.spec.header_len:  # no room for text: pad (padding is never a target)
+                ids += [self.pad_id] * room
+                mask += [0] * room
+                break
+            e_ids, e_mask, concrete = stream.next_piece(room, self.context_tokens)
+            ids += e_ids
+            mask += e_mask
             dirs.append(concrete)
         return ids, mask, dirs
 

@@ -135,7 +135,7 @@ def test_packed_mid_batches_start_each_row_with_bos_and_are_full(tok):
     bos = tok.get_bos_token_id()
     assert (x[:, 0] == bos).all()
     assert (x == bos).sum(dim=1).min() >= 2  # several conversations per row
-    assert (y >= 0).float().mean() > 0.9     # train_on=all: nearly every target is trained
+    assert (y >= 0).float().mean() > 0.85    # train_on=all: nearly every target is trained (not: BOS, continuation context)
 
 
 def test_sharded_streams_equal_accumulation_streams(tok):
@@ -146,3 +146,35 @@ def test_sharded_streams_equal_accumulation_streams(tok):
     r1 = ConversationBatches(task, tok, "backward", rank=1, world_size=2, **kw)
     a, b = next(single), next(single)
     assert torch.equal(a[0], next(r0)[0]) and torch.equal(b[0], next(r1)[0])
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "bidirectional"])
+def test_packed_rows_lose_no_token_of_long_conversations(tok, direction):
+    """Rows much shorter than a conversation: the trained targets, row after row, are exactly
+    the trained tokens of the conversations in order (nothing cropped, nothing trained twice),
+    and each continuation restates its header and context."""
+    task = TwoWayArithmetic("train", size=40)
+    T = 12
+    batches = ConversationBatches(task, tok, direction, B=2, T=T, mode="pack", seed=4)
+    spec = batches.spec
+    expected = []
+    for index in range(len(task)):
+        ids, mask, _ = spec.conversation_row(tok, task[index], doc_index=index)
+        expected += [t for t, m in zip(ids, mask) if m]
+    got, carried = [], 0
+    while len(got) < len(expected):
+        x, y = next(batches)
+        assert (x[:, 0] == tok.get_bos_token_id()).all()
+        got += [t for t in y.flatten().tolist() if t >= 0]
+        carried += batches.streams[0].carry is not None
+    assert got[:len(expected)] == expected
+    assert carried > 0  # conversations did continue across rows
+    # resume mid-conversation: the same following batches
+    while batches.streams[0].carry is None:
+        next(batches)
+    state = batches.state_dict()
+    again = ConversationBatches(task, tok, direction, B=2, T=T, mode="pack", seed=4)
+    again.load_state_dict(state)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = next(batches), next(again)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
