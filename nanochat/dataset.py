@@ -4,6 +4,8 @@ The last shard (in sorted name order) is the validation split, every other shard
 
     python -m nanochat.dataset -n 8        # download 8 shards of a public pretraining set (online)
     python -m nanochat.dataset --builtin   # write shards from this Python's standard library (offline)
+    python -m nanochat.dataset --builtin=shakespeare [--text_file=tinyshakespeare.txt]
+                                           # English: Shakespeare's plays cut into dialogue passages
 
 Documents have a *global index*: their position in the split (shard order, then row order).
 The bidirectional draw and the dataloader's sharding are functions of that index, so every rank
@@ -231,12 +233,7 @@ def write_shards(documents, directory, docs_per_shard, max_docs=None, start_inde
 
 def write_builtin_corpus(directory=None, docs_per_shard=4000, max_docs=None, overwrite=False):
     directory = directory or data_dir()
-    existing = list_shards(directory)
-    if existing and not overwrite:
-        raise UserError(f"{directory} already holds {len(existing)} shard(s); not overwriting. "
-                        "Pass --overwrite to replace them, or set NANOCHAT_BASE_DIR elsewhere")
-    for path in existing:
-        os.remove(path)
+    _refuse_existing(directory, overwrite)
     # A fixed shuffle so the validation shard samples the whole library, not its last modules.
     documents = list(builtin_documents())
     random.Random(1234).shuffle(documents)
@@ -247,16 +244,75 @@ def write_builtin_corpus(directory=None, docs_per_shard=4000, max_docs=None, ove
 
 
 # ---------------------------------------------------------------------------------------
+# Built-in English corpus: Shakespeare (public domain), for arrow-of-time studies on English.
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+BUILTIN_CORPORA = ("stdlib", "shakespeare")
+
+
+def shakespeare_documents(text, max_chars=1500):
+    """Cut the plays into documents of consecutive whole speeches (a speech: "NAME:" then its
+    lines, speeches separated by blank lines), merged up to ~max_chars: short dialogue passages,
+    read in their order. A speech is never split, so each document begins with a speaker."""
+    speeches = [s.strip("\n") for s in re.split(r"\n\s*\n", text) if s.strip()]
+    docs, current = [], ""
+    for speech in speeches:
+        if current and len(current) + len(speech) + 2 > max_chars:
+            docs.append(current)
+            current = ""
+        current = speech if not current else current + "\n\n" + speech
+    if current:
+        docs.append(current)
+    return docs
+
+
+def read_shakespeare(text_file=None, cache_dir=None, url=SHAKESPEARE_URL, max_attempts=5, backoff_s=2.0):
+    """The corpus text: `text_file` when given, else a cached download of the public tiny-shakespeare file."""
+    if text_file:
+        if not os.path.isfile(text_file):
+            raise UserError(f"--text_file {text_file} does not exist")
+        with open(text_file, encoding="utf-8") as f:
+            return f.read()
+    cache_dir = cache_dir or os.path.join(get_base_dir(), "corpora")
+    path = os.path.join(cache_dir, "tinyshakespeare.txt")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        _fetch(url, path, max_attempts, backoff_s, validate=lambda p: open(p, encoding="utf-8").read(1),
+               offline_hint="pass --text_file=<a local copy of tinyshakespeare.txt>")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_shakespeare_corpus(directory=None, text_file=None, docs_per_shard=200, overwrite=False, val_fraction=0.1):
+    """Train shards, then a validation shard holding the *last* 10% of the passages (held-out
+    scenes and plays, not passages interleaved with the training text). Train passages are
+    shuffled with a fixed seed."""
+    directory = directory or data_dir()
+    _refuse_existing(directory, overwrite)
+    docs = shakespeare_documents(read_shakespeare(text_file))
+    n_val = max(1, int(len(docs) * val_fraction))
+    train, val = docs[:-n_val], docs[-n_val:]
+    random.Random(1234).shuffle(train)
+    paths = write_shards(train, directory, docs_per_shard)
+    paths += write_shards(val, directory, len(val), start_index=len(paths))
+    return paths
+
+
+def _refuse_existing(directory, overwrite):
+    existing = list_shards(directory)
+    if existing and not overwrite:
+        raise UserError(f"{directory} already holds {len(existing)} shard(s); not overwriting. "
+                        "Pass --overwrite to replace them, or set NANOCHAT_BASE_DIR elsewhere")
+    for path in existing:
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------
 # Online download with retries.
 
-def download_shard(index, directory=None, base_url=DEFAULT_BASE_URL, max_attempts=5, backoff_s=2.0):
-    """Fetch one shard; skips shards already present; writes to a temp file then renames."""
-    directory = directory or data_dir()
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, shard_filename(index))
-    if os.path.exists(path):
-        return path
-    url = f"{base_url.rstrip('/')}/{shard_filename(index)}"
+def _fetch(url, path, max_attempts, backoff_s, validate, offline_hint):
+    """Download `url` to `path` through a temp file, retrying with exponential backoff; `validate`
+    reads the temp file so that a truncated download fails here."""
     tmp = path + ".tmp"
     for attempt in range(1, max_attempts + 1):
         try:
@@ -266,18 +322,29 @@ def download_shard(index, directory=None, base_url=DEFAULT_BASE_URL, max_attempt
                     if not block:
                         break
                     f.write(block)
-            pq.ParquetFile(tmp)  # a truncated download fails here, not in the middle of training
+            validate(tmp)
             os.replace(tmp, path)
             return path
         except Exception as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
             if attempt == max_attempts:
-                raise UserError(f"could not download {url} after {max_attempts} attempts: {e}. "
-                                "Offline? Use `python -m nanochat.dataset --builtin`")
+                raise UserError(f"could not download {url} after {max_attempts} attempts: {e}. Offline? {offline_hint}")
             wait = backoff_s * 2 ** (attempt - 1)
             print(f"download of {url} failed ({e}); retry {attempt}/{max_attempts - 1} in {wait:.0f}s", flush=True)
             time.sleep(wait)
+
+
+def download_shard(index, directory=None, base_url=DEFAULT_BASE_URL, max_attempts=5, backoff_s=2.0):
+    """Fetch one shard; skips shards already present; writes to a temp file then renames."""
+    directory = directory or data_dir()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, shard_filename(index))
+    if os.path.exists(path):
+        return path
+    url = f"{base_url.rstrip('/')}/{shard_filename(index)}"
+    return _fetch(url, path, max_attempts, backoff_s, validate=pq.ParquetFile,
+                  offline_hint="Use `python -m nanochat.dataset --builtin`")
 
 
 def download_shards(num_shards, directory=None, base_url=DEFAULT_BASE_URL, workers=4, max_attempts=5, backoff_s=2.0):
@@ -298,7 +365,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare pretraining shards in $NANOCHAT_BASE_DIR/base_data")
     parser.add_argument("-n", "--num_shards", "--num-shards", type=int, default=None,
                         help="download this many shards (-1 = all); the last one is validation")
-    parser.add_argument("--builtin", action="store_true", help="write the offline corpus from the Python stdlib")
+    parser.add_argument("--builtin", nargs="?", const="stdlib", default=None, choices=BUILTIN_CORPORA,
+                        help="write a built-in corpus: stdlib (this Python's standard library, offline; the "
+                             "default) or shakespeare (English plays; --text_file or a cached download)")
+    parser.add_argument("--text_file", "--text-file", default=None,
+                        help="--builtin=shakespeare: a local copy of tinyshakespeare.txt (no download)")
     parser.add_argument("--max_docs", "--max-docs", type=int, default=None, help="cap on built-in documents")
     parser.add_argument("--docs_per_shard", "--docs-per-shard", type=int, default=4000)
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards (built-in only)")
@@ -309,7 +380,11 @@ def main(argv=None):
     if args.builtin == (args.num_shards is not None):
         raise UserError("give exactly one of --builtin (offline corpus) or -n N (download N shards)")
     t0 = time.time()
-    if args.builtin:
+    if args.text_file and args.builtin != "shakespeare":
+        raise UserError("--text_file goes with --builtin=shakespeare")
+    if args.builtin == "shakespeare":
+        paths = write_shakespeare_corpus(args.data_dir, args.text_file, overwrite=args.overwrite)
+    elif args.builtin:
         paths = write_builtin_corpus(args.data_dir, args.docs_per_shard, args.max_docs, args.overwrite)
     else:
         paths = download_shards(args.num_shards, args.data_dir, args.base_url, args.workers)

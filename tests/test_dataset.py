@@ -246,3 +246,58 @@ def test_download_corrupt_shard_fails(remote, tmp_path):
     with pytest.raises(UserError):
         download_shard(5, dest, base_url="file://" + remote, max_attempts=2, backoff_s=0)
     assert os.listdir(dest) == []
+
+
+# ---- built-in English corpus (Shakespeare) --------------------------------------------------
+
+def _plays(n_speeches=300):
+    """A generated text in tiny-shakespeare's format: "NAME:" then lines; blank line between speeches."""
+    names = ["ROMEO", "JULIET", "First Citizen", "MENENIUS"]
+    return "\n\n".join(f"{names[i % 4]}:\nSpeech {i} begins here,\nand speech {i} ends here." for i in range(n_speeches)) + "\n"
+
+
+def test_shakespeare_documents_are_whole_speeches_in_order():
+    from nanochat.dataset import shakespeare_documents
+    text = _plays()
+    docs = shakespeare_documents(text, max_chars=300)
+    assert all(len(d) <= 300 for d in docs)
+    assert all(d.split("\n")[0].endswith(":") for d in docs)  # every document starts with a speaker
+    assert "\n\n".join(docs) == text.strip("\n")  # nothing lost, nothing reordered
+
+
+def test_shakespeare_corpus_from_text_file_holds_out_the_last_passages(tmp_path):
+    from nanochat.dataset import shakespeare_documents, write_shakespeare_corpus
+    src = tmp_path / "plays.txt"
+    src.write_text(_plays())
+    d = str(tmp_path / "data")
+    paths = write_shakespeare_corpus(d, text_file=str(src), docs_per_shard=20)
+    docs = shakespeare_documents(_plays())
+    val = read_all(paths[-1:])
+    assert val == docs[-len(val):] and len(val) == max(1, int(len(docs) * 0.1))
+    assert sorted(read_all(paths[:-1])) == sorted(docs[:-len(val)])
+    with pytest.raises(UserError):  # never overwrite silently
+        write_shakespeare_corpus(d, text_file=str(src))
+
+
+def test_shakespeare_download_path_uses_file_url_and_cache(tmp_path):
+    from nanochat.dataset import read_shakespeare
+    src = tmp_path / "remote.txt"
+    src.write_text(_plays(10))
+    cache = str(tmp_path / "cache")
+    assert read_shakespeare(cache_dir=cache, url="file://" + str(src), backoff_s=0) == _plays(10)
+    src.unlink()  # now served from the cache
+    assert read_shakespeare(cache_dir=cache, url="file://" + str(src), backoff_s=0) == _plays(10)
+    with pytest.raises(UserError) as e:
+        read_shakespeare(cache_dir=str(tmp_path / "other"), url="file://" + str(src), max_attempts=1)
+    assert "--text_file" in str(e.value)
+
+
+def test_dataset_cli_builtin_shakespeare(tmp_path):
+    from nanochat.dataset import main
+    src = tmp_path / "plays.txt"
+    src.write_text(_plays())
+    d = str(tmp_path / "data")
+    main(["--builtin=shakespeare", "--text_file", str(src), "--data_dir", d])
+    assert len(list_shards(d)) >= 2
+    with pytest.raises(UserError):
+        main(["--builtin", "--text_file", str(src), "--data_dir", str(tmp_path / "x")])
