@@ -220,7 +220,8 @@ def item_rows(tokenizer, spec, task, items, index, concrete_direction, seq_len):
     demos = []
     for j in _fewshot_indices(task["label"], index, len(items), task["num_fewshot"]):
         demo = items[j]
-        given, cont = split_at_delimiter(*demo["options"][demo["gold"]], delim)
+        context, continuation = demo["options"][demo["gold"]]
+        given, cont = split_at_delimiter(context, delim, continuation)
         demos.append(enc(given) + enc(cont))
     sep = enc(FEWSHOT_SEPARATOR)
     room = seq_len + 1 - spec.header_len  # a row of L tokens feeds L - 1 inputs
