@@ -133,7 +133,82 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
 
 
+def _compute_dtype(device_type, weight):
+    """The matmul dtype the surrounding autocast would use (bf16 on GPU), else the weight's."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(x @ weight.T, targets) over rows of x, without the (rows, vocab) logits.
+
+    The plain path materialises fp32 logits for the whole batch and keeps them (and the
+    log-softmax) for backward: rows x vocab x 4 bytes, 8.6 GB at B=32, T=2048, V=32768. Here the
+    rows go through the head `chunk_rows` at a time. Because the loss is reduced to a scalar
+    ("mean" over non-ignored targets, or "sum"), its gradient with respect to the logits is
+    known in the forward pass, (softmax - onehot) / count, up to the scalar that backward
+    multiplies in; so each chunk's gradients for x and weight are computed right away and only
+    they are kept (rows x width and vocab x width): no logits are stored and none are recomputed.
+
+    Numerics follow the plain path: the head matmul runs in the autocast dtype (bf16 on GPU),
+    log-softmax and loss in fp32, the logit gradient is cast back to the matmul dtype. Only the
+    order of the floating-point sums over rows differs (the loss is summed chunk by chunk).
+    Targets equal to -1 are ignored, as in F.cross_entropy(ignore_index=-1).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, reduction, chunk_rows):
+        device_type = x.device.type
+        dtype = _compute_dtype(device_type, weight)
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            valid = targets != -1
+            count = valid.sum()
+            # mean over the non-ignored targets (nan when there are none, as F.cross_entropy)
+            scale = 1.0 / count.float() if reduction == "mean" else torch.ones((), device=x.device)
+            total = torch.zeros((), dtype=torch.float32, device=x.device)
+            dx_parts, dw = [], None
+            for start in range(0, x.size(0), chunk_rows):
+                xc, yc, vc = x[start:start + chunk_rows].to(dtype), targets[start:start + chunk_rows], valid[start:start + chunk_rows]
+                logits = F.linear(xc, w).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                safe_y = torch.where(vc, yc, 0).unsqueeze(1)
+                total = total + torch.where(vc, lse - logits.gather(1, safe_y).squeeze(1), 0.0).sum()
+                if not (want_dx or want_dw):
+                    continue
+                # d loss / d logits = (softmax - onehot(target)) * scale on rows with a target, else 0
+                g = (logits - lse.unsqueeze(1)).exp()
+                g = g.scatter_add(1, safe_y, -torch.ones_like(safe_y, dtype=g.dtype))
+                g = (g * (vc.unsqueeze(1) * scale)).to(dtype)
+                if want_dx:
+                    dx_parts.append(g @ w)
+                if want_dw:
+                    part = (g.t() @ xc).float()
+                    dw = part if dw is None else dw + part
+            loss = total / count.float() if reduction == "mean" else total
+        dx = torch.cat(dx_parts).to(x.dtype) if want_dx else None
+        dw = dw.to(weight.dtype) if want_dw else None
+        ctx.save_for_backward(dx, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        return (dx * grad_loss if dx is not None else None, dw * grad_loss if dw is not None else None,
+                None, None, None)
+
+
+MATRIX_LR_SCALINGS = ("original", "match_rms_adamw")
+
+
 class GPT(nn.Module):
+    # Rows of the batch whose logits are held at once by the training loss (None: as many as
+    # keep one chunk's fp32 logits near 512 MB). `chunked_loss = False` selects the plain path.
+    chunked_loss = True
+    loss_chunk_rows = None
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -194,12 +269,17 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
     def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.02,
-                         weight_decay=0.0, adam_betas=(0.8, 0.95)):
+                         weight_decay=0.0, adam_betas=(0.8, 0.95), matrix_lr_scaling="match_rms_adamw"):
         """Muon for the 2-D matrices inside blocks, AdamW for embeddings, head and norm weights.
 
         AdamW learning rates are scaled by 1/sqrt(width/768) so that one setting works across
-        depths (the matrices' Muon update is already scale-free).
+        depths (the matrices' Muon update is already scale-free). `matrix_lr_scaling` is
+        torch.optim.Muon's `adjust_lr_fn`: "original" (lr * sqrt(max(1, rows/cols)), the usual Muon
+        recipe) or "match_rms_adamw" (lr * 0.2 * sqrt(max(rows, cols)): AdamW-like update RMS, a 3x
+        to 12x larger step at the same lr for our shapes). Defaults: docs/LR_SWEEP.md.
         """
+        if matrix_lr_scaling not in MATRIX_LR_SCALINGS:
+            raise ValueError(f"matrix_lr_scaling={matrix_lr_scaling!r}: use one of {', '.join(MATRIX_LR_SCALINGS)}")
         matrix_params = [p for block in self.model.layers for p in block.parameters() if p.ndim == 2]
         norm_params = [p for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
         scale = (self.config.n_embd / 768) ** -0.5
@@ -211,10 +291,8 @@ class GPT(nn.Module):
         n_total = len(matrix_params) + 2 + len(norm_params)
         assert n_total == len(list(self.parameters())), "every parameter must belong to one optimizer"
         adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=False)
-        # "match_rms_adamw" scales Muon's orthogonalised update to AdamW-like RMS, making matrix_lr
-        # comparable across matrix shapes.
         muon = torch.optim.Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
+                                adjust_lr_fn=matrix_lr_scaling)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
@@ -236,14 +314,24 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(x).float()
         if targets is None:
-            return logits
+            return self.lm_head(x).float()
+        return self.loss(x, targets, loss_reduction)
+
+    def loss(self, x, targets, loss_reduction="mean"):
+        """Cross-entropy of the head's logits on the final hidden states x (B, T, d); targets -1
+        are ignored. "mean" and "sum" (the training losses) go through LinearCrossEntropy, which
+        never holds the whole batch's logits; "none" (per-token losses, for evaluation) uses the
+        plain path, whose values the evaluation code was written against."""
+        B, T, d = x.shape
+        head = self.lm_head.weight
+        if self.chunked_loss and loss_reduction in ("mean", "sum"):
+            rows = self.loss_chunk_rows or max(1, 2 ** 27 // head.size(0))
+            return LinearCrossEntropy.apply(x.reshape(B * T, d), head, targets.reshape(-1), loss_reduction, rows)
+        logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
-        if loss_reduction == "none":
-            loss = loss.view(B, T)
-        return loss
+        return loss.view(B, T) if loss_reduction == "none" else loss
 
     def residual_stats(self, idx):
         """Per-layer mean / rms / max|x| of the residual stream for one batch (for research logs)."""

@@ -26,7 +26,7 @@ from nanochat.locking import acquire_run_lock
 from nanochat.paths import check_writable, move_aside, remove_stale_temporaries
 from nanochat.direction import DirectionSpec, concrete_directions, validate_direction, validate_p_backward
 from nanochat.direction_dataloader import direction_aware_dataloader
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.gpt import GPT, MATRIX_LR_SCALINGS, config_for_depth
 from nanochat.loss_eval import evaluate_bpb, select_documents
 from nanochat.prefetch import prefetching
 from nanochat.research_logger import ResearchLogger
@@ -56,6 +56,10 @@ def build_parser():
     add_flag(p, "embedding_lr", type=float, default=0.2)
     add_flag(p, "unembedding_lr", type=float, default=0.004)
     add_flag(p, "matrix_lr", type=float, default=0.02, help="Muon learning rate")
+    add_flag(p, "matrix_lr_scaling", default=None, choices=MATRIX_LR_SCALINGS,
+             help="Muon's adjust_lr_fn: original | match_rms_adamw (see docs/LR_SWEEP.md)")
+    add_flag(p, "context_tokens", type=int, default=None,
+             help="preceding text a continuation row of a long document carries (-1 = T/8; docs/DIRECTIONS.md)")
     add_flag(p, "weight_decay", type=float, default=0.0)
     add_flag(p, "init_lr_frac", type=float, default=1.0, help="scale all learning rates")
     add_flag(p, "warmup_ratio", type=float, default=0.0)
@@ -94,7 +98,7 @@ def build_parser():
 # run takes the checkpoint's values, and an explicit different value is refused (it would train a
 # different model or read different data while the metadata claimed continuity).
 MODEL_DATA_DEFAULTS = {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
-                       "seed": 42, "p_backward": 0.5}
+                       "seed": 42, "p_backward": 0.5, "context_tokens": -1, "matrix_lr_scaling": "match_rms_adamw"}
 # Flags of the optimizer and the schedule: on resume they apply from the resume step (the optimizer's
 # saved moments are kept, its hyperparameters are this run's), and the metadata records the change.
 SCHEDULE_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac", "warmup_ratio",
@@ -277,7 +281,7 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
     if num_iterations == -1:
         num_iterations = max(1, round(args.target_param_data_ratio * num_params / tokens_per_step))
     optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr,
-                                        weight_decay=args.weight_decay)
+                                        weight_decay=args.weight_decay, matrix_lr_scaling=args.matrix_lr_scaling)
     use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -294,7 +298,8 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
     loader = direction_aware_dataloader(B, T, "train", args.direction, tokenizer_threads=args.tokenizer_threads,
                                         device="cpu" if args.prefetch else device, seed=args.seed,
                                         p_backward=args.p_backward, tokenizer=tokenizer, rank=rank,
-                                        world_size=world_size, grad_accum_steps=grad_accum)
+                                        world_size=world_size, grad_accum_steps=grad_accum,
+                                        context_tokens=None if args.context_tokens == -1 else args.context_tokens)
     loader = prefetching(loader, args.prefetch, device)
     trainer = Trainer(train_model, optimizers, loader, grad_accum, num_iterations, tokens_per_step, device,
                       world_size=world_size, grad_clip=args.grad_clip, flops_per_token=flops_per_token,
