@@ -278,21 +278,3 @@ def test_parent_link_rebuilt_for_older_experiments_and_on_resume(ec):
                                             "parent_checkpoint_path": ec.checkpoint_dir("base_fwd")}
     ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a", resume=True)
     assert (child / "parent_link.json").is_file()
-
-
-def test_plan_example_experiment_config(tmp_path):
-    """docs/PLAN: the plan's own experiment-config test, as written there."""
-    config = ExperimentConfig(base_dir=str(tmp_path))
-    base_dir = config.create_experiment(phase="base", direction="forward", depth=20, experiment_id="test_base")
-    assert base_dir.exists()
-    assert (base_dir / "config.json").exists()
-    assert (base_dir / "checkpoints").exists()
-    mid_dir = config.create_experiment(phase="mid", direction="forward", depth=20, parent_experiment="test_base",
-                                       experiment_id="test_mid")
-    assert (mid_dir / "parent_link.json").exists()
-    loaded_config = config.load_config("test_base")
-    assert loaded_config["phase"] == "base"
-    parent_link = config.load_parent_link("test_mid")
-    assert parent_link["parent_experiment_id"] == "test_base"
-    assert parent_link["parent_phase"] == "base"
-    assert parent_link["parent_checkpoint_path"] == str(base_dir / "checkpoints")
