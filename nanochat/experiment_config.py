@@ -32,7 +32,6 @@ leaves a half-written config.json. Under torchrun only rank 0 should create or u
 
 import json
 import os
-import re
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -47,9 +46,8 @@ CONFIG_NAME = "config.json"
 PARENT_LINK_NAME = "parent_link.json"
 EXPERIMENTS_DIRNAME = "experiments"
 
-# Ids become directory names and checkpoint tags: keep them to characters that are safe in a path
-# on every filesystem, and forbid a leading dot so an id can never be "." / ".." or a hidden dir.
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+# Ids become directory names and checkpoint tags: nanochat/paths.py validate_name keeps them to
+# characters that are safe in a path on every filesystem (never ".", ".." or a hidden directory).
 
 # Fields that say what an experiment *is*; changing them after creation would break the lineage
 # (a child trained from a forward parent cannot become the child of a backward one).

@@ -126,9 +126,10 @@ def test_invalid_direction_and_depth_refused(ec):
 
 @pytest.mark.parametrize("bad", ["", ".hidden", "..", "a/b", "../escape", "sp ace", "semi;colon", "ü"])
 def test_invalid_id_chars_refused(ec, bad):
-    with pytest.raises(UserError, match="invalid experiment id"):
+    # nanochat/paths.py validate_name: "invalid experiment id ..." or "experiment id must be a non-empty name"
+    with pytest.raises(UserError, match="experiment id"):
         ec.create_experiment("base", "forward", 4, experiment_id=bad)
-    with pytest.raises(UserError, match="invalid experiment id"):
+    with pytest.raises(UserError, match="experiment id"):
         ec.experiment_dir(bad)
     assert not ec.exists(bad)
     assert ec.find_experiment_for_checkpoint_tag(bad) is None
