@@ -193,3 +193,112 @@ def test_bad_command_lines_are_user_errors(models, monkeypatch):
         main(["--source=base", "--model_tag=nope", "--device_type=cpu"])
     with pytest.raises(UserError, match="--port"):
         main(["--port=0"])
+
+
+# ---- end to end in a real browser ------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1200,900"]
+
+
+def browser_or_skip(tmp_path):
+    """A headless Debian chromium driven by Selenium, or a skip that says what is missing
+    (scripts/setup_env.sh installs chromium and chromium-driver with apt when it runs as root)."""
+    import os
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[browser]'): browser test not run")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.skip(f"{path} is missing (apt-get install chromium chromium-driver): browser test not run")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium try to download a driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    try:
+        return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except Exception as e:  # a browser that is installed but cannot start is a skip with its reason
+        pytest.skip(f"chromium did not start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+@pytest.fixture
+def live_server(slots):
+    """The app served by uvicorn on a free local port, in a thread."""
+    import socket
+    import uvicorn
+    from scripts.chat_web import Limits, create_app
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(slots, Limits(max_tokens=16)), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        threading.Event().wait(0.02)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def test_page_in_a_real_browser(live_server, tmp_path):
+    """Open the page, chat forward with a bidirectional model and see the answer stream in,
+    switch to backward and see each generated question placed above its answer, then side by
+    side; a screenshot is saved in the test's tmp dir."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    driver = browser_or_skip(tmp_path)
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(live_server)
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled() and d.find_elements(By.ID, "model-0"))
+        Select(driver.find_element(By.ID, "model-0")).select_by_value(TAGS["bidirectional"])
+        Select(driver.find_element(By.ID, "mode")).select_by_value("chat")
+        max_tokens = driver.find_element(By.ID, "maxTokens")
+        max_tokens.clear()
+        max_tokens.send_keys("12")
+
+        def send(text):
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(text)
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").text == "done")
+
+        def bubbles(pane=0):
+            return [(m.get_attribute("class"), m.find_element(By.CLASS_NAME, "who").text,
+                     m.find_element(By.CLASS_NAME, "body").text)
+                    for m in driver.find_elements(By.CSS_SELECTOR, f"#transcript-{pane} .msg")]
+
+        send("What is 2*3?")
+        transcript = driver.find_element(By.ID, "transcript-0")
+        assert int(transcript.get_attribute("data-updates")) >= 2  # several streamed text events rendered
+        (user_cls, _, question), (gen_cls, gen_who, answer) = bubbles()
+        assert "user" in user_cls and question == "What is 2*3?"
+        assert "generated" in gen_cls and "streaming" not in gen_cls and gen_who.lower() == "assistant" and answer
+
+        Select(driver.find_element(By.ID, "direction-0")).select_by_value("backward")
+        assert "conversation cleared" in driver.find_element(By.ID, "transcript-0").text
+        send("6")
+        send("4")  # an earlier answer: its exchange goes above the first one
+        rows = bubbles()
+        assert [r[2] for r in rows if "generated" not in r[0]] == ["4", "6"]
+        assert ["generated" in r[0] for r in rows] == [True, False, True, False]
+        assert all("question (generated" in r[1].lower() for r in rows if "generated" in r[0])
+
+        driver.find_element(By.ID, "sideBySide").click()
+        wait.until(lambda d: d.find_elements(By.ID, "transcript-1"))
+        assert Select(driver.find_element(By.ID, "direction-1")).first_selected_option.text == "forward"
+        send("The end.")
+        left, right = bubbles(0), bubbles(1)
+        assert "generated" in left[0][0] and left[1][2] == "The end."  # backward: written text first
+        assert right[0][2] == "The end." and "generated" in right[1][0]  # forward: written text after
+        shot = tmp_path / "chat_web.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+    finally:
+        driver.quit()
