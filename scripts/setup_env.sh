@@ -15,7 +15,7 @@ fi
 if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing chromium and chromium-driver (apt) for the chat page's browser test"
     if ! { apt-get update -qq >/dev/null 2>&1 &&
-           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; }; then
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; then
         echo "warning: could not install chromium; the browser test will be skipped"
     fi
 fi
