@@ -13,6 +13,7 @@ policy for bidirectional; or assistant / user / all explicitly. Midtraining defa
 
 import argparse
 import json
+import math
 import os
 from datetime import datetime, timezone
 
@@ -20,11 +21,14 @@ import torch
 
 from nanochat import wandb_log
 from nanochat.chat_data import ConversationBatches
-from nanochat.checkpoint_manager import artifact_dirs, list_steps, load_model, save_checkpoint
+from nanochat.checkpoint_manager import (artifact_dirs, clean_checkpoint_dir, list_steps, load_model, save_checkpoint,
+                                         tokenizer_fingerprint)
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0
 from nanochat.direction import validate_direction, validate_train_on
-from nanochat.research_logger import ResearchLogger
-from nanochat.training import Trainer, autocast_context, grad_accum_steps_for, run_loop
+from nanochat.locking import acquire_run_lock
+from nanochat.paths import check_writable, move_aside, remove_stale_temporaries, validate_name
+from nanochat.research_logger import ResearchLogger, log_path
+from nanochat.training import Trainer, autocast_context, check_flags, grad_accum_steps_for, run_loop
 
 PHASES = {
     # phase: where it saves, its default parent source, batch layout, research log name, train_on
@@ -104,11 +108,54 @@ def validation_loss(model, batches, n_batches, autocast):
     return total / max(1, count)
 
 
+def check_phase_flags(args):
+    """Flags shared by mid, SFT and RL: names that become paths, and numbers in range."""
+    for name in ("model_tag", "output_tag", "parent_experiment"):
+        if getattr(args, name, None) is not None:
+            validate_name(getattr(args, name), f"--{name}")
+    check_flags(args, positive=("init_lr_frac", "log_every", "log_flush_every"),
+                nonnegative=("embedding_lr", "unembedding_lr", "matrix_lr"))
+    if args.p_backward is not None and not 0 <= args.p_backward <= 1:
+        raise UserError(f"--p_backward={args.p_backward} must be between 0 and 1")
+
+
+def prepare_output(dirs, phase, log_phase, research_on, master):
+    """Before training a later phase: the output run is locked by this process, writable, free of
+    a killed save's leftovers, holds no checkpoints (never overwritten), and a log left by an
+    attempt killed before its first checkpoint is moved aside. Returns the RunLock (or None)."""
+    checkpoint_dir = dirs["checkpoints"]
+    lock = acquire_run_lock(dirs["run"], f"{phase} output {dirs['run']}") if master else None
+    try:
+        if master:
+            check_writable(checkpoint_dir, "the checkpoint directory")
+            removed = clean_checkpoint_dir(checkpoint_dir) + remove_stale_temporaries(dirs["logs"])
+            if removed:
+                print0(f"removed what an interrupted save left behind: {', '.join(removed)}")
+        if os.path.isdir(checkpoint_dir) and list_steps(checkpoint_dir):
+            raise UserError(f"{checkpoint_dir} already holds {phase} checkpoints (steps {list_steps(checkpoint_dir)}); "
+                            "choose another --output_tag")
+        log = log_path(dirs["run"], log_phase)
+        if master and research_on and os.path.exists(log):
+            moved = move_aside(log)
+            print0(f"a previous {phase} run left the research log {log} without a checkpoint; moved it aside to "
+                   f"{moved} and starting a new log")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
 def run_chat_phase(phase, args):
     d = PHASES[phase]
     train_on = validate_train_on(args.train_on)
     if args.direction is not None:
         validate_direction(args.direction)
+    check_phase_flags(args)
+    check_flags(args, positive=("num_iterations", "device_batch_size", "eval_batches"),
+                fraction=("warmdown_ratio",), positive_or_off=("eval_every", "max_seq_len"))
+    if args.total_batch_size != -1 and args.total_batch_size <= 0:
+        raise UserError(f"--total_batch_size={args.total_batch_size} must be positive (or -1 = B*T*world)")
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     try:
         _train(phase, d, args, train_on, rank, world_size, device)
@@ -133,9 +180,18 @@ def _train(phase, d, args, train_on, rank, world_size, device):
     output_tag = args.output_tag or parent_meta["model_tag"]
     dirs = artifact_dirs(d["source"], output_tag)
     checkpoint_dir = dirs["checkpoints"]
-    if os.path.isdir(checkpoint_dir) and list_steps(checkpoint_dir):
-        raise UserError(f"{checkpoint_dir} already holds {phase} checkpoints (steps {list_steps(checkpoint_dir)}); "
-                        "choose another --output_tag")
+    research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
+    lock = prepare_output(dirs, phase, d["log_phase"], research_on, rank == 0)
+    try:
+        _train_locked(phase, d, args, train_on, rank, world_size, device, model, tokenizer, parent_meta, T, B,
+                      grad_accum, tokens_per_step, p_backward, direction, output_tag, dirs, checkpoint_dir, research_on)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(phase, d, args, train_on, rank, world_size, device, model, tokenizer, parent_meta, T, B,
+                  grad_accum, tokens_per_step, p_backward, direction, output_tag, dirs, checkpoint_dir, research_on):
     train_task = load_tasks(args.tasks, phase, direction, "train")
     val_task = load_tasks(args.tasks, phase, direction, "test")
     common = dict(direction=direction, B=B, T=T, mode=d["mode"], train_on=train_on, seed=args.seed,
@@ -166,6 +222,7 @@ def _train(phase, d, args, train_on, rank, world_size, device):
                  "direction_spec": dict(batches.spec.describe()), "train_on": train_on or "auto",
                  "user_config": user_config, "num_iterations": args.num_iterations,
                  "tokens_per_step": tokens_per_step, "world_size": world_size,
+                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                  "parent": {"source": args.source, "model_tag": parent_meta["model_tag"], "step": parent_meta["step"],
                             "checkpoint_dir": parent_meta["checkpoint_dir"], "experiment": args.parent_experiment}}
 
@@ -175,7 +232,6 @@ def _train(phase, d, args, train_on, rank, world_size, device):
                         {"optimizers": trainer.optimizer_state(), "dataloader": batches.state_dict()}, meta, rank=rank)
         print0(f"saved {phase} checkpoint step {step} to {checkpoint_dir} (direction: {direction})")
 
-    research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
     logger = None
     if research_on and rank == 0:
         logger = ResearchLogger(dirs["run"], phase=d["log_phase"], flush_every=args.log_flush_every,
@@ -183,7 +239,8 @@ def _train(phase, d, args, train_on, rank, world_size, device):
     wb = wandb_log.init(args.run, config=user_config, master=rank == 0)
     try:
         last = run_loop(trainer, 0, args.num_iterations, log_every=args.log_every, eval_every=args.eval_every,
-                        evaluate=evaluate, save=save, logger=logger, wandb_run=wb, print_fn=print0)
+                        evaluate=evaluate, save=save, logger=logger, wandb_run=wb, print_fn=print0,
+                        blowup_loss=10 * math.log(tokenizer.get_vocab_size()))
         print0("final: " + json.dumps({k: round(v, 4) for k, v in last.items()}))
     finally:
         if logger is not None:

@@ -70,7 +70,7 @@ class RunLock:
 
 
 def lock_path(run_dir):
-    return os.path.join(os.path.abspath(run_dir), LOCK_NAME)
+    return os.path.join(os.path.realpath(run_dir), LOCK_NAME)
 
 
 def _read_holder(path):

@@ -37,7 +37,6 @@ loss is normalised by the tokens generated on all ranks and gradients are averag
 import argparse
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,13 +46,15 @@ import torch
 import torch.distributed as dist
 
 from nanochat import wandb_log
-from nanochat.chat_training import add_optimizer_flags, add_parent_flags, add_run_flags
-from nanochat.checkpoint_manager import artifact_dirs, list_steps, load_model, save_checkpoint
+from nanochat.chat_training import (add_optimizer_flags, add_parent_flags, add_run_flags, check_phase_flags,
+                                    prepare_output)
+from nanochat.checkpoint_manager import artifact_dirs, load_model, save_checkpoint, tokenizer_fingerprint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0
 from nanochat.direction import DirectionSpec, validate_direction
 from nanochat.engine import Engine
 from nanochat.research_logger import ResearchLogger
-from nanochat.training import autocast_context, set_learning_rates, sync_gradients
+from nanochat.training import (StopRequested, TrainingDiverged, autocast_context, check_flags, set_learning_rates,
+                               stop_on_signals, sync_gradients)
 
 ADVANTAGE_EPS = 1e-6
 
@@ -214,6 +215,8 @@ def build_parser():
 def check_args(args):
     if args.direction is not None:
         validate_direction(args.direction)
+    check_phase_flags(args)
+    check_flags(args, positive=("temperature",), positive_or_off=("eval_every",))
     for name in ("num_iterations", "examples_per_step", "num_samples", "max_new_tokens", "eval_examples", "eval_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name}={getattr(args, name)} must be at least 1")
@@ -266,10 +269,19 @@ def _train(args, rank, world_size, device):
     test_task = load_task(args.task, "test")
     output_tag = args.output_tag or parent_meta["model_tag"]
     dirs = artifact_dirs("rl", output_tag)
+    research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
+    lock = prepare_output(dirs, "rl", "rl", research_on, rank == 0)
+    try:
+        _train_locked(args, rank, world_size, device, model, tokenizer, parent_meta, direction, directions,
+                      train_task, test_task, output_tag, dirs, research_on)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(args, rank, world_size, device, model, tokenizer, parent_meta, direction, directions, train_task,
+                  test_task, output_tag, dirs, research_on):
     checkpoint_dir = dirs["checkpoints"]
-    if os.path.isdir(checkpoint_dir) and list_steps(checkpoint_dir):
-        raise UserError(f"{checkpoint_dir} already holds rl checkpoints (steps {list_steps(checkpoint_dir)}); "
-                        "choose another --output_tag")
 
     parent_spec = parent_meta.get("direction_spec") or {}
     p_backward = args.p_backward if args.p_backward is not None else (parent_spec.get("p_backward") or 0.5)
@@ -296,12 +308,13 @@ def _train(args, rank, world_size, device):
         return results
 
     user_config = dict(vars(args))
-    research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
     logger = None
     if research_on and rank == 0:
         logger = ResearchLogger(dirs["run"], phase="rl", flush_every=args.log_flush_every,
                                 metadata={"direction": direction, "model_tag": output_tag, **user_config})
     wb = wandb_log.init(args.run, config=user_config, master=rank == 0)
+    stop_ctx = stop_on_signals()
+    stop = stop_ctx.__enter__()
     try:
         initial_eval = run_eval(0)
         last_eval, history = initial_eval, []
@@ -322,6 +335,16 @@ def _train(args, rank, world_size, device):
             if logger is not None:
                 logger.log_step(step + 1, metrics)
             wb.log(dict(metrics, step=step + 1))
+            bad = [k for k in ("loss", "reward") if not math.isfinite(metrics[k])]
+            if bad:
+                raise TrainingDiverged(f"RL metric {', '.join(bad)} is not finite at step {step + 1}; no checkpoint "
+                                       "was saved (RL saves at the end): lower --init_lr_frac")
+            if stop["signal"] is not None and not is_last:
+                if logger is not None:
+                    logger.flush()
+                print0(f"stopped by signal {stop['signal']} after step {step + 1}: the research log is flushed; "
+                       "RL saves only at its end, so no checkpoint was written")
+                raise StopRequested(128 + stop["signal"])
 
         meta = {"phase": "rl", "direction": direction, "model_tag": output_tag, "step": args.num_iterations,
                 "model_config": model.config.to_dict(), "vocab_size": tokenizer.get_vocab_size(),
@@ -331,6 +354,7 @@ def _train(args, rank, world_size, device):
                 "rewards": {"before": initial_eval, "after": last_eval, "eval_k": args.eval_k,
                             "train_reward_first": history[0], "train_reward_last": history[-1]},
                 "saved_at": datetime.now(timezone.utc).isoformat(),
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "parent": {"source": args.source, "model_tag": parent_meta["model_tag"], "step": parent_meta["step"],
                            "checkpoint_dir": parent_meta["checkpoint_dir"], "experiment": args.parent_experiment}}
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(),
@@ -343,6 +367,7 @@ def _train(args, rank, world_size, device):
                    f"{last_eval[d]['prompts']} prompts x {args.eval_k} samples)")
         print0("final: " + json.dumps({"before": _flat_eval(initial_eval), "after": _flat_eval(last_eval)}))
     finally:
+        stop_ctx.__exit__(None, None, None)
         if logger is not None:
             logger.close()
         wb.finish()
@@ -390,7 +415,7 @@ def _rl_step(model, engine, spec, task, directions, optimizers, params, step, ar
         stats += [sum(rewards), len(rewards)]
     stats = _all_reduce_sum(stats, device)
     if not math.isfinite(stats[0]):
-        raise UserError(f"RL diverged at step {step}: loss is {stats[0]}; lower --init_lr_frac")
+        raise TrainingDiverged(f"RL diverged at step {step + 1}: loss is {stats[0]}; lower --init_lr_frac")
     metrics = {"reward": stats[1] / max(1.0, stats[2]), "loss": stats[0], "lr_mult": mult, "tokens": int(num_tokens),
                "dt": time.time() - t0}
     if len(directions) > 1:

@@ -31,6 +31,15 @@ Rerunning resumes after the last completed phase:
   training had finished (the last checkpoint is the final step), only the evaluation is rerun.
 - an experiment that is "running" under a live orchestrator on this machine is refused.
 
+One writer per experiment (nanochat.locking): the orchestrator holds an OS lock on every
+experiment of its chain for its whole life (a second orchestrator, or a base_train started by
+hand on the same experiment, fails at once naming the holder's pid); the scripts it starts
+inherit the lock through NANOCHAT_HELD_LOCKS. Killing the orchestrator takes its trainer down:
+on Linux the child gets SIGTERM when the orchestrator dies (PR_SET_PDEATHSIG), elsewhere the
+child notices that the lock holder died; either way it stops after its current step with its
+research log flushed. A new experiment id that equals an existing plain tag (a run under
+base_checkpoints/<id> and friends) is refused, since the experiment would shadow that run.
+
 Flags: the ones below, plus ANY other flag, passed verbatim to the training script of every phase
 in the chain (e.g. --max_seq_len=64 --total_batch_size 256); `--<phase>.<flag>=value` goes to that
 phase's script only, as `--<flag>=value` (e.g. --mid.num_iterations=50 --base.snapshot_every=-1),
@@ -58,7 +67,6 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -66,8 +74,10 @@ import sys
 from collections import namedtuple
 from datetime import datetime, timezone
 
-from nanochat.checkpoint_manager import list_steps, load_meta
+from nanochat.checkpoint_manager import SOURCE_DIRS, list_steps, load_meta
 from nanochat.common import UserError, add_flag, run_main
+from nanochat.locking import acquire_run_lock, env_with_locks, parent_death_signal
+from nanochat.paths import move_aside  # noqa: F401  (re-exported: the orchestrator's helper moved there)
 from nanochat.direction import parse_directions, validate_direction
 from nanochat.experiment_config import PHASES, ExperimentConfig
 from nanochat.loss_eval import list_bpb_evaluations
@@ -288,6 +298,15 @@ def plan_chain(args, passthrough, experiments):
                             "wait for it, or stop that process first")
 
     for step in steps:
+        if experiments.exists(step.experiment_id):
+            continue
+        for source, folder in SOURCE_DIRS.items():
+            plain = os.path.join(experiments.base_dir, folder, step.experiment_id)
+            if os.path.isdir(plain) and list_steps(plain):
+                raise UserError(f"experiment id {step.experiment_id!r} is also the tag of the {source} run in {plain}: "
+                                "as an experiment it would shadow that run; choose another --experiment_id")
+
+    for step in steps:
         module = PHASE_SCRIPTS[step.phase].module
         if importlib.util.find_spec(module) is None:
             # Only the missing script's phase is named: the rest of the chain was valid.
@@ -330,9 +349,22 @@ def launcher(module, nproc_per_node):
     return [sys.executable, "-m", module]
 
 
+# The experiment locks this process holds (experiment id -> RunLock), named to every child.
+HELD_LOCKS = {}
+
+
+def lock_experiment(experiments, experiment_id):
+    """Hold the experiment's run lock until this process exits (fails at once if another holds it)."""
+    if experiment_id not in HELD_LOCKS:
+        HELD_LOCKS[experiment_id] = acquire_run_lock(experiments.experiment_dir(experiment_id),
+                                                     f"experiment {experiment_id!r}")
+    return HELD_LOCKS[experiment_id]
+
+
 def child_env(experiments):
-    """The scripts must find this repo's packages and write under the same base dir as we read."""
-    env = dict(os.environ)
+    """The scripts must find this repo's packages and write under the same base dir as we read;
+    they inherit the experiment locks we hold."""
+    env = env_with_locks(os.environ, list(HELD_LOCKS.values()))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     env["NANOCHAT_BASE_DIR"] = os.path.abspath(experiments.base_dir)
     return env
@@ -345,7 +377,8 @@ def run_command(experiments, experiment_id, phase, command):
     attempts = experiments.load_config(experiment_id).get("attempts", [])
     attempt = {"command": text, "started_at": _now(), "finished_at": None, "returncode": None}
     experiments.update_config(experiment_id, attempts=attempts + [attempt])
-    process = subprocess.Popen(command, env=child_env(experiments))
+    # The child dies with us (Linux: parent-death signal; elsewhere it watches the lock holder).
+    process = subprocess.Popen(command, env=child_env(experiments), preexec_fn=parent_death_signal())
     # A SIGTERM aimed at us alone (a scheduler, `kill <pid>`) must not leave the script training
     # unwatched while the experiment says "running": pass it on, then record the failure.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
@@ -378,19 +411,6 @@ def note_flag_changes(experiments, experiment_id, config, flags, will_run):
           "continuing with the new ones (the old ones are kept under flags_history)", flush=True)
     history = config.get("flags_history", []) + [{"flags": old, "replaced_at": _now()}]
     experiments.update_config(experiment_id, flags=flags, flags_history=history)
-
-
-def move_aside(path):
-    """<name>.h5 -> <name>.attempt<N>.h5 (a directory: <name>.attempt<N>) with the first free N.
-
-    A restart from scratch must never overwrite what a previous attempt left: it is evidence."""
-    stem, ext = (path, "") if os.path.isdir(path) else os.path.splitext(path)
-    n = 1
-    while os.path.exists(f"{stem}.attempt{n}{ext}"):
-        n += 1
-    target = f"{stem}.attempt{n}{ext}"
-    shutil.move(path, target)
-    return target
 
 
 def phase_flags(args, passthrough, phase):
@@ -506,6 +526,7 @@ def final_results(experiments, experiment_id, evaluation):
 
 def run_step(args, passthrough, experiments, step, direction, depth):
     flags, tokens = phase_flags(args, passthrough, step.phase)
+    lock_experiment(experiments, step.experiment_id)  # before reading its state: no one else writes it now
     exists = experiments.exists(step.experiment_id)
     if exists:
         config = experiments.load_config(step.experiment_id)
@@ -555,16 +576,26 @@ def main(argv=None):
     passthrough = parse_passthrough(unknown)
     experiments = ExperimentConfig()
     steps, direction, depth = plan_chain(args, passthrough, experiments)
-    for step in steps:
-        try:
-            run_step(args, passthrough, experiments, step, direction, depth)
-        except PhaseFailed as e:
-            how = f"exit status {e.returncode}" if e.returncode > 0 else f"signal {-e.returncode}"
-            print(f"error: phase {e.phase} of experiment {e.experiment_id} failed ({how}); the command was:\n"
-                  f"  {e.command}\n"
-                  f"experiment {e.experiment_id} is marked failed; rerun this orchestrator command to retry it "
-                  "(completed phases are skipped)", file=sys.stderr, flush=True)
-            sys.exit(1)
+    # The existing experiments of the chain are locked now (a concurrent run fails before anything
+    # starts); new ones when they are created. All stay locked until this process exits.
+    try:
+        for step in steps:
+            if experiments.exists(step.experiment_id):
+                lock_experiment(experiments, step.experiment_id)
+        for step in steps:
+            try:
+                run_step(args, passthrough, experiments, step, direction, depth)
+            except PhaseFailed as e:
+                how = f"exit status {e.returncode}" if e.returncode > 0 else f"signal {-e.returncode}"
+                print(f"error: phase {e.phase} of experiment {e.experiment_id} failed ({how}); the command was:\n"
+                      f"  {e.command}\n"
+                      f"experiment {e.experiment_id} is marked failed; rerun this orchestrator command to retry it "
+                      "(completed phases are skipped)", file=sys.stderr, flush=True)
+                sys.exit(1)
+    finally:
+        for lock in HELD_LOCKS.values():
+            lock.release()
+        HELD_LOCKS.clear()
 
 
 if __name__ == "__main__":
