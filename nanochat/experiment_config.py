@@ -107,7 +107,7 @@ class ExperimentConfig:
         base_dir = os.fspath(base_dir) if base_dir is not None else get_base_dir()
         if os.path.basename(os.path.normpath(base_dir)) == EXPERIMENTS_DIRNAME:
             # The plan's spelling: the experiments folder itself (base/"experiments").
-            self.root = os.path.normpath(base_dir)
+            self.root = os.path.abspath(base_dir)  # abspath: "experiments" alone has a base dir too
             self.base_dir = os.path.dirname(self.root)
         else:
             self.base_dir = base_dir
