@@ -177,3 +177,96 @@ def test_state_dict_uses_hf_qwen3_names():
 def test_config_to_dict_round_trip():
     c = config_for_depth(2, V, T)
     assert GPTConfig(**c.to_dict()) == c
+
+
+# ---- the training loss without whole-batch logits (LinearCrossEntropy) -----------------------
+
+def loss_and_grads(model, x, y, reduction="mean", chunked=True, rows=None, grad_scale=0.37):
+    model.chunked_loss, model.loss_chunk_rows = chunked, rows
+    model.zero_grad(set_to_none=True)
+    loss = model(x, y, loss_reduction=reduction)
+    (loss * grad_scale).backward()  # a non-unit scale, as with gradient accumulation
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("rows", [None, 7])  # one chunk; chunks that do not divide B*T
+def test_chunked_loss_equals_plain_cross_entropy_with_gradients(reduction, rows):
+    model = tiny(depth=2)
+    x, y = batch(B=3)
+    y = y.clone()
+    y[0, :5] = -1
+    y[2, 30:] = -1
+    plain_loss, plain_grads = loss_and_grads(model, x, y, reduction, chunked=False)
+    loss, grads = loss_and_grads(model, x, y, reduction, rows=rows)
+    assert torch.allclose(loss, plain_loss, rtol=1e-6, atol=0)
+    for name, g in plain_grads.items():
+        assert grads[name].dtype == g.dtype
+        assert (grads[name] - g).abs().max() <= 1e-6 * g.abs().max(), name
+    assert plain_grads["lm_head.weight"].abs().max() > 0  # the comparison is not vacuous
+
+
+def test_chunked_loss_keeps_no_logit_sized_tensor_for_backward():
+    # What autograd saves for backward: the plain path keeps (B*T, V) logits; the chunked loss
+    # keeps only gradients of x (B*T, d) and of the head (V, d).
+    vocab = 2048
+    model = tiny(depth=1, vocab=vocab)
+    x, y = batch(B=8, vocab=vocab)
+    n_logits = 8 * T * vocab
+
+    def largest_saved(chunked):
+        model.chunked_loss, model.loss_chunk_rows = chunked, 16
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, y).backward()
+        return max(sizes)
+
+    assert largest_saved(False) >= n_logits
+    assert largest_saved(True) <= n_logits // 4  # here the head's gradient, V x d, is the largest
+
+
+def test_chunked_loss_without_gradients_and_with_a_frozen_head():
+    model = tiny()
+    x, y = batch(B=2)
+    with torch.no_grad():
+        no_grad_loss = model(x, y)
+    loss, grads = loss_and_grads(model, x, y)
+    assert torch.equal(no_grad_loss, loss)
+    model.lm_head.weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model(x, y).mul(0.37).backward()
+    assert model.lm_head.weight.grad is None
+    assert torch.allclose(model.model.embed_tokens.weight.grad, grads["model.embed_tokens.weight"], rtol=0, atol=1e-7)
+
+
+def test_chunked_loss_with_every_target_ignored_is_nan_like_cross_entropy():
+    model = tiny()
+    x, _ = batch(B=1)
+    y = torch.full_like(x, -1)
+    model.chunked_loss = False
+    plain = model(x, y)
+    model.chunked_loss = True
+    assert torch.isnan(plain) and torch.isnan(model(x, y))
+
+
+def test_training_attention_is_causal_sdpa_without_a_mask(monkeypatch):
+    # One fused kernel call per layer with is_causal=True and no explicit mask: the form for which
+    # CUDA picks its flash / memory-efficient kernels.
+    import nanochat.gpt as gpt
+    calls = []
+    real = gpt.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((args, kwargs))
+        return real(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", spy)
+    model = tiny(depth=2)
+    x, y = batch()
+    model(x, y).backward()
+    assert len(calls) == 2
+    for args, kwargs in calls:
+        assert args == () and kwargs.get("is_causal") is True and kwargs.get("attn_mask") is None
