@@ -1,0 +1,151 @@
+"""nanochat.rerank and scripts.rerank: candidates scored by the sampler's log p(answer | question)
+and by a backward model's log p(question | answer), picks with fair ties, accuracy against random
+choice and pass@N with standard errors, and the command on tiny models."""
+
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_script
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.rerank import (markdown_section, mean_and_se, pick_credit, rerank_task, score_candidates, summarise)
+from nanochat.tokenizer import get_tokenizer
+from tasks.arithmetic import TwoWayArithmetic
+from test_cli_errors import assert_one_line_error, copy_base
+
+
+@pytest.fixture(scope="module")
+def tok(corpus_template):
+    return get_tokenizer(corpus_template["dir"])
+
+
+def random_model(tok, seed):
+    torch.manual_seed(seed)
+    model = GPT.build(config_for_depth(1, tok.get_vocab_size(), 64), torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_pick_credit_shares_ties():
+    assert pick_credit([1.0, 3.0, 2.0], [0, 1, 0]) == 1.0
+    assert pick_credit([3.0, 3.0, 2.0], [0, 1, 1]) == 0.5
+    assert pick_credit([-1.0, -1.0], [1, 1]) == 1.0
+
+
+def test_summary_means_standard_errors_and_paired_differences():
+    questions = [{"random": 0.5, "pass": 1.0, "picks": {"forward": 1.0, "backward": 1.0, "sum": 1.0}},
+                 {"random": 0.25, "pass": 1.0, "picks": {"forward": 0.0, "backward": 1.0, "sum": 0.5}},
+                 {"random": 0.0, "pass": 0.0, "picks": {"forward": 0.0, "backward": 0.0, "sum": 0.0}}]
+    s = summarise(questions)
+    assert s["questions"] == 3
+    assert s["random"][0] == pytest.approx(0.25) and s["pass_at_n"][0] == pytest.approx(2 / 3)
+    mean, se = s["methods"]["backward"]["accuracy"]
+    assert mean == pytest.approx(2 / 3) and se == pytest.approx(math.sqrt((2 * (1 / 3) ** 2 + (2 / 3) ** 2) / 2 / 3))
+    assert s["methods"]["sum"]["vs_random"][0] == pytest.approx((0.5 + 0.25 + 0.0) / 3)
+    assert s["methods"]["backward"]["vs_forward"][0] == pytest.approx(1 / 3)
+    assert math.isnan(mean_and_se([1.0])[1]) and math.isnan(mean_and_se([])[0])
+
+
+def _manual_logprob(model, ids, positions):
+    x = torch.tensor([ids[:-1]])
+    logp = F.log_softmax(model(x)[0].float(), dim=-1)
+    return sum(logp[i - 1, ids[i]].item() for i in positions)
+
+
+def test_scores_are_the_answer_given_the_question_and_the_question_given_the_answer(tok):
+    model = random_model(tok, 1)
+    question, answers = "What is 7*8?", ["56", "54"]
+    bos = tok.get_bos_token_id()
+    us, ue = tok.encode_special("<|user_start|>"), tok.encode_special("<|user_end|>")
+    as_, ae = tok.encode_special("<|assistant_start|>"), tok.encode_special("<|assistant_end|>")
+    q = tok.encode(question)
+    fwd = score_candidates(model, tok, "forward", "forward", question, answers, torch.device("cpu"))
+    bwd = score_candidates(model, tok, "backward", "backward", question, answers, torch.device("cpu"))
+    for answer, f, b in zip(answers, fwd, bwd):
+        a = tok.encode(answer)
+        reading = [bos, us] + q + [ue, as_] + a + [ae]
+        # forward: the answer and <|assistant_end|>, after BOS, the question and <|assistant_start|>
+        start = 2 + len(q) + 2
+        assert f == pytest.approx(_manual_logprob(model, reading, range(start, len(reading))), abs=1e-4)
+        # backward: the row is read right to left; the question and <|user_start|> come last
+        row = [bos] + reading[1:][::-1]
+        n_q = len(q) + 1
+        assert b == pytest.approx(_manual_logprob(model, row, range(len(row) - n_q, len(row))), abs=1e-4)
+    assert bwd[0] != bwd[1]  # the backward score depends on the candidate it conditions on
+
+
+def test_bidirectional_scorer_reads_with_its_marker(tok):
+    model = random_model(tok, 2)
+    as_bidi = score_candidates(model, tok, "bidirectional", "backward", "What is 2*3?", ["6"], torch.device("cpu"))
+    as_bwd = score_candidates(model, tok, "backward", "backward", "What is 2*3?", ["6"], torch.device("cpu"))
+    assert as_bidi[0] != pytest.approx(as_bwd[0])  # the marker after BOS changes the context
+
+
+def test_rerank_task_on_tiny_models(tok):
+    sampler = Engine(random_model(tok, 3), tok, {"direction": "forward"})
+    scorer = random_model(tok, 4)
+    task = TwoWayArithmetic("test", size=4)
+    out = rerank_task(sampler, scorer, "backward", task, range(4), num_samples=3, max_new_tokens=4, temperature=1.0,
+                      top_k=None, seed=0, device=torch.device("cpu"), keep=2)
+    s = out["summary"]
+    assert s["questions"] == 4 and s["skipped_too_long"] == 0 and len(out["examples"]) == 2
+    ex = out["examples"][0]
+    assert len(ex["candidates"]) == 3 and len(ex["scores"]["backward"]) == 3
+    assert ex["scores"]["sum"] == pytest.approx([f + b for f, b in zip(ex["scores"]["forward"], ex["scores"]["backward"])])
+    for m in ("forward", "backward", "sum"):
+        assert 0.0 <= s["methods"][m]["accuracy"][0] <= s["pass_at_n"][0]
+    assert s["random"][0] <= s["pass_at_n"][0]
+    # A question longer than the context is skipped and counted, not cropped.
+    long_task = TwoWayArithmetic("test", size=2, min_factor=10 ** 30, max_factor=10 ** 30 + 5)
+    out = rerank_task(sampler, scorer, "backward", long_task, range(2), num_samples=2, max_new_tokens=40,
+                      temperature=1.0, top_k=None, seed=0, device=torch.device("cpu"))
+    assert out["summary"]["skipped_too_long"] == 2 and out["summary"]["questions"] == 0
+
+
+# ---- the command ------------------------------------------------------------------------------------
+TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128", "--num_iterations=2",
+        "--eval_every=-1", "--eval_tokens=256", "--device_type=cpu", "--sample_every=-1"]
+RERANK = ["--source=base", "--forward_tag=rr_fwd", "--backward_tag=rr_bwd", "--task=arithmetic", "--num_questions=3",
+          "--num_samples=2", "--max_new_tokens=4", "--device_type=cpu"]
+
+
+@pytest.fixture(scope="module")
+def pair(corpus_template, tmp_path_factory):
+    base = copy_base(corpus_template["dir"], tmp_path_factory, "rerank")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda d: run_script("scripts.base_train", *TINY, f"--direction={d[0]}",
+                                                     f"--model_tag={d[1]}", base_dir=base),
+                                [("forward", "rr_fwd"), ("backward", "rr_bwd")]))
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    return base
+
+
+def test_rerank_command_writes_the_table_and_refuses_to_overwrite(pair):
+    result = run_script("scripts.rerank", *RERANK, base_dir=pair)
+    assert result.returncode == 0, result.stderr
+    assert "backward log p(question | answer)" in result.stdout and "pass@2" in result.stdout
+    evaluations = os.path.join(pair, "base_checkpoints", "rr_fwd", "evaluations")
+    path = os.path.join(evaluations, "rerank_arithmetic_step000002.json")
+    with open(path) as f:
+        record = json.load(f)
+    assert record["backward_model"] == "rr_bwd" and record["summary"]["questions"] == 3
+    assert record["forward_direction"] == "forward" and record["backward_direction"] == "backward"
+    section = markdown_section("rr_fwd", evaluations, None)
+    assert "| arithmetic (step 2, 3 questions) | 2 | rr_bwd |" in section
+    again = run_script("scripts.rerank", *RERANK, base_dir=pair)
+    assert_one_line_error(again, "rerank_arithmetic_step000002.json", "--overwrite")
+
+
+def test_rerank_refuses_models_in_the_wrong_roles(pair):
+    swapped = [a.replace("rr_fwd", "X").replace("rr_bwd", "rr_fwd").replace("X", "rr_bwd") for a in RERANK]
+    result = run_script("scripts.rerank", *swapped, base_dir=pair)
+    assert_one_line_error(result, "rr_bwd", "trained backward")
