@@ -1,0 +1,285 @@
+"""Export a checkpoint to a Hugging Face folder that `transformers` loads as Qwen3ForCausalLM.
+
+The GPT (nanochat/gpt.py) already has Qwen3's layout and parameter names (docs/DESIGN.md §11):
+RMSNorm with weight (same eps), RMSNorm on q and k over head_dim before rotate-half RoPE (same
+theta, same inverse-frequency formula), SwiGLU MLP, no biases, untied head, attention scaled by
+head_dim ** -0.5. So the state dict is copied as is; only the config has to say the same numbers.
+
+What is written (nothing here needs transformers; the round-trip test does):
+    model.safetensors         the weights, fp32 by default
+    config.json               Qwen3ForCausalLM, plus nanochat_* fields: the training direction,
+                              the marker ids, BOS, the chat tokens, the checkpoint it came from
+    generation_config.json    BOS and the stop tokens
+    tokenizer.json            a byte-level BPE for the `tokenizers` library, built from our
+                              tiktoken ranks (same ids, same split pattern, special tokens kept)
+    tokenizer_config.json, special_tokens_map.json
+    README.md                 a model card: the direction and how to prompt such a model
+
+A backward or bidirectional model is an ordinary causal LM over *oriented* token sequences
+(docs/DESIGN.md §2, §5): the card shows how to build them (reverse the given text's tokens, put BOS
+and the marker in front, reverse what comes out).
+"""
+
+import json
+import os
+
+import torch
+
+from nanochat.common import UserError
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+def byte_to_unicode():
+    """The byte-level alphabet of GPT-2 style BPE: every byte maps to one printable character
+    (printable ASCII and Latin-1 map to themselves, the rest to code points from 256 up)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def bpe_merges(mergeable_ranks):
+    """Merges equivalent to tiktoken's rank-ordered BPE: for each token (by rank), every split
+    into two tokens of the vocabulary, ordered by the merged token's rank and then by the parts'
+    ranks. tiktoken merges the adjacent pair whose result has the lowest rank; so does a BPE
+    whose merge list is sorted by the result's rank."""
+    merges = []
+    for token, rank in sorted(mergeable_ranks.items(), key=lambda kv: kv[1]):
+        local = []
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in mergeable_ranks and right in mergeable_ranks:
+                local.append((mergeable_ranks[left], mergeable_ranks[right], left, right))
+        merges += [(left, right) for _, _, left, right in sorted(local)]
+    return merges
+
+
+def tokenizer_json(tokenizer):
+    """The `tokenizers` JSON of our tokenizer: same ids for every token and special token."""
+    b2u = byte_to_unicode()
+    as_text = lambda token: "".join(b2u[b] for b in token)  # noqa: E731
+    vocab = {as_text(token): rank for token, rank in tokenizer.mergeable_ranks.items()}
+    merges = [[as_text(a), as_text(b)] for a, b in bpe_merges(tokenizer.mergeable_ranks)]
+    added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for name, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        # Split on our regex first (tiktoken's pre-tokenisation), then map bytes to the alphabet.
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        # ignore_merges: a piece that is itself a token is taken whole, as tiktoken does.
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": merges},
+    }
+
+
+# ---- config ---------------------------------------------------------------------------------------
+def is_chat_model(meta):
+    return meta.get("phase") in ("mid", "sft", "rl")
+
+
+def chat_token_ids(tokenizer):
+    return {name: tokenizer.special_tokens[name] for name in tokenizer.special_tokens
+            if name not in ("<|bos|>", "<|forward|>", "<|backward|>")}
+
+
+def stop_token_ids(tokenizer, direction, chat):
+    """Where generation ends in the model's orientation (docs/DESIGN.md §5): BOS always; a chat
+    model also at <|assistant_end|> (forward: the answer is done) and <|user_start|> (backward:
+    the question, written right to left, is done)."""
+    stops = [tokenizer.get_bos_token_id()]
+    if chat:
+        if direction in ("forward", "bidirectional"):
+            stops.insert(0, tokenizer.encode_special("<|assistant_end|>"))
+        if direction in ("backward", "bidirectional"):
+            stops.insert(0, tokenizer.encode_special("<|user_start|>"))
+    return stops
+
+
+def qwen3_config(model_config, tokenizer, meta, dtype_name="float32"):
+    c = model_config
+    direction = meta["direction"]
+    chat = is_chat_model(meta)
+    markers = None
+    if tokenizer.has_direction_markers():
+        fwd, bwd = tokenizer.get_marker_ids()
+        markers = {"forward": fwd, "backward": bwd}
+    stops = stop_token_ids(tokenizer, direction, chat)
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.sequence_len,
+        "rms_norm_eps": c.norm_eps,
+        # Both spellings: transformers 4.x reads rope_theta, 5.x rope_parameters.
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": c.n_layer,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": tokenizer.get_bos_token_id(),
+        "eos_token_id": stops,
+        # No pad id: BOS would be the natural one, but transformers masks pad ids it finds in an
+        # unmasked prompt, and every prompt starts with BOS. Pass attention_mask when batching.
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+        # nanochat-direction's own fields (transformers keeps unknown config keys as attributes).
+        "nanochat_direction": direction,
+        "nanochat_marker_ids": markers,
+        "nanochat_bos_id": tokenizer.get_bos_token_id(),
+        "nanochat_chat_token_ids": chat_token_ids(tokenizer),
+        "nanochat_chat_model": chat,
+        "nanochat_checkpoint": {"phase": meta.get("phase"), "model_tag": meta.get("model_tag"), "step": meta.get("step")},
+    }
+
+
+# ---- model card -----------------------------------------------------------------------------------
+CARD = """---
+library_name: transformers
+tags: [nanochat-direction, {direction}]
+---
+# {name}
+
+A {direction} language model trained with nanochat-direction ({phase} checkpoint, step {step};
+{n_layer} layers, width {n_embd}, context {context} tokens). It loads as `Qwen3ForCausalLM`.
+
+**Training direction: {direction}.** {direction_text}
+
+The direction and the special ids are in `config.json`: `nanochat_direction`,
+`nanochat_marker_ids` (`<|forward|>`, `<|backward|>`), `nanochat_bos_id`, `nanochat_chat_token_ids`.
+
+## Prompting
+
+Every sequence the model saw starts with BOS (`<|bos|>`, id {bos}); a bidirectional model then reads a
+direction marker. Text is tokenized forward and the *token ids* are reversed for the backward direction
+(BOS stays first), so decode a backward generation only after reversing it.
+
+```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("{folder}")
+model = AutoModelForCausalLM.from_pretrained("{folder}", torch_dtype=torch.float32)
+cfg = model.config
+bos, markers = cfg.nanochat_bos_id, cfg.nanochat_marker_ids
+
+def generate(text, direction, max_new_tokens=64):
+    ids = tok.encode(text, add_special_tokens=False)
+    if direction == "backward":
+        ids = ids[::-1]                       # the given text is an ENDING, read right to left
+    header = [bos] + ([markers[direction]] if cfg.nanochat_direction == "bidirectional" else [])
+    prompt = torch.tensor([header + ids])   # always pass the mask: BOS must not be taken for padding
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=[bos])
+    new = out[0, len(header) + len(ids):].tolist()
+    new = [t for t in new if t != bos]
+    if direction == "backward":
+        new = new[::-1]                       # back to reading order: this text comes BEFORE yours
+    return tok.decode(new)
+```
+{usage}
+{chat_text}
+"""
+
+DIRECTION_TEXT = {
+    "forward": "Give it the beginning of a text; it continues it (an ordinary language model).",
+    "backward": "It was trained on token sequences reversed document by document: give it the *ending* "
+                "of a text, reversed, and it writes what comes *before* it, right to left.",
+    "bidirectional": "It was trained on both: each document forward after `<|forward|>` or reversed after "
+                     "`<|backward|>`. The marker right after BOS chooses the direction.",
+}
+
+USAGE = {
+    "forward": 'generate("Once upon a time", "forward")',
+    "backward": 'generate("and they lived happily ever after.", "backward")   # writes what precedes it',
+    "bidirectional": 'generate("Once upon a time", "forward")\ngenerate("happily ever after.", "backward")',
+}
+
+CHAT_TEXT = """## Chat
+
+Conversations are rendered `<|bos|> <|user_start|> question <|user_end|> <|assistant_start|> answer
+<|assistant_end|> ...` in reading order. Forward: end the prompt with `<|assistant_start|>`; the answer ends
+at `<|assistant_end|>`. Backward (given the answer, write the question): the prompt is BOS (+ the
+`<|backward|>` marker for a bidirectional model) followed by the *reversed* tokens of
+`<|assistant_start|> answer <|assistant_end|>` (plus any later exchanges) and then `<|user_end|>`; the
+model writes the question reversed and stops at `<|user_start|>`. `generation_config.json` lists
+these stop tokens.
+"""
+
+
+def model_card(model_config, tokenizer, meta, folder):
+    direction = meta["direction"]
+    chat = is_chat_model(meta)
+    return CARD.format(
+        name=meta.get("model_tag") or "nanochat-direction model", direction=direction, phase=meta.get("phase"),
+        step=meta.get("step"), n_layer=model_config.n_layer, n_embd=model_config.n_embd,
+        context=model_config.sequence_len, direction_text=DIRECTION_TEXT[direction],
+        bos=tokenizer.get_bos_token_id(), folder=folder,
+        usage="```python\n" + USAGE[direction] + "\n```\n",
+        chat_text=CHAT_TEXT if chat else "This is a base checkpoint: it has not been trained on conversations.\n")
+
+
+# ---- the export -----------------------------------------------------------------------------------
+def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
+    """Write the folder; refuses a non-empty `out_dir` unless overwrite. Returns the file list."""
+    from safetensors.torch import save_file
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype={dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} exists and is not empty: choose another --out or pass --overwrite")
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k.removeprefix("_orig_mod."): v.detach().to("cpu", EXPORT_DTYPES[dtype]).contiguous()
+             for k, v in model.state_dict().items()}
+    cfg = qwen3_config(model.config, tokenizer, meta, dtype)
+    bos = tokenizer.get_bos_token_id()
+    special_names = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    files = {
+        "config.json": cfg,
+        "generation_config.json": {"bos_token_id": bos, "eos_token_id": cfg["eos_token_id"], "do_sample": True, "temperature": 0.8, "top_k": 50},
+        "tokenizer.json": tokenizer_json(tokenizer),
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
+                                  "eos_token": "<|bos|>", "pad_token": "<|bos|>",
+                                  "additional_special_tokens": [n for n in special_names if n != "<|bos|>"],
+                                  "model_max_length": model.config.sequence_len, "add_bos_token": False,
+                                  "clean_up_tokenization_spaces": False},
+        "special_tokens_map.json": {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>",
+                                    "additional_special_tokens": [n for n in special_names if n != "<|bos|>"]},
+    }
+    written = []
+    for name, content in files.items():
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+        os.replace(path + ".tmp", path)
+        written.append(name)
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(state, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(model.config, tokenizer, meta, out_dir))
+    return written + ["model.safetensors", "README.md"]
