@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.muon import ADJUST_LR_FNS, Muon
+
 
 @dataclass
 class GPTConfig:
@@ -200,7 +202,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None, None, None)
 
 
-MATRIX_LR_SCALINGS = ("original", "match_rms_adamw")
+MATRIX_LR_SCALINGS = ADJUST_LR_FNS
 
 
 class GPT(nn.Module):
@@ -290,9 +292,12 @@ class GPT(nn.Module):
         ]
         n_total = len(matrix_params) + 2 + len(norm_params)
         assert n_total == len(list(self.parameters())), "every parameter must belong to one optimizer"
-        adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=False)
-        muon = torch.optim.Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                                adjust_lr_fn=matrix_lr_scaling)
+        # fused AdamW: one kernel for all its parameters on CUDA (not available for every CPU dtype)
+        adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0,
+                                  fused=self.lm_head.weight.is_cuda)
+        # our Muon: same update as torch.optim.Muon, same-shape matrices batched (nanochat/muon.py)
+        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
+                    adjust_lr_fn=matrix_lr_scaling)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

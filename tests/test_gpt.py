@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nanochat.muon import Muon
 from nanochat.gpt import GPT, GPTConfig, config_for_depth
 
 V, T = 96, 32
@@ -112,7 +113,7 @@ def test_estimate_flops_positive_and_grows_with_depth():
 def test_setup_optimizers_covers_each_parameter_once():
     model = tiny(depth=2)
     adamw, muon = model.setup_optimizers()
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(seen))
     assert set(seen) == {id(p) for p in model.parameters()}
