@@ -144,20 +144,36 @@ class Trainer:
     def set_lr(self, step):
         return set_learning_rates(self.optimizers, step, self.num_iterations, self.init_lr_frac, **self.schedule)
 
-    def step(self, step, want_layer_grads=False):
-        """One optimizer step; returns a dict of scalar metrics (and per-layer grad norms)."""
-        if self.device.type == "cuda":
+    def step(self, step, want_layer_grads=False, timing=False):
+        """One optimizer step; returns a dict of scalar metrics (and per-layer grad norms).
+
+        The device is synchronised once per step, at its end: the loss and the gradient norm
+        come back to the host in one transfer, which queues behind the optimizer's kernels and so
+        also marks the end of the step for `dt` (the sync at the start is free after the previous
+        step). `dt_data` is the time spent waiting in next() for batches (~0 with a Prefetcher
+        that keeps up, nanochat/prefetch.py). With timing=True two more synchronisations split
+        the step into `dt_fwd_bwd` (forward + backward, data wait excluded) and `dt_optim`
+        (gradient sync, norm, optimizers): for benchmarks, not for training.
+        """
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
-        t0 = time.time()
+        t0 = time.perf_counter()
         self.model.train()
-        total = 0.0
+        total, data_wait = 0.0, 0.0
         for _ in range(self.grad_accum_steps):
+            t_data = time.perf_counter()
             x, y = next(self.batches)
+            data_wait += time.perf_counter() - t_data
             with self.autocast:
                 loss = self.model(x, y)
             total += loss.detach()
             (loss / self.grad_accum_steps).backward()
         self.last_batch = (x, y)
+        if timing:
+            if cuda:
+                torch.cuda.synchronize()
+            t_fwd_bwd = time.perf_counter()
         sync_gradients(self.params, self.world_size)
         if self.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -168,12 +184,20 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        loss_value = all_reduce_mean((total / self.grad_accum_steps).item(), self.device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
+        # float64 on the device: the same values as all_reduce_mean of the Python floats.
+        loss_sum = (total / self.grad_accum_steps).double().reshape(1)
+        n_ranks = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+            n_ranks = dist.get_world_size()
+        loss_sum_value, grad_norm_value = torch.cat([loss_sum, grad_norm.detach().double().reshape(1)]).tolist()
+        loss_value = loss_sum_value / n_ranks
+        dt = time.perf_counter() - t0
         metrics = {"loss": loss_value, "lr_mult": mult, "dt": dt, "tok_per_s": self.tokens_per_step / dt,
-                   "grad_norm": float(grad_norm)}
+                   "grad_norm": grad_norm_value, "dt_data": data_wait}
+        if timing:
+            metrics["dt_fwd_bwd"] = t_fwd_bwd - t0 - data_wait
+            metrics["dt_optim"] = t0 + dt - t_fwd_bwd
         if not math.isfinite(loss_value):
             # step is 0-based here; progress lines and checkpoints count steps from 1
             raise TrainingDiverged(f"training diverged at step {step + 1}: loss is {loss_value}; lower the learning rates")

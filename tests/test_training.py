@@ -175,8 +175,8 @@ def test_divergence_is_user_error():
     x, y = data(2)
     trainer = make_trainer(model, [(x, y)], grad_accum_steps=1)
     with pytest.raises(UserError) as e:
-        trainer.step(3)
-    assert "diverged at step 3" in str(e.value)
+        trainer.step(3)  # 0-based; messages count steps from 1, as progress lines do
+    assert "diverged at step 4" in str(e.value)
 
 
 def test_optimizer_state_round_trip_resumes_identically():
@@ -196,3 +196,43 @@ def test_optimizer_state_round_trip_resumes_identically():
         tb.step(s)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_step_metrics_are_the_loss_and_norm_of_the_batch_exactly():
+    # One host transfer per step must report the same numbers as reading each value directly.
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    x, y = data(4)
+    loss = reference(x, y)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+    metrics = make_trainer(model, [(x, y)], grad_accum_steps=1).step(0)
+    assert metrics["loss"] == loss.item()
+    assert metrics["grad_norm"] == norm.item()
+    assert type(metrics["loss"]) is float and type(metrics["grad_norm"]) is float
+
+
+def test_step_timing_splits_dt_into_data_wait_forward_backward_and_optimizer():
+    model = tiny_model()
+    x, y = data(4)
+    trainer = make_trainer(model, [(x, y)] * 4, grad_accum_steps=2)
+    plain = trainer.step(0)
+    assert plain["dt_data"] >= 0 and "dt_fwd_bwd" not in plain
+    timed = trainer.step(1, timing=True)
+    parts = [timed["dt_data"], timed["dt_fwd_bwd"], timed["dt_optim"]]
+    assert all(p >= 0 for p in parts)
+    assert sum(parts) == pytest.approx(timed["dt"], rel=1e-6)
+
+
+def test_step_data_wait_measures_a_slow_loader():
+    import time
+
+    def slow(batches, seconds):
+        for b in batches:
+            time.sleep(seconds)
+            yield b
+    model = tiny_model()
+    x, y = data(4)
+    metrics = make_trainer(model, slow([(x, y)] * 2, 0.05), grad_accum_steps=2).step(0)
+    assert metrics["dt_data"] >= 0.1  # two micro-batches, each waited for
+    assert metrics["dt"] >= metrics["dt_data"]
