@@ -124,10 +124,11 @@ def prepare_output(dirs, phase, log_phase, research_on, master):
     a killed save's leftovers, holds no checkpoints (never overwritten), and a log left by an
     attempt killed before its first checkpoint is moved aside. Returns the RunLock (or None)."""
     checkpoint_dir = dirs["checkpoints"]
+    if master:
+        check_writable(checkpoint_dir, "the checkpoint directory")
     lock = acquire_run_lock(dirs["run"], f"{phase} output {dirs['run']}") if master else None
     try:
         if master:
-            check_writable(checkpoint_dir, "the checkpoint directory")
             removed = clean_checkpoint_dir(checkpoint_dir) + remove_stale_temporaries(dirs["logs"])
             if removed:
                 print0(f"removed what an interrupted save left behind: {', '.join(removed)}")

@@ -24,8 +24,6 @@ import sys
 import threading
 import time
 
-from nanochat.common import UserError
-
 ENV_HELD = "NANOCHAT_HELD_LOCKS"
 LOCK_NAME = ".lock"
 CHILD_LOCK_NAME = ".lock.child"
@@ -69,6 +67,13 @@ class RunLock:
         return False
 
 
+def _user_error(message):
+    # Imported on use: this module stays importable without torch (nanochat.common imports it),
+    # so a light process can hold or test a lock.
+    from nanochat.common import UserError as error
+    return error(message)
+
+
 def lock_path(run_dir):
     return os.path.join(os.path.realpath(run_dir), LOCK_NAME)
 
@@ -87,7 +92,7 @@ def _try_lock(path, what, wait_s=0.0):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise UserError(f"cannot create the lock file {path}: {e.strerror or e}; is the base dir writable?") from None
+        raise _user_error(f"cannot create the lock file {path}: {e.strerror or e}; is the base dir writable?") from None
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -110,7 +115,7 @@ def _try_lock(path, what, wait_s=0.0):
             holder = _read_holder(path)
             os.close(fd)
             who = f"process {holder}" if holder else "another process"
-            raise UserError(f"{what} is in use by {who} (lock {path}); wait for it to finish or stop it first: "
+            raise _user_error(f"{what} is in use by {who} (lock {path}); wait for it to finish or stop it first: "
                             "two writers would overwrite each other's checkpoints and logs") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
@@ -160,7 +165,10 @@ def held_locks():
 def acquire_run_lock(run_dir, what=None):
     """Lock `run_dir` for this process (see the module docstring); returns a RunLock."""
     what = what or f"run directory {run_dir}"
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise _user_error(f"cannot create {run_dir}: {e.strerror or e}; is the base dir writable?") from None
     path = lock_path(run_dir)
     if path in held_locks():
         holder = _read_holder(path)

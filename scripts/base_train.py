@@ -207,6 +207,8 @@ def train(args, ddp, rank, world_size, device):
     model_tag = args.model_tag or default_model_tag(args.depth or MODEL_DATA_DEFAULTS["depth"],
                                                     args.direction or "forward")
     dirs = artifact_dirs("base", model_tag)  # refuses a tag that is not a plain name
+    if master:  # before hours of training, not at the first save
+        check_writable(dirs["checkpoints"], "the checkpoint directory")
     # One writer per run: a second base_train on this tag fails here, at once, naming the holder.
     lock = acquire_run_lock(dirs["run"], f"run {model_tag!r}") if master else None
     try:
@@ -221,7 +223,6 @@ def prepare_run_dir(args, dirs, master):
     and nothing overwritten that --overwrite does not name. Returns (existing steps, resuming)."""
     checkpoint_dir = dirs["checkpoints"]
     if master:
-        check_writable(checkpoint_dir, "the checkpoint directory")
         removed = clean_checkpoint_dir(checkpoint_dir)
         removed += remove_stale_temporaries(dirs["evaluations"]) + remove_stale_temporaries(dirs["logs"])
         if removed:
