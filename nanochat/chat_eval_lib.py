@@ -51,7 +51,8 @@ def resolve_eval_directions(trained_direction, requested="auto"):
     missing = [d for d in wanted if d not in native]
     if missing:
         raise UserError(f"--eval_direction={requested}: this model was trained {trained_direction} and cannot "
-                        f"be evaluated {' and '.join(missing)} (only bidirectional models do both)")
+                        f"be evaluated {' and '.join(missing)} here (only bidirectional models generate both ways); "
+                        "python -m scripts.direction_eval scores it in both directions (cross-direction transfer)")
     return wanted
 
 

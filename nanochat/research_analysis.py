@@ -327,7 +327,7 @@ def collect_task_rows(experiment_dirs_or_ids, base_dir=None):
                          "task": record.get("task"), "step": record.get("step"),
                          "accuracy": {d: r.get("accuracy") for d, r in results.items()},
                          "bpb": {d: r["bpb"] for d, r in results.items() if r.get("bpb") is not None},
-                         "not_applicable": {d: r["reason"] for d, r in results.items() if r.get("accuracy") is None},
+                         "not_applicable": {d: r.get("reason") for d, r in results.items() if r.get("accuracy") is None},
                          "n": {d: r.get("total") for d, r in results.items()},
                          "evaluation_path": record["path"]})
     return rows

@@ -382,7 +382,7 @@ def _write_report_file(report_path, resolved, metas, base_dir, title, phase, ski
             os.rename(work_dir, figures_dir)
         else:
             os.rmdir(work_dir)
-        os.link(partial, report_path)  # fails rather than replace a file that appeared meanwhile
+        _publish(partial, report_path)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
@@ -390,6 +390,20 @@ def _write_report_file(report_path, resolved, metas, base_dir, title, phase, ski
         if partial is not None and os.path.exists(partial):
             os.remove(partial)
     return report_path
+
+
+def _publish(partial, path):
+    """Give the finished file `partial` its name `path`, never replacing a file that appeared
+    meanwhile: a hard link fails if `path` exists (where hard links are not supported: check, then
+    rename). The caller removes `partial` if it is still there."""
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        raise UserError(f"{path} already exists; choose another path, or remove it") from None
+    except OSError:
+        if os.path.exists(path):
+            raise UserError(f"{path} already exists; choose another path, or remove it") from None
+        os.replace(partial, path)
 
 
 def _umask():
@@ -462,9 +476,10 @@ def write_transfer_analysis(output_path, configs, matrix):
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(md).rstrip() + "\n")
         os.chmod(partial, 0o666 & ~_umask())
-        os.link(partial, output_path)
+        _publish(partial, output_path)
     finally:
-        os.remove(partial)
+        if os.path.exists(partial):
+            os.remove(partial)
     return output_path
 
 

@@ -6,7 +6,9 @@ matrix, per-position loss, lineage, configs and final numbers), with PNG figures
     python -m scripts.report --experiments=base_fwd --output_dir=/tmp/my_report
     python -m scripts.report --experiments=base_fwd --output=/tmp/fwd.md    # + /tmp/fwd_figures/
 
-Prints the report's path and the bpb matrix. The report goes to <base_dir>/reports/<--name or a
+Evaluations other modules register in nanochat/research_report.py REPORT_SECTIONS (task accuracy
+in each direction, ...) appear as sections when a run has them. Prints the report's path and the
+bpb matrix. The report goes to <base_dir>/reports/<--name or a
 UTC timestamp>/report.md unless --output_dir is given; an existing non-empty directory is refused.
 Named experiments must have a training log (train with --research_log=1); with --all, those
 without one are left out and listed in the report.

@@ -371,6 +371,14 @@ def test_cli_main_in_process(runs, tmp_path, monkeypatch, capsys):
         assert f.readline() == "# CLI\n"
     with pytest.raises(UserError, match="pass either --experiments=a,b,c or --all"):
         main([])
+    # --output: the report's own file, its figures in <stem>_figures/ beside it.
+    main(["--experiments=t_forward", f"--output={tmp_path / 'one.md'}"])
+    assert f"report: {tmp_path / 'one.md'}" in capsys.readouterr().out
+    text = (tmp_path / "one.md").read_text(encoding="utf-8")
+    assert "![learning curves](one_figures/learning_curves.png)" in text
+    assert_png(str(tmp_path / "one_figures" / "learning_curves.png"))
+    with pytest.raises(UserError, match="one of --output_dir, --output or --name"):
+        main(["--experiments=t_forward", f"--output={tmp_path / 'two.md'}", "--name=x"])
 
 
 def test_cli_all_prints_path_matrix_and_leaves_out_experiments_without_logs(runs):
