@@ -184,7 +184,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained("{folder}")
-model = AutoModelForCausalLM.from_pretrained("{folder}", torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained("{folder}")
 cfg = model.config
 bos, markers = cfg.nanochat_bos_id, cfg.nanochat_marker_ids
 

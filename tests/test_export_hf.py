@@ -77,6 +77,13 @@ def test_bidirectional_export_reproduces_logits_and_greedy_tokens(tokenizer, tmp
     assert (hf.config.head_dim, hf.config.num_key_value_heads, hf.config.rms_norm_eps) == (16, 2, 1e-5)
     card = open(os.path.join(out, "README.md")).read()
     assert "Training direction: bidirectional" in card and "ids[::-1]" in card
+    # The card's prompting code runs as printed, and agrees with our engine in both directions.
+    code = card.split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(code, scope)
+    for direction in ("forward", "backward"):
+        ours = engine.complete("alice reads", direction=direction, max_tokens=6, temperature=0.0)[0]["generated"]
+        assert scope["generate"]("alice reads", direction, max_new_tokens=6) == ours
 
 
 def test_tokenizer_loads_with_the_same_ids(tokenizer, tmp_path):
