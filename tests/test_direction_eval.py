@@ -226,3 +226,16 @@ def test_saved_evaluation_and_markdown_section(tok, arc, tmp_path):
     section = markdown_section("run", evaluations, str(tmp_path))
     acc = results["forward"]["accuracy"]
     assert f"| arc_easy | 7 | {acc:.4f} ± {results['forward']['stderr']:.4f} (n={len(arc)}) |" in section
+
+
+# ---- the command line ---------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--tasks=arithmetic,arithmetic"], "distinct task names"),
+    (["--directions=sideways"], "unknown direction 'sideways'"),
+    (["--max_examples=0"], "--max_examples=0"),
+    (["--mc_answer=number"], "--mc_answer='number'"),
+])
+def test_cli_refuses_bad_flags_before_loading_anything(args, message):
+    from scripts.direction_eval import main
+    with pytest.raises(UserError, match=message):
+        main(["--device_type=cpu", *args])

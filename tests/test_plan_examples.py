@@ -215,6 +215,9 @@ def test_plan_end_to_end_analysis(env, tmp_path, monkeypatch):
     assert f"| arithmetic | forward | generation | {forward_acc:.4f} | 4 |" in env["direction_eval_stdout"]
     with pytest.raises(UserError, match="already exists"):
         analyze_direction_transfer(exp_dir, "transfer.md")
+    from scripts.direction_eval import main
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):  # never replaced silently
+        main([f"--model_tag={EXPERIMENT}", "--tasks=arithmetic", "--device_type=cpu"])
 
 
 # ---- the report's extension point ------------------------------------------------------------------
