@@ -164,6 +164,8 @@ class ResearchLogger:
                 self._open_existing(metadata, resume_from_step)
             else:
                 self._create_new(metadata)
+                if resume_from_step:  # resuming a run whose log is gone: it starts with a hole
+                    self.resume_gap = (0, _as_int(resume_from_step))
             self._file.flush()
         except BaseException:
             self._file.close()

@@ -219,8 +219,10 @@ def train(args, ddp, rank, world_size, device):
 
 
 def prepare_run_dir(args, dirs, master):
-    """Check the run directory before any training: writable, leftovers of a killed save removed,
-    and nothing overwritten that --overwrite does not name. Returns (existing steps, resuming)."""
+    """Check the run directory before any training: leftovers of a killed save removed, and
+    the resume step saved. Returns (resuming, existing steps, the steps this run would overwrite):
+    refuse_overwrite refuses them without --overwrite, clear_for_run deletes them with it, once
+    every other check passed."""
     checkpoint_dir = dirs["checkpoints"]
     if master:
         removed = clean_checkpoint_dir(checkpoint_dir)
@@ -233,6 +235,11 @@ def prepare_run_dir(args, dirs, master):
         raise UserError(f"--resume_from_step={args.resume_from_step}: {checkpoint_dir} has checkpoints at steps "
                         f"{existing or 'none'}")
     later = [s for s in existing if s > args.resume_from_step] if resuming else existing
+    return resuming, existing, later
+
+
+def refuse_overwrite(args, checkpoint_dir, resuming, existing, later):
+    """Checkpoints this run would overwrite are refused unless --overwrite names them."""
     if later and not args.overwrite:
         if resuming:
             raise UserError(f"{checkpoint_dir} has checkpoints after step {args.resume_from_step} (steps {later}) that "
@@ -241,29 +248,36 @@ def prepare_run_dir(args, dirs, master):
         raise UserError(f"{checkpoint_dir} already holds checkpoints (steps {existing}); resume with "
                         f"--resume_from_step={existing[-1]}, choose another --model_tag, or pass --overwrite to "
                         "delete them and start again")
-    if later and master:
+
+
+def clear_for_run(dirs, resuming, later, master):
+    """Just before training: delete what --overwrite named, and move aside a log that has no
+    checkpoint to continue from (a run killed before its first save, or one being overwritten)."""
+    if not master:
+        return
+    checkpoint_dir = dirs["checkpoints"]
+    if later:
         remove_steps(checkpoint_dir, later)
         gone = remove_evaluations(dirs["evaluations"], later)
         print0(f"--overwrite: deleted checkpoint steps {later} of {checkpoint_dir}"
                + (f" and their evaluations {gone}" if gone else ""))
     log = log_path(dirs["run"], LOG_PHASE)
-    if master and not resuming and os.path.exists(log):
-        # A run killed before its first checkpoint (or overwritten): start a clean log, keep the old.
+    if not resuming and os.path.exists(log):
         moved = move_aside(log)
         print0(f"a previous run left the research log {log} without a checkpoint to resume from; moved it aside "
                f"to {moved} and starting a new log")
-    return existing, resuming
 
 
 def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
     checkpoint_dir = dirs["checkpoints"]
-    existing, resuming = prepare_run_dir(args, dirs, master)
+    resuming, existing, later = prepare_run_dir(args, dirs, master)
     resume_meta = load_meta(checkpoint_dir, args.resume_from_step) if resuming else None
     if resume_meta is not None:
         check_tokenizer_matches(resume_meta, tokenizer)
     resolve_model_data_flags(args, resume_meta, checkpoint_dir)
+    refuse_overwrite(args, checkpoint_dir, resuming, existing, later)
     B, T = args.device_batch_size, args.max_seq_len
     grad_accum = grad_accum_steps_for(args.total_batch_size, B, T, world_size)
     tokens_per_step = B * T * world_size * grad_accum
@@ -376,6 +390,7 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
             model.train()
 
     research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
+    clear_for_run(dirs, resuming, later, master)
     logger = None
     if research_on and master:
         logger = ResearchLogger(dirs["run"], phase="base_training", flush_every=args.log_flush_every,

@@ -293,6 +293,8 @@ def test_resumed_log_is_contiguous_and_a_hole_is_reported(tmp_path):
     assert list(read_scalar(log.path, "step")) == list(range(1, 9))
     with ResearchLogger(str(tmp_path), resume=True, resume_from_step=20) as log:
         assert log.resume_gap == (8, 20)
+    with ResearchLogger(str(tmp_path / "other"), resume=True, resume_from_step=5) as log:
+        assert log.resume_gap == (0, 5)  # no log at all to resume
 
 
 def test_rerun_after_a_kill_before_the_first_checkpoint_starts_cleanly(base_dir, capsys):
