@@ -338,9 +338,7 @@ def generate_research_report(experiment_ids, output_path=None, base_dir=None, ti
     work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(report_dir)}.partial-", dir=parent)
     try:
         _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase, skipped)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+        os.chmod(work_dir, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         if os.path.isdir(report_dir):
             os.rmdir(report_dir)  # checked empty above; fails (and we stop) if something appeared since
         os.rename(work_dir, report_dir)
