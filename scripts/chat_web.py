@@ -205,9 +205,11 @@ def create_app(slots, limits=None):
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             return error(f"request body over {limits.max_body_bytes} bytes", 413)
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            return error(f"request body over {limits.max_body_bytes} bytes", 413)
+        raw = b""
+        async for chunk in request.stream():  # read at most the limit, whatever the headers said
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                return error(f"request body over {limits.max_body_bytes} bytes", 413)
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -138,6 +138,13 @@ def test_oversized_body_is_refused_before_parsing(slots):
                                headers={"content-type": "application/json"})
     assert response.status_code == 413 and "body over 1000 bytes" in response.json()["error"]
 
+    def chunks():  # no content-length: the limit holds while reading
+        for _ in range(20):
+            yield b"x" * 100
+    with make_client(slots, max_body_bytes=1000) as client:
+        response = client.post("/api/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "body over 1000 bytes" in response.json()["error"]
+
 
 def test_one_generation_at_a_time_and_a_bounded_queue(slots, monkeypatch):
     """Three requests for one model: the first blocks inside generation until the second is
