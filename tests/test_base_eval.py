@@ -126,3 +126,27 @@ def test_overwrite_replaces_the_file(arrow):
     assert bpb(record, "backward") == pytest.approx(bpb(arrow["records"]["backward"], "backward"), rel=1e-6)
     with open(other, "rb") as f:
         assert f.read() == other_before
+
+
+def test_consistency_of_a_forward_backward_pair(arrow):
+    """--eval=consistency with a forward and a backward model: per-document bpb of the forward
+    model read forward against the backward model read backward, on the bpb documents."""
+    base = arrow["base"]
+    result = run_script("scripts.base_eval", "--eval=consistency", *eval_args()[:1], f"--eval_tokens={EVAL_TOKENS}",
+                        "--device_batch_size=8", "--device_type=cpu", base_dir=base)
+    assert result.returncode == 0, result.stderr
+    evaluations = os.path.dirname(evaluation_file(base, TAGS["forward"]))
+    name = f"consistency_pair_{TAGS['backward']}_step{STEPS:06d}"
+    assert os.path.isfile(os.path.join(evaluations, name + ".png"))
+    with open(os.path.join(evaluations, name + ".json")) as f:
+        record = json.load(f)
+    per_doc, stats = record["per_document"], record["stats"]
+    fwd, bwd = arrow["records"]["forward"]["results"]["forward"], arrow["records"]["backward"]["results"]["backward"]
+    assert stats["documents"] == fwd["documents"] == len(per_doc["bytes"])
+    assert sum(per_doc["bytes"]) == fwd["bytes"] == bwd["bytes"]
+    # One document per row here, packed rows in evaluate_bpb: the same windows, almost the same sums.
+    assert sum(per_doc["nats_forward"]) == pytest.approx(fwd["nats"], rel=1e-3)
+    assert sum(per_doc["nats_backward"]) == pytest.approx(bwd["nats"], rel=1e-3)
+    assert "correlation" in result.stdout
+    one_way = run_script("scripts.base_eval", "--eval=consistency", f"--model_tag={TAGS['forward']}", base_dir=base)
+    assert_one_line_error(one_way, "bidirectional model", "--model_tag")
