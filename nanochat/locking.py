@@ -37,27 +37,26 @@ except ImportError:  # pragma: no cover - not on Linux/macOS
 class RunLock:
     """A held lock; release() (or process exit) frees it."""
 
-    def __init__(self, path, fd, inherited=False, file=None):
-        # path: the run's lock (what children are told about); file: the lock file this process
-        # holds (the child lock when inherited).
-        self.path, self._fd, self.inherited, self._file = path, fd, inherited, file
+    def __init__(self, path, held, inherited=False):
+        # path: the run's lock (what children are told about); held: [(lock file, fd)] this
+        # process holds, in the order taken.
+        self.path, self._held, self.inherited = path, list(held), inherited
 
     def release(self):
-        """Remove the lock file (while still holding it, so no one can hold a lock on a file that
-        is about to vanish: see _try_lock's inode check), then unlock."""
-        if self._fd is not None:
+        """Remove each lock file (while still holding it, so no one can hold a lock on a file that
+        is about to vanish: see _try_lock's inode check), then unlock; last taken, first freed."""
+        while self._held:
+            lock_file, fd = self._held.pop()
             try:
-                lock_file = self._file if self._file is not None else self.path
                 try:
-                    if os.stat(lock_file).st_ino == os.fstat(self._fd).st_ino:
+                    if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
                         os.remove(lock_file)
                 except OSError:
                     pass
                 if fcntl is not None:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
-                os.close(self._fd)
-                self._fd = None
+                os.close(fd)
 
     def __enter__(self):
         return self
@@ -162,8 +161,11 @@ def held_locks():
     return [p for p in os.environ.get(ENV_HELD, "").split(os.pathsep) if p]
 
 
-def acquire_run_lock(run_dir, what=None):
-    """Lock `run_dir` for this process (see the module docstring); returns a RunLock."""
+def acquire_run_lock(run_dir, what=None, trainer=True):
+    """Lock `run_dir` for this process (see the module docstring); returns a RunLock.
+
+    A trainer (trainer=True, the scripts) also holds the child lock, so it never overlaps a child
+    of a killed orchestrator that is still stopping; the orchestrator itself passes False."""
     what = what or f"run directory {run_dir}"
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -177,8 +179,16 @@ def acquire_run_lock(run_dir, what=None):
             child = os.path.join(os.path.dirname(path), CHILD_LOCK_NAME)
             fd = _try_lock(child, what, wait_s=15.0)
             _watch_holder(holder)
-            return RunLock(path, fd, inherited=True, file=child)
-    return RunLock(path, _try_lock(path, what))
+            return RunLock(path, [(child, fd)], inherited=True)
+    lock = RunLock(path, [(path, _try_lock(path, what))])
+    if trainer:
+        child = os.path.join(os.path.dirname(path), CHILD_LOCK_NAME)
+        try:
+            lock._held.append((child, _try_lock(child, what, wait_s=15.0)))
+        except BaseException:
+            lock.release()
+            raise
+    return lock
 
 
 def env_with_locks(env, locks):

@@ -357,7 +357,7 @@ def lock_experiment(experiments, experiment_id):
     """Hold the experiment's run lock until this process exits (fails at once if another holds it)."""
     if experiment_id not in HELD_LOCKS:
         HELD_LOCKS[experiment_id] = acquire_run_lock(experiments.experiment_dir(experiment_id),
-                                                     f"experiment {experiment_id!r}")
+                                                     f"experiment {experiment_id!r}", trainer=False)
     return HELD_LOCKS[experiment_id]
 
 

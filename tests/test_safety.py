@@ -174,7 +174,7 @@ PARENT = """
 import os, subprocess, sys, time
 sys.path.insert(0, {repo!r})
 from nanochat.locking import acquire_run_lock, env_with_locks, parent_death_signal
-lock = acquire_run_lock({run_dir!r})
+lock = acquire_run_lock({run_dir!r}, trainer=False)  # as the orchestrator takes it
 child = subprocess.Popen([sys.executable, "-c", {child!r}], env=env_with_locks(os.environ, [lock]),
                          preexec_fn=parent_death_signal())
 print(child.pid, flush=True)
