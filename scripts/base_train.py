@@ -7,6 +7,22 @@
 Every flag has an underscore spelling and a kebab-case alias (--num_iterations / --num-iterations).
 Checkpoints go to base_checkpoints/<model_tag> (default d<depth>, plus _<direction> when not
 forward), or to experiments/<model_tag>/checkpoints when <model_tag> is an experiment id.
+
+Nothing is lost silently:
+- one process per run (an OS lock on the run directory, nanochat.locking); the directory must
+  be writable before training starts; what a killed save left (temporary files, a step without
+  meta) is removed;
+- existing checkpoints are never overwritten: a fresh run on a used tag, or a resume from a step
+  with later checkpoints, is refused unless --overwrite says to delete them (their evaluations go
+  with them, and the deletion is printed);
+- resuming (--resume_from_step) continues the same model on the same data: --depth, --max_seq_len,
+  --device_batch_size, --total_batch_size, --seed, --p_backward and --direction default to the
+  checkpoint's values and a different explicit value is refused; learning-rate and schedule flags
+  (and --num_iterations) apply from the resume step and the metadata records the change
+  (schedule_history); the tokenizer must be the one the checkpoint was trained with (fingerprint);
+- a non-finite loss, validation bpb or weight, or a loss above 10 x ln(vocab size), stops the run
+  (exit 2) naming the last good checkpoint; SIGTERM/SIGINT stop it after the current step with
+  the research log flushed (exit 128 + signal).
 """
 
 import argparse

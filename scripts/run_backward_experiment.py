@@ -586,7 +586,12 @@ def main(argv=None):
             try:
                 run_step(args, passthrough, experiments, step, direction, depth)
             except PhaseFailed as e:
-                how = f"exit status {e.returncode}" if e.returncode > 0 else f"signal {-e.returncode}"
+                if e.returncode < 0:
+                    how = f"signal {-e.returncode}"
+                elif 128 < e.returncode < 128 + 65:  # a script that stopped cleanly on a signal
+                    how = f"signal {e.returncode - 128}, exit status {e.returncode}"
+                else:
+                    how = f"exit status {e.returncode}"
                 print(f"error: phase {e.phase} of experiment {e.experiment_id} failed ({how}); the command was:\n"
                       f"  {e.command}\n"
                       f"experiment {e.experiment_id} is marked failed; rerun this orchestrator command to retry it "

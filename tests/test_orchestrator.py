@@ -273,9 +273,13 @@ def test_sigterm_to_the_orchestrator_stops_the_phase_and_marks_it_failed(base_di
     process.send_signal(signal.SIGTERM)  # to the orchestrator only, not its group
     assert process.wait(timeout=60) == 1
     output = out.read_text()
-    assert "error: phase base of experiment stopped failed (signal 15)" in output
+    # The trainer got the signal, finished its step, flushed its log and exited 128 + 15.
+    assert "error: phase base of experiment stopped failed (signal 15" in output
+    assert "stopped by SIGTERM after step" in output
     assert ec.load_config("stopped")["status"] == "failed"
     steps_then = last_step_printed(output)
+    stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
+    assert_contiguous_steps(log_file(ec, "stopped"), last=stopped_at)  # no buffered row lost
     time.sleep(0.5)
     assert last_step_printed(out.read_text()) == steps_then  # base_train stopped too
     with pytest.raises(ProcessLookupError):  # no process of the group is left
