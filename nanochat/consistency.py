@@ -166,15 +166,19 @@ def format_stats(label, stats):
             f"mean diff (bwd - fwd) {stats['mean_diff']:+.4f} | correlation {stats['correlation']:.4f}")
 
 
+SECTION_TITLE = "Factorisation consistency"
+
+
 def markdown_section(run_name, evaluations_dir, plots_dir):
-    """The report's consistency section for one run (latest step, each kind), or None."""
+    """The report's consistency section for one run (latest step, each kind), or None
+    (nanochat/research_report.py REPORT_SECTIONS). The scatter plots are copied into plots_dir
+    as <run_name>_<file name> and linked by file name."""
     import shutil
     found = list_consistency_evaluations(evaluations_dir)
     if not found:
         return None
     last_step = found[-1][0]
-    lines = [f"### Factorisation consistency: {run_name} (step {last_step})", "",
-             "Per-document bits per byte of the same documents read forward and backward "
+    lines = [f"Step {last_step}: per-document bits per byte of the same documents read forward and backward "
              "(nanochat/consistency.py). A perfect model gives the same number both ways.", "",
              "| models | documents | bpb fwd | bpb bwd | mean abs diff | mean diff (bwd - fwd) | correlation |",
              "|---|---|---|---|---|---|---|"]
@@ -196,5 +200,5 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
             plots.append((label, os.path.basename(dst)))
     lines.append("")
     for label, name in plots:
-        lines.append(f"![consistency {label}]({os.path.basename(plots_dir.rstrip(os.sep))}/{name})")
+        lines.append(f"![consistency {label}]({name})")
     return "\n".join(lines) + "\n"

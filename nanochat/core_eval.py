@@ -428,8 +428,12 @@ def format_table(results):
     return "\n".join(lines)
 
 
+SECTION_TITLE = "CORE benchmark (in each direction)"
+
+
 def markdown_section(run_name, evaluations_dir, plots_dir):
-    """The report's CORE section for one run (the latest core_step*.json), or None if none."""
+    """The report's CORE section for one run (the latest core_step*.json), or None if none
+    (nanochat/research_report.py REPORT_SECTIONS)."""
     found = list_core_evaluations(evaluations_dir)
     if not found:
         return None
@@ -439,9 +443,9 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
     directions = list(record["core"])
     native = set(record.get("native_directions", directions))
     head = " | ".join(f"acc {d}{'' if d in native else ' (cross)'} | centred {d}" for d in directions)
-    lines = [f"### CORE: {run_name} (step {step}, trained {record.get('trained_direction', '?')})", "",
-             "Few-shot in-context tasks scored by whole-text likelihood in each direction (docs/DESIGN.md §7; "
-             "nanochat/core_eval.py). Centred accuracy = (accuracy - random) / (1 - random).", "",
+    lines = [f"Step {step}, trained {record.get('trained_direction', '?')}: few-shot in-context tasks scored by "
+             "whole-text likelihood in each direction (docs/DESIGN.md §7; nanochat/core_eval.py); centred accuracy = "
+             "(accuracy - random) / (1 - random); (cross) = a direction the model was not trained in.", "",
              f"| task | type | shots | random | {head} |",
              "|---|---|---|---|" + "---|---|" * len(directions)]
     for label, t in record["tasks"].items():

@@ -163,16 +163,20 @@ def list_rerank_evaluations(evaluations_dir):
                   for n in os.listdir(evaluations_dir) if (m := _FILE.match(n)))
 
 
+SECTION_TITLE = "Reranking with a backward model"
+
+
 def markdown_section(run_name, evaluations_dir, plots_dir):
-    """The report's reranking section (the latest file of each task), or None if there is none."""
+    """The report's reranking section (the latest file of each task), or None if there is none
+    (nanochat/research_report.py REPORT_SECTIONS)."""
     latest = {}
     for step, task, path in list_rerank_evaluations(evaluations_dir):
         latest[task] = (step, path)
     if not latest:
         return None
-    lines = [f"### Reranking with a backward model: {run_name}", "",
-             "The forward model samples N answers per question; the pick is the candidate with the highest "
-             "score (nanochat/rerank.py). Accuracy@1 +- standard error over questions.", "",
+    lines = ["This run sampled N answers per question; the pick is the candidate with the highest score: its own "
+             "log p(answer | question), the backward model's log p(question | answer), or their sum "
+             "(nanochat/rerank.py). Accuracy@1 +- standard error over questions.", "",
              "| task | N | backward scorer | forward | backward | sum | random | pass@N |",
              "|---|---|---|---|---|---|---|---|"]
     for task, (step, path) in sorted(latest.items()):

@@ -48,6 +48,9 @@ from nanochat.research_analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_c
 # Evaluation kind -> module exposing markdown_section(run_name, evaluations_dir, plots_dir).
 REPORT_SECTIONS = {
     "direction": "nanochat.direction_eval",
+    "core": "nanochat.core_eval",
+    "rerank": "nanochat.rerank",
+    "consistency": "nanochat.consistency",
 }
 
 # Flags shown in the report, in this order, when the run recorded them.

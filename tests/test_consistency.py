@@ -84,7 +84,7 @@ def test_record_plot_and_report_section(setup, tmp_path):
     text = markdown_section("tiny", evaluations, plots)
     assert "| tiny |" in text and "| tiny + bwd |" in text and f"{record['stats']['mean_abs_diff']:.4f}" in text
     assert sorted(os.listdir(plots)) == ["tiny_consistency_pair_bwd_step000005.png", "tiny_consistency_step000005.png"]
-    assert "](plots/tiny_consistency_step000005.png)" in text
+    assert "](tiny_consistency_step000005.png)" in text
     assert markdown_section("tiny", str(tmp_path / "none"), plots) is None
     with pytest.raises(ValueError):
         consistency_record("pair", readings["forward"], ([0.0], [1]), [1])

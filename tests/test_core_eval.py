@@ -239,7 +239,7 @@ def test_markdown_section(tmp_path):
     with open(tmp_path / "core_step000007.json", "w") as f:
         json.dump(record, f)
     text = markdown_section("run", str(tmp_path), str(tmp_path / "plots"))
-    assert "step 7" in text and "acc forward (cross)" in text and "acc backward |" in text
+    assert "Step 7" in text and "acc forward (cross)" in text and "acc backward |" in text
     assert "**+0.1000**" in text and "**+0.2000**" in text
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in rows}) == 1  # every row has the header's columns
@@ -294,3 +294,39 @@ def test_cli_mistakes_are_one_line_errors(trained, tmp_path):
     no_bundle = run_script("scripts.base_eval", "--eval=core", "--model_tag=core_tiny", "--device_type=cpu",
                            f"--bundle_dir={tmp_path}", "--overwrite", base_dir=base)
     assert_one_line_error(no_bundle, "--bundle_dir", "core.yaml")
+
+
+def test_report_registers_core_rerank_and_consistency_sections(tmp_path):
+    """nanochat/research_report.py renders the three sections when their files exist."""
+    from nanochat.consistency import consistency_evaluation_path, consistency_record, write_consistency
+    from nanochat.research_report import REPORT_SECTIONS, evaluation_sections
+    from nanochat.rerank import rerank_evaluation_path, summarise
+    assert {REPORT_SECTIONS[k] for k in ("core", "rerank", "consistency")} == {
+        "nanochat.core_eval", "nanochat.rerank", "nanochat.consistency"}
+    evaluations = str(tmp_path / "evaluations")
+    record = {"trained_direction": "forward", "native_directions": ["forward"], "core": {"forward": 0.25},
+              "tasks": {"t": {"task_type": "schema", "num_fewshot": 1, "random_baseline": 0.5,
+                              "results": {"forward": {"accuracy": 0.625, "centered": 0.25}}}}}
+    os.makedirs(evaluations)
+    with open(os.path.join(evaluations, "core_step000003.json"), "w") as f:
+        json.dump(record, f)
+    picks = {"forward": 1.0, "backward": 0.0, "sum": 1.0}
+    with open(rerank_evaluation_path(evaluations, "arithmetic", 3), "w") as f:
+        json.dump({"num_samples": 4, "backward_model": "bwd",
+                   "summary": summarise([{"random": 0.5, "pass": 1.0, "picks": picks}] * 2)}, f)
+    write_consistency(consistency_evaluation_path(evaluations, 3),
+                      consistency_record("bidirectional", ([1.0, 2.0], [3, 4]), ([1.5, 2.5], [3, 4]), [3, 4]), "t")
+
+    class Experiments:
+        @staticmethod
+        def evaluations_dir(experiment_id):
+            return evaluations
+
+    plots = str(tmp_path / "report")
+    os.makedirs(plots)
+    sections = dict(evaluation_sections([(Experiments, "run")], plots))
+    assert set(sections) >= {"CORE benchmark (in each direction)", "Reranking with a backward model",
+                             "Factorisation consistency"}
+    assert "+0.2500" in sections["CORE benchmark (in each direction)"][0][1]
+    assert "| bwd |" in sections["Reranking with a backward model"][0][1]
+    assert os.listdir(plots) == ["run_consistency_step000003.png"]
