@@ -8,7 +8,9 @@
 A terminal gets a tqdm bar. Anything else (a log file, CI, a pipe) gets plain lines, at most one
 every `interval_s` seconds plus a final one, so logs stay readable:
     bpb: 1200/5000 docs (24%) 31s elapsed, 38.7 docs/s, ~98s left
-Only rank 0 reports under torchrun. NANOCHAT_PROGRESS=bar|plain|off overrides the choice.
+Steps shorter than `min_time_s` show nothing (no bar, no line): a quick evaluation inside a
+training loop stays quiet. Only rank 0 reports under torchrun. NANOCHAT_PROGRESS=bar|plain|off
+overrides the choice.
 """
 
 import os
@@ -42,19 +44,21 @@ def _duration(seconds):
 class Progress:
     """An iterable wrapper and/or a counter with update(n); use as a context manager or close()."""
 
-    def __init__(self, iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, mode=None):
+    def __init__(self, iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, mode=None,
+                 min_time_s=2.0):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
-        self.total, self.desc, self.unit, self.interval_s = total, desc, unit, interval_s
+        self.total, self.desc, self.unit, self.interval_s, self.min_time_s = total, desc, unit, interval_s, min_time_s
         self.stream = stream if stream is not None else sys.stdout
         self.mode = mode or _choose_mode(self.stream)
-        self.n, self.postfix, self.closed = 0, "", False
+        self.n, self.postfix, self.closed, self.printed = 0, "", False, False
         self.start = self.last_print = time.monotonic()
         self._bar = None
         if self.mode == "bar":
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=True,
+                             delay=min_time_s)
 
     def __iter__(self):
         try:
@@ -80,8 +84,10 @@ class Progress:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.mode == "plain" and time.monotonic() - self.last_print >= self.interval_s:
-            self._print()
+        elif self.mode == "plain":
+            now = time.monotonic()
+            if now - self.last_print >= self.interval_s and now - self.start >= self.min_time_s:
+                self._print()
 
     def line(self):
         elapsed = time.monotonic() - self.start
@@ -98,7 +104,7 @@ class Progress:
         return text + (f" [{self.postfix}]" if self.postfix else "")
 
     def _print(self):
-        self.last_print = time.monotonic()
+        self.last_print, self.printed = time.monotonic(), True
         print(self.line(), file=self.stream, flush=True)
 
     def close(self):
@@ -107,12 +113,13 @@ class Progress:
         self.closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "plain":
+        elif self.mode == "plain" and (self.printed or time.monotonic() - self.start >= self.min_time_s):
             self._print()
 
 
-def progress(iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, mode=None):
+def progress(iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, mode=None, min_time_s=2.0):
     """See the module docstring; returns a Progress."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"progress mode must be one of {MODES}, not {mode!r}")
-    return Progress(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, stream=stream, mode=mode)
+    return Progress(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, stream=stream, mode=mode,
+                    min_time_s=min_time_s)

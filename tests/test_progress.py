@@ -13,7 +13,7 @@ class FakeTerminal(io.StringIO):
 def test_plain_lines_when_not_a_terminal(monkeypatch):
     monkeypatch.delenv("NANOCHAT_PROGRESS", raising=False)
     out = io.StringIO()
-    items = list(progress(range(4), desc="download", unit="shard", interval_s=0, stream=out))
+    items = list(progress(range(4), desc="download", unit="shard", interval_s=0, stream=out, min_time_s=0))
     assert items == [0, 1, 2, 3]
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("download: 1/4 shards (25%)") and "elapsed" in lines[0]
@@ -24,7 +24,7 @@ def test_plain_lines_when_not_a_terminal(monkeypatch):
 def test_plain_lines_are_rate_limited_and_counters_work(monkeypatch):
     monkeypatch.delenv("NANOCHAT_PROGRESS", raising=False)
     out = io.StringIO()
-    with progress(total=1000, desc="bpb", unit="doc", interval_s=3600, stream=out) as bar:
+    with progress(total=1000, desc="bpb", unit="doc", interval_s=3600, stream=out, min_time_s=0) as bar:
         for _ in range(100):
             bar.update(10)
         bar.set_postfix("bpb 1.23")
@@ -35,7 +35,7 @@ def test_plain_lines_are_rate_limited_and_counters_work(monkeypatch):
 def test_tqdm_bar_on_a_terminal(monkeypatch):
     monkeypatch.delenv("NANOCHAT_PROGRESS", raising=False)
     out = FakeTerminal()
-    assert sum(progress(range(5), desc="rollouts", stream=out)) == 10
+    assert sum(progress(range(5), desc="rollouts", stream=out, min_time_s=0)) == 10
     text = out.getvalue()
     assert "\r" in text and "rollouts: 100%" in text and "5/5" in text
 
@@ -53,5 +53,14 @@ def test_environment_overrides_and_other_ranks_are_silent(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("NANOCHAT_PROGRESS", "plain")
     plain = FakeTerminal()
-    list(progress([1], stream=plain, desc="x"))
+    list(progress([1], stream=plain, desc="x", min_time_s=0))
     assert plain.getvalue().startswith("x: 1/1 it")
+
+
+def test_short_steps_stay_quiet(monkeypatch):
+    """A step shorter than min_time_s prints nothing, in either mode (a quick eval in a loop)."""
+    monkeypatch.delenv("NANOCHAT_PROGRESS", raising=False)
+    plain, terminal = io.StringIO(), FakeTerminal()
+    assert list(progress(range(3), stream=plain, interval_s=0, min_time_s=60)) == [0, 1, 2]
+    assert list(progress(range(3), stream=terminal, min_time_s=60)) == [0, 1, 2]
+    assert plain.getvalue() == "" and terminal.getvalue() == ""
