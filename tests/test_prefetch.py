@@ -196,3 +196,50 @@ def test_slow_step_never_waits_for_a_faster_loader_with_prefetch():
     assert sorted(with_prefetch)[len(with_prefetch) // 2] < 0.1 * step_s
     assert sum(with_prefetch) < 0.25 * sum(without)
     assert pre.wait_seconds >= sum(with_prefetch)
+
+
+class TokenLoader(CountingLoader):
+    """Random (inputs, targets) token batches, `delay` seconds each: a tokenizer-bound loader."""
+
+    def __next__(self):
+        i = self.i
+        super().__next__()
+        g = torch.Generator().manual_seed(i)
+        rows = torch.randint(0, 64, (2, 17), generator=g)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class SlowModel(torch.nn.Module):
+    """A tiny GPT whose forward also sleeps: a model step slower than the loader."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        from nanochat.gpt import GPT, config_for_depth
+        torch.manual_seed(0)
+        self.gpt = GPT.build(config_for_depth(1, 64, 16), "cpu")
+        self.seconds = seconds
+
+    def forward(self, x, y):
+        time.sleep(self.seconds)
+        return self.gpt(x, y)
+
+
+def trainer_data_waits(prefetch, load_s, step_s, steps=4):
+    from nanochat.training import Trainer
+    model = SlowModel(step_s)
+    batches = prefetching(TokenLoader(delay=load_s), prefetch)
+    trainer = Trainer(model, model.gpt.setup_optimizers(), batches, 1, 100, 32, torch.device("cpu"))
+    metrics = [trainer.step(s) for s in range(steps)]
+    if prefetch:
+        batches.close()
+    return [m["dt_data"] for m in metrics[1:]], [m["dt"] for m in metrics[1:]]
+
+
+def test_trainer_step_waits_for_data_only_without_prefetch():
+    load_s, step_s = 0.05, 0.12
+    waits_plain, _ = trainer_data_waits(0, load_s, step_s)
+    waits_prefetch, dts = trainer_data_waits(2, load_s, step_s)
+    assert min(waits_plain) >= 0.9 * load_s
+    # relative to the step it serves, the wait with prefetching is negligible
+    ratios = sorted(w / dt for w, dt in zip(waits_prefetch, dts))
+    assert ratios[len(ratios) // 2] < 0.1
