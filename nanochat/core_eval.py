@@ -80,7 +80,7 @@ def _is_bundle(path):
     return os.path.isfile(os.path.join(path, "core.yaml")) and os.path.isfile(os.path.join(path, "eval_meta_data.csv"))
 
 
-def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=4, backoff_s=2.0, timeout_s=60):
+def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=3, backoff_s=1.0, timeout_s=60):
     """Download the bundle zip (with retries) and unpack it to <base_dir>/eval_bundle/.
 
     Written under temporary names and renamed at the end, so an interrupted download never
@@ -105,7 +105,7 @@ def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=4, backoff_s=2.0
         reason = getattr(last_error, "reason", last_error)
         raise UserError(f"could not download the CORE eval bundle from {url} ({type(last_error).__name__}: "
                         f"{str(reason).splitlines()[0] if str(reason) else ''}); offline, unpack a copy so that "
-                        f"{os.path.join(target, 'core.yaml')} exists, or pass --bundle_dir=<dir with core.yaml>")
+                        f"{os.path.join(target, 'core.yaml')} exists (scripts.base_eval also takes --bundle_dir=<dir with core.yaml>)")
     unpack_tmp = os.path.join(base_dir, f"eval_bundle.tmp{os.getpid()}")
     try:
         try:
@@ -344,8 +344,14 @@ class CoreBenchmark:
             self.tasks.append((task, items))
 
     @classmethod
-    def prepare(cls, bundle_dir=None, bundle_url=BUNDLE_URL, max_per_task=-1, labels=None):
-        return cls(ensure_bundle(bundle_dir, bundle_url), max_per_task, labels)
+    def prepare(cls, bundle_dir=None, bundle_url=BUNDLE_URL, max_per_task=-1, labels=None, needed_by=None):
+        """Load the bundle (downloading it on first use); `needed_by` (e.g. a flag) prefixes errors."""
+        try:
+            return cls(ensure_bundle(bundle_dir, bundle_url), max_per_task, labels)
+        except UserError as e:
+            if needed_by is None:
+                raise
+            raise UserError(f"{needed_by}: {e}") from None
 
     def evaluate(self, model, tokenizer, trained_direction, directions, device, seq_len, batch_size=16,
                  autocast_ctx=None, rank=0, world_size=1, log=print0):

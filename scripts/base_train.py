@@ -363,7 +363,8 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
     eval_directions = concrete_directions(args.direction)
     autocast = autocast_context(device.type)
     from nanochat.core_eval import CORE_TRAINING_MAX_PER_TASK, CoreBenchmark
-    core = CoreBenchmark.prepare(max_per_task=CORE_TRAINING_MAX_PER_TASK) if args.core_metric_every > 0 else None
+    core = (CoreBenchmark.prepare(max_per_task=CORE_TRAINING_MAX_PER_TASK, needed_by="--core_metric_every")
+            if args.core_metric_every > 0 else None)
 
     def evaluate(step):
         model.eval()
