@@ -14,7 +14,7 @@ batch that would have come next.
 
 On CUDA the worker copies each batch through pinned memory on its own stream, with a
 non-blocking copy, and the consumer's stream waits on that copy's event: the copy overlaps
-with the running step. On CPU batches are handed over as they are.
+with the running step. Elsewhere (CPU, MPS) batches are moved, if at all, on the training thread.
 
 A failure in the worker (a missing shard, a bad document) is re-raised in the training thread
 at the `next()` that would have received the batch. The thread is a daemon and polls a stop
@@ -96,8 +96,6 @@ class Prefetcher:
                                       else t for t in batch)
                         event = torch.cuda.Event()
                         event.record(stream)
-                    elif self.device is not None:
-                        batch = tuple(t.to(self.device) for t in batch)
                 if not self._put(q, stop, ("batch", batch, state, event)):
                     return
         except BaseException as e:  # handed to the consumer, who re-raises it
@@ -140,6 +138,8 @@ class Prefetcher:
             current.wait_event(event)
             for t in batch:
                 t.record_stream(current)
+        elif self.device is not None:  # CPU, MPS: moved here, on the training thread
+            batch = tuple(t.to(self.device) for t in batch)
         self._state = state
         return batch
 
