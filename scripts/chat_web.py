@@ -181,6 +181,9 @@ def create_app(slots, limits=None):
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     limits = limits or Limits()
+    for slot in slots.values():
+        # An asyncio lock belongs to the event loop that first waits on it: one per app (server).
+        slot.lock, slot.waiting = asyncio.Lock(), 0
     app = FastAPI(title="nanochat-direction chat", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error(message, status):
