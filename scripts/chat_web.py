@@ -1,6 +1,7 @@
 """A web chat page for forward, backward and bidirectional checkpoints (docs/DESIGN.md §5).
 
-    python -m scripts.chat_web --model_tag=d4_bidi                    # http://127.0.0.1:8000
+    python -m scripts.chat_web                                        # newest model, http://127.0.0.1:8000
+    python -m scripts.chat_web --source=base --model_tag=d4_bidi      # a base model: completion mode
     python -m scripts.chat_web --source=sft --model_tag=fwd_tag,bwd_tag --port 8080
 
 One small FastAPI app and one static page (nanochat/web/index.html: no build step, nothing
@@ -281,6 +282,24 @@ async def stream_events(slot, plan, start_stream, dropped):
         cancel.set()
 
 
+AUTO_ORDER = ("sft", "rl", "mid", "base")
+
+
+def auto_source(tag, step):
+    """The first of sft, rl, mid, base that has the checkpoint (`bash runcpu.sh` makes base ones)."""
+    from nanochat.checkpoint_manager import resolve_checkpoint
+    for source in AUTO_ORDER:
+        try:
+            resolve_checkpoint(source, tag, step)
+        except UserError:
+            continue
+        print0(f"--source=auto: using the {source} checkpoint{f' {tag!r}' if tag else 's'}")
+        return source
+    what = f"tag {tag!r}" if tag else "any tag"
+    raise UserError(f"no checkpoint with {what} in any source ({', '.join(AUTO_ORDER)}): train one first "
+                    "(bash runcpu.sh makes base models)")
+
+
 def load_slots(sources, tags, steps, device):
     """{name: ModelSlot} for the comma lists of --source/--model_tag/--step."""
     n = max(len(sources), len(tags), len(steps))
@@ -290,8 +309,10 @@ def load_slots(sources, tags, steps, device):
     slots = {}
     for i in range(n):
         source, tag, step = (v[i] if len(v) > 1 else v[0] for v in (sources, tags, steps))
+        if source == "auto":
+            source = auto_source(tag, step)
         if source not in SOURCE_DIRS:
-            raise UserError(f"unknown --source {source!r}: use one of {', '.join(SOURCE_DIRS)}")
+            raise UserError(f"unknown --source {source!r}: use auto or one of {', '.join(SOURCE_DIRS)}")
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=tag, step=step)
         meta["source"] = source
         name = meta["model_tag"] if meta["model_tag"] not in slots else f"{source}:{meta['model_tag']}"
@@ -302,7 +323,8 @@ def load_slots(sources, tags, steps, device):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Web chat page: forward, backward and side-by-side generation")
-    add_flag(p, "source", default="sft", help="checkpoint source(s): base | mid | sft | rl (comma list: one per model)")
+    add_flag(p, "source", default="auto", help="checkpoint source(s): auto (the first of sft, rl, mid, base that has "
+             "the checkpoint) | base | mid | sft | rl; a comma list gives one per model")
     add_flag(p, "model_tag", default="", help="tag(s) or experiment id(s), comma separated (default: newest)")
     add_flag(p, "step", default="", help="checkpoint step(s), comma separated (default: last)")
     add_flag(p, "host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -325,7 +347,7 @@ def main(argv=None):
         import uvicorn
     except ImportError:
         raise UserError("the web page needs fastapi and uvicorn: pip install -e '.[web]'")
-    sources = [s.strip() for s in args.source.split(",") if s.strip()] or ["sft"]
+    sources = [s.strip() for s in args.source.split(",") if s.strip()] or ["auto"]
     tags = [t.strip() or None for t in args.model_tag.split(",")] if args.model_tag else [None]
     try:
         steps = [int(s) if s.strip() else None for s in args.step.split(",")] if args.step else [None]

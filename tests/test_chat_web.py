@@ -200,6 +200,10 @@ def test_bad_command_lines_are_user_errors(models, monkeypatch):
         main(["--source=base", "--model_tag=nope", "--device_type=cpu"])
     with pytest.raises(UserError, match="--port"):
         main(["--port=0"])
+    from scripts.chat_web import auto_source
+    assert auto_source(TAGS["backward"], None) == "base"  # only base checkpoints here
+    with pytest.raises(UserError, match="no checkpoint with tag 'nope' in any source"):
+        main(["--model_tag=nope", "--device_type=cpu"])
 
 
 # ---- end to end in a real browser ------------------------------------------------------------
