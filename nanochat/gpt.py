@@ -174,16 +174,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             dx_parts, dw = [], None
             for start in range(0, x.size(0), chunk_rows):
                 xc, yc, vc = x[start:start + chunk_rows].to(dtype), targets[start:start + chunk_rows], valid[start:start + chunk_rows]
-                logits = F.linear(xc, w).float()
-                lse = torch.logsumexp(logits, dim=-1)
+                logp = torch.log_softmax(F.linear(xc, w).float(), dim=-1)
                 safe_y = torch.where(vc, yc, 0).unsqueeze(1)
-                total = total + torch.where(vc, lse - logits.gather(1, safe_y).squeeze(1), 0.0).sum()
+                total = total + torch.where(vc, -logp.gather(1, safe_y).squeeze(1), 0.0).sum()
                 if not (want_dx or want_dw):
                     continue
-                # d loss / d logits = (softmax - onehot(target)) * scale on rows with a target, else 0
-                g = (logits - lse.unsqueeze(1)).exp()
-                g = g.scatter_add(1, safe_y, -torch.ones_like(safe_y, dtype=g.dtype))
-                g = (g * (vc.unsqueeze(1) * scale)).to(dtype)
+                # d loss / d logits = (softmax - onehot(target)) * scale on rows with a target, else 0;
+                # built in place in logp's buffer (nothing else reads it).
+                g = logp.exp_()
+                g.scatter_add_(1, safe_y, torch.full(safe_y.shape, -1.0, dtype=g.dtype, device=g.device))
+                g = g.mul_((vc * scale).unsqueeze(1)).to(dtype)
                 if want_dx:
                     dx_parts.append(g @ w)
                 if want_dw:
