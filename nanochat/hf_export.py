@@ -158,6 +158,21 @@ def qwen3_config(model_config, tokenizer, meta, dtype_name="float32"):
     }
 
 
+# A forward chat prompt in transformers' chat-template form: the same ids as our rendering
+# (tokenizer.render_for_completion), a system message merged into the first user turn. Only the
+# forward direction can be a template: a backward prompt reverses token ids, not text.
+CHAT_TEMPLATE = (
+    "{{- '<|bos|>' -}}{%- if nanochat_marker is defined and nanochat_marker -%}<|forward|>{%- endif -%}"
+    "{%- set ns = namespace(prefix='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.prefix = m['content'] + '\n\n' -%}"
+    "{%- elif m['role'] == 'user' -%}<|user_start|>{{- ns.prefix + m['content'] -}}<|user_end|>{%- set ns.prefix = '' -%}"
+    "{%- elif m['role'] == 'assistant' -%}<|assistant_start|>{{- m['content'] -}}<|assistant_end|>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
+)
+
+
 # ---- model card -----------------------------------------------------------------------------------
 CARD = """---
 library_name: transformers
@@ -228,7 +243,10 @@ at `<|assistant_end|>`. Backward (given the answer, write the question): the pro
 `<|backward|>` marker for a bidirectional model) followed by the *reversed* tokens of
 `<|assistant_start|> answer <|assistant_end|>` (plus any later exchanges) and then `<|user_end|>`; the
 model writes the question reversed and stops at `<|user_start|>`. `generation_config.json` lists
-these stop tokens.
+these stop tokens. For the forward direction the tokenizer has a chat template
+(`tok.apply_chat_template(messages, add_generation_prompt=True)`), with the `<|forward|>` marker
+for a bidirectional model; special-token spellings inside message text are read as special tokens
+there (nanochat encodes them as plain text).
 """
 
 
@@ -270,6 +288,10 @@ def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
         "special_tokens_map.json": {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>",
                                     "additional_special_tokens": [n for n in special_names if n != "<|bos|>"]},
     }
+    if is_chat_model(meta) and meta["direction"] in ("forward", "bidirectional"):
+        marker = meta["direction"] == "bidirectional"
+        files["tokenizer_config.json"]["chat_template"] = CHAT_TEMPLATE.replace(
+            "nanochat_marker is defined and nanochat_marker", "true" if marker else "false")
     written = []
     for name, content in files.items():
         path = os.path.join(out_dir, name)

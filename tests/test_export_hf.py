@@ -123,3 +123,15 @@ def test_existing_output_folder_is_not_overwritten(tokenizer, tmp_path):
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
     with pytest.raises(UserError, match="--dtype"):
         export("--source=base", "--model_tag=hf_fwd", f"--out={tmp_path / 'x'}", "--dtype=int8")
+
+
+def test_forward_chat_template_gives_our_prompt_ids(tokenizer, tmp_path):
+    save_random_model("sft", "hf_chat", "bidirectional", tokenizer, n_head=2, n_kv_head=2)
+    out = str(tmp_path / "hf_chat")
+    export("--source=sft", "--model_tag=hf_chat", f"--out={out}")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    spec = DirectionSpec.from_tokenizer("bidirectional", tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2*3?"},
+                {"role": "assistant", "content": "6"}, {"role": "user", "content": "And 3*3?"}]
+    text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert hf_tok.encode(text, add_special_tokens=False) == spec.chat_prompt(tokenizer, {"messages": messages}, "forward")[0]
