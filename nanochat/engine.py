@@ -6,6 +6,10 @@ front (`Engine.complete`, `Engine.chat`) turns the user's view into that orienta
 - backward: the given text is an *ending*; the model writes what precedes it, and the result is
   restored to reading order and placed before the ending.
 - bidirectional: either, chosen per request (the marker after BOS tells the model which).
+
+`stream` / `chat_stream` / `complete_stream` yield as tokens arrive (the web page), drawing the
+same random numbers as `generate`. `ChatHistory` keeps a multi-turn chat in reading order for
+the CLI and the web page: forward appends exchanges, backward prepends them.
 """
 
 import torch
