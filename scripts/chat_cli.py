@@ -86,7 +86,7 @@ class ChatSession:
         self.say(f"mode: {direction}{' (conversation cleared)' if had_history else ''} (type {'an' if direction == 'backward' else 'a'} "
                  f"{ROLES[direction]['typed']})")
 
-    def reply(self, text):
+    def reply(self, text, live=False):
         """One exchange: generate the other side of `text` (with the conversation so far as
         context), keep it in the history and return it labelled."""
         room = min(self.args.max_tokens, MIN_ROOM)
@@ -94,14 +94,36 @@ class ChatSession:
         if dropped:
             far = "oldest" if self.direction == "forward" else "latest"
             self.say(f"(dropped the {far} {dropped} exchange(s): the conversation no longer fits the context)")
-        top_k = None if self.args.top_k < 0 else self.args.top_k
-        with autocast_context(self.engine.device.type):
-            generated = self.engine.chat(self.history.request(text), direction=self.direction, num_samples=1,
-                                         max_tokens=self.args.max_tokens, temperature=self.args.temperature,
-                                         top_k=top_k, seed=self.args.seed + self.exchanges)[0]
+        label = ROLES[self.direction]["label"]
+        sampling = dict(max_tokens=self.args.max_tokens, temperature=self.args.temperature,
+                        top_k=None if self.args.top_k < 0 else self.args.top_k, seed=self.args.seed + self.exchanges)
+        if live:
+            # The same tokens as engine.chat (Engine.stream draws the same random numbers).
+            self.out.write(f"{label}: ")
+            shown = generated = ""
+            for generated in self.engine.chat_stream(self.history.request(text), self.direction, **sampling):
+                visible = generated.lstrip()
+                if visible.startswith(shown) and not visible.endswith("\ufffd"):  # whole characters only
+                    self.out.write(visible[len(shown):])
+                    self.out.flush()
+                    shown = visible
+            self.out.write(generated.strip()[len(shown):] + "\n")
+            self.out.flush()
+        else:
+            with autocast_context(self.engine.device.type):
+                generated = self.engine.chat(self.history.request(text), direction=self.direction, num_samples=1,
+                                             **sampling)[0]
         self.exchanges += 1
         self.history.record(text, generated.strip())
-        return f"{ROLES[self.direction]['label']}: {generated.strip()}"
+        return f"{label}: {generated.strip()}"
+
+    def exchange(self, text):
+        """Reply to `text` and print it. On a terminal a forward answer appears as it is written;
+        a backward question is written right to left, so it is printed when complete."""
+        if self.direction == "forward" and getattr(self.out, "isatty", lambda: False)():
+            self.reply(text, live=True)
+        else:
+            self.say(self.reply(text))
 
     def handle(self, line):
         """Process one input line; False when the session should end."""
@@ -123,7 +145,7 @@ class ChatSession:
                 self.say(f"unknown command {command}; {HELP}")
             return True
         try:
-            self.say(self.reply(line))
+            self.exchange(line)
         except UserError as e:  # e.g. an input too long for the context: report it, keep going
             self.say(f"error: {e}")
         return True
@@ -186,7 +208,7 @@ def main(argv=None, stdin=None, out=None):
     session = ChatSession(Engine(model, tokenizer, meta), initial_direction(meta["direction"], args.direction),
                           args, out or sys.stdout)
     if args.prompt is not None:
-        session.say(session.reply(args.prompt))
+        session.exchange(args.prompt)
         return
     session.loop(stdin or sys.stdin)
 
