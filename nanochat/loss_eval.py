@@ -6,9 +6,11 @@
 Special tokens (BOS, markers) are excluded from both sums. Every document is scored *whole*:
 a document longer than the context is scored in overlapping windows that each start with the
 document's header (BOS, marker) and score only their new tokens, so every text token is a target
-exactly once in every direction, with at least T/2 tokens of context after the first window. The byte denominators are therefore
-identical across directions and forward and backward bpb compare like for like. (Packed
-training rows crop documents at row ends, so they would not give this guarantee.)
+exactly once in every direction, with at least T/2 tokens of context after the first window.
+The byte denominators are therefore identical across directions and forward and backward bpb
+compare like for like. Training rows follow the same convention with less context (T/8): see
+docs/DIRECTIONS.md, "Long documents". `max_tokens` caps what is scored: the last document is cut
+to fit, in reading order.
 """
 
 import math
@@ -23,18 +25,21 @@ from nanochat.direction import DirectionSpec, validate_direction, CONCRETE_DIREC
 
 
 def select_documents(tokenizer, max_tokens, split="val", rank=0, world_size=1, data_dir=None, threads=4):
-    """The evaluation documents as token lists: the first documents of the split until
-    `max_tokens` text tokens in total, then this rank's share (index % world_size == rank).
-    The set does not depend on direction or on the number of processes."""
+    """The evaluation documents as token lists: the first documents of the split, `max_tokens`
+    text tokens in all (the last one cut to fit, in reading order, so the same text is scored in
+    every direction), then this rank's share (index % world_size == rank). The set does not depend
+    on direction or on the number of processes."""
+    from nanochat.direction_dataloader import encode_documents
     source = DocumentSource(split, data_dir)
-    docs, total, batch = [], 0, []
+    docs, total = [], 0
     texts = (text for _, text in source.iter_from())
     while total < max_tokens:
         batch = [t for _, t in zip(range(64), texts)]
         if not batch:
             break
-        for tokens in tokenizer.encode(batch, num_threads=threads):
+        for tokens in encode_documents(tokenizer, batch, threads):
             if tokens and total < max_tokens:
+                tokens = tokens[:max_tokens - total]
                 docs.append(tokens)
                 total += len(tokens)
     return docs[rank::world_size]

@@ -1,0 +1,209 @@
+"""The arrow of time as a study: forward and backward models paired by seed, the gap with an interval.
+
+A study (scripts/arrow_study.py) trains, for every depth and seed, one model per direction on the
+same data through the orchestrator, and scores each on the same held-out documents
+(scripts.base_eval's bits-per-byte matrix). Its record is `<base_dir>/studies/<name>/study.json`:
+
+    {"name": ..., "directions": [...], "seeds": [...], "depths": [...],
+     "experiments": {"d<depth>_s<seed>_<direction>": <experiment id>, ...}, "flags": [...]}
+
+What it measures (docs/DESIGN.md §3, docs/ARROW_OF_TIME.md):
+
+    arrow-of-time gap = bpb(backward model, read backward) / bpb(forward model, read forward) - 1
+
+one value per (depth, seed) pair, then the mean over seeds with a 95% Student-t interval. Positive
+means backward is harder. This is a different number from a model's *cross-direction penalty*
+(one model read against its training direction), which the per-model report shows. A
+bidirectional model, when trained, contributes its own within-model gap
+bpb(bidirectional, backward) / bpb(bidirectional, forward) - 1.
+"""
+
+import json
+import math
+import os
+
+from nanochat.common import UserError, get_base_dir
+from nanochat.loss_eval import list_bpb_evaluations
+
+STUDY_FILE = "study.json"
+SECTION_TITLE = "Arrow of time"
+
+# Two-sided 95% Student-t critical values by degrees of freedom (1..30); 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def studies_dir(base_dir=None):
+    return os.path.join(base_dir or get_base_dir(), "studies")
+
+
+def study_dir(name, base_dir=None):
+    return os.path.join(studies_dir(base_dir), name)
+
+
+def cell_key(depth, seed, direction):
+    return f"d{depth}_s{seed}_{direction}"
+
+
+def mean_interval(values):
+    """(mean, half-width of the 95% interval); the half-width is nan for fewer than 2 values."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def load_study(name_or_dir, base_dir=None):
+    path = name_or_dir if os.path.isdir(name_or_dir) else study_dir(name_or_dir, base_dir)
+    file = os.path.join(path, STUDY_FILE)
+    if not os.path.exists(file):
+        raise UserError(f"no study at {path}: run `python -m scripts.arrow_study --name=...` first")
+    with open(file) as f:
+        return json.load(f)
+
+
+def list_studies(base_dir=None):
+    root = studies_dir(base_dir)
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, STUDY_FILE)))
+
+
+def final_bpb(evaluations_dir):
+    """{concrete direction: bpb} of the latest bpb evaluation in a run's evaluations/, or {}."""
+    found = list_bpb_evaluations(evaluations_dir)
+    if not found:
+        return {}
+    with open(found[-1][1]) as f:
+        record = json.load(f)
+    results = record.get("results", record)
+    return {d: r["bpb"] for d, r in results.items() if isinstance(r, dict) and "bpb" in r}
+
+
+def study_results(study, evaluations_dir_of):
+    """Per depth: the paired cells and the gap statistics.
+
+    `evaluations_dir_of(experiment_id)` gives an experiment's evaluations/ directory. Returns
+    {depth: {"pairs": [{"seed", "forward", "backward", "gap"}], "gap_mean", "gap_ci95",
+    "backward_harder", "bidirectional": [{"seed", "forward", "backward", "gap"}], ...}}.
+    Cells not yet evaluated are left out (a partial study reports what it has)."""
+    out = {}
+    for depth in study["depths"]:
+        pairs, bidi = [], []
+        for seed in study["seeds"]:
+            cells = {}
+            for direction in study["directions"]:
+                exp = study["experiments"].get(cell_key(depth, seed, direction))
+                cells[direction] = final_bpb(evaluations_dir_of(exp)) if exp else {}
+            f = cells.get("forward", {}).get("forward")
+            b = cells.get("backward", {}).get("backward")
+            if f is not None and b is not None:
+                pairs.append({"seed": seed, "forward": f, "backward": b, "gap": b / f - 1,
+                              "forward_model_read_backward": cells["forward"].get("backward"),
+                              "backward_model_read_forward": cells["backward"].get("forward")})
+            bd = cells.get("bidirectional", {})
+            if "forward" in bd and "backward" in bd:
+                bidi.append({"seed": seed, "forward": bd["forward"], "backward": bd["backward"],
+                             "gap": bd["backward"] / bd["forward"] - 1})
+        gaps = [p["gap"] for p in pairs]
+        mean, ci = mean_interval(gaps)
+        bmean, bci = mean_interval([p["gap"] for p in bidi])
+        out[depth] = {"pairs": pairs, "gap_mean": mean, "gap_ci95": ci,
+                      "backward_harder": sum(g > 0 for g in gaps), "n": len(gaps),
+                      "bidirectional": bidi, "bidirectional_gap_mean": bmean, "bidirectional_gap_ci95": bci}
+    return out
+
+
+def _pct(x):
+    return "n/a" if x != x else f"{100 * x:+.2f}%"
+
+
+def _ci(x):
+    return "n/a" if x != x else f"±{100 * x:.2f}%"
+
+
+def markdown(study, results, plot_file=None):
+    """The study table (gap first), the per-seed pairs, and the plot when there is one."""
+    lines = [f"Study `{study['name']}`: {', '.join(study['directions'])} models, seeds "
+             f"{', '.join(map(str, study['seeds']))}, depth {', '.join(map(str, study['depths']))}; every model "
+             "scored on the same held-out documents.",
+             "",
+             "Arrow-of-time gap = bpb(backward model, read backward) / bpb(forward model, read forward) − 1, "
+             "paired by seed; positive = backward is harder. Interval: 95% Student t over seeds.",
+             "",
+             "| depth | seed pairs | gap (mean) | 95% interval | backward harder | forward bpb (mean) | backward bpb (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    for depth, r in results.items():
+        f = [p["forward"] for p in r["pairs"]]
+        b = [p["backward"] for p in r["pairs"]]
+        fm = f"{sum(f) / len(f):.4f}" if f else "n/a"
+        bm = f"{sum(b) / len(b):.4f}" if b else "n/a"
+        lines.append(f"| {depth} | {r['n']} | {_pct(r['gap_mean'])} | {_ci(r['gap_ci95'])} | "
+                     f"{r['backward_harder']} of {r['n']} | {fm} | {bm} |")
+    lines += ["", "Per seed:", "",
+              "| depth | seed | forward model, fwd | backward model, bwd | gap | forward model, bwd | backward model, fwd |",
+              "|---|---|---|---|---|---|---|"]
+    for depth, r in results.items():
+        for p in r["pairs"]:
+            fb, bf = p["forward_model_read_backward"], p["backward_model_read_forward"]
+            lines.append(f"| {depth} | {p['seed']} | {p['forward']:.4f} | {p['backward']:.4f} | {_pct(p['gap'])} | "
+                         f"{'n/a' if fb is None else f'{fb:.4f}'} | {'n/a' if bf is None else f'{bf:.4f}'} |")
+    if any(r["bidirectional"] for r in results.values()):
+        lines += ["", "Bidirectional models (one model, both readings): within-model gap = bpb(bwd) / bpb(fwd) − 1.",
+                  "", "| depth | seeds | within-model gap | 95% interval |", "|---|---|---|---|"]
+        for depth, r in results.items():
+            if r["bidirectional"]:
+                lines.append(f"| {depth} | {len(r['bidirectional'])} | {_pct(r['bidirectional_gap_mean'])} | "
+                             f"{_ci(r['bidirectional_gap_ci95'])} |")
+    if plot_file:
+        lines += ["", f"![arrow-of-time gap against depth]({os.path.basename(plot_file)})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_gap(results, path):
+    """Gap (mean and 95% interval, and each seed) against depth; written only for 2+ depths."""
+    depths = [d for d, r in results.items() if r["n"]]
+    if len(depths) < 2:
+        return None
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = Figure(figsize=(5, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    means = [100 * results[d]["gap_mean"] for d in depths]
+    cis = [0 if results[d]["gap_ci95"] != results[d]["gap_ci95"] else 100 * results[d]["gap_ci95"] for d in depths]
+    ax.errorbar(depths, means, yerr=cis, marker="o", capsize=4, label="mean, 95% interval")
+    for d in depths:
+        ax.scatter([d] * results[d]["n"], [100 * p["gap"] for p in results[d]["pairs"]], s=10, color="gray")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("depth")
+    ax.set_ylabel("arrow-of-time gap (%)")
+    ax.set_title("backward vs forward bits per byte")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def study_section(study, evaluations_dir_of, plots_dir):
+    """(markdown, results) of one study; the plot goes to plots_dir when there are 2+ depths."""
+    results = study_results(study, evaluations_dir_of)
+    plot = plot_gap(results, os.path.join(plots_dir, f"arrow_of_time_{study['name']}.png")) if plots_dir else None
+    return markdown(study, results, plot), results
+
+
+def studies_of(experiment_ids, base_dir=None):
+    """The studies any of `experiment_ids` belongs to (for the report)."""
+    ids = set(experiment_ids)
+    found = []
+    for name in list_studies(base_dir):
+        study = load_study(name, base_dir)
+        if ids & set(study["experiments"].values()):
+            found.append(study)
+    return found

@@ -1,0 +1,113 @@
+"""Arrow-of-time study: forward and backward (optionally bidirectional) models for several seeds
+(and depths) on the same data, each scored on the same held-out documents, the gap paired by seed.
+
+    python -m scripts.arrow_study --name=shakespeare_d2 --seeds=1,2,3 --depths=2 \
+        --num_iterations=300 --max_seq_len=128 --device_batch_size=8 --total_batch_size=1024
+    python -m scripts.arrow_study --name=... --directions=forward,backward,bidirectional --depths=2,4
+
+Each cell (depth, seed, direction) is one experiment trained and evaluated by the orchestrator
+(scripts.run_backward_experiment: base_train, then base_eval's bits-per-byte matrix), with id
+`<name>_d<depth>_s<seed>_<fwd|bwd|bidi>`. Every flag this script does not know is passed to the
+orchestrator verbatim (training flags: --num_iterations, --max_seq_len, ...), so all cells share
+them. Rerunning the same command resumes: completed cells are skipped by the orchestrator.
+The study record is <base_dir>/studies/<name>/study.json; the table (gap first, with a 95%
+interval) and, for several depths, a plot of the gap against depth are written to
+<base_dir>/studies/<name>/study.md and printed. `python -m scripts.report --experiments=<the
+cells>` (or `--study=<name>`) shows the same table. See docs/ARROW_OF_TIME.md.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+from nanochat.arrow_study import STUDY_FILE, cell_key, study_dir, study_section
+from nanochat.common import UserError, add_flag, print0, run_main
+from nanochat.direction import DIRECTIONS, parse_directions
+from nanochat.experiment_config import ExperimentConfig
+
+SHORT = {"forward": "fwd", "backward": "bwd", "bidirectional": "bidi"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Arrow-of-time study: the gap between backward and forward models, by seed")
+    add_flag(p, "name", required=True, help="study name (plain name); experiment ids start with it")
+    add_flag(p, "directions", default="forward,backward", help="forward,backward[,bidirectional]")
+    add_flag(p, "seeds", default="1,2,3", help="comma list of seeds (model init and data draw)")
+    add_flag(p, "depths", default="2", help="comma list of depths")
+    return p
+
+
+def _ints(spec, name):
+    try:
+        values = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{name}={spec!r}: use a comma list of integers")
+    if not values or len(set(values)) != len(values):
+        raise UserError(f"--{name}={spec!r}: give one or more distinct values")
+    return values
+
+
+def plan(args):
+    directions = parse_directions(args.directions, allowed=DIRECTIONS)
+    if not {"forward", "backward"} <= set(directions):
+        raise UserError("--directions must include forward and backward (the gap pairs them)")
+    ExperimentConfig.validate_id(args.name)
+    seeds, depths = _ints(args.seeds, "seeds"), _ints(args.depths, "depths")
+    cells = {cell_key(d, s, x): f"{args.name}_d{d}_s{s}_{SHORT[x]}" for d in depths for s in seeds for x in directions}
+    return directions, seeds, depths, cells
+
+
+def write_study(path, study):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(study, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args, passthrough = build_parser().parse_known_args(argv)
+    for flag in passthrough:
+        if flag.split("=")[0].lstrip("-").replace("-", "_") in ("seed", "direction", "depth", "experiment_id", "phase"):
+            raise UserError(f"{flag}: the study sets --seed, --direction, --depth and the experiment ids itself")
+    directions, seeds, depths, cells = plan(args)
+    folder = study_dir(args.name)
+    path = os.path.join(folder, STUDY_FILE)
+    study = {"name": args.name, "directions": directions, "seeds": seeds, "depths": depths,
+             "experiments": cells, "flags": passthrough,
+             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if (old["flags"], old["directions"]) != (passthrough, directions):
+            raise UserError(f"study {args.name} exists with other flags/directions ({' '.join(old['flags'])}; "
+                            f"{','.join(old['directions'])}): choose another --name")
+        study["created_at"] = old.get("created_at", study["created_at"])
+        # seeds and depths may grow: the new cells join the study
+        study["seeds"] = sorted(set(old["seeds"]) | set(seeds))
+        study["depths"] = sorted(set(old["depths"]) | set(depths))
+        study["experiments"] = {**old["experiments"], **cells}
+    write_study(path, study)
+    print0(f"study {args.name}: {len(cells)} experiments ({len(depths)} depth(s) x {len(seeds)} seed(s) x "
+           f"{len(directions)} direction(s)); record {path}")
+    for n, (depth, seed, direction) in enumerate((d, s, x) for d in depths for s in seeds for x in directions):
+        exp = cells[cell_key(depth, seed, direction)]
+        print0(f"[{n + 1}/{len(cells)}] depth {depth}, seed {seed}, {direction}: experiment {exp}", flush=True)
+        cmd = [sys.executable, "-m", "scripts.run_backward_experiment", "--phase=base", f"--direction={direction}",
+               f"--depth={depth}", f"--experiment_id={exp}", f"--seed={seed}", *passthrough]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"the cell {exp} failed (its output is above); fix it and rerun the same command "
+                            "to resume the study")
+    experiments = ExperimentConfig()
+    text, _ = study_section(study, experiments.evaluations_dir, folder)
+    with open(os.path.join(folder, "study.md"), "w") as f:
+        f.write(f"# {args.name}\n\n{text}")
+    print0("\n" + text)
+    print0(f"study table: {os.path.join(folder, 'study.md')}")
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,177 @@
+"""Learning-rate sweep: which Muon and AdamW learning rates train our models best on a fixed budget.
+
+    python -m scripts.lr_sweep --depths=2,4 --directions=forward,backward --num_iterations=250
+    python -m scripts.lr_sweep --stage=confirm --directions=backward --configs="original:0.04:0.2:0.004"
+
+Each configuration is one real `scripts.base_train` run (a subprocess, so exactly what a user
+runs) on the corpus in $NANOCHAT_BASE_DIR, scored by its final validation bits per byte on the
+same held-out documents. A coordinate sweep, stage by stage at each depth and direction:
+  1. matrix: Muon's lr under both conventions (`--matrix_lr_scaling` original | match_rms_adamw),
+  2. embedding: the AdamW embedding lr, at the best matrix setting,
+  3. unembedding: the AdamW head lr, at the best of the above.
+`--stage=confirm` scores given configurations only (e.g. the winner in the other direction).
+Rows are appended to a JSON-lines file (`--out`, default $NANOCHAT_BASE_DIR/lr_sweep/results.jsonl)
+so an interrupted sweep loses nothing; the table is printed at the end. The sweep's own
+checkpoints are deleted after each run (it keeps numbers only). Results: docs/LR_SWEEP.md.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from nanochat.common import UserError, add_flag, get_base_dir, print0, run_main
+from nanochat.direction import parse_directions
+
+MATRIX_GRID = ("original:0.01", "original:0.02", "original:0.04", "original:0.08",
+               "match_rms_adamw:0.005", "match_rms_adamw:0.01", "match_rms_adamw:0.02")
+DEFAULTS = {"matrix_lr_scaling": "match_rms_adamw", "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Sweep learning rates with real base_train runs")
+    add_flag(p, "depths", default="2,4", help="comma list of depths")
+    add_flag(p, "directions", default="forward", help="comma list of forward, backward, bidirectional")
+    add_flag(p, "stage", default="all", choices=("all", "matrix", "embedding", "unembedding", "confirm"))
+    add_flag(p, "matrix_grid", default=",".join(MATRIX_GRID), help="scaling:lr pairs for stage 1")
+    add_flag(p, "embedding_grid", default="0.1,0.4,0.8")
+    add_flag(p, "unembedding_grid", default="0.002,0.008,0.016")
+    add_flag(p, "configs", default="", help="--stage=confirm: scaling:matrix_lr:embedding_lr:unembedding_lr;...")
+    add_flag(p, "num_iterations", type=int, default=250)
+    add_flag(p, "max_seq_len", type=int, default=128)
+    add_flag(p, "device_batch_size", type=int, default=8)
+    add_flag(p, "total_batch_size", type=int, default=1024)
+    add_flag(p, "eval_tokens", type=int, default=40000, help="validation tokens scored (the same documents every run)")
+    add_flag(p, "seed", type=int, default=42)
+    add_flag(p, "out", default="", help="JSON-lines results file (default $NANOCHAT_BASE_DIR/lr_sweep/results.jsonl)")
+    add_flag(p, "timeout", type=int, default=3600, help="seconds per run")
+    return p
+
+
+def _key(depth, direction, cfg, args):
+    return json.dumps([depth, direction, cfg["matrix_lr_scaling"], cfg["matrix_lr"], cfg["embedding_lr"],
+                       cfg["unembedding_lr"], args.num_iterations, args.max_seq_len, args.total_batch_size,
+                       args.seed])
+
+
+def _load(path):
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row["key"]] = row
+    return rows
+
+
+def run_one(depth, direction, cfg, args, done, out):
+    """Final validation bpb of one base_train run (cached in `out` by configuration)."""
+    key = _key(depth, direction, cfg, args)
+    if key in done:
+        return done[key]["bpb"]
+    tag = f"lrsweep_{os.getpid()}_{len(done)}_{int(time.time())}"
+    cmd = [sys.executable, "-m", "scripts.base_train", f"--direction={direction}", f"--depth={depth}",
+           f"--max_seq_len={args.max_seq_len}", f"--device_batch_size={args.device_batch_size}",
+           f"--total_batch_size={args.total_batch_size}", f"--num_iterations={args.num_iterations}",
+           f"--matrix_lr_scaling={cfg['matrix_lr_scaling']}", f"--matrix_lr={cfg['matrix_lr']}",
+           f"--embedding_lr={cfg['embedding_lr']}", f"--unembedding_lr={cfg['unembedding_lr']}",
+           f"--seed={args.seed}", f"--eval_tokens={args.eval_tokens}", "--eval_every=-1", "--sample_every=-1",
+           "--log_every=50", f"--model_tag={tag}", "--research_log=0"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    shutil.rmtree(os.path.join(get_base_dir(), "base_checkpoints", tag), ignore_errors=True)
+    final = [line for line in proc.stdout.splitlines() if line.startswith("final: ")]
+    if proc.returncode != 0 or not final:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print0(f"  run failed (exit {proc.returncode}): {' | '.join(tail)}")
+        bpb = float("nan")
+    else:
+        bpb = json.loads(final[-1][len("final: "):]).get(f"val_bpb_{direction if direction != 'bidirectional' else 'forward'}")
+    row = dict(key=key, depth=depth, direction=direction, **cfg, bpb=bpb, seconds=round(time.time() - t0, 1))
+    if bpb == bpb:  # a failed run is not recorded: a rerun tries it again
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[key] = row
+    print0(f"  depth {depth} {direction:8s} {cfg['matrix_lr_scaling']:>15s} matrix {cfg['matrix_lr']:<6} "
+           f"emb {cfg['embedding_lr']:<5} unemb {cfg['unembedding_lr']:<6} -> val bpb {bpb:.4f} ({row['seconds']:.0f}s)")
+    return bpb
+
+
+def _best(scored):
+    finite = [(b, c) for c, b in scored if b == b]
+    if not finite:
+        raise UserError("every run of this stage failed; see the messages above")
+    return min(finite, key=lambda t: t[0])[1]
+
+
+def _floats(spec, name):
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{name}={spec!r}: use a comma list of numbers")
+
+
+def sweep(depth, direction, args, done, out):
+    cfg = dict(DEFAULTS)
+    stages = ("matrix", "embedding", "unembedding") if args.stage == "all" else (args.stage,)
+    if "matrix" in stages:
+        scored = []
+        for pair in args.matrix_grid.split(","):
+            scaling, _, lr = pair.partition(":")
+            c = dict(cfg, matrix_lr_scaling=scaling, matrix_lr=float(lr))
+            scored.append((c, run_one(depth, direction, c, args, done, out)))
+        cfg = _best(scored)
+    for stage, name in (("embedding", "embedding_lr"), ("unembedding", "unembedding_lr")):
+        if stage in stages:
+            grid = sorted(set(_floats(getattr(args, f"{stage}_grid"), f"{stage}_grid") + [cfg[name]]))
+            cfg = _best([(dict(cfg, **{name: v}), run_one(depth, direction, dict(cfg, **{name: v}), args, done, out))
+                         for v in grid])
+    return cfg
+
+
+def confirm(depth, direction, args, done, out):
+    for spec in filter(None, args.configs.split(";")):
+        parts = spec.split(":")
+        if len(parts) != 4:
+            raise UserError(f"--configs entry {spec!r}: use scaling:matrix_lr:embedding_lr:unembedding_lr")
+        cfg = dict(matrix_lr_scaling=parts[0], matrix_lr=float(parts[1]), embedding_lr=float(parts[2]),
+                   unembedding_lr=float(parts[3]))
+        run_one(depth, direction, cfg, args, done, out)
+
+
+def print_table(rows):
+    print0("\n| depth | direction | Muon scaling | matrix lr | embedding lr | unembedding lr | val bpb |")
+    print0("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["depth"], r["direction"], r["bpb"] if r["bpb"] == r["bpb"] else 1e9)):
+        print0(f"| {r['depth']} | {r['direction']} | {r['matrix_lr_scaling']} | {r['matrix_lr']} | {r['embedding_lr']} "
+               f"| {r['unembedding_lr']} | {r['bpb']:.4f} |")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    directions = parse_directions(args.directions, allowed=("forward", "backward", "bidirectional"))
+    if args.stage == "confirm" and not args.configs:
+        raise UserError("--stage=confirm needs --configs")
+    out = args.out or os.path.join(get_base_dir(), "lr_sweep", "results.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    done = _load(out)
+    print0(f"lr sweep on {get_base_dir()}: results in {out} ({len(done)} earlier runs reused)")
+    mine = []
+    for depth in depths:
+        for direction in directions:
+            if args.stage == "confirm":
+                confirm(depth, direction, args, done, out)
+            else:
+                best = sweep(depth, direction, args, done, out)
+                print0(f"best at depth {depth}, {direction}: {best}")
+            mine += [r for r in done.values() if r["depth"] == depth and r["direction"] == direction]
+    print_table({r["key"]: r for r in mine}.values())
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
