@@ -23,7 +23,7 @@ from nanochat.core_eval import (CoreBenchmark, centered_accuracy, download_bundl
 from nanochat.direction import DirectionSpec, orient_text_tokens
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer
-from test_cli_errors import assert_one_line_error, copy_base
+from test_cli_errors import copy_base
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "eval_bundle")
 
@@ -285,15 +285,17 @@ def test_base_eval_core_and_bpb(trained):
     assert "CORE (mean centred accuracy)" in result.stdout
 
 
-def test_cli_mistakes_are_one_line_errors(trained, tmp_path):
-    base = trained["base"]
-    bad_eval = run_script("scripts.base_eval", "--eval=bpb,cor", "--model_tag=core_tiny", base_dir=base)
-    assert_one_line_error(bad_eval, "--eval", "core")
-    bad_every = run_script("scripts.base_train", *TRAIN, "--core_metric_every=3", base_dir=base)
-    assert_one_line_error(bad_every, "--core_metric_every=3", "--eval_every=2")
-    no_bundle = run_script("scripts.base_eval", "--eval=core", "--model_tag=core_tiny", "--device_type=cpu",
-                           f"--bundle_dir={tmp_path}", "--overwrite", base_dir=base)
-    assert_one_line_error(no_bundle, "--bundle_dir", "core.yaml")
+def test_cli_mistakes_are_user_errors(trained, tmp_path, monkeypatch):
+    """Refused before any work (run_main turns each into one 'error:' line)."""
+    from scripts import base_eval, base_train
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", trained["base"])
+    with pytest.raises(UserError, match="--eval='bpb,cor'.*core"):
+        base_eval.main(["--eval=bpb,cor", "--model_tag=core_tiny"])
+    with pytest.raises(UserError, match="--core_metric_every=3 must be a multiple of --eval_every=2"):
+        base_train.validate_args(base_train.build_parser().parse_args([*TRAIN, "--core_metric_every=3"]))
+    with pytest.raises(UserError, match="--bundle_dir.*core.yaml"):
+        base_eval.main(["--eval=core", "--model_tag=core_tiny", "--device_type=cpu", f"--bundle_dir={tmp_path}",
+                        "--overwrite"])
 
 
 def test_report_registers_core_rerank_and_consistency_sections(tmp_path):
