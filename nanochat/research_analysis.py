@@ -379,7 +379,7 @@ def _fmt_gap(gap):
 def direction_matrix_markdown(rows):
     """The cross-direction table in Markdown (bpb to 4 decimals, the gap in percent)."""
     lines = ["| experiment | trained direction | depth | step | bpb forward | bpb backward | "
-             "arrow-of-time gap (bwd−fwd)/fwd |",
+             "cross-direction penalty (bwd−fwd)/fwd |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['experiment']} | {r['trained_direction']} | {r['depth']} | {r['step']} | "

@@ -39,7 +39,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from nanochat.common import UserError
-from nanochat.experiment_config import format_lineage
+from nanochat.arrow_study import studies_of, study_section
+from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.research_analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
                                         _matrix_from_rows, _require_log, collect_direction_rows,
                                         experiment_metadata, load_training_curves, per_position_loss,
@@ -193,7 +194,7 @@ def plot_direction_matrix(matrix, output_path):
     ax_gap.set_yticks(positions, labels, fontsize="small")
     ax_gap.invert_yaxis()  # the same row order as the heatmap, top to bottom
     ax_gap.axvline(0, color="black", linewidth=0.8)
-    ax_gap.set(title="arrow-of-time gap (bwd − fwd) / fwd", xlabel="%")
+    ax_gap.set(title="cross-direction penalty (bwd − fwd) / fwd", xlabel="%")
     for pos, g in zip(positions, gaps):
         ax_gap.text(0, pos, f" {100 * g:+.2f}% " if math.isfinite(g) else " not computable",
                     va="center", ha="left" if not math.isfinite(g) or g < 0 else "right", fontsize="small")
@@ -458,7 +459,8 @@ def write_transfer_analysis(output_path, configs, matrix):
     md += ["", "## Bits per byte, trained direction × evaluated direction", ""]
     if matrix["rows"]:
         md += ["Each model read forward and backward on the same held-out documents (docs/DESIGN.md §3, §7); "
-               "gap = (bpb_bwd − bpb_fwd) / bpb_fwd.", "", matrix["markdown"], ""]
+               "cross-direction penalty = (bpb_bwd − bpb_fwd) / bpb_fwd of one model (not the arrow-of-time gap, "
+               "which pairs a backward model with a forward one: scripts.arrow_study).", "", matrix["markdown"], ""]
     else:
         md += ["No bpb evaluation yet.", ""]
     md += [f"- `{i}`: {why}; produce it with `{command}`" for i, why, command in matrix["missing"]]
@@ -521,12 +523,17 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
     if skipped:
         md += ["Left out (no training log): " + "; ".join(f"`{i}` ({why})" for i, why in skipped) + ".", ""]
 
+    # Arrow-of-time studies these experiments belong to: the gap between models, paired by seed, first
+    for study in studies_of(ids, base_dir):
+        text, _ = study_section(study, ExperimentConfig(base_dir).evaluations_dir, work_dir)
+        md += [f"## Arrow of time: study `{study['name']}`", "", text]
+
     # Summary
     rows, missing_evals = collect_direction_rows(dirs)
     row_of = {r["experiment"]: r for r in rows}
     md += ["## Summary", "",
            "| experiment | phase | direction | depth | status | steps logged | final train loss | "
-           "final val bpb fwd | final val bpb bwd | eval bpb fwd | eval bpb bwd | gap |",
+           "final val bpb fwd | final val bpb bwd | eval bpb fwd | eval bpb bwd | cross-direction penalty |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i in ids:
         m, r = metas[i], row_of.get(i)
@@ -562,7 +569,8 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
         matrix = _matrix_from_rows(rows)
         figure = plot_direction_matrix(matrix, os.path.join(work_dir, "direction_matrix.png"))
         md += ["Rows: the trained direction (one row per experiment); columns: the evaluated direction, on the "
-               "same held-out documents. Gap = (bpb_bwd − bpb_fwd) / bpb_fwd.", "",
+               "same held-out documents. Cross-direction penalty = (bpb_bwd − bpb_fwd) / bpb_fwd of one model; "
+               "the arrow-of-time gap compares two models (see the study section).", "",
                matrix["markdown"], "", f"![direction matrix]({_rel(figure.path, work_dir)})", ""]
     else:
         md += ["No experiment in this report has a bpb evaluation, so there is no matrix.", ""]

@@ -17,6 +17,7 @@ without one are left out and listed in the report.
 import argparse
 import sys
 
+from nanochat.arrow_study import load_study, studies_of, study_section
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.experiment_config import ExperimentConfig
 from nanochat.research_analysis import (BASE_LOG_PHASE, collect_direction_rows, direction_matrix_markdown,
@@ -28,6 +29,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Markdown report comparing experiments (curves, bpb matrix, lineage)")
     add_flag(p, "experiments", default=None, help="comma list of experiment ids (or experiment directories)")
     add_flag(p, "all", action="store_true", help="every experiment with a training log")
+    add_flag(p, "study", default=None, help="the experiments of an arrow-of-time study (scripts.arrow_study)")
     add_flag(p, "output_dir", default=None, help="report directory (default <base_dir>/reports/<name or timestamp>)")
     add_flag(p, "output", default=None, help="the report's file instead (figures go to <stem>_figures/ beside it)")
     add_flag(p, "name", default=None, help="report directory name under <base_dir>/reports/")
@@ -38,9 +40,12 @@ def build_parser():
 
 def select_experiments(args):
     """(ids to report on, [(id, why)] left out). Named ids must exist; --all skips unlogged ones."""
-    if bool(args.experiments) == bool(args.all):
-        raise UserError("pass either --experiments=a,b,c or --all")
+    if sum(map(bool, (args.experiments, args.all, args.study))) != 1:
+        raise UserError("pass one of --experiments=a,b,c, --all or --study=<name>")
     experiments = ExperimentConfig()
+    if args.study:
+        study = load_study(args.study)
+        return [e for e in study["experiments"].values() if experiments.exists(e)], []
     if args.experiments:
         ids = [e.strip() for e in args.experiments.split(",") if e.strip()]
         if not ids:
@@ -67,6 +72,8 @@ def main(argv=None):
     path = generate_research_report(ids, output_path=args.output, output_dir=args.output_dir, title=args.title,
                                     name=args.name, phase=args.phase, skipped=skipped)
     print(f"report: {path}")
+    for study in studies_of(ids):
+        print(study_section(study, ExperimentConfig().evaluations_dir, None)[0])
     rows, missing = collect_direction_rows(ids)
     if rows:
         print(direction_matrix_markdown(rows))

@@ -95,3 +95,17 @@ def test_bad_study_inputs(base_dir):
         main(["--name=../x"])
     with pytest.raises(UserError):
         main(["--name=x", "--seeds=1,1"])
+
+
+def test_report_shows_the_study_first(base_dir):
+    flags = ["--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=2",
+             "--eval_tokens=1000"]
+    r = run_script("scripts.arrow_study", "--name=rep", "--seeds=1", "--depths=1", *flags, base_dir=base_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("scripts.report", "--study=rep", base_dir=base_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    path = r.stdout.split("report: ")[1].split()[0]
+    with open(path) as f:
+        text = f.read()
+    assert text.index("Arrow of time: study `rep`") < text.index("## Summary")
+    assert "cross-direction penalty" in text
