@@ -50,13 +50,17 @@ def _ints(spec, name):
     return values
 
 
+def experiment_id(name, depth, seed, direction):
+    return f"{name}_d{depth}_s{seed}_{SHORT[direction]}"
+
+
 def plan(args):
     directions = parse_directions(args.directions, allowed=DIRECTIONS)
     if not {"forward", "backward"} <= set(directions):
         raise UserError("--directions must include forward and backward (the gap pairs them)")
     ExperimentConfig.validate_id(args.name)
     seeds, depths = _ints(args.seeds, "seeds"), _ints(args.depths, "depths")
-    cells = {cell_key(d, s, x): f"{args.name}_d{d}_s{s}_{SHORT[x]}" for d in depths for s in seeds for x in directions}
+    cells = {cell_key(d, s, x): experiment_id(args.name, d, s, x) for d in depths for s in seeds for x in directions}
     return directions, seeds, depths, cells
 
 

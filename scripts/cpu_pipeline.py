@@ -1,6 +1,7 @@
-"""The whole pipeline on a CPU, offline, in minutes: built-in corpus -> tokenizer -> a forward,
-a backward and a bidirectional base model (through the experiment orchestrator) -> bits per
-byte of each in both directions -> a research report.
+"""The whole pipeline on a CPU, offline, in minutes: built-in corpus -> tokenizer -> an
+arrow-of-time study (forward and backward base models for two seeds, through the experiment
+orchestrator) and a bidirectional model -> bits per byte of each in both directions -> a research
+report that opens with the study's gap and its 95% interval.
 
     bash runcpu.sh                       # sets up .venv, then runs this
     python -m scripts.cpu_pipeline       # same, in an existing environment
@@ -18,7 +19,6 @@ import time
 
 from nanochat.common import UserError, add_flag, get_base_dir, run_main
 from nanochat.dataset import list_shards, data_dir
-from nanochat.direction import DIRECTIONS
 from nanochat.tokenizer import tokenizer_dir
 
 
@@ -35,7 +35,8 @@ def run(step, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="CPU pipeline: data -> tokenizer -> 3 base models -> bpb matrix -> report")
-    add_flag(p, "tag", default="cpu", help="experiment ids are <tag>_d<depth>_<direction>")
+    add_flag(p, "tag", default="cpu", help="study name; experiment ids are <tag>_d<depth>_s<seed>_<fwd|bwd|bidi>")
+    add_flag(p, "seeds", default="1,2", help="seeds of the forward/backward pairs (2+ give an interval)")
     add_flag(p, "depth", type=int, default=4)
     add_flag(p, "max_seq_len", type=int, default=128)
     add_flag(p, "device_batch_size", type=int, default=8)
@@ -58,20 +59,22 @@ def main(argv=None):
         run("tokenizer", ["scripts.tok_train", f"--vocab_size={args.vocab_size}", f"--max_chars={args.tokenizer_chars}"])
         run("tokenizer eval", ["scripts.tok_eval", "--max_docs=500"])
 
-    ids = []
-    for i, direction in enumerate(DIRECTIONS):
-        exp_id = f"{args.tag}_d{args.depth}_{direction}"
-        ids.append(exp_id)
-        run(f"base model {i + 1}/3 ({direction})", [
-            "scripts.run_backward_experiment", "--phase=base", f"--direction={direction}", f"--depth={args.depth}",
-            f"--experiment_id={exp_id}", f"--max_seq_len={args.max_seq_len}",
-            f"--device_batch_size={args.device_batch_size}", f"--total_batch_size={args.device_batch_size * args.max_seq_len}",
-            f"--num_iterations={args.num_iterations}", f"--eval_every={max(1, args.num_iterations // 3)}",
-            # a lighter validation during training; the final matrix uses --eval_tokens
-            f"--eval_tokens={args.eval_tokens}", f"--base.eval_tokens={max(1, args.eval_tokens // 4)}",
-            "--eval_directions=forward,backward",
-            f"--log_every={max(1, args.num_iterations // 20)}", "--sample_every=-1", "--device_type=cpu",
-        ])
+    common = [f"--max_seq_len={args.max_seq_len}", f"--device_batch_size={args.device_batch_size}",
+              f"--total_batch_size={args.device_batch_size * args.max_seq_len}",
+              f"--num_iterations={args.num_iterations}", f"--eval_every={max(1, args.num_iterations // 3)}",
+              # a lighter validation during training; the final matrix uses --eval_tokens
+              f"--eval_tokens={args.eval_tokens}", f"--base.eval_tokens={max(1, args.eval_tokens // 4)}",
+              f"--log_every={max(1, args.num_iterations // 20)}", "--sample_every=-1", "--device_type=cpu"]
+    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
+    run(f"arrow-of-time study: forward and backward, seeds {', '.join(seeds)}", [
+        "scripts.arrow_study", f"--name={args.tag}", f"--seeds={','.join(seeds)}", f"--depths={args.depth}",
+        "--directions=forward,backward", *common])
+    ids = [f"{args.tag}_d{args.depth}_s{s}_{d}" for s in seeds for d in ("fwd", "bwd")]
+    bidi = f"{args.tag}_d{args.depth}_s{seeds[0]}_bidi"
+    run("bidirectional model", [
+        "scripts.run_backward_experiment", "--phase=base", "--direction=bidirectional", f"--depth={args.depth}",
+        f"--experiment_id={bidi}", f"--seed={seeds[0]}", "--eval_directions=forward,backward", *common])
+    ids.append(bidi)
     run("report", ["scripts.report", f"--experiments={','.join(ids)}", f"--title=CPU pipeline ({args.tag})"])
     print(f"\nCPU pipeline finished in {time.time() - t0:.0f}s. Experiments: {', '.join(ids)} "
           f"in {os.path.join(base, 'experiments')}", flush=True)
