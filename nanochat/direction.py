@@ -316,10 +316,7 @@ class DirectionSpec:
         grows towards its beginning by prepending each new exchange.
         """
         from nanochat.tokenizer import normalize_messages
-        validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
-        if self.direction != "bidirectional" and concrete_direction != self.direction:
-            raise _user_error(f"a {self.direction} model cannot generate {concrete_direction}; "
-                              f"only a bidirectional model does both")
+        self.generation_direction(concrete_direction)
         bos = tokenizer.get_bos_token_id()
         if concrete_direction == "forward":
             body = tokenizer.render_for_completion(conversation)[1:]
@@ -341,6 +338,46 @@ class DirectionSpec:
     def target_mask_ids(self):
         """Token ids that must never be loss targets (the markers: control inputs, not text)."""
         return self.marker_ids
+
+    # ---- policy: what this model can do, asked here instead of re-derived by callers ----------
+    def generation_directions(self):
+        """The concrete directions this model generates and is natively scored in."""
+        return list(CONCRETE_DIRECTIONS) if self.direction == "bidirectional" else [self.direction]
+
+    def default_generation_direction(self):
+        """What a generation without an explicit direction uses: a bidirectional model reads forward."""
+        return "forward" if self.direction == "bidirectional" else self.direction
+
+    def generation_direction(self, requested=None):
+        """`requested` (or the default) if this model can generate it, else one clear UserError."""
+        concrete = self.default_generation_direction() if requested is None else requested
+        validate_direction(concrete, CONCRETE_DIRECTIONS)
+        if concrete not in self.generation_directions():
+            raise _user_error(f"this model was trained {self.direction}: it cannot generate {concrete} "
+                              "(only a bidirectional model does both)")
+        return concrete
+
+    # ---- checkpoint metadata: the direction goes in and out as one thing ------------------------
+    def to_meta(self):
+        """What a checkpoint records about how this model's data was oriented (meta["direction_spec"])."""
+        return self.describe()
+
+    @classmethod
+    def from_meta(cls, meta):
+        """The spec a checkpoint's metadata describes (its "direction_spec", or the older separate
+        "direction" / "bos_id" / "marker_ids" fields)."""
+        spec = meta.get("direction_spec") or {}
+        direction = spec.get("direction", meta.get("direction"))
+        if direction is None:
+            raise _user_error("checkpoint metadata has no direction; it was not written by this project")
+        markers = meta.get("marker_ids") or {}
+        bos = spec.get("bos_id", meta.get("bos_id"))
+        if bos is None:
+            raise _user_error("checkpoint metadata has no BOS id; it was not written by this project")
+        return cls(direction, bos, spec.get("forward_marker_id", markers.get("forward")),
+                   spec.get("backward_marker_id", markers.get("backward")),
+                   seed=spec.get("seed") or 0,
+                   p_backward=spec.get("p_backward") if spec.get("p_backward") is not None else 0.5)
 
     def describe(self):
         """What a checkpoint records about how this model's data was oriented."""

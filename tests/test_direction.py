@@ -272,3 +272,25 @@ def test_position_directions_in_a_packed_bidirectional_row():
 def test_position_directions_one_way():
     assert spec_for("backward").position_directions([BOS, 1, 2, BOS, 3]) == ["backward"] * 5
     assert spec_for("forward").position_directions([BOS, 1]) == ["forward"] * 2
+
+
+def test_spec_meta_round_trip_and_generation_policy():
+    from nanochat.common import UserError
+    from nanochat.direction import DirectionSpec
+    bidi = DirectionSpec("bidirectional", 1, 7, 8, seed=3, p_backward=0.25)
+    again = DirectionSpec.from_meta({"direction_spec": bidi.to_meta()})
+    assert again.to_meta() == bidi.to_meta()
+    legacy = DirectionSpec.from_meta({"direction": "bidirectional", "bos_id": 1,
+                                      "marker_ids": {"forward": 7, "backward": 8}})
+    assert (legacy.forward_id, legacy.backward_id, legacy.bos_id) == (7, 8, 1)
+    assert bidi.generation_directions() == ["forward", "backward"]
+    assert bidi.generation_direction() == "forward" and bidi.generation_direction("backward") == "backward"
+    bwd = DirectionSpec("backward", 1)
+    assert bwd.generation_directions() == ["backward"] and bwd.generation_direction() == "backward"
+    with pytest.raises(UserError) as e:
+        bwd.generation_direction("forward")
+    assert "only a bidirectional model does both" in str(e.value)
+    with pytest.raises(UserError):
+        bidi.generation_direction("sideways")
+    with pytest.raises(UserError):
+        DirectionSpec.from_meta({"direction_spec": {}})
