@@ -381,3 +381,25 @@ def test_resume_mid_document_gives_identical_batches(long_known, direction):
     got = take(make_loader(direction, resume_state=state, **opts), 8)
     for (xe, ye), (xg, yg) in zip(expected, got):
         assert torch.equal(xe, xg) and torch.equal(ye, yg)
+
+
+def test_a_giant_document_alone_in_the_split_trains_at_once(corpus_template, tmp_path, monkeypatch):
+    """Issue: one 54 MB document alone in the train split gave no step in 300 s (it was re-read
+    and buffered 256 times). Now it is read once, tokenized in pieces, and rows flow at once."""
+    from nanochat.dataset import write_shards
+    d = str(tmp_path / "giant")
+    shutil.copytree(corpus_template["dir"], d)
+    shutil.rmtree(os.path.join(d, "base_data"))
+    giant = "\n".join(corpus_template["train"] * 8)  # ~1.3 MB, > MAX_ENCODE_CHARS
+    write_shards([giant], os.path.join(d, "base_data"), 1)
+    write_shards(corpus_template["val"], os.path.join(d, "base_data"), 200, start_index=1)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", d)
+    loader = make_loader("backward", B=4)
+    batches = take(loader, 5)
+    stream = loader.streams[0]
+    assert len(stream.pieces) + (stream.carry is not None) == 1  # held once
+    assert all(torch.equal(b[0][:, 0], torch.full((4,), stream.spec.bos_id)) for b in batches)
+    tok = get_tokenizer(d)
+    whole = tok.encode(giant)
+    # tokenized in pieces cut after newlines: the same tokens as whole, give or take the cut points
+    assert abs(len(stream.carry.row) - 1 - len(whole)) <= 4

@@ -159,3 +159,16 @@ def test_bidirectional_long_document_windows_keep_the_marker(corpus_template, to
         res = bpb(model, tok, token_bytes, [t], directions=[direction], trained="bidirectional", T=T)[direction]
         assert res["tokens"] == len(t)
         assert math.isclose(res["nats"], nats, rel_tol=1e-4)
+
+
+def test_eval_tokens_caps_what_is_scored(base_dir):
+    """--eval_tokens is a cap: a first document longer than it is cut (in reading order)."""
+    from nanochat.loss_eval import select_documents
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    docs = select_documents(tok, 10)
+    assert sum(map(len, docs)) == 10 and len(docs) == 1
+    full = select_documents(tok, 10_000_000)
+    assert docs[0] == full[0][:10]
+    capped = select_documents(tok, 333)
+    assert sum(map(len, capped)) == 333 and capped[:-1] == full[:len(capped) - 1]
