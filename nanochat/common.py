@@ -19,9 +19,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-# Direction helpers have one home (nanochat.direction); they are re-exported here because
-# the seed plan documents them as part of the common runtime.
-from nanochat.direction import validate_direction, reverse_tokens  # noqa: F401
+
+def __getattr__(name):
+    """`from nanochat.common import validate_direction, reverse_tokens` (the plan's interface) without
+    an import of nanochat.direction here: this module imports nothing from the package, so every
+    other module can import it (PEP 562 module __getattr__)."""
+    if name in ("validate_direction", "reverse_tokens"):
+        from nanochat import direction
+        return getattr(direction, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UserError(ValueError):

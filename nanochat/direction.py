@@ -16,6 +16,8 @@ Documents are oriented one by one *before* packing: reversing a packed window wo
 later document's BOS at its end and glue documents together back to front.
 """
 
+from nanochat.common import UserError
+
 DIRECTIONS = ("forward", "backward", "bidirectional")
 CONCRETE_DIRECTIONS = ("forward", "backward")
 FORWARD_MARKER = "<|forward|>"
@@ -23,8 +25,6 @@ BACKWARD_MARKER = "<|backward|>"
 
 
 def _user_error(msg):
-    # Imported lazily: nanochat.common imports this module.
-    from nanochat.common import UserError
     return UserError(msg)
 
 
