@@ -24,9 +24,10 @@ from nanochat.common import UserError
 
 MAX_NAME_LEN = 128
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
-# Temporary names this project writes: `<file>.tmp<pid>` (checkpoints), `<file>.tmp` (shards,
-# evaluations, tokenizer), `.<file>.<random>.tmp` (experiment configs).
-_TEMP_PATTERN = re.compile(r"(\.tmp\d*$)|(\.tmp\.)|(^\..+\.tmp$)")
+# Temporary names this project writes: `<file>.tmp<pid>` (checkpoints, evaluations), `<file>.tmp`
+# (shards), `<name>.tmp.npy` / `<file>.tmp<pid>.png` (tokenizer, figures), `.<file>.<random>.tmp`
+# (experiment configs).
+_TEMP_PATTERN = re.compile(r"(\.tmp\d*$)|(\.tmp\d*\.)|(^\..+\.tmp$)")
 
 
 def validate_name(name, what="tag"):

@@ -490,6 +490,17 @@ def test_disk_full_is_one_message_and_leaves_no_partial_step(tmp_path, monkeypat
     assert os.listdir(tmp_path) == [], "no temporary file and no orphan optimizer file may remain"
 
 
+def test_temporary_file_names_of_every_writer_are_recognised(tmp_path):
+    from nanochat.paths import remove_stale_temporaries
+    temporary = ["model_000002.pt.tmp123", "bpb_step000002.json.tmp", "token_bytes.tmp.npy", "gap.png.tmp77.png",
+                 ".config.json.abc123.tmp"]
+    kept = ["model_000002.pt", "meta_000002.json", "bpb_step000002.json", "base_training.attempt1.h5"]
+    for name in temporary + kept:
+        (tmp_path / name).write_text("x")
+    assert sorted(remove_stale_temporaries(str(tmp_path))) == sorted(temporary)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
 def test_leftovers_of_a_killed_save_are_removed_on_the_next_run(base_dir, capsys):
     train("--num_iterations=2")
     d = ckpt_dir(base_dir)
