@@ -86,6 +86,12 @@ def muon_momentum(step, ramp_steps=300):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def _is_muon(opt):
+    # torch.optim.Muon or this project's batched Muon (nanochat/muon.py), which is not its subclass.
+    from nanochat.muon import Muon
+    return isinstance(opt, (torch.optim.Muon, Muon))
+
+
 def set_learning_rates(optimizers, step, num_iterations, init_lr_frac=1.0, **schedule):
     """Apply the schedule (lr_multiplier) to every group, and Muon's momentum ramp; returns the
     multiplier."""
@@ -93,7 +99,7 @@ def set_learning_rates(optimizers, step, num_iterations, init_lr_frac=1.0, **sch
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * init_lr_frac * mult
-        if isinstance(opt, torch.optim.Muon):
+        if _is_muon(opt):
             for group in opt.param_groups:
                 group["momentum"] = muon_momentum(step)
     return mult
