@@ -43,6 +43,9 @@ class Prefetcher:
 
     `wait_seconds` accumulates the time the consumer spent blocked waiting for a batch (the
     data wait of the training step); `last_wait_seconds` is that of the latest `next()`.
+    The wrapped loader runs ahead: its attributes that describe "the latest batch" (such as
+    ConversationBatches.last_directions) belong to a batch not yet consumed; only `state_dict()`
+    is kept in step with the consumer.
     """
 
     def __init__(self, loader, depth=2, device=None):
