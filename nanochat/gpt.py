@@ -207,7 +207,8 @@ MATRIX_LR_SCALINGS = ADJUST_LR_FNS
 
 class GPT(nn.Module):
     # Rows of the batch whose logits are held at once by the training loss (None: as many as
-    # keep one chunk's fp32 logits near 512 MB). `chunked_loss = False` selects the plain path.
+    # keep one chunk's fp32 logits near 1 GB: 8 chunks at B=32, T=2048, V=32768; fewer chunks
+    # mean fewer fp32 additions of the head gradient). `chunked_loss = False` selects the plain path.
     chunked_loss = True
     loss_chunk_rows = None
 
@@ -331,7 +332,7 @@ class GPT(nn.Module):
         B, T, d = x.shape
         head = self.lm_head.weight
         if self.chunked_loss and loss_reduction in ("mean", "sum"):
-            rows = self.loss_chunk_rows or max(1, 2 ** 27 // head.size(0))
+            rows = self.loss_chunk_rows or max(1, 2 ** 28 // head.size(0))
             return LinearCrossEntropy.apply(x.reshape(B * T, d), head, targets.reshape(-1), loss_reduction, rows)
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
