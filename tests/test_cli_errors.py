@@ -116,6 +116,14 @@ def garbage_model_file(base):
         f.write(b"garbage " * 100)
 
 
+def truncate_tokenizer_json(base):
+    path = os.path.join(base, "tokenizer", "tokenizer.json")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text[: len(text) // 2])
+
+
 class Case(NamedTuple):
     module: str
     args: list
@@ -135,6 +143,14 @@ CASES = {
     "core_metric_every": Case(TRAIN, ["--core_metric_every=5", *TINY], ("core_metric_every",)),
     "tokenizer_without_markers": Case(TRAIN, ["--direction=bidirectional", *TINY], ("marker",),
                                       tokenizer_without_markers),
+    # base_train: names, numbers, files (the safety review's "Tracebacks" list)
+    "model_tag_is_a_path": Case(TRAIN, ["--model_tag=../../x", *TINY], ("invalid model tag", "../../x")),
+    "nan_learning_rate": Case(TRAIN, [*TINY, "--matrix_lr=nan"], ("--matrix_lr=nan", "finite")),
+    "log_every_0": Case(TRAIN, [*TINY, "--log_every=0"], ("--log_every=0",)),
+    "corrupt_tokenizer_json": Case(TRAIN, TINY, ("tokenizer.json is corrupt", "tok_train"), truncate_tokenizer_json),
+    "resume_larger_max_seq_len": Case(TRAIN, [f"--model_tag={TINY_TAG}", f"--resume_from_step={TINY_STEP}", *TINY,
+                                              "--max_seq_len=128", "--num_iterations=3"],
+                                      ("--max_seq_len=128", "checkpoint: 64"), checkpoint=True),
     # base_train: data
     "no_shards": Case(TRAIN, TINY, ("no shards", "nanochat.dataset"), remove_shards),
     "empty_shard": Case(TRAIN, TINY, ("shard_00000.parquet", "empty"), empty_shard),
