@@ -286,6 +286,37 @@ def test_sigterm_to_the_orchestrator_stops_the_phase_and_marks_it_failed(base_di
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def test_kill_9_of_the_orchestrator_alone_takes_its_trainer_down_and_a_rerun_is_alone(base_dir, tmp_path):
+    # The orchestrator cannot forward anything when SIGKILLed: its trainer must stop by itself
+    # (parent-death signal), and while a trainer of the experiment lives nobody else may start one.
+    ec = ExperimentConfig(base_dir)
+    args = ["--phase=base", "--direction=forward", "--experiment_id=orphan", "--eval_directions=none", *LONG]
+    out = tmp_path / "out.txt"
+    process = start_orchestrator(base_dir, args, out)
+    deadline = time.time() + 120
+    while last_step_printed(out.read_text()) < 5:
+        assert process.poll() is None and time.time() < deadline, out.read_text()
+        time.sleep(0.02)
+    process.kill()  # the orchestrator only: its trainer is not signalled by us
+    process.wait()
+    deadline = time.time() + 60
+    while True:  # every process of the session ends (the trainer stops after its current step)
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() < deadline, "the trainer outlived its orchestrator"
+        time.sleep(0.1)
+    assert "stopped by SIGTERM after step" in out.read_text()
+    stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", out.read_text()).group(1))
+    assert_contiguous_steps(log_file(ec, "orphan"), last=stopped_at)
+
+    r = orchestrate(base_dir, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ec.load_config("orphan")["status"] == "completed"
+    assert_contiguous_steps(log_file(ec, "orphan"), last=150)
+
+
 # ------------------------------------------------------------------------ chains and branching
 
 def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
