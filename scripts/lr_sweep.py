@@ -9,7 +9,8 @@ same held-out documents. A coordinate sweep, stage by stage at each depth and di
   1. matrix: Muon's lr under both conventions (`--matrix_lr_scaling` original | match_rms_adamw),
   2. embedding: the AdamW embedding lr, at the best matrix setting,
   3. unembedding: the AdamW head lr, at the best of the above.
-`--stage=confirm` scores given configurations only (e.g. the winner in the other direction).
+`--stage=confirm` scores given configurations only (e.g. the winner in the other direction);
+`--stage=table` prints the table of a results file.
 Rows are appended to a JSON-lines file (`--out`, default $NANOCHAT_BASE_DIR/lr_sweep/results.jsonl)
 so an interrupted sweep loses nothing; the table is printed at the end. The sweep's own
 checkpoints are deleted after each run (it keeps numbers only). Results: docs/LR_SWEEP.md.
@@ -35,7 +36,8 @@ def build_parser():
     p = argparse.ArgumentParser(description="Sweep learning rates with real base_train runs")
     add_flag(p, "depths", default="2,4", help="comma list of depths")
     add_flag(p, "directions", default="forward", help="comma list of forward, backward, bidirectional")
-    add_flag(p, "stage", default="all", choices=("all", "matrix", "embedding", "unembedding", "confirm"))
+    add_flag(p, "stage", default="all", choices=("all", "matrix", "embedding", "unembedding", "confirm", "table"),
+             help="table: print the table of the results file only")
     add_flag(p, "matrix_grid", default=",".join(MATRIX_GRID), help="scaling:lr pairs for stage 1")
     add_flag(p, "embedding_grid", default="0.1,0.4,0.8")
     add_flag(p, "unembedding_grid", default="0.002,0.008,0.016")
@@ -160,6 +162,11 @@ def main(argv=None):
     out = args.out or os.path.join(get_base_dir(), "lr_sweep", "results.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     done = _load(out)
+    if args.stage == "table":
+        if not done:
+            raise UserError(f"no results in {out}")
+        print_table(done.values())
+        return
     print0(f"lr sweep on {get_base_dir()}: results in {out} ({len(done)} earlier runs reused)")
     mine = []
     for depth in depths:
