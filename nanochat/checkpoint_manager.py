@@ -38,6 +38,7 @@ SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "cha
 # A model config is checked against its weights before anything is allocated; beyond this many
 # parameters a meta file is taken to be corrupt rather than tried.
 MAX_PARAMS = 10**12
+_SIZE_FIELDS = ("vocab_size", "sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")
 _STEP_FILE = re.compile(r"(?:model|meta|optim)_(\d+)(?:_rank\d+)?\.(?:pt|json)")
 
 
@@ -286,9 +287,10 @@ def _check_config_fits_weights(config, model_state, where):
     """Compare the config's parameter shapes (built on the meta device: nothing is allocated)
     with the saved tensors, so an absurd or tampered config is refused before any allocation."""
     from nanochat.gpt import GPT
-    values = [v for v in vars(config).values()]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
-        raise UserError(f"{where}: the model config {config.to_dict()} has non-positive or non-numeric values")
+    sizes = {k: getattr(config, k, None) for k in _SIZE_FIELDS if hasattr(config, k)}
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
+    if bad:
+        raise UserError(f"{where}: the model config has sizes that are not positive integers: {bad}")
     try:
         with torch.device("meta"):
             skeleton = GPT(config)

@@ -548,6 +548,9 @@ def test_an_absurd_model_config_is_refused_before_allocating(base_dir):
     _edit_json(meta_path(ckpt_dir(base_dir), 1), lambda m: m["model_config"].update(n_embd=128, vocab_size=384))
     with pytest.raises(UserError, match="does not match the saved weights"):
         build_model(ckpt_dir(base_dir), 1, "cpu")
+    _edit_json(meta_path(ckpt_dir(base_dir), 1), lambda m: m["model_config"].update(n_layer=-3))
+    with pytest.raises(UserError, match="not positive integers"):
+        build_model(ckpt_dir(base_dir), 1, "cpu")
 
 
 def test_an_experiment_id_that_is_a_plain_tag_is_refused(base_dir):
