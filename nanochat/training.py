@@ -16,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint_manager import NonFiniteWeights
 from nanochat.common import UserError, all_reduce_mean
 
 # Peak dense bf16 throughput used for MFU (per GPU).
@@ -311,7 +312,7 @@ def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, ev
             return _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, save, save_every,
                          sample, sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress)
         except UserError as e:
-            if not isinstance(e, TrainingDiverged) and type(e).__name__ != "NonFiniteWeights":
+            if not isinstance(e, (TrainingDiverged, NonFiniteWeights)):
                 raise
             where = (f"the last good checkpoint is step {progress['saved']}" if progress["saved"] is not None
                      else "no checkpoint was saved")
