@@ -112,6 +112,11 @@ def _try_lock(path, what, wait_s=0.0):
                 time.sleep(0.1)
                 continue
             holder = _read_holder(path)
+            for _ in range(20):  # the holder may have locked but not yet written its pid
+                if holder is not None:
+                    break
+                time.sleep(0.05)
+                holder = _read_holder(path)
             os.close(fd)
             who = f"process {holder}" if holder else "another process"
             raise _user_error(f"{what} is in use by {who} (lock {path}); wait for it to finish or stop it first: "

@@ -195,3 +195,22 @@ def test_resume_with_a_contradicting_direction(resume_runs):
     result = run_script("scripts.base_train", *args, "--model_tag=full", "--resume_from_step=4", base_dir=base)
     assert_one_line_error(result, "--direction=backward", "bidirectional")
     assert snapshot(base) == before
+
+
+def test_two_runs_started_together_on_one_tag_cannot_both_write(base_dir):
+    # The "already holds checkpoints" check alone is racy; the run lock is not: exactly one run
+    # trains, the other fails at once naming the process that holds the run.
+    args = ["--direction=forward", "--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--total_batch_size=-1",
+            "--num_iterations=200", "--eval_every=-1", "--eval_tokens=128", "--sample_every=-1", "--device_type=cpu",
+            "--log_every=50", "--model_tag=race"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: run_script("scripts.base_train", *args, base_dir=base_dir), range(2)))
+    codes = sorted(r.returncode for r in results)
+    assert codes == [0, 2], [r.stderr for r in results]
+    loser = next(r for r in results if r.returncode == 2)
+    line = assert_one_line_error(loser)
+    # Usually the runs overlap and the lock refuses the second; on a machine slow enough that one
+    # finishes before the other starts, the existing-checkpoint check refuses it instead.
+    assert "in use by process" in line or "already holds checkpoints" in line, line
+    from nanochat.checkpoint_manager import list_steps
+    assert list_steps(os.path.join(base_dir, "base_checkpoints", "race")) == [200]
