@@ -153,7 +153,7 @@ def validate_args(args):
                         "the warmup and the warmdown would overlap")
 
 
-def resolve_model_data_flags(args, meta, checkpoint_dir):
+def resolve_model_data_flags(args, meta, checkpoint_dir, world_size=1):
     """Fill the model/data flags left unset; on resume check the ones given against the checkpoint."""
     if meta is None:
         for name, default in MODEL_DATA_DEFAULTS.items():
@@ -175,12 +175,20 @@ def resolve_model_data_flags(args, meta, checkpoint_dir):
             setattr(args, name, given if given is not None else MODEL_DATA_DEFAULTS.get(name))
         elif given is None:
             setattr(args, name, old)
+        elif name == "total_batch_size" and _tokens_per_step(args, given, world_size) == meta.get("tokens_per_step"):
+            pass  # -1 and its explicit value B*T*world are the same batch
         elif given != old:
             differ.append(f"--{name}={given} (checkpoint: {old})")
     if differ:
         raise UserError(f"--resume_from_step={args.resume_from_step}: {', '.join(differ)} would change the model or "
                         f"the order of the data of the run in {checkpoint_dir}; drop these flags to continue with the "
                         "checkpoint's values, or train a new run under another --model_tag")
+
+
+def _tokens_per_step(args, total_batch_size, world_size):
+    if total_batch_size == -1:
+        return args.device_batch_size * args.max_seq_len * world_size
+    return total_batch_size
 
 
 def schedule_changes(args, num_iterations, meta):
@@ -292,7 +300,7 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
     resume_meta = load_meta(checkpoint_dir, args.resume_from_step) if resuming else None
     if resume_meta is not None:
         check_tokenizer_matches(resume_meta, tokenizer)
-    resolve_model_data_flags(args, resume_meta, checkpoint_dir)
+    resolve_model_data_flags(args, resume_meta, checkpoint_dir, world_size)
     refuse_overwrite(args, checkpoint_dir, resuming, existing, later)
     B, T = args.device_batch_size, args.max_seq_len
     grad_accum = grad_accum_steps_for(args.total_batch_size, B, T, world_size)

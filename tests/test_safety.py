@@ -388,6 +388,10 @@ def test_resume_refuses_changed_model_and_data_flags_naming_them(base_dir):
         train("--num_iterations=3", "--resume_from_step=2", "--depth=2", "--max_seq_len=64")
     with pytest.raises(UserError, match="--seed=7"):
         train("--num_iterations=3", "--resume_from_step=2", "--seed=7")
+    with pytest.raises(UserError, match=r"--total_batch_size=128 \(checkpoint: -1\)"):
+        train("--num_iterations=3", "--resume_from_step=2", "--total_batch_size=128")
+    train("--num_iterations=3", "--resume_from_step=2", "--total_batch_size=64")  # = B*T: the same batch
+    assert steps_of(base_dir) == [2, 3]
 
 
 def test_resume_applies_changed_learning_rates_and_records_them(base_dir):
