@@ -86,12 +86,16 @@ def _read_holder(path):
         return None
 
 
-def _try_lock(path, what, wait_s=0.0):
-    """An fd holding an exclusive lock on `path`, or a UserError naming the holder."""
+def _open_lock_file(path):
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise _user_error(f"cannot create the lock file {path}: {e.strerror or e}; is the base dir writable?") from None
+
+
+def _try_lock(path, what, wait_s=0.0):
+    """An fd holding an exclusive lock on `path`, or a UserError naming the holder."""
+    fd = _open_lock_file(path)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -106,7 +110,7 @@ def _try_lock(path, what, wait_s=0.0):
             if same:
                 break
             os.close(fd)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(path)
         except OSError:
             if time.monotonic() < deadline:
                 time.sleep(0.1)
