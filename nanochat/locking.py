@@ -1,4 +1,4 @@
-"""One writer per run directory: an OS file lock held for the life of the process.
+"""One writer per run directory: an OS file lock held for the life of the process (docs/SAFETY.md).
 
 `acquire_run_lock(run_dir)` takes an exclusive `fcntl.flock` on `<run_dir>/.lock` and writes the
 holder's pid into it. The kernel releases the lock when the process dies (even by SIGKILL), so a

@@ -1,4 +1,4 @@
-"""Names that become paths, and the few file operations every writer shares.
+"""Names that become paths, and the few file operations every writer shares (docs/SAFETY.md).
 
 Tags (`--model_tag`, `--output_tag`) and experiment ids become directory names under the base
 dir. `validate_name` is the one gate they all pass (checkpoint_manager.checkpoint_dir_for and
