@@ -26,6 +26,7 @@ from nanochat.common import UserError, get_base_dir
 from nanochat.loss_eval import list_bpb_evaluations
 
 STUDY_FILE = "study.json"
+POSITIONS_FILE = "positions.json"  # bits per byte by position in the document, per pair
 SECTION_TITLE = "Arrow of time"
 
 # Two-sided 95% Student-t critical values by degrees of freedom (1..30); 1.96 beyond.
@@ -166,6 +167,39 @@ def markdown(study, results, plot_file=None):
     return "\n".join(lines) + "\n"
 
 
+def load_positions(study, base_dir=None):
+    path = os.path.join(study_dir(study["name"], base_dir), POSITIONS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def positions_markdown(tables):
+    """Where the gap comes from: per position bucket (reading direction), the mean over seeds of
+    the forward and backward bits per byte and of the gap, with each bucket's share of the text."""
+    if not tables:
+        return ""
+    lines = ["", "Where the gap comes from: bits per byte by the position of a token in its document, counted in "
+             "the reading direction (0 = the first token read: a document's start forward, its end backward). "
+             "A gap confined to the first positions is a document-boundary effect of the corpus, not of the "
+             "direction of the text as a whole.", "",
+             "| depth | positions | share of bytes | forward bpb | backward bpb | gap (mean over seeds) |",
+             "|---|---|---|---|---|---|"]
+    for depth in sorted({t["depth"] for t in tables.values()}):
+        pairs = [t for t in tables.values() if t["depth"] == depth]
+        total = sum(b["bytes"] for b in pairs[0]["forward"])
+        for k, bucket in enumerate(pairs[0]["forward"]):
+            f = [p["forward"][k]["bpb"] for p in pairs]
+            b = [p["backward"][k]["bpb"] for p in pairs]
+            gaps = [y / x - 1 for x, y in zip(f, b) if x == x and y == y and x > 0]
+            span = f"{bucket['from']}–{bucket['to'] - 1}" if bucket["to"] is not None else f"{bucket['from']}+"
+            mean, _ = mean_interval(gaps)
+            lines.append(f"| {depth} | {span} | {100 * bucket['bytes'] / max(1, total):.1f}% | {sum(f) / len(f):.4f} | "
+                         f"{sum(b) / len(b):.4f} | {_pct(mean)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_gap(results, path):
     """Gap (mean and 95% interval, and each seed) against depth; written only for 2+ depths."""
     depths = [d for d, r in results.items() if r["n"]]
@@ -191,11 +225,11 @@ def plot_gap(results, path):
     return path
 
 
-def study_section(study, evaluations_dir_of, plots_dir):
+def study_section(study, evaluations_dir_of, plots_dir, base_dir=None):
     """(markdown, results) of one study; the plot goes to plots_dir when there are 2+ depths."""
     results = study_results(study, evaluations_dir_of)
     plot = plot_gap(results, os.path.join(plots_dir, f"arrow_of_time_{study['name']}.png")) if plots_dir else None
-    return markdown(study, results, plot), results
+    return markdown(study, results, plot) + positions_markdown(load_positions(study, base_dir)), results
 
 
 def studies_of(experiment_ids, base_dir=None):

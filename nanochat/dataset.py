@@ -377,7 +377,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--data_dir", "--data-dir", default=None, help="default: $NANOCHAT_BASE_DIR/base_data")
     args = parser.parse_args(argv)
-    if args.builtin == (args.num_shards is not None):
+    if (args.builtin is not None) == (args.num_shards is not None):
         raise UserError("give exactly one of --builtin (offline corpus) or -n N (download N shards)")
     t0 = time.time()
     if args.text_file and args.builtin != "shakespeare":

@@ -45,11 +45,11 @@ def select_documents(tokenizer, max_tokens, split="val", rank=0, world_size=1, d
     return docs[rank::world_size]
 
 
-def _pieces(row, T, header_len):
-    """(inputs, targets, is_first) pieces of one oriented document, each T long at most, that
-    score every target position exactly once.
+def document_windows(row, T, header_len):
+    """(inputs, targets, is_first, offset) windows of one oriented document, each T long at most,
+    that score every target position exactly once; target j of a window is row[offset + j + 1].
 
-    The first piece is the document's start. A longer document continues in windows that
+    The first window is the document's start. A longer document continues in windows that
     advance by T/2: each starts with the document's header (BOS, and the marker of a
     bidirectional model, as every training row starts with BOS) followed by the preceding
     T - header_len tokens as context; only the new targets are scored (the rest are -1). Without
@@ -57,7 +57,7 @@ def _pieces(row, T, header_len):
     """
     last = len(row) - 1  # index of the last target token
     first = row[:T + 1]
-    yield first[:-1], first[1:], True
+    yield first[:-1], first[1:], True, 0
     covered = len(first) - 1  # targets row[1..covered] are scored
     if T <= header_len:
         raise ValueError(f"a context of {T} tokens cannot hold the {header_len}-token document header and text")
@@ -70,8 +70,14 @@ def _pieces(row, T, header_len):
         targets = [-1] * header_len + row[start + 1:end + 1]
         n_old = (covered + 1) - (start + 1)        # targets row[start+1 .. covered] were scored before
         targets = targets[:header_len] + [-1] * n_old + targets[header_len + n_old:]
-        yield inputs, targets, False
+        yield inputs, targets, False, start - header_len
         covered = end
+
+
+def _pieces(row, T, header_len):
+    """(inputs, targets, is_first) windows of one oriented document: see document_windows."""
+    for inputs, targets, is_first, _ in document_windows(row, T, header_len):
+        yield inputs, targets, is_first
 
 
 def _rows(docs, spec, concrete_direction, T, pad_id):
@@ -131,6 +137,59 @@ def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direct
             "nats": nats.item(), "bytes": int(nbytes.item()), "tokens": int(ntok.item()), "documents": int(ndocs.item()),
         }
     return results
+
+
+POSITION_BUCKETS = (0, 4, 16, 64)  # bucket edges; the last two buckets are [64, T) and [T, end)
+
+
+@torch.no_grad()
+def evaluate_bpb_by_position(model, tokenizer, token_bytes, docs, direction, trained_direction, T, batch_size,
+                             device, edges=POSITION_BUCKETS, autocast_ctx=None):
+    """Bits per byte of each text token grouped by its position in its document *in the reading
+    direction* (0 = the first text token read): [{"from", "to", "nats", "bytes", "bpb"}], buckets
+    [edges[0], edges[1]), ..., [edges[-1], T), [T, end). Same windows as evaluate_bpb, so the
+    buckets add up to its totals. Shows where a gap between directions comes from: the first
+    tokens of a document (its boundary) or the bulk of the text."""
+    validate_direction(direction, CONCRETE_DIRECTIONS)
+    spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
+    bounds = sorted({e for e in edges if e < T} | {T})
+    nats = [0.0] * len(bounds)
+    nbytes = [0.0] * len(bounds)
+    pending = []  # (inputs, targets, body position of each target or -1)
+
+    def flush():
+        x = torch.tensor([p[0] + [spec.bos_id] * (T - len(p[0])) for p in pending], dtype=torch.long, device=device)
+        y = torch.tensor([p[1] + [-1] * (T - len(p[1])) for p in pending], dtype=torch.long, device=device)
+        if autocast_ctx is not None:
+            with autocast_ctx:
+                loss = model(x, y, loss_reduction="none")
+        else:
+            loss = model(x, y, loss_reduction="none")
+        loss = loss.view(len(pending), T).double().cpu().tolist()
+        for (_, targets, positions), row_loss in zip(pending, loss):
+            for t, pos, l in zip(targets, positions, row_loss):
+                b = int(token_bytes[t]) if t >= 0 else 0
+                if b > 0:
+                    k = next(i for i in range(len(bounds) - 1, -1, -1) if pos >= bounds[i])
+                    nats[k] += l
+                    nbytes[k] += b
+        pending.clear()
+
+    for tokens in docs:
+        row, _ = spec.orient(tokens, concrete_direction=direction)
+        for inputs, targets, _, offset in document_windows(row, T, spec.header_len):
+            positions = [offset + j + 1 - spec.header_len for j in range(len(targets))]
+            pending.append((inputs, targets, positions))
+            if len(pending) == batch_size:
+                flush()
+    if pending:
+        flush()
+    out = []
+    for i, lo in enumerate(bounds):
+        hi = bounds[i + 1] if i + 1 < len(bounds) else None
+        out.append({"from": lo, "to": hi, "nats": nats[i], "bytes": int(nbytes[i]),
+                    "bpb": nats[i] / (math.log(2) * nbytes[i]) if nbytes[i] else float("nan")})
+    return out
 
 
 def arrow_of_time_gap(results):

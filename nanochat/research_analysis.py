@@ -213,6 +213,7 @@ def experiment_metadata(experiment_dir_or_id, base_dir=None):
     meta["training_log_phase"] = phase
     log = meta["logs"].get(phase)
     meta["last_step"] = log["last_step"] if log else None
+    meta["num_rows"] = log["num_rows"] if log else 0
     meta["final_loss"] = log["final_loss"] if log else None
     meta["final_val_bpb"] = {}
     meta["log_metadata"] = {}

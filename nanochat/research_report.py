@@ -525,7 +525,7 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
 
     # Arrow-of-time studies these experiments belong to: the gap between models, paired by seed, first
     for study in studies_of(ids, base_dir):
-        text, _ = study_section(study, ExperimentConfig(base_dir).evaluations_dir, work_dir)
+        text, _ = study_section(study, ExperimentConfig(base_dir).evaluations_dir, work_dir, base_dir)
         md += [f"## Arrow of time: study `{study['name']}`", "", text]
 
     # Summary
@@ -538,7 +538,7 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
     for i in ids:
         m, r = metas[i], row_of.get(i)
         md.append(f"| {i} | {m.get('phase')} | {m.get('direction')} | {m.get('depth')} | {m.get('status')} | "
-                  f"{m['last_step']} | {_fmt(m['final_loss'])} | {_fmt(m['final_val_bpb'].get('forward'))} | "
+                  f"{m['num_rows']} (last step {m['last_step']}) | {_fmt(m['final_loss'])} | {_fmt(m['final_val_bpb'].get('forward'))} | "
                   f"{_fmt(m['final_val_bpb'].get('backward'))} | "
                   f"{_fmt(r['bpb']['forward']) if r else 'no evaluation'} | "
                   f"{_fmt(r['bpb']['backward']) if r else 'no evaluation'} | "

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
-from nanochat.arrow_study import STUDY_FILE, cell_key, study_dir, study_section
+from nanochat.arrow_study import POSITIONS_FILE, STUDY_FILE, cell_key, study_dir, study_section
 from nanochat.common import UserError, add_flag, print0, run_main
 from nanochat.direction import DIRECTIONS, parse_directions
 from nanochat.experiment_config import ExperimentConfig
@@ -32,12 +32,46 @@ SHORT = {"forward": "fwd", "backward": "bwd", "bidirectional": "bidi"}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Arrow-of-time study: the gap between backward and forward models, by seed")
+    p = argparse.ArgumentParser(description="Arrow-of-time study: the gap between backward and forward models, by seed",
+                                allow_abbrev=False)  # --seed must not pass for --seeds: unknown flags go to training
     add_flag(p, "name", required=True, help="study name (plain name); experiment ids start with it")
     add_flag(p, "directions", default="forward,backward", help="forward,backward[,bidirectional]")
     add_flag(p, "seeds", default="1,2,3", help="comma list of seeds (model init and data draw)")
     add_flag(p, "depths", default="2", help="comma list of depths")
+    add_flag(p, "eval_tokens", type=int, default=40000,
+             help="held-out tokens every model is scored on (passed to the orchestrator; also the position table)")
+    add_flag(p, "positions", type=int, default=1, help="1: also the gap by position in the document (0 = skip)")
     return p
+
+
+def position_tables(study, eval_tokens):
+    """For every finished (depth, seed) pair: bits per byte by position in the reading direction,
+    forward model read forward and backward model read backward, on the study's documents."""
+    import torch
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import autodetect_device_type
+    from nanochat.loss_eval import evaluate_bpb_by_position, select_documents
+    from nanochat.tokenizer import get_token_bytes
+    device = autodetect_device_type()
+    experiments = ExperimentConfig()
+    tables, docs = {}, None
+    for depth in study["depths"]:
+        for seed in study["seeds"]:
+            pair = {}
+            for direction in ("forward", "backward"):
+                exp = study["experiments"].get(cell_key(depth, seed, direction))
+                if not exp or not experiments.exists(exp) or not experiments.load_config(exp).get("status") == "completed":
+                    break
+                model, tokenizer, meta = load_model("base", device, model_tag=exp)
+                if docs is None:
+                    docs = select_documents(tokenizer, eval_tokens)
+                T = model.config.sequence_len
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
+                pair[direction] = evaluate_bpb_by_position(model, tokenizer, get_token_bytes(device), docs, direction,
+                                                           direction, T, 16, device, autocast_ctx=autocast)
+            if len(pair) == 2:
+                tables[f"d{depth}_s{seed}"] = {"depth": depth, "seed": seed, **pair}
+    return tables
 
 
 def _ints(spec, name):
@@ -78,6 +112,7 @@ def main(argv=None):
         if flag.split("=")[0].lstrip("-").replace("-", "_") in ("seed", "direction", "depth", "experiment_id", "phase"):
             raise UserError(f"{flag}: the study sets --seed, --direction, --depth and the experiment ids itself")
     directions, seeds, depths, cells = plan(args)
+    passthrough = passthrough + [f"--eval_tokens={args.eval_tokens}"]
     folder = study_dir(args.name)
     path = os.path.join(folder, STUDY_FILE)
     study = {"name": args.name, "directions": directions, "seeds": seeds, "depths": depths,
@@ -86,7 +121,7 @@ def main(argv=None):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if (old["flags"], old["directions"]) != (passthrough, directions):
+        if (sorted(old["flags"]), old["directions"]) != (sorted(passthrough), directions):
             raise UserError(f"study {args.name} exists with other flags/directions ({' '.join(old['flags'])}; "
                             f"{','.join(old['directions'])}): choose another --name")
         study["created_at"] = old.get("created_at", study["created_at"])
@@ -105,6 +140,10 @@ def main(argv=None):
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"the cell {exp} failed (its output is above); fix it and rerun the same command "
                             "to resume the study")
+    if args.positions:
+        print0("bits per byte by position in the document, for every forward/backward pair ...", flush=True)
+        with open(os.path.join(folder, POSITIONS_FILE), "w") as f:
+            json.dump(position_tables(study, args.eval_tokens), f, indent=1)
     experiments = ExperimentConfig()
     text, _ = study_section(study, experiments.evaluations_dir, folder)
     with open(os.path.join(folder, "study.md"), "w") as f:

@@ -24,6 +24,7 @@ output path is checked before any model is evaluated.
 """
 
 import argparse
+import math
 import os
 import sys
 from datetime import datetime, timezone
@@ -157,7 +158,10 @@ def evaluate_one(args, entry, evals, directions, rank, world_size, device, docs_
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=entry["tag"], step=entry["step"])
     trained_len = meta["model_config"]["sequence_len"]
     T = trained_len if args.max_seq_len == -1 else args.max_seq_len
-    if T <= 0 or T > trained_len:
+    if T <= 0:
+        raise UserError(f"--max_seq_len={args.max_seq_len}: use a positive context (at most {trained_len}, the "
+                        "checkpoint's training context) or -1 for the checkpoint's")
+    if T > trained_len:
         raise UserError(f"--max_seq_len={args.max_seq_len} is larger than the checkpoint supports "
                         f"({trained_len}, its training context); use at most {trained_len}")
     step, tag, trained = meta["step"], meta["model_tag"], meta["direction"]
@@ -181,6 +185,10 @@ def evaluate_one(args, entry, evals, directions, rank, world_size, device, docs_
             print0(f"{tag}: arrow-of-time gap (bwd - fwd) / fwd = {100 * gap:+.2f}%")
         _atomic_json(entry["paths"]["bpb"], dict(common, eval="bpb", split="val", eval_tokens=args.eval_tokens,
                                                  results=results, arrow_of_time_gap=gap), rank)
+        bad = [d for d, r in results.items() if not math.isfinite(r["bpb"])]
+        if bad:  # recorded (it is the result), but a NaN is a failed evaluation: exit non-zero
+            raise UserError(f"{tag}: bpb {', '.join(bad)} is not finite ({entry['paths']['bpb']}); the weights or "
+                            "the evaluation data are broken")
         row = (tag, trained, {d: r["bpb"] for d, r in results.items()})
     if "core" in evals:
         results = core.evaluate(model, tokenizer, trained, directions, device, T, args.device_batch_size,

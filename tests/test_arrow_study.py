@@ -80,6 +80,12 @@ def test_study_end_to_end(base_dir):
     results = study_results(study, ExperimentConfig(base_dir).evaluations_dir)
     assert results[1]["n"] == 2 and all(p["gap"] == p["gap"] for p in results[1]["pairs"])
     assert [s["name"] for s in studies_of(["tiny_d1_s1_fwd"], base_dir)] == ["tiny"]
+    with open(os.path.join(base_dir, "studies", "tiny", "positions.json")) as f:
+        positions = json.load(f)
+    assert set(positions) == {"d1_s1", "d1_s2"}
+    for pair in positions.values():  # the buckets hold all the scored bytes, the same in both readings
+        assert sum(b["bytes"] for b in pair["forward"]) == sum(b["bytes"] for b in pair["backward"]) > 0
+    assert "Where the gap comes from" in text
     bad = run_script("scripts.arrow_study", "--name=tiny", "--seeds=1", "--depths=1", "--num_iterations=5",
                      base_dir=base_dir)
     assert bad.returncode == 2 and "other flags" in bad.stderr

@@ -2,6 +2,7 @@
 
 import math
 
+import os
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,13 +70,13 @@ def manual_nats(model, row, T, tok, header_len=1):
 def test_select_documents_is_the_start_of_the_val_split(base_dir, tok, corpus_template):
     docs = select_documents(tok, max_tokens=300, split="val")
     expected = [tok.encode(t) for t in corpus_template["val"]]
-    assert docs == expected[:len(docs)]
-    total = sum(map(len, docs))
-    assert total >= 300 and total - len(docs[-1]) < 300
+    assert docs[:-1] == expected[:len(docs) - 1]
+    assert docs[-1] == expected[len(docs) - 1][:len(docs[-1])]  # the last one cut to the cap
+    assert sum(map(len, docs)) == 300
     # ranks take disjoint shares: every other document
     r0 = select_documents(tok, max_tokens=600, split="val", rank=0, world_size=2)
     r1 = select_documents(tok, max_tokens=600, split="val", rank=1, world_size=2)
-    assert r0 == expected[0::2][:len(r0)] and r1 == expected[1::2][:len(r1)]
+    assert r0[:-1] == expected[0::2][:len(r0) - 1] and r1[:-1] == expected[1::2][:len(r1) - 1]
 
 
 @pytest.mark.parametrize("trained", ["forward", "backward", "bidirectional"])
@@ -172,3 +173,18 @@ def test_eval_tokens_caps_what_is_scored(base_dir):
     assert docs[0] == full[0][:10]
     capped = select_documents(tok, 333)
     assert sum(map(len, capped)) == 333 and capped[:-1] == full[:len(capped) - 1]
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_bpb_by_position_adds_up_to_the_total(corpus_template, tok, token_bytes, model, direction):
+    """The position buckets partition the scored tokens: their nats and bytes sum to evaluate_bpb's."""
+    from nanochat.loss_eval import evaluate_bpb, evaluate_bpb_by_position, select_documents
+    docs = select_documents(tok, 3000, data_dir=os.path.join(corpus_template["dir"], "base_data"))
+    docs.append(docs[0] * 5)  # one document longer than the context: continuation windows
+    T = 32
+    total = evaluate_bpb(model, tok, token_bytes, docs, [direction], "forward", T, 4, "cpu")[direction]
+    buckets = evaluate_bpb_by_position(model, tok, token_bytes, docs, direction, "forward", T, 4, "cpu")
+    assert [b["from"] for b in buckets] == [0, 4, 16, 32]
+    assert sum(b["bytes"] for b in buckets) == total["bytes"]
+    assert sum(b["nats"] for b in buckets) == pytest.approx(total["nats"], rel=1e-6)
+    assert buckets[-1]["bytes"] > 0  # the long document reaches past position T

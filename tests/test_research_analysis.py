@@ -369,7 +369,7 @@ def test_cli_main_in_process(runs, tmp_path, monkeypatch, capsys):
         assert f"{record['results']['forward']['bpb']:.4f} | {record['results']['backward']['bpb']:.4f}" in printed
     with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
         assert f.readline() == "# CLI\n"
-    with pytest.raises(UserError, match="pass either --experiments=a,b,c or --all"):
+    with pytest.raises(UserError, match="pass one of --experiments=a,b,c, --all or --study"):
         main([])
     # --output: the report's own file, its figures in <stem>_figures/ beside it.
     main(["--experiments=t_forward", f"--output={tmp_path / 'one.md'}"])
