@@ -272,7 +272,7 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
     def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.02,
-                         weight_decay=0.0, adam_betas=(0.8, 0.95), matrix_lr_scaling="match_rms_adamw"):
+                         weight_decay=0.0, adam_betas=(0.8, 0.95), matrix_lr_scaling="original"):
         """Muon for the 2-D matrices inside blocks, AdamW for embeddings, head and norm weights.
 
         AdamW learning rates are scaled by 1/sqrt(width/768) so that one setting works across

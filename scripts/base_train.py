@@ -114,7 +114,7 @@ def build_parser():
 # run takes the checkpoint's values, and an explicit different value is refused (it would train a
 # different model or read different data while the metadata claimed continuity).
 MODEL_DATA_DEFAULTS = {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
-                       "seed": 42, "p_backward": 0.5, "context_tokens": -1, "matrix_lr_scaling": "match_rms_adamw"}
+                       "seed": 42, "p_backward": 0.5, "context_tokens": -1, "matrix_lr_scaling": "original"}
 # Flags of the optimizer and the schedule: on resume they apply from the resume step (the optimizer's
 # saved moments are kept, its hyperparameters are this run's), and the metadata records the change.
 SCHEDULE_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac", "warmup_ratio",

@@ -29,7 +29,7 @@ from nanochat.direction import parse_directions
 
 MATRIX_GRID = ("original:0.01", "original:0.02", "original:0.04", "original:0.08",
                "match_rms_adamw:0.005", "match_rms_adamw:0.01", "match_rms_adamw:0.02")
-DEFAULTS = {"matrix_lr_scaling": "match_rms_adamw", "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}
+DEFAULTS = {"matrix_lr_scaling": "original", "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}
 
 
 def build_parser():

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from nanochat.muon import Muon
 from nanochat.common import UserError
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.training import Trainer, grad_accum_steps_for, lr_multiplier, muon_momentum
@@ -156,7 +157,7 @@ def test_set_lr_applies_schedule_and_init_frac():
     for opt in trainer.optimizers:
         for g in opt.param_groups:
             assert g["lr"] == pytest.approx(g["initial_lr"] * 0.5 * mult)
-    muon = [o for o in trainer.optimizers if isinstance(o, torch.optim.Muon)][0]
+    muon = [o for o in trainer.optimizers if isinstance(o, Muon)][0]
     assert muon.param_groups[0]["momentum"] == pytest.approx(muon_momentum(8))
 
 
