@@ -355,9 +355,9 @@ def download_shards(num_shards, directory=None, base_url=DEFAULT_BASE_URL, worke
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(download_shard, i, directory, base_url, max_attempts, backoff_s) for i in range(n)]
         paths = []
-        for i, fut in enumerate(futures):
+        from nanochat.progress import progress  # a bar on a terminal, periodic lines in logs
+        for fut in progress(futures, desc="download", unit="shard", min_time_s=0):
             paths.append(fut.result())
-            print(f"shard {i + 1}/{n}: {paths[-1]}", flush=True)
     return paths
 
 

@@ -64,3 +64,14 @@ def test_short_steps_stay_quiet(monkeypatch):
     assert list(progress(range(3), stream=plain, interval_s=0, min_time_s=60)) == [0, 1, 2]
     assert list(progress(range(3), stream=terminal, min_time_s=60)) == [0, 1, 2]
     assert plain.getvalue() == "" and terminal.getvalue() == ""
+
+
+def test_shard_download_reports_progress(tmp_path, capsys, monkeypatch):
+    """nanochat.dataset.download_shards through file:// reports through nanochat.progress."""
+    monkeypatch.delenv("NANOCHAT_PROGRESS", raising=False)
+    from nanochat.dataset import download_shards, write_shards
+    remote = str(tmp_path / "remote")
+    write_shards([f"doc {i}" for i in range(6)], remote, 2)
+    paths = download_shards(3, str(tmp_path / "dest"), base_url="file://" + remote, workers=2, backoff_s=0)
+    assert len(paths) == 3
+    assert "download: 3/3 shards (100%)" in capsys.readouterr().out
