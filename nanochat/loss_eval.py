@@ -114,7 +114,8 @@ def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direct
         nbytes = torch.zeros((), dtype=torch.float64, device=device)
         ntok = torch.zeros((), dtype=torch.float64, device=device)
         rows = list(_rows(docs, spec, direction, T, spec.bos_id))
-        for i in range(0, len(rows), batch_size):
+        from nanochat.progress import progress  # quiet for quick evaluations (min_time_s)
+        for i in progress(range(0, len(rows), batch_size), desc=f"bpb {direction}", unit="batch"):
             chunk = rows[i:i + batch_size]
             x = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
             y = torch.tensor([r[1] for r in chunk], dtype=torch.long, device=device)
