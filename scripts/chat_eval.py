@@ -33,6 +33,7 @@ from nanochat.chat_eval_lib import (EVAL_DIRECTION_CHOICES, MC_ANSWERS, evaluate
 from nanochat.checkpoint_manager import SOURCE_DIRS, artifact_dirs, load_model
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.engine import Engine
+from nanochat.progress import progress
 from nanochat.training import autocast_context
 
 MC_SCORING = ("whole-text log-likelihood in the evaluated direction: sum of log p(token | preceding tokens) over "
@@ -197,13 +198,14 @@ def run(args, names, rank, world_size, device):
         mine = indices[rank::world_size]
         results = {}
         for d in directions:
+            todo = progress(mine, desc=f"{name} [{d}]", unit="example")  # a bar, or lines in logs
             if task.eval_type == "categorical":
-                r = evaluate_multiple_choice(model, tokenizer, engine.spec, task, mine, d, device,
+                r = evaluate_multiple_choice(model, tokenizer, engine.spec, task, todo, d, device,
                                              batch_size=args.batch_size, autocast_ctx=autocast,
                                              mc_answer=args.mc_answer)
             else:
                 with autocast:
-                    r = evaluate_generative(engine, task, mine, d, num_samples=args.num_samples,
+                    r = evaluate_generative(engine, task, todo, d, num_samples=args.num_samples,
                                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                             top_k=None if args.top_k < 0 else args.top_k, seed=args.seed)
             r = merge_over_ranks(r)
