@@ -52,6 +52,7 @@ from nanochat.checkpoint_manager import artifact_dirs, load_model, save_checkpoi
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0
 from nanochat.direction import DirectionSpec, validate_direction
 from nanochat.engine import Engine
+from nanochat.progress import progress
 from nanochat.research_logger import ResearchLogger
 from nanochat.training import (StopRequested, TrainingDiverged, autocast_context, check_flags, set_learning_rates,
                                stop_on_signals, sync_gradients)
@@ -166,7 +167,7 @@ def evaluate(engine, spec, task, directions, num_examples, k, max_new_tokens, te
     out = {}
     for direction in directions:
         per_prompt = torch.zeros(2, n, dtype=torch.float64, device=device)  # mean reward, best reward
-        for i in range(rank, n, world_size):
+        for i in progress(range(rank, n, world_size), desc=f"rl eval {direction}", unit="prompt"):
             with autocast or nullcontext():
                 g = sample_group(engine, spec, task, i, direction, k, max_new_tokens, temperature, top_k,
                                  sample_seed(seed, i, salt=1 + (direction == "backward")))
@@ -383,7 +384,7 @@ def _rl_step(model, engine, spec, task, directions, optimizers, params, step, ar
     # 1. Rollouts with the current weights (no gradient).
     model.eval()
     groups = []
-    for j in range(local_examples):
+    for j in progress(range(local_examples), desc=f"step {step} rollouts", unit="prompt"):  # quiet when quick
         index = step * args.examples_per_step + j * world_size + rank  # global example index
         direction = example_direction(spec, directions, index)
         with autocast:
