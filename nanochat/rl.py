@@ -384,7 +384,7 @@ def _rl_step(model, engine, spec, task, directions, optimizers, params, step, ar
     # 1. Rollouts with the current weights (no gradient).
     model.eval()
     groups = []
-    for j in progress(range(local_examples), desc=f"step {step} rollouts", unit="prompt"):  # quiet when quick
+    for j in progress(range(local_examples), desc=f"step {step} rollouts", unit="prompt", min_time_s=10):
         index = step * args.examples_per_step + j * world_size + rank  # global example index
         direction = example_direction(spec, directions, index)
         with autocast:

@@ -23,18 +23,21 @@ import time
 
 from nanochat.common import UserError, add_flag, get_base_dir, run_main
 from nanochat.dataset import DocumentSource
+from nanochat.progress import progress
 from nanochat.tokenizer import SPECIAL_TOKENS, TRAIN_DIRECTIONS, Tokenizer, tokenizer_dir
 
 
 def text_iterator(max_chars, doc_cap, data_dir=None):
     """Train documents, each cut to doc_cap characters, until max_chars characters in total."""
     total = 0
-    for _, text in DocumentSource("train", data_dir).iter_from():
-        text = text[:doc_cap]
-        yield text
-        total += len(text)
-        if total >= max_chars:
-            return
+    with progress(total=max_chars, desc="tokenizer input", unit="char") as bar:
+        for _, text in DocumentSource("train", data_dir).iter_from():
+            text = text[:doc_cap]
+            yield text
+            total += len(text)
+            bar.update(len(text))
+            if total >= max_chars:
+                return
 
 
 def main(argv=None):
