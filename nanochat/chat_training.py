@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 import torch
 
 from nanochat import wandb_log
+from nanochat.phases import PHASES as PHASE_TABLE
 from nanochat.chat_data import ConversationBatches
 from nanochat.checkpoint_manager import (artifact_dirs, clean_checkpoint_dir, list_steps, load_model, save_checkpoint,
                                          tokenizer_fingerprint)
@@ -32,8 +33,10 @@ from nanochat.training import Trainer, autocast_context, check_flags, grad_accum
 
 PHASES = {
     # phase: where it saves, its default parent source, batch layout, research log name, train_on
-    "mid": dict(source="mid", parent_source="base", mode="pack", log_phase="mid_training", train_on="all"),
-    "sft": dict(source="sft", parent_source="mid", mode="pad", log_phase="sft", train_on="auto"),
+    "mid": dict(source="mid", parent_source=PHASE_TABLE["mid"].parent, mode="pack", log_phase=PHASE_TABLE["mid"].log_name,
+                train_on="all"),
+    "sft": dict(source="sft", parent_source=PHASE_TABLE["sft"].parent, mode="pad", log_phase=PHASE_TABLE["sft"].log_name,
+                train_on="auto"),
 }
 
 

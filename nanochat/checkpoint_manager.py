@@ -31,10 +31,11 @@ import re
 
 import torch
 
+from nanochat.phases import PHASES
 from nanochat.common import UserError, get_base_dir, print0
 from nanochat.paths import atomic_write, remove_stale_temporaries, validate_name
 
-SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+SOURCE_DIRS = {p.name: p.checkpoint_dir for p in PHASES.values()}  # nanochat/phases.py
 # A model config is checked against its weights before anything is allocated; beyond this many
 # parameters a meta file is taken to be corrupt rather than tried.
 MAX_PARAMS = 10**12

@@ -37,10 +37,11 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nanochat.phases import PHASE_NAMES
 from nanochat.common import UserError, get_base_dir
 from nanochat.direction import validate_direction
 
-PHASES = ("base", "mid", "sft", "rl")
+PHASES = PHASE_NAMES  # nanochat/phases.py
 STATUSES = ("created", "running", "completed", "failed")
 CONFIG_NAME = "config.json"
 PARENT_LINK_NAME = "parent_link.json"

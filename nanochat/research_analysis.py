@@ -29,6 +29,7 @@ import os
 
 import numpy as np
 
+from nanochat.phases import PHASES
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig
@@ -37,11 +38,11 @@ from nanochat.research_logger import list_snapshots, log_path, read_attrs, read_
 
 EVAL_DIRECTIONS = ("forward", "backward")
 TRAINED_DIRECTIONS = ("forward", "backward", "bidirectional")
-BASE_LOG_PHASE = "base_training"
+BASE_LOG_PHASE = PHASES["base"].log_name
 # The research-log phase each experiment phase writes, and the script that writes it. Only base
 # training writes a research log so far; later phases are added here when their scripts do.
-TRAINING_LOG_PHASES = {"base": BASE_LOG_PHASE}
-TRAINING_SCRIPTS = {BASE_LOG_PHASE: "scripts.base_train"}
+TRAINING_LOG_PHASES = {p.name: p.log_name for p in PHASES.values()}  # nanochat/phases.py
+TRAINING_SCRIPTS = {p.log_name: p.script for p in PHASES.values()}
 
 
 # ---------------------------------------------------------------------------- resolving experiments

@@ -29,6 +29,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
+from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.consistency import (consistency_evaluation_path, consistency_record, format_stats, per_document_bpb,
@@ -39,7 +40,7 @@ from nanochat.loss_eval import arrow_of_time_gap, bpb_evaluation_path, evaluate_
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import autocast_context
 
-SOURCES = ("base", "mid", "sft", "rl")
+SOURCES = PHASE_NAMES
 EVALS = ("bpb", "core", "consistency")
 
 

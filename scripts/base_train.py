@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from nanochat.phases import PHASES
 from nanochat.checkpoint_manager import (artifact_dirs, build_model, check_tokenizer_matches, clean_checkpoint_dir,
                                          load_checkpoint, load_meta, list_steps, remove_evaluations, remove_steps,
                                          save_checkpoint, tokenizer_fingerprint)
@@ -119,7 +120,7 @@ MODEL_DATA_DEFAULTS = {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32
 # saved moments are kept, its hyperparameters are this run's), and the metadata records the change.
 SCHEDULE_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac", "warmup_ratio",
                   "warmdown_ratio", "final_lr_frac", "grad_clip")
-LOG_PHASE = "base_training"
+LOG_PHASE = PHASES["base"].log_name  # nanochat/phases.py
 
 
 def default_model_tag(depth, direction):
@@ -418,7 +419,7 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
     clear_for_run(dirs, resuming, later, master)
     logger = None
     if research_on and master:
-        logger = ResearchLogger(dirs["run"], phase="base_training", flush_every=args.log_flush_every,
+        logger = ResearchLogger(dirs["run"], phase=LOG_PHASE, flush_every=args.log_flush_every,
                                 snapshot_every=args.snapshot_every,
                                 resume=resuming, resume_from_step=start_step if resuming else None,
                                 metadata={"direction": args.direction, "model_tag": model_tag, **user_config})

@@ -15,6 +15,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
+from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.core_eval import write_record
@@ -23,7 +24,7 @@ from nanochat.rerank import format_table, rerank_evaluation_path, rerank_task
 from nanochat.training import autocast_context
 from tasks.registry import get_task
 
-SOURCES = ("base", "mid", "sft", "rl")
+SOURCES = PHASE_NAMES
 
 
 def build_parser():

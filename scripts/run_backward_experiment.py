@@ -80,6 +80,7 @@ from nanochat.locking import acquire_run_lock, env_with_locks, parent_death_sign
 from nanochat.paths import move_aside  # noqa: F401  (re-exported: the orchestrator's helper moved there)
 from nanochat.direction import parse_directions, validate_direction
 from nanochat.experiment_config import PHASES, ExperimentConfig
+from nanochat.phases import PHASES as PHASE_TABLE
 from nanochat.loss_eval import list_bpb_evaluations
 from nanochat.research_logger import log_path
 
@@ -93,13 +94,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PhaseScript = namedtuple("PhaseScript", "module log_name resumable shared_flags parser")
 _TRAINING = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type")
 PHASE_SCRIPTS = {
-    "base": PhaseScript("scripts.base_train", "base_training", True, _TRAINING + ("eval_tokens",),
+    "base": PhaseScript(PHASE_TABLE["base"].script, PHASE_TABLE["base"].log_name, True, _TRAINING + ("eval_tokens",),
                         ("scripts.base_train", "build_parser", ())),
-    "mid": PhaseScript("scripts.mid_train", "mid_training", False, _TRAINING,
+    "mid": PhaseScript(PHASE_TABLE["mid"].script, PHASE_TABLE["mid"].log_name, False, _TRAINING,
                        ("nanochat.chat_training", "build_parser", ("mid", ""))),
-    "sft": PhaseScript("scripts.chat_sft", "sft", False, _TRAINING,
+    "sft": PhaseScript(PHASE_TABLE["sft"].script, PHASE_TABLE["sft"].log_name, False, _TRAINING,
                        ("nanochat.chat_training", "build_parser", ("sft", ""))),
-    "rl": PhaseScript("scripts.chat_rl", "rl", False, ("num_iterations", "init_lr_frac", "device_type"),
+    "rl": PhaseScript(PHASE_TABLE["rl"].script, PHASE_TABLE["rl"].log_name, False, ("num_iterations", "init_lr_frac", "device_type"),
                       ("nanochat.rl", "build_parser", ())),
 }
 

@@ -9,6 +9,7 @@ go to the task's constructor (size/seed for synthetic tasks, data_files for down
 start/stop/step for slicing).
 """
 
+from nanochat.phases import CHAT_PHASES
 from nanochat.common import UserError
 from nanochat.direction import validate_direction
 from tasks.arc import ARC
@@ -29,7 +30,7 @@ TASKS = {
     "smoltalk": SmolTalk,
 }
 
-PHASES = ("mid", "sft", "rl")
+PHASES = CHAT_PHASES  # nanochat/phases.py
 
 # Offline mixtures: synthetic tasks only, small enough for a tiny CPU model to learn in minutes.
 # Sizes per phase and split: arithmetic problems, and reversal facts (each fact gives 3 train
