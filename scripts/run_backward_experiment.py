@@ -117,7 +117,8 @@ DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so 
 # Flags that tie a run to its experiments: only the orchestrator sets them.
 MANAGED_FLAGS = ("model_tag", "output_tag", "source", "parent_experiment", "resume_from_step", "research_log")
 # Settings of the whole chain: never scoped to one phase.
-CHAIN_FLAGS = ("phase", "direction", "depth", "experiment_id", "nproc_per_node", "eval_directions")
+CHAIN_FLAGS = ("phase", "direction", "depth", "experiment_id", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint",
+               "eval_directions")
 
 # parent_phase: the phase of `parent` (the checkpoint source the script loads it from).
 Step = namedtuple("Step", "phase experiment_id parent parent_phase")
@@ -140,6 +141,9 @@ def build_parser():
     add_flag(p, "num_iterations", type=int, default=None, help="optimizer steps per phase")
     add_flag(p, "init_lr_frac", type=float, default=None, help="scale all learning rates")
     add_flag(p, "nproc_per_node", type=int, default=1, help=">1: launch each script under torchrun")
+    add_flag(p, "nnodes", type=int, default=1, help="torchrun --nnodes: nodes taking part (run the same command on each)")
+    add_flag(p, "node_rank", type=int, default=0, help="torchrun --node_rank of this node (0 .. nnodes-1)")
+    add_flag(p, "rdzv_endpoint", default="", help="torchrun --rdzv_endpoint host:port of node 0 (nnodes > 1)")
     add_flag(p, "eval_directions", default="forward,backward",
              help="after a base phase, bpb in these directions ('none' = no evaluation)")
     add_flag(p, "eval_tokens", type=int, default=None, help="validation tokens (training evals and base_eval)")
@@ -236,6 +240,10 @@ def plan_chain(args, passthrough, experiments):
                             "see `python -m <script> --help`")
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--nnodes={args.nnodes} --node_rank={args.node_rank}: need nnodes >= 1 and 0 <= node_rank < nnodes")
+    if args.nnodes > 1 and ":" not in args.rdzv_endpoint:
+        raise UserError("--nnodes > 1 needs --rdzv_endpoint=<host of node 0>:<port>, the same on every node")
     if args.eval_tokens is not None and args.eval_tokens <= 0:
         raise UserError(f"--eval_tokens must be positive, got {args.eval_tokens}")
     if args.depth is not None and args.depth <= 0:
@@ -342,8 +350,14 @@ def _now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def launcher(module, nproc_per_node):
-    """How to start `module`: plain `python -m`, or one process per GPU under torchrun."""
+def launcher(module, nproc_per_node, nnodes=1, node_rank=0, rdzv_endpoint=""):
+    """How to start `module`: plain `python -m`, or one process per GPU under torchrun (one node:
+    --standalone; several: the same command on every node, with its --node_rank and node 0's
+    rendezvous endpoint)."""
+    if nnodes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--nproc_per_node={nproc_per_node}",
+                "-m", module]
     if nproc_per_node > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={nproc_per_node}", "-m", module]
@@ -462,7 +476,7 @@ def training_command(args, flags, tokens, experiments, step, direction, depth):
         print(f"{step.experiment_id}: the previous attempt left a log but no checkpoint to resume from; moved "
               f"{log} aside to {moved} and starting {step.phase} training again", flush=True)
 
-    command = launcher(script.module, args.nproc_per_node)
+    command = launcher(script.module, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
     if step.phase == "base":
         command += [f"--model_tag={step.experiment_id}", f"--direction={direction}", f"--depth={depth}"]
     else:
@@ -495,7 +509,7 @@ def evaluate_base(args, experiments, step, eval_directions, last_step):
         print(f"{step.experiment_id}: evaluation of step {last_step} exists ({existing['file']}); not rerunning it",
               flush=True)
         return existing
-    command = launcher(EVAL_MODULE, args.nproc_per_node) + [
+    command = launcher(EVAL_MODULE, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint) + [
         f"--model_tag={step.experiment_id}", "--source=base", f"--step={last_step}",
         f"--eval_directions={','.join(eval_directions)}"]
     command += [f"--{name}={getattr(args, name)}" for name in EVAL_FLAGS if getattr(args, name) is not None]

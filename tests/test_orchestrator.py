@@ -472,3 +472,16 @@ def test_bad_input_from_the_command_line_is_one_error_line(existing_experiments)
     assert r.stderr.startswith("error: experiment 'fwd' already exists with a different config")
     assert len(r.stderr.strip().splitlines()) == 1
     assert tree_state(base_dir) == before
+
+
+def test_launcher_multi_node_and_checks(base_dir):
+    """--nnodes/--node_rank/--rdzv_endpoint become torchrun's rendezvous flags (speedrun.sh passes them)."""
+    cmd = orchestrator.launcher("scripts.base_train", 8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nnodes=2", "--node_rank=1", "--rdzv_endpoint=node0:29500", "--nproc_per_node=8"} <= set(cmd)
+    assert "--standalone" not in cmd
+    assert "--standalone" in orchestrator.launcher("scripts.base_train", 8)
+    with pytest.raises(UserError, match="rdzv_endpoint"):
+        orchestrator.main(["--phase=base", "--nnodes=2", "--experiment_id=mn"])
+    with pytest.raises(UserError, match="node_rank"):
+        orchestrator.main(["--phase=base", "--nnodes=2", "--node_rank=2", "--rdzv_endpoint=a:1", "--experiment_id=mn"])
