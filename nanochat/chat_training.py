@@ -11,7 +11,6 @@ the user's question backward (the model reads the answer and writes the question
 policy for bidirectional; or assistant / user / all explicitly. Midtraining defaults to all.
 """
 
-import argparse
 import json
 import math
 import os
@@ -68,9 +67,10 @@ def add_run_flags(p):
     add_flag(p, "parent_experiment", default=None, help="recorded in the metadata (the orchestrator sets it)")
 
 
-def build_parser(phase, description):
+def add_chat_phase_flags(p, phase):
+    """The flags of a conversation phase (mid or sft) on the script's parser (scripts/mid_train.py,
+    scripts/chat_sft.py own their parsers; the library only defines the flag groups)."""
     d = PHASES[phase]
-    p = argparse.ArgumentParser(description=description)
     add_parent_flags(p, d["parent_source"])
     add_flag(p, "train_on", default=d["train_on"], help="auto | assistant | user | all")
     add_flag(p, "tasks", default="default", help="'default' (offline synthetic mixture) or a comma list of task names")

@@ -34,7 +34,6 @@ loss is normalised by the tokens generated on all ranks and gradients are averag
 `training.sync_gradients`, as in the other phases; a torchrun step is the single-process step.
 """
 
-import argparse
 import json
 import math
 import time
@@ -46,10 +45,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat import wandb_log
-from nanochat.chat_training import (add_optimizer_flags, add_parent_flags, add_run_flags, check_phase_flags,
-                                    prepare_output)
+from nanochat.chat_training import check_phase_flags, prepare_output
 from nanochat.checkpoint_manager import artifact_dirs, load_model, save_checkpoint, tokenizer_fingerprint
-from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0
+from nanochat.common import UserError, compute_cleanup, compute_init, print0
 from nanochat.direction import DirectionSpec, validate_direction
 from nanochat.engine import Engine
 from nanochat.progress import progress
@@ -194,24 +192,6 @@ def format_eval(results, k):
 
 
 # ---- the script -----------------------------------------------------------------------------
-
-def build_parser():
-    p = argparse.ArgumentParser(description="RL (group-normalised policy gradient) in the parent checkpoint's direction")
-    add_parent_flags(p, "sft")
-    add_flag(p, "task", default="arithmetic", help="task with a reward: arithmetic (any direction), gsm8k (forward)")
-    add_flag(p, "num_iterations", type=int, default=100, help="RL steps")
-    add_flag(p, "examples_per_step", type=int, default=16, help="prompts per step (all ranks together)")
-    add_flag(p, "num_samples", type=int, default=8, help="completions per prompt (the group)")
-    add_flag(p, "max_new_tokens", type=int, default=128)
-    add_flag(p, "temperature", type=float, default=1.0)
-    add_flag(p, "top_k", type=int, default=-1, help="-1 = sample from the whole vocabulary")
-    add_optimizer_flags(p, 0.05)  # small: the policy stays near its SFT parent (the rate decays to 0)
-    add_flag(p, "eval_every", type=int, default=50, help="evaluate every N steps (-1 = only before and after)")
-    add_flag(p, "eval_examples", type=int, default=100, help="test prompts per evaluation")
-    add_flag(p, "eval_k", type=int, default=8, help="samples per test prompt (pass@k)")
-    add_run_flags(p)
-    return p
-
 
 def check_args(args):
     if args.direction is not None:

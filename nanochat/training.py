@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import NonFiniteWeights
-from nanochat.common import UserError, all_reduce_mean
+from nanochat.common import UserError
 
 # Peak dense bf16 throughput used for MFU (per GPU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}

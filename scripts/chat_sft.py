@@ -8,13 +8,20 @@ they read the answer and write the question (--train_on to change). See nanochat
 
 import sys
 
-from nanochat.chat_training import build_parser, run_chat_phase
+import argparse
+
+from nanochat.chat_training import add_chat_phase_flags, run_chat_phase
 from nanochat.common import run_main
 
 
+def build_parser():
+    p = argparse.ArgumentParser(description="Supervised finetuning in the parent checkpoint's direction")
+    add_chat_phase_flags(p, "sft")
+    return p
+
+
 def main(argv=None):
-    args = build_parser("sft", "Supervised finetuning in the parent checkpoint's direction").parse_args(argv)
-    run_chat_phase("sft", args)
+    run_chat_phase("sft", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

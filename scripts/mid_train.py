@@ -8,13 +8,20 @@ and which tokens are trained on in each direction.
 
 import sys
 
-from nanochat.chat_training import build_parser, run_chat_phase
+import argparse
+
+from nanochat.chat_training import add_chat_phase_flags, run_chat_phase
 from nanochat.common import run_main
 
 
+def build_parser():
+    p = argparse.ArgumentParser(description="Midtrain a base model on conversations, in its own direction")
+    add_chat_phase_flags(p, "mid")
+    return p
+
+
 def main(argv=None):
-    args = build_parser("mid", "Midtrain a base model on conversations, in its own direction").parse_args(argv)
-    run_chat_phase("mid", args)
+    run_chat_phase("mid", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -89,27 +89,22 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module: what `python -m` runs. log_name: the phase name the script gives its ResearchLogger (its
 # log is logs/<log_name>.h5). resumable: it takes --resume_from_step. shared_flags: which of our
 # training flags it takes (forwarded when given; otherwise the script's own default applies).
-# parser: "module:function(args)" building the script's argparse parser, so that an unscoped
-# pass-through flag reaches only the phases whose script takes it.
-PhaseScript = namedtuple("PhaseScript", "module log_name resumable shared_flags parser")
+# Every phase script exposes build_parser(): an unscoped pass-through flag reaches only the phases
+# whose script takes it (accepted_flags).
+PhaseScript = namedtuple("PhaseScript", "module log_name resumable shared_flags")
 _TRAINING = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type")
 PHASE_SCRIPTS = {
-    "base": PhaseScript(PHASE_TABLE["base"].script, PHASE_TABLE["base"].log_name, True, _TRAINING + ("eval_tokens",),
-                        ("scripts.base_train", "build_parser", ())),
-    "mid": PhaseScript(PHASE_TABLE["mid"].script, PHASE_TABLE["mid"].log_name, False, _TRAINING,
-                       ("nanochat.chat_training", "build_parser", ("mid", ""))),
-    "sft": PhaseScript(PHASE_TABLE["sft"].script, PHASE_TABLE["sft"].log_name, False, _TRAINING,
-                       ("nanochat.chat_training", "build_parser", ("sft", ""))),
-    "rl": PhaseScript(PHASE_TABLE["rl"].script, PHASE_TABLE["rl"].log_name, False, ("num_iterations", "init_lr_frac", "device_type"),
-                      ("nanochat.rl", "build_parser", ())),
+    "base": PhaseScript(PHASE_TABLE["base"].script, PHASE_TABLE["base"].log_name, True, _TRAINING + ("eval_tokens",)),
+    "mid": PhaseScript(PHASE_TABLE["mid"].script, PHASE_TABLE["mid"].log_name, False, _TRAINING),
+    "sft": PhaseScript(PHASE_TABLE["sft"].script, PHASE_TABLE["sft"].log_name, False, _TRAINING),
+    "rl": PhaseScript(PHASE_TABLE["rl"].script, PHASE_TABLE["rl"].log_name, False, ("num_iterations", "init_lr_frac", "device_type")),
 }
 
 
 def accepted_flags(phase):
     """Flag names (underscore spelling) the phase's script accepts."""
-    module, function, args = PHASE_SCRIPTS[phase].parser
-    parser = getattr(importlib.import_module(module), function)(*args)
-    return {a.dest for a in parser._actions}
+    parser = importlib.import_module(PHASE_SCRIPTS[phase].module).build_parser()
+    return set(vars(parser.parse_args([])))  # every flag has a default: its name is a key
 EVAL_MODULE = "scripts.base_eval"
 EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
 DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact

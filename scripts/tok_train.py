@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from nanochat.common import UserError, add_flag, get_base_dir, run_main
+from nanochat.common import UserError, add_flag, run_main
 from nanochat.dataset import DocumentSource
 from nanochat.progress import progress
 from nanochat.tokenizer import SPECIAL_TOKENS, TRAIN_DIRECTIONS, Tokenizer, tokenizer_dir

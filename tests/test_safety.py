@@ -450,7 +450,8 @@ def test_bad_numeric_flags_are_one_clear_error(flag, message, tmp_path, monkeypa
 
 
 def test_chat_phase_flags_are_checked_before_anything_runs(tmp_path, monkeypatch):
-    from nanochat.rl import build_parser, check_args
+    from nanochat.rl import check_args
+    from scripts.chat_rl import build_parser
     from scripts.mid_train import main as mid_main
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="--num_iterations=0 must be positive"):
