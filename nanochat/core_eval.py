@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat.paths import atomic_write_json
 from nanochat.common import UserError, get_base_dir, print0
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, concrete_directions, orient_text_tokens, \
     validate_direction
@@ -416,10 +417,7 @@ def list_core_evaluations(evaluations_dir):
 def write_record(path, record):
     """Atomic JSON write (temporary name, then rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, record)
 
 
 def format_table(results):

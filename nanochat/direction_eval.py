@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from nanochat.paths import atomic_write_json
 from nanochat.chat_eval_lib import (evaluate_generative, evaluate_multiple_choice, example_indices,
                                     sequence_logprobs)
 from nanochat.common import UserError, print0
@@ -242,10 +243,7 @@ def save_direction_evaluation(results, evaluations_dir, task_name, step, trained
               "eval_directions": list(results), "results": results, "metrics": compute_direction_metrics(results),
               **extra, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     os.makedirs(evaluations_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, record)
     return path
 
 

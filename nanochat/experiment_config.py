@@ -33,10 +33,10 @@ leaves a half-written config.json. Under torchrun only rank 0 should create or u
 import json
 import os
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nanochat.paths import atomic_write_json
 from nanochat.phases import PHASE_NAMES
 from nanochat.common import UserError, get_base_dir
 from nanochat.direction import validate_direction
@@ -84,21 +84,7 @@ def _git_code_version():
 
 def _atomic_write_json(path, obj):
     """Write `obj` as JSON to `path` so readers see the old file or the new one, never a part."""
-    directory = os.path.dirname(path)
-    # The temp file must be in the same directory: os.replace is only atomic within a filesystem.
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # default=str: a flag of an unusual type (a Path, say) is recorded as text, not a crash.
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_write_json(path, obj)
 
 
 class ExperimentConfig:

@@ -16,6 +16,7 @@ The file helpers:
 """
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -77,6 +78,12 @@ def atomic_write_text(path, text):
             f.flush()
             os.fsync(f.fileno())
     atomic_write(path, write)
+
+
+def atomic_write_json(path, obj):
+    """`obj` as indented JSON at `path`, atomically (readers see the old file or the new one)."""
+    # default=str: a value of an unusual type (a Path, say) is recorded as text, not a crash.
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def remove_stale_temporaries(directory):

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
+from nanochat.paths import atomic_write_json
 from nanochat.arrow_study import POSITIONS_FILE, STUDY_FILE, cell_key, study_dir, study_section
 from nanochat.common import UserError, add_flag, print0, run_main
 from nanochat.direction import DIRECTIONS, parse_directions
@@ -100,10 +101,7 @@ def plan(args):
 
 def write_study(path, study):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(study, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, study)
 
 
 def main(argv=None):
@@ -142,8 +140,7 @@ def main(argv=None):
                             "to resume the study")
     if args.positions:
         print0("bits per byte by position in the document, for every forward/backward pair ...", flush=True)
-        with open(os.path.join(folder, POSITIONS_FILE), "w") as f:
-            json.dump(position_tables(study, args.eval_tokens), f, indent=1)
+        atomic_write_json(os.path.join(folder, POSITIONS_FILE), position_tables(study, args.eval_tokens))
     experiments = ExperimentConfig()
     text, _ = study_section(study, experiments.evaluations_dir, folder)
     with open(os.path.join(folder, "study.md"), "w") as f:

@@ -20,7 +20,6 @@ checkpoints) as evaluations/chat_<task>_step<step>.json; existing files are kept
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ from datetime import datetime, timezone
 
 import torch.distributed as dist
 
+from nanochat.paths import atomic_write_json
 from nanochat.chat_eval_lib import (EVAL_DIRECTION_CHOICES, MC_ANSWERS, evaluate_generative, evaluate_multiple_choice,
                                     resolve_eval_directions, example_indices)
 from nanochat.checkpoint_manager import SOURCE_DIRS, artifact_dirs, load_model
@@ -244,10 +244,7 @@ def run(args, names, rank, world_size, device):
         if rank == 0:
             path = evaluation_path(evaluations_dir, name, step)
             os.makedirs(evaluations_dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=2)
-            os.replace(tmp, path)
+            atomic_write_json(path, record)
             print0(f"wrote {path}")
     if not summary:
         raise UserError("; ".join(dict.fromkeys(not_evaluated)))
