@@ -281,8 +281,12 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
 
     def handler(signum, frame):
         if state["signal"] is not None:
+            # The same signal again within a moment is one request delivered twice (the parent-death
+            # signal and the lock-holder watch both fire when the orchestrator dies): not an escalation.
+            if signum == state["signal"] and time.monotonic() - state["at"] < 2.0:
+                return
             raise KeyboardInterrupt(f"second signal {signum}")
-        state["signal"] = signum
+        state["signal"], state["at"] = signum, time.monotonic()
     previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield state

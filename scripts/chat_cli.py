@@ -199,7 +199,7 @@ def main(argv=None, stdin=None, out=None):
     args = build_parser().parse_args(argv)
     if args.source not in SOURCE_DIRS:
         raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCE_DIRS)}")
-    if args.max_tokens < 1 or args.temperature < 0:
+    if args.max_tokens < 1 or not args.temperature >= 0:  # (NaN fails the comparison too)
         raise UserError("--max_tokens must be positive and --temperature >= 0")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("-p is empty: give a question (forward) or an answer (backward)")
