@@ -31,6 +31,7 @@ one side would not be direction-fair.
 
 import torch
 
+from nanochat.loss_eval import token_losses
 from nanochat.common import UserError
 from nanochat.direction import concrete_directions, validate_direction, CONCRETE_DIRECTIONS
 from nanochat.tokenizer import normalize_messages, turn_content
@@ -131,11 +132,7 @@ def sequence_logprobs(model, rows, device, batch_size=32, autocast_ctx=None):
             x[r, :n] = torch.tensor(ids[:-1])
             y[r, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
         x, y = x.to(device), y.to(device)
-        if autocast_ctx is not None:
-            with autocast_ctx:
-                loss = model(x, y, loss_reduction="none")
-        else:
-            loss = model(x, y, loss_reduction="none")
+        loss = token_losses(model, x, y, autocast_ctx)
         # cross_entropy gives 0 at ignored targets, so the row sum is over scored positions only
         scores += (-loss.double().sum(dim=1)).tolist()
     return scores

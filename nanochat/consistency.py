@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, validate_direction
-from nanochat.loss_eval import _pieces
+from nanochat.loss_eval import _pieces, token_losses
 
 
 @torch.no_grad()
@@ -58,11 +58,7 @@ def per_document_bpb(model, tokenizer, token_bytes, docs, trained_direction, con
             x[r, :len(inp)] = torch.tensor(inp)
             y[r, :len(tgt)] = torch.tensor(tgt)
         x, y = x.to(device), y.to(device)
-        if autocast_ctx is not None:
-            with autocast_ctx:
-                loss = model(x, y, loss_reduction="none")
-        else:
-            loss = model(x, y, loss_reduction="none")
+        loss = token_losses(model, x, y, autocast_ctx)
         nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
         row_nats = (loss.double() * (nb > 0)).sum(dim=1).tolist()  # special-token targets drop out
         row_bytes = nb.sum(dim=1).tolist()

@@ -80,6 +80,14 @@ def _pieces(row, T, header_len):
         yield inputs, targets, is_first
 
 
+def token_losses(model, x, y, autocast_ctx=None):
+    """Per-position cross-entropy (0 where the target is -1), under `autocast_ctx` when given."""
+    if autocast_ctx is None:
+        return model(x, y, loss_reduction="none")
+    with autocast_ctx:
+        return model(x, y, loss_reduction="none")
+
+
 def _rows(docs, spec, concrete_direction, T, pad_id):
     """Pack scored pieces into rows of T: a document's first piece may follow other documents
     (it starts with BOS, as in training); a continuation piece starts its own row so that its
@@ -119,11 +127,7 @@ def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direct
             chunk = rows[i:i + batch_size]
             x = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
             y = torch.tensor([r[1] for r in chunk], dtype=torch.long, device=device)
-            if autocast_ctx is not None:
-                with autocast_ctx:
-                    loss = model(x, y, loss_reduction="none")
-            else:
-                loss = model(x, y, loss_reduction="none")
+            loss = token_losses(model, x, y, autocast_ctx)
             nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
             text = nb > 0
             nats += (loss.double() * text).sum()
@@ -161,11 +165,7 @@ def evaluate_bpb_by_position(model, tokenizer, token_bytes, docs, direction, tra
     def flush():
         x = torch.tensor([p[0] + [spec.bos_id] * (T - len(p[0])) for p in pending], dtype=torch.long, device=device)
         y = torch.tensor([p[1] + [-1] * (T - len(p[1])) for p in pending], dtype=torch.long, device=device)
-        if autocast_ctx is not None:
-            with autocast_ctx:
-                loss = model(x, y, loss_reduction="none")
-        else:
-            loss = model(x, y, loss_reduction="none")
+        loss = token_losses(model, x, y, autocast_ctx)
         loss = loss.view(len(pending), T).double().cpu().tolist()
         for (_, targets, positions), row_loss in zip(pending, loss):
             for t, pos, l in zip(targets, positions, row_loss):
