@@ -141,8 +141,9 @@ class _Stream:
                 chunk.append((doc_index, self.epoch, text))
                 self.cursor = doc_index + self.stride
                 chars += len(text)
-                # a tokenizer batch is bounded in documents and (at ~4 characters a token) in tokens
-                if len(chunk) == self.batch_size or chars >= 4 * (self.buffer_tokens - self.buffered):
+                # a tokenizer batch: up to batch_size documents, fewer when they are huge (at ~4
+                # characters a token, about one buffer's worth), so a giant document comes alone
+                if len(chunk) == self.batch_size or chars >= 4 * self.buffer_tokens:
                     break
             if not chunk:  # end of the split: start the next epoch
                 self.epoch += 1
