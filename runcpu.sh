@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quick start, CPU only and offline: set up .venv, then run the whole pipeline on the built-in
 # corpus (Python's standard library): tokenizer -> an arrow-of-time study (forward and backward
-# models, two seeds) and a bidirectional model -> bits-per-byte matrix -> report. About 10 minutes on 2 cores. Outputs go to
-# $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
+# models, two seeds) and a bidirectional model -> bits-per-byte matrix -> report. About 10 minutes
+# on 2 cores. Outputs go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
