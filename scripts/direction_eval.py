@@ -53,7 +53,7 @@ def check_args(args):
         raise UserError(f"--mc_answer={args.mc_answer!r}: use {' or '.join(MC_ANSWERS)}")
     if args.max_examples == 0 or args.max_examples < -1:
         raise UserError(f"--max_examples={args.max_examples}: use a positive number, or -1 for all")
-    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or not args.temperature >= 0:
         raise UserError("--num_samples, --max_new_tokens and --batch_size must be positive, --temperature >= 0")
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names or len(set(names)) != len(names):
