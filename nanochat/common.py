@@ -123,15 +123,6 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value, device):
-    """Mean of a Python float over all ranks (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
-
-
 def add_flag(parser, name, **kwargs):
     """Register `--name_with_underscores` with its kebab-case alias `--name-with-underscores`."""
     flags = [f"--{name}"]

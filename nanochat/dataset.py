@@ -146,11 +146,6 @@ class DocumentSource:
                 yield index, texts[index - first]
 
 
-def iter_documents(split, rank=0, world_size=1, directory=None, start=0):
-    """Documents of a split for one DDP rank: (global_index, text) with index % world_size == rank."""
-    yield from DocumentSource(split, directory).iter_from(start, world_size, rank)
-
-
 # ---------------------------------------------------------------------------------------
 # Offline built-in corpus: this Python's standard library, cut into documents.
 

@@ -44,15 +44,14 @@ def _duration(seconds):
 class Progress:
     """An iterable wrapper and/or a counter with update(n); use as a context manager or close()."""
 
-    def __init__(self, iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, mode=None,
-                 min_time_s=2.0):
+    def __init__(self, iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, min_time_s=2.0):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.desc, self.unit, self.interval_s, self.min_time_s = total, desc, unit, interval_s, min_time_s
         self.stream = stream if stream is not None else sys.stdout
-        self.mode = mode or _choose_mode(self.stream)
-        self.n, self.postfix, self.closed, self.printed = 0, "", False, False
+        self.mode = _choose_mode(self.stream)
+        self.n, self.closed, self.printed = 0, False, False
         self.start = self.last_print = time.monotonic()
         self._bar = None
         if self.mode == "bar":
@@ -73,12 +72,6 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
-
-    def set_postfix(self, text):
-        """A short status shown after the counts (e.g. the running loss)."""
-        self.postfix = str(text)
-        if self._bar is not None:
-            self._bar.set_postfix_str(self.postfix, refresh=False)
 
     def update(self, n=1):
         self.n += n
@@ -101,7 +94,7 @@ class Progress:
             text += f", {rate:.3g} {unit}/s"
             if self.total and self.n < self.total:
                 text += f", ~{_duration((self.total - self.n) / rate)} left"
-        return text + (f" [{self.postfix}]" if self.postfix else "")
+        return text
 
     def _print(self):
         self.last_print, self.printed = time.monotonic(), True
@@ -117,9 +110,7 @@ class Progress:
             self._print()
 
 
-def progress(iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, mode=None, min_time_s=2.0):
+def progress(iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, min_time_s=2.0):
     """See the module docstring; returns a Progress."""
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"progress mode must be one of {MODES}, not {mode!r}")
-    return Progress(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, stream=stream, mode=mode,
+    return Progress(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, stream=stream,
                     min_time_s=min_time_s)

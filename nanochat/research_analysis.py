@@ -155,17 +155,6 @@ def _read_json(path):
             raise UserError(f"{path} is not valid JSON ({e}); rerun the command that wrote it") from None
 
 
-def latest_evaluation(experiment, base_dir=None):
-    """The newest bpb evaluation record (the base_eval JSON plus its "path"), or None."""
-    experiments, experiment_id = resolve_experiment(experiment, base_dir)
-    files = _evaluation_files(experiments, experiment_id)
-    if not files:
-        return None
-    record = _read_json(files[-1][1])
-    record["path"] = files[-1][1]
-    return record
-
-
 def _last_finite(values):
     finite = np.flatnonzero(np.isfinite(values))
     return float(values[finite[-1]]) if finite.size else None
@@ -390,7 +379,7 @@ def direction_matrix_markdown(rows):
 
 
 def analyze_direction_transfer(experiment_dirs_or_ids, output_path=None, base_dir=None):
-    """The cross-direction bpb matrix (DESIGN §7) from each experiment's latest
+    """The cross-direction bpb matrix (docs/DESIGN.md §7) from each experiment's latest
     evaluations/bpb_step*.json:
 
         rows         [{"experiment", "trained_direction", "depth", "step", "bpb": {forward, backward},
@@ -440,8 +429,8 @@ def _matrix_from_rows(rows):
 
 def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None, bucket_size=1):
     """Mean per-token loss at each position of the context (the row), split by the direction of
-    the document each token belongs to (DESIGN §7), from the research log's snapshot at `step`
-    (default: the latest one). Positions whose target is ignored (-1: direction markers) are left
+    the document each token belongs to (docs/DESIGN.md §7), from the research log's snapshot at
+    `step` (default: the latest one). Positions whose target is ignored (-1: direction markers) are left
     out. A snapshot holds one batch (a few rows), so `bucket_size` > 1 averages neighbouring
     positions together. Returns {"experiment", "step", "bucket_size", "position": the first position
     of each bucket, "forward"/"backward": mean loss per bucket (NaN where no token of that
@@ -490,7 +479,7 @@ def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None
 _REPORT_NAMES = ("PlotResult", "curve_label", "compare_learning_curves", "plot_direction_matrix",
                  "plot_per_position_loss", "generate_research_report", "REPORT_NAME", "REPORT_SECTIONS")
 
-__all__ = ["resolve_experiment", "experiment_id_from_dir", "training_log_phase", "latest_evaluation",
+__all__ = ["resolve_experiment", "experiment_id_from_dir", "training_log_phase",
            "load_experiment_metadata", "experiment_metadata", "load_training_losses", "load_training_curves",
            "load_direction_evaluations", "collect_task_rows", "collect_direction_rows",
            "direction_matrix_markdown", "analyze_direction_transfer", "per_position_loss", "BASE_LOG_PHASE",

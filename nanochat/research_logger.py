@@ -9,8 +9,8 @@ A run writes `<experiment_dir>/logs/<phase>.h5`:
     /snapshots/step_NNNNNN/<name> occasional large arrays (per-token loss, per-layer statistics),
                                   strings and lists of strings (e.g. the direction of each row)
 
-Why this layout (DESIGN §9, measured on this machine): one group per step is ~25x larger and
-~240x slower to read back than appending to chunked, resizable datasets. Rows are buffered in
+Why this layout (docs/DESIGN.md §9, measured on this machine): one group per step is ~25x larger
+and ~240x slower to read back than appending to chunked, resizable datasets. Rows are buffered in
 memory and appended as one block every `flush_every` steps, followed by `file.flush()`: with the
 default libver and a flush per block, a file killed with SIGKILL still opened every time, while
 without flushes (or with libver='latest' and no SWMR) it usually did not. So we keep the default
@@ -220,11 +220,6 @@ class ResearchLogger:
     @property
     def closed(self):
         return self._file is None
-
-    @property
-    def last_flushed_step(self):
-        """The last step that is on disk (None before the first block)."""
-        return self._last_flushed_step
 
     @property
     def last_step(self):

@@ -162,9 +162,6 @@ class Tokenizer:
     def get_vocab_size(self):
         return self.enc.n_vocab
 
-    def get_special_tokens(self):
-        return set(self.special_tokens)
-
     def encode_special(self, name):
         if name not in self.special_tokens:
             raise UserError(f"the tokenizer has no special token {name}; known: {sorted(self.special_tokens)}")
@@ -187,9 +184,6 @@ class Tokenizer:
 
     def get_backward_token_id(self):
         return self.get_marker_ids()[1]
-
-    def id_to_token(self, token_id):
-        return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
 
     def token_byte_lengths(self):
         """UTF-8 byte length of each token id; 0 for special tokens, so they drop out of bpb."""
@@ -231,13 +225,10 @@ class Tokenizer:
     __call__ = encode
 
     # ---- conversations (see the section at the end of this module) ---------------------
-    def render_conversation(self, conversation, train_on="assistant", closing="end", max_tokens=None):
+    def render_conversation(self, conversation, train_on="assistant", closing="end"):
         """(ids, mask) in reading order; mask 1 on the tokens trained on (train_on's turns).
         Orient them with nanochat.direction.orient_conversation."""
-        ids, mask = _render(self, conversation, train_on, closing)
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
-        return ids, mask
+        return _render(self, conversation, train_on, closing)
 
     def render_for_completion(self, conversation):
         """Forward prompt for the last assistant turn: the conversation without it, ending with

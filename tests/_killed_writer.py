@@ -22,8 +22,9 @@ def main():
     step = 0
     while True:
         logger.log_step(step, {"loss": 1.0 / (step + 1), "lr": 0.01, "grad_norm": {"layer0": float(step)}})
-        if logger.last_flushed_step != announced:
-            announced = logger.last_flushed_step
+        flushed = logger._last_flushed_step  # the last step on disk: what a reader finds after the kill
+        if flushed != announced:
+            announced = flushed
             print(f"flushed {announced}", flush=True)
         step += 1
         time.sleep(0.0005)  # keep the loop (and the moment of the kill) inside ordinary work

@@ -11,7 +11,6 @@ from nanochat.dataset import (
     DocumentSource,
     data_dir,
     download_shard,
-    iter_documents,
     list_shards,
     shard_filename,
     split_shards,
@@ -48,7 +47,7 @@ def test_last_shard_is_validation(small_data):
 
 
 def test_base_dir_corpus_split(base_dir, corpus_template):
-    assert [t for _, t in iter_documents("val")] == corpus_template["val"]
+    assert [t for _, t in DocumentSource("val").iter_from()] == corpus_template["val"]
     assert len(DocumentSource("train")) == len(corpus_template["train"])
     assert data_dir() == os.path.join(base_dir, "base_data")
 
@@ -150,9 +149,10 @@ def test_global_index_get_and_iter_from_agree(small_data):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_iter_documents_rank_sharding_is_disjoint_and_covering(small_data, world_size):
+def test_rank_sharding_is_disjoint_and_covering(small_data, world_size):
     d, docs = small_data
-    per_rank = [list(iter_documents("train", r, world_size, d)) for r in range(world_size)]
+    source = DocumentSource("train", d)
+    per_rank = [list(source.iter_from(0, world_size, r)) for r in range(world_size)]
     indices = [i for part in per_rank for i, _ in part]
     assert sorted(indices) == list(range(7))  # covering, and disjoint (no duplicates)
     for r, part in enumerate(per_rank):

@@ -47,7 +47,7 @@ def manual_nats(model, row, T, tok, header_len=1):
     way: the first T targets with the document's start as context; each later target in the
     window that first reaches it (windows end T/2 further each time), whose input is the header
     (BOS, marker) then the T - header_len tokens before the window's end. Special targets skipped."""
-    specials = {tok.encode_special(name) for name in tok.get_special_tokens()}
+    specials = set(tok.special_tokens.values())
     stride = max(1, min(T // 2, T - header_len))
     last = len(row) - 1
     nats, done, end = 0.0, 0, min(T, last)

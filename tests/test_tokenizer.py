@@ -62,7 +62,7 @@ def test_unknown_special_token_is_user_error(tok):
 
 def test_special_tokens_present_and_distinct(tok):
     assert set(SPECIAL_TOKENS) >= {"<|bos|>", "<|forward|>", "<|backward|>"}
-    assert tok.get_special_tokens() == set(SPECIAL_TOKENS)
+    assert set(tok.special_tokens) == set(SPECIAL_TOKENS)
     ids = [tok.encode_special(name) for name in SPECIAL_TOKENS]
     assert len(set(ids)) == len(SPECIAL_TOKENS)
     assert all(0 <= i < tok.get_vocab_size() for i in ids)
