@@ -6,10 +6,10 @@ Order of operations (docs/DESIGN.md §2, docs/DIRECTIONS.md):
      BOS for bidirectional, drawn from (seed, epoch, global document index)),
   3. pack oriented documents into rows of T+1 tokens, BOS-aligned and best fit: every row starts
      with a document's BOS and whole documents are placed longest-first into the room left. When
-     no document fits, the shortest one fills the room with its beginning and *continues* in a
-     later row: the continuation restates the document's header (BOS, marker) and carries up to
-     `context_tokens` of the preceding text as context that is not a target
-     (nanochat.direction.document_piece).
+     no document fits, the one that has waited longest fills the room with its beginning and
+     *continues* at the start of the next row: the continuation restates the document's header
+     (BOS, marker) and carries up to `context_tokens` (default T/8) of the preceding text as
+     context that is not a target (nanochat.direction.document_piece). No token is cropped.
 Targets are the inputs shifted by one; a direction marker or a context token is never a target
 (-1). So per epoch every text token of every document is a target exactly once, in every
 direction: forward and backward models learn from the same text.

@@ -544,7 +544,7 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
                   f"{_fmt(r['bpb']['backward']) if r else 'no evaluation'} | "
                   f"{_fmt_gap(r['gap']) if r else 'no evaluation'} |")
     md += ["", "Train loss is nats per token of the last logged step; val bpb is the last in-training "
-           "evaluation; eval bpb is the latest `scripts.base_eval` result (DESIGN §3).", ""]
+           "evaluation; eval bpb is the latest `scripts.base_eval` result (docs/DESIGN.md §3).", ""]
 
     # Lineage
     trees, roots_seen = [], set()
