@@ -33,25 +33,25 @@ import torch
 
 from nanochat.loss_eval import token_losses
 from nanochat.common import UserError
-from nanochat.direction import concrete_directions, validate_direction, CONCRETE_DIRECTIONS
+from nanochat.direction import CONCRETE_DIRECTIONS, by_direction
 from nanochat.tokenizer import normalize_messages, turn_content
 
 EVAL_DIRECTION_CHOICES = ("auto", "both", "forward", "backward")
 
 
-def resolve_eval_directions(trained_direction, requested="auto"):
-    """The concrete directions to evaluate a model trained in `trained_direction`.
+def resolve_eval_directions(spec, requested="auto"):
+    """The concrete directions to evaluate the model of DirectionSpec `spec` in.
 
-    auto = what the model does natively (both for bidirectional, else its own); both, forward,
-    backward ask explicitly, and a one-way model asked for the other direction is an error."""
-    validate_direction(trained_direction)
+    auto = what the model does natively (spec.generation_directions(): both for bidirectional,
+    else its own); both, forward, backward ask explicitly, and a direction the spec cannot
+    generate is an error."""
     if requested not in EVAL_DIRECTION_CHOICES:
         raise UserError(f"--eval_direction={requested!r}: use {', '.join(EVAL_DIRECTION_CHOICES)}")
-    native = concrete_directions(trained_direction)
+    native = spec.generation_directions()
     wanted = native if requested == "auto" else list(CONCRETE_DIRECTIONS) if requested == "both" else [requested]
     missing = [d for d in wanted if d not in native]
     if missing:
-        raise UserError(f"--eval_direction={requested}: this model was trained {trained_direction} and cannot "
+        raise UserError(f"--eval_direction={requested}: this model was trained {spec.direction} and cannot "
                         f"be evaluated {' and '.join(missing)} here (only bidirectional models generate both ways); "
                         "python -m scripts.direction_eval scores it in both directions (cross-direction transfer)")
     return wanted
@@ -170,7 +170,7 @@ def given_and_reference(conversation, concrete_direction):
     messages = normalize_messages(conversation)
     question = turn_content(messages, "user")
     answer = turn_content(messages, "assistant", which="last")
-    return (question, answer) if concrete_direction == "forward" else (answer, question)
+    return by_direction(concrete_direction, forward=(question, answer), backward=(answer, question))
 
 
 def evaluate_generative(engine, task, indices, concrete_direction, num_samples=1, max_new_tokens=64,

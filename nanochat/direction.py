@@ -55,9 +55,19 @@ def parse_directions(spec, allowed=CONCRETE_DIRECTIONS):
 
 
 def concrete_directions(trained_direction):
-    """The directions a model trained in `trained_direction` generates/evaluates natively."""
+    """The directions a model trained in `trained_direction` generates/evaluates natively.
+
+    The one statement of this policy; DirectionSpec.generation_directions asks it, and callers
+    holding a spec should ask the spec."""
     validate_direction(trained_direction)
     return list(CONCRETE_DIRECTIONS) if trained_direction == "bidirectional" else [trained_direction]
+
+
+def by_direction(concrete_direction, forward, backward):
+    """`forward` or `backward`, whichever `concrete_direction` names; any other value is a
+    UserError. Use it instead of `a if d == "forward" else b`, which would silently read a
+    misspelt or new direction as backward."""
+    return {"forward": forward, "backward": backward}[validate_direction(concrete_direction, CONCRETE_DIRECTIONS)]
 
 
 def reverse_tokens(tokens, keep_bos=True):
@@ -145,7 +155,7 @@ def default_train_on(concrete_direction):
     """Forward trains on the assistant (standard SFT); backward on the user: the model reads the
     answer and writes the question (instruction backtranslation, p(instruction | response)).
     Reversed assistant tokens would teach answers conditioned on nothing."""
-    return "assistant" if concrete_direction == "forward" else "user"
+    return by_direction(concrete_direction, forward="assistant", backward="user")
 
 
 def validate_train_on(train_on):
@@ -198,7 +208,7 @@ class DirectionSpec:
         return tuple(i for i in (self.forward_id, self.backward_id) if i is not None)
 
     def marker_for(self, concrete_direction):
-        return self.forward_id if concrete_direction == "forward" else self.backward_id
+        return by_direction(concrete_direction, forward=self.forward_id, backward=self.backward_id)
 
     @property
     def header_len(self):
@@ -259,9 +269,8 @@ class DirectionSpec:
     @staticmethod
     def join_in_reading_order(given_tokens, restored_generation, concrete_direction):
         """The full text's tokens: given + generated forward, generated + given backward."""
-        if concrete_direction == "forward":
-            return list(given_tokens) + list(restored_generation)
-        return list(restored_generation) + list(given_tokens)
+        given, generated = list(given_tokens), list(restored_generation)
+        return by_direction(concrete_direction, forward=given + generated, backward=generated + given)
 
     def position_directions(self, row):
         """The concrete direction of the document each position of a packed row belongs to."""
@@ -284,7 +293,7 @@ class DirectionSpec:
                 raise ValueError("bidirectional conversations need doc_index (or a forced concrete_direction)")
             concrete_direction = self.concrete_direction_for(doc_index, epoch)
         policy = train_on or default_train_on(concrete_direction)
-        closing = "end" if concrete_direction == "forward" else "start"
+        closing = by_direction(concrete_direction, forward="end", backward="start")
         ids, mask = tokenizer.render_conversation(conversation, train_on=policy, closing=closing)
         marker = self.marker_for(concrete_direction) if self.direction == "bidirectional" else None
         ids, mask = orient_conversation(ids, mask, concrete_direction, marker)
@@ -342,7 +351,7 @@ class DirectionSpec:
     # ---- policy: what this model can do, asked here instead of re-derived by callers ----------
     def generation_directions(self):
         """The concrete directions this model generates and is natively scored in."""
-        return list(CONCRETE_DIRECTIONS) if self.direction == "bidirectional" else [self.direction]
+        return concrete_directions(self.direction)
 
     def default_generation_direction(self):
         """What a generation without an explicit direction uses: a bidirectional model reads forward."""
@@ -361,6 +370,17 @@ class DirectionSpec:
     def to_meta(self):
         """What a checkpoint records about how this model's data was oriented (meta["direction_spec"])."""
         return self.describe()
+
+    @classmethod
+    def for_model(cls, meta, tokenizer):
+        """The spec of a loaded model: from its checkpoint metadata where that records the spec
+        ("direction_spec", or the older "bos_id"), else from a bare {"direction": name} (user
+        code, tests) and the tokenizer's ids; no metadata, or none naming a direction, is a
+        forward model. An unknown direction name is a UserError."""
+        meta = meta or {}
+        if meta.get("direction_spec") or meta.get("bos_id") is not None:
+            return cls.from_meta(meta)
+        return cls.from_tokenizer(meta.get("direction", "forward"), tokenizer)
 
     @classmethod
     def from_meta(cls, meta):

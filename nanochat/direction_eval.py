@@ -12,7 +12,9 @@ two (its marker after BOS). The trained direction comes from `engine` (Engine(mo
 meta) knows it from the checkpoint) or `model_direction`; without either the model is read as a
 one-way model, which is right for multiple choice and likelihood whatever way it was trained.
 
-Per direction (tasks/direction_wrapper.py decides which applies):
+Per direction (the task's view in that direction decides which applies: task.in_direction
+returns a DirectionTaskWrapper of tasks/direction_wrapper.py, so this module asks the task for
+it and does not depend on the tasks package):
 - multiple choice: every choice is put in as the assistant's answer and the choices are ranked
   by the log-likelihood of the *whole* conversation read in that direction: the sum over every
   position after BOS (markers excluded) of log p(token | preceding tokens), in nats, with no
@@ -52,7 +54,6 @@ from nanochat.chat_eval_lib import (evaluate_generative, evaluate_multiple_choic
                                     sequence_logprobs)
 from nanochat.common import UserError, print0
 from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, validate_direction
-from tasks.direction_wrapper import DirectionTaskWrapper
 
 SECTION_TITLE = "Task accuracy in each direction"
 _FILE_PATTERN = re.compile(r"^direction_(.+)_step(\d+)\.json$")
@@ -67,6 +68,14 @@ def _trained_direction(engine, model_direction):
     if model_direction is not None:
         validate_direction(model_direction, DIRECTIONS)
     return model_direction
+
+
+def _in_direction(task, direction, tokenizer, model_direction):
+    """The task's view in one direction (tasks/common.py Task.in_direction)."""
+    if not callable(getattr(task, "in_direction", None)):
+        raise UserError(f"{type(task).__name__} is not a task (tasks/common.py Task): it has no in_direction() "
+                        "to be evaluated in a direction")
+    return task.in_direction(direction, tokenizer, model_direction=model_direction)
 
 
 def _model_device(model):
@@ -134,7 +143,8 @@ def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward",
             if verbose:
                 print0(f"Evaluating {getattr(task, 'name', type(task).__name__)} in the {direction} direction "
                        f"({len(indices)} examples, model trained {trained or 'one-way'})...")
-            wrapper = DirectionTaskWrapper(task, direction, tokenizer, model_direction=trained)
+            # The engine's spec (from the checkpoint) when there is one, else the trained name.
+            wrapper = _in_direction(task, direction, tokenizer, engine.spec if engine is not None else trained)
             entry = {"scoring": wrapper.scoring}
             if wrapper.scoring == "multiple_choice":
                 r = evaluate_multiple_choice(model, tokenizer, wrapper.spec, task, indices, direction, device,
@@ -145,7 +155,7 @@ def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward",
             elif wrapper.scoring == "generation":
                 if engine is None:
                     from nanochat.engine import Engine
-                    engine = Engine(model, tokenizer, {"direction": trained})
+                    engine = Engine(model, tokenizer, spec=wrapper.spec)
                 with autocast_ctx:
                     r = evaluate_generative(engine, task, indices, direction, num_samples=num_samples,
                                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import UserError
-from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, validate_direction
+from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction, validate_direction
 
 
 class KVCache:
@@ -73,10 +73,18 @@ def _autocast(device_type):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, meta=None):
+    """Generation for one model. Its DirectionSpec decides which directions it may generate and
+    what a request without one gets: pass `spec`, or the checkpoint's `meta`
+    (DirectionSpec.for_model: a bare {"direction": name} works too); neither is a forward model."""
+
+    def __init__(self, model, tokenizer, meta=None, spec=None):
         self.model, self.tokenizer = model, tokenizer
-        self.direction = (meta or {}).get("direction", "forward")
-        self.spec = DirectionSpec.from_tokenizer(self.direction, tokenizer)
+        self.spec = spec if spec is not None else DirectionSpec.for_model(meta, tokenizer)
+
+    @property
+    def direction(self):
+        """The direction the model was trained in."""
+        return self.spec.direction
 
     @property
     def device(self):
@@ -153,12 +161,8 @@ class Engine:
             yield token
 
     def _concrete(self, direction):
-        direction = direction or (self.direction if self.direction != "bidirectional" else "forward")
-        validate_direction(direction, CONCRETE_DIRECTIONS)
-        if self.direction != "bidirectional" and direction != self.direction:
-            raise UserError(f"this model was trained {self.direction}: it cannot generate {direction} "
-                            "(only bidirectional models do both)")
-        return direction
+        # None (or "") asks for the model's default direction; the spec refuses what it cannot do.
+        return self.spec.generation_direction(direction or None)
 
     def complete(self, given_text, direction=None, **kwargs):
         """Continue a beginning (forward) or write what precedes an ending (backward).
@@ -225,16 +229,16 @@ class ChatHistory:
 
     def request(self, text):
         """The conversation handed to Engine.chat for the user's new `text`."""
-        if self.direction == "forward":
-            return {"messages": self.messages + [{"role": "user", "content": text}]}
-        return {"messages": [{"role": "assistant", "content": text}] + self.messages}
+        return by_direction(self.direction, forward={"messages": self.messages + [{"role": "user", "content": text}]},
+                            backward={"messages": [{"role": "assistant", "content": text}] + self.messages})
 
     def record(self, text, generated):
         """Keep the finished exchange: the user's text and the model's turn."""
-        if self.direction == "forward":
-            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": generated}]
-        else:
-            self.messages = [{"role": "user", "content": generated}, {"role": "assistant", "content": text}] + self.messages
+        # forward: the user asked `text`, the model answered; backward: the user gave the answer
+        # `text`, the model wrote the question. Either way the exchange is user then assistant.
+        asked = [{"role": "user", "content": text}, {"role": "assistant", "content": generated}]
+        answered = [{"role": "user", "content": generated}, {"role": "assistant", "content": text}]
+        self.messages = by_direction(self.direction, forward=self.messages + asked, backward=answered + self.messages)
 
     def clear(self):
         self.messages = []
@@ -257,5 +261,5 @@ class ChatHistory:
             if not self.messages:
                 raise UserError(f"the message is too long for the model's {limit}-token context "
                                 f"(with {room} tokens to generate); shorten it")
-            self.messages = self.messages[2:] if self.direction == "forward" else self.messages[:-2]
+            self.messages = by_direction(self.direction, forward=self.messages[2:], backward=self.messages[:-2])
             dropped += 1

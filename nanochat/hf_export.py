@@ -26,6 +26,7 @@ import os
 import torch
 
 from nanochat.common import UserError
+from nanochat.direction import DirectionSpec
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,28 +96,31 @@ def chat_token_ids(tokenizer):
             if name not in ("<|bos|>", "<|forward|>", "<|backward|>")}
 
 
-def stop_token_ids(tokenizer, direction, chat):
+# Where a chat turn written in each concrete direction ends (docs/DESIGN.md §5).
+CHAT_STOPS = {"forward": "<|assistant_end|>", "backward": "<|user_start|>"}
+
+
+def stop_token_ids(tokenizer, spec, chat):
     """Where generation ends in the model's orientation (docs/DESIGN.md §5): BOS always; a chat
-    model also at <|assistant_end|> (forward: the answer is done) and <|user_start|> (backward:
-    the question, written right to left, is done)."""
+    model also at <|assistant_end|> if it generates forward (the answer is done) and at
+    <|user_start|> if it generates backward (the question, written right to left, is done)."""
     stops = [tokenizer.get_bos_token_id()]
     if chat:
-        if direction in ("forward", "bidirectional"):
-            stops.insert(0, tokenizer.encode_special("<|assistant_end|>"))
-        if direction in ("backward", "bidirectional"):
-            stops.insert(0, tokenizer.encode_special("<|user_start|>"))
+        for concrete in spec.generation_directions():
+            stops.insert(0, tokenizer.encode_special(CHAT_STOPS[concrete]))
     return stops
 
 
 def qwen3_config(model_config, tokenizer, meta, dtype_name="float32"):
     c = model_config
-    direction = meta["direction"]
+    spec = DirectionSpec.for_model(meta, tokenizer)
+    direction = spec.direction
     chat = is_chat_model(meta)
     markers = None
     if tokenizer.has_direction_markers():
         fwd, bwd = tokenizer.get_marker_ids()
         markers = {"forward": fwd, "backward": bwd}
-    stops = stop_token_ids(tokenizer, direction, chat)
+    stops = stop_token_ids(tokenizer, spec, chat)
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -251,7 +255,7 @@ there (nanochat encodes them as plain text).
 
 
 def model_card(model_config, tokenizer, meta, folder):
-    direction = meta["direction"]
+    direction = DirectionSpec.for_model(meta, tokenizer).direction
     chat = is_chat_model(meta)
     return CARD.format(
         name=meta.get("model_tag") or "nanochat-direction model", direction=direction, phase=meta.get("phase"),
@@ -288,8 +292,10 @@ def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
         "special_tokens_map.json": {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>",
                                     "additional_special_tokens": [n for n in special_names if n != "<|bos|>"]},
     }
-    if is_chat_model(meta) and meta["direction"] in ("forward", "bidirectional"):
-        marker = meta["direction"] == "bidirectional"
+    spec = DirectionSpec.for_model(meta, tokenizer)
+    if is_chat_model(meta) and "forward" in spec.generation_directions():
+        # The template writes BOS, then <|forward|> exactly when the spec's forward header has a marker.
+        marker = len(spec.header("forward")) > 1
         files["tokenizer_config.json"]["chat_template"] = CHAT_TEMPLATE.replace(
             "nanochat_marker is defined and nanochat_marker", "true" if marker else "false")
     written = []

@@ -29,7 +29,7 @@ import re
 
 from nanochat.chat_eval_lib import sequence_logprobs
 from nanochat.common import UserError
-from nanochat.direction import DirectionSpec
+from nanochat.direction import DirectionSpec, by_direction
 
 METHODS = ("forward", "backward", "sum")
 
@@ -41,9 +41,11 @@ def _conversation(question, answer):
 def score_candidates(model, tokenizer, trained_direction, concrete_direction, question, answers, device,
                      batch_size=32, autocast_ctx=None):
     """Sum of log p over the scored side of each (question, answer) conversation: the answer
-    (concrete_direction forward) or the question (backward), in nats."""
-    spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
-    train_on = "assistant" if concrete_direction == "forward" else "user"
+    (concrete_direction forward) or the question (backward), in nats. `trained_direction` is the
+    scoring model's direction name or its DirectionSpec."""
+    spec = (trained_direction if isinstance(trained_direction, DirectionSpec)
+            else DirectionSpec.from_tokenizer(trained_direction, tokenizer))
+    train_on = by_direction(concrete_direction, forward="assistant", backward="user")  # the side that is scored
     rows = []
     for answer in answers:
         ids, mask, _ = spec.conversation_row(tokenizer, _conversation(question, answer),
@@ -89,10 +91,11 @@ def summarise(per_question):
 
 def rerank_task(forward_engine, backward_model, backward_direction, task, indices, num_samples, max_new_tokens,
                 temperature, top_k, seed, device, batch_size=32, autocast_ctx=None, log=None, keep=5):
-    """Sample, score and pick for task[indices]. Returns {"summary", "examples"}: the summary of
-    summarise() and the first `keep` questions with their candidates and scores."""
+    """Sample, score and pick for task[indices] (`backward_direction`: the scorer's direction name
+    or DirectionSpec). Returns {"summary", "examples"}: the summary of summarise() and the first
+    `keep` questions with their candidates and scores."""
     tokenizer = forward_engine.tokenizer
-    fwd_model, fwd_direction = forward_engine.model, forward_engine.direction
+    fwd_model, fwd_spec = forward_engine.model, forward_engine.spec
     # A question must leave room for an answer in the sampler's context, and the scored rows
     # (question + answer) must fit both models; otherwise it is skipped and counted, not cropped.
     limit = min(fwd_model.config.sequence_len, backward_model.config.sequence_len)
@@ -107,7 +110,7 @@ def rerank_task(forward_engine, backward_model, backward_direction, task, indice
                                       max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       seed=seed + index)
         correct = [float(task.reward(conversation, a, "forward")) for a in answers]
-        fwd = score_candidates(fwd_model, tokenizer, fwd_direction, "forward", question, answers, device,
+        fwd = score_candidates(fwd_model, tokenizer, fwd_spec, "forward", question, answers, device,
                                batch_size, autocast_ctx)
         bwd = score_candidates(backward_model, tokenizer, backward_direction, "backward", question, answers, device,
                                batch_size, autocast_ctx)

@@ -35,7 +35,7 @@ from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, 
 from nanochat.consistency import (consistency_evaluation_path, consistency_record, format_stats, per_document_bpb,
                                   write_consistency)
 from nanochat.core_eval import BUNDLE_URL, CoreBenchmark, core_evaluation_path, format_table, write_record
-from nanochat.direction import concrete_directions, parse_directions
+from nanochat.direction import DirectionSpec, parse_directions
 from nanochat.loss_eval import arrow_of_time_gap, bpb_evaluation_path, evaluate_bpb, select_documents
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import autocast_context
@@ -199,8 +199,9 @@ def evaluate_one(args, entry, evals, directions, rank, world_size, device, docs_
                                                   max_per_task=args.max_per_task, **results), rank)
     if "consistency" in evals:
         # A one-way model is read in its own direction only here: it is half of a pair.
+        native = DirectionSpec.for_model(meta, tokenizer).generation_directions()
         readings = {d: per_document_bpb(model, tokenizer, token_bytes, docs, trained, d, T, args.device_batch_size,
-                                        device, autocast) for d in concrete_directions(trained)}
+                                        device, autocast) for d in native}
         per_doc[tag] = readings
         if trained == "bidirectional":
             record = consistency_record("bidirectional", readings["forward"], readings["backward"],

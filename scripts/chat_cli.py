@@ -24,14 +24,17 @@ import sys
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
 from nanochat.common import UserError, add_flag, compute_init, run_main
-from nanochat.direction import CONCRETE_DIRECTIONS, concrete_directions
 from nanochat.engine import ChatHistory, Engine
 from nanochat.training import autocast_context
 
-# What the user types and what the model writes, per concrete direction.
+# Per concrete direction: what the user types, what the model writes, which exchanges
+# ChatHistory.fit drops first (the farthest from the new turn), and whether the reply can be shown
+# as it is written (a backward question is written right to left, so it is shown when complete).
 ROLES = {
-    "forward": {"typed": "question", "label": "assistant"},
-    "backward": {"typed": "answer", "label": "question (generated, precedes your answer)"},
+    "forward": {"typed": "question", "a_typed": "a question", "label": "assistant", "dropped": "oldest",
+                "live": True},
+    "backward": {"typed": "answer", "a_typed": "an answer", "label": "question (generated, precedes your answer)",
+                 "dropped": "latest", "live": False},
 }
 # Tokens kept free for the reply when old exchanges are dropped to fit the context.
 MIN_ROOM = 32
@@ -61,7 +64,6 @@ class ChatSession:
 
     def __init__(self, engine, direction, args, out=sys.stdout):
         self.engine, self.args, self.out = engine, args, out
-        self.native = concrete_directions(engine.direction)
         self.history = ChatHistory(direction)
         self.exchanges = 0
 
@@ -76,15 +78,15 @@ class ChatSession:
         print(text, file=self.out, flush=True)
 
     def switch(self, direction):
-        if direction not in self.native:
-            self.say(f"error: this model was trained {self.engine.direction}: it cannot generate {direction} "
-                     "(only bidirectional models do both); staying "
-                     f"{self.direction}")
+        try:
+            direction = self.engine.spec.generation_direction(direction)
+        except UserError as e:
+            self.say(f"error: {e}; staying {self.direction}")
             return
         had_history = bool(self.history.messages)
         self.history = ChatHistory(direction)  # a conversation has one direction: start over
-        self.say(f"mode: {direction}{' (conversation cleared)' if had_history else ''} (type {'an' if direction == 'backward' else 'a'} "
-                 f"{ROLES[direction]['typed']})")
+        self.say(f"mode: {direction}{' (conversation cleared)' if had_history else ''} "
+                 f"(type {ROLES[direction]['a_typed']})")
 
     def reply(self, text, live=False):
         """One exchange: generate the other side of `text` (with the conversation so far as
@@ -92,8 +94,8 @@ class ChatSession:
         room = min(self.args.max_tokens, MIN_ROOM)
         dropped = self.history.fit(self.engine, text, room)
         if dropped:
-            far = "oldest" if self.direction == "forward" else "latest"
-            self.say(f"(dropped the {far} {dropped} exchange(s): the conversation no longer fits the context)")
+            self.say(f"(dropped the {ROLES[self.direction]['dropped']} {dropped} exchange(s): the conversation no "
+                     "longer fits the context)")
         label = ROLES[self.direction]["label"]
         sampling = dict(max_tokens=self.args.max_tokens, temperature=self.args.temperature,
                         top_k=None if self.args.top_k < 0 else self.args.top_k, seed=self.args.seed + self.exchanges)
@@ -120,7 +122,7 @@ class ChatSession:
     def exchange(self, text):
         """Reply to `text` and print it. On a terminal a forward answer appears as it is written;
         a backward question is written right to left, so it is printed when complete."""
-        if self.direction == "forward" and getattr(self.out, "isatty", lambda: False)():
+        if ROLES[self.direction]["live"] and getattr(self.out, "isatty", lambda: False)():
             self.reply(text, live=True)
         else:
             self.say(self.reply(text))
@@ -184,15 +186,12 @@ class ChatSession:
             self.say("")
 
 
-def initial_direction(trained, requested):
-    if requested is None:
-        return "backward" if trained == "backward" else "forward"
-    if requested not in CONCRETE_DIRECTIONS:
-        raise UserError(f"--direction={requested!r}: use forward or backward")
-    if requested not in concrete_directions(trained):
-        raise UserError(f"--direction={requested}: this model was trained {trained} and cannot generate "
-                        f"{requested} (only bidirectional models do both)")
-    return requested
+def initial_direction(spec, requested):
+    """--direction, or the model's default (DirectionSpec.generation_direction decides both)."""
+    try:
+        return spec.generation_direction(requested)
+    except UserError as e:
+        raise UserError(f"--direction={requested}: {e}")
 
 
 def main(argv=None, stdin=None, out=None):
@@ -205,8 +204,8 @@ def main(argv=None, stdin=None, out=None):
         raise UserError("-p is empty: give a question (forward) or an answer (backward)")
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    session = ChatSession(Engine(model, tokenizer, meta), initial_direction(meta["direction"], args.direction),
-                          args, out or sys.stdout)
+    engine = Engine(model, tokenizer, meta)
+    session = ChatSession(engine, initial_direction(engine.spec, args.direction), args, out or sys.stdout)
     if args.prompt is not None:
         session.exchange(args.prompt)
         return

@@ -160,8 +160,9 @@ def main(argv=None):
 def run(args, names, rank, world_size, device):
     from tasks.registry import get_task
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    trained, step, tag = meta["direction"], meta["step"], meta["model_tag"]
-    eval_directions = resolve_eval_directions(trained, args.eval_direction)
+    engine = Engine(model, tokenizer, meta)
+    trained, step, tag = engine.direction, meta["step"], meta["model_tag"]
+    eval_directions = resolve_eval_directions(engine.spec, args.eval_direction)
     evaluations_dir = artifact_dirs(args.source, tag)["evaluations"]
 
     # Everything that can fail is checked before any example is scored.
@@ -190,7 +191,6 @@ def run(args, names, rank, world_size, device):
         raise UserError(f"no task can be evaluated for this {trained} model: {reasons}")
 
     print0(f"chat_eval: {tag} step {step} (trained {trained}, {args.source}); directions {', '.join(eval_directions)}")
-    engine = Engine(model, tokenizer, meta)
     autocast = autocast_context(device.type)
     summary, not_evaluated = [], []
     for name, task, directions, skipped in runnable:

@@ -39,7 +39,7 @@ import threading
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
 from nanochat.common import UserError, add_flag, compute_init, print0, run_main
-from nanochat.direction import CONCRETE_DIRECTIONS, concrete_directions
+from nanochat.direction import CONCRETE_DIRECTIONS
 from nanochat.engine import ChatHistory, Engine
 
 MODES = ("chat", "completion")
@@ -76,7 +76,7 @@ class ModelSlot:
 
     def describe(self):
         return {"name": self.name, "direction": self.engine.direction,
-                "directions": concrete_directions(self.engine.direction), "chat": self.chat,
+                "directions": self.engine.spec.generation_directions(), "chat": self.chat,
                 "source": self.meta.get("source"), "step": self.meta.get("step"),
                 "context": self.engine.model.config.sequence_len}
 
@@ -110,13 +110,13 @@ def parse_request(body, slots, limits):
     if name not in slots:
         raise BadRequest(f"unknown model {name!r}: loaded models are {', '.join(slots)}", status=404)
     slot = slots[name]
-    natives = concrete_directions(slot.engine.direction)
-    direction = body.get("direction") or natives[0]
-    if direction not in CONCRETE_DIRECTIONS:
-        raise BadRequest(f"'direction' must be forward or backward, not {direction!r}")
-    if direction not in natives:
-        raise BadRequest(f"model {name!r} was trained {slot.engine.direction}: it cannot generate {direction} "
-                         "(only bidirectional models do both)")
+    requested = body.get("direction") or None  # none: the model's default (forward for bidirectional)
+    if requested is not None and requested not in CONCRETE_DIRECTIONS:
+        raise BadRequest(f"'direction' must be forward or backward, not {requested!r}")
+    try:
+        direction = slot.engine.spec.generation_direction(requested)
+    except UserError as e:
+        raise BadRequest(f"model {name!r}: {e}")
     mode = body.get("mode") or ("chat" if slot.chat else "completion")
     if mode not in MODES:
         raise BadRequest(f"'mode' must be chat or completion, not {mode!r}")

@@ -19,6 +19,7 @@ from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.core_eval import write_record
+from nanochat.direction import DirectionSpec
 from nanochat.engine import Engine
 from nanochat.rerank import format_table, rerank_evaluation_path, rerank_task
 from nanochat.training import autocast_context
@@ -67,13 +68,16 @@ def main(argv=None):
     # Check both checkpoints and the output path before loading anything.
     fwd_dir, fwd_step, fwd_tag = resolve_checkpoint(args.source, args.forward_tag, args.forward_step)
     bwd_dir, bwd_step, bwd_tag = resolve_checkpoint(backward_source, args.backward_tag, args.backward_step)
-    fwd_direction = load_meta(fwd_dir, fwd_step)["direction"]
-    bwd_direction = load_meta(bwd_dir, bwd_step)["direction"]
-    if fwd_direction == "backward":
-        raise UserError(f"--forward_tag={fwd_tag} was trained backward: the sampler must be a forward or "
+    from nanochat.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()
+    fwd_spec = DirectionSpec.for_model(load_meta(fwd_dir, fwd_step), tokenizer)
+    bwd_spec = DirectionSpec.for_model(load_meta(bwd_dir, bwd_step), tokenizer)
+    fwd_direction, bwd_direction = fwd_spec.direction, bwd_spec.direction
+    if "forward" not in fwd_spec.generation_directions():
+        raise UserError(f"--forward_tag={fwd_tag} was trained {fwd_direction}: the sampler must be a forward or "
                         "bidirectional model")
-    if bwd_direction == "forward":
-        raise UserError(f"--backward_tag={bwd_tag} was trained forward: the scorer must be a backward or "
+    if "backward" not in bwd_spec.generation_directions():
+        raise UserError(f"--backward_tag={bwd_tag} was trained {bwd_direction}: the scorer must be a backward or "
                         "bidirectional model (it scores the question given the answer)")
     out_path = rerank_evaluation_path(artifact_dirs(args.source, fwd_tag)["evaluations"], args.task, fwd_step)
     if os.path.exists(out_path) and not args.overwrite:
@@ -99,7 +103,7 @@ def main(argv=None):
         print0(f"sampler {fwd_tag} (trained {fwd_direction}, step {fwd_step}); scorer {bwd_tag} (trained "
                f"{bwd_direction}, step {bwd_step}); {args.task}/{args.split}: {len(indices)} questions x "
                f"{args.num_samples} samples at temperature {args.temperature}")
-        result = rerank_task(engine, bwd_model, bwd_direction, task, indices, args.num_samples, args.max_new_tokens,
+        result = rerank_task(engine, bwd_model, bwd_spec, task, indices, args.num_samples, args.max_new_tokens,
                              args.temperature, args.top_k if args.top_k > 0 else None, args.seed, device,
                              args.device_batch_size, autocast_context(device.type), log=print0)
         summary = result["summary"]

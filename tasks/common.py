@@ -14,7 +14,7 @@ answer and writes the question (`reward(conversation, question_text)` with direc
 import random
 
 from nanochat.common import UserError
-from nanochat.direction import CONCRETE_DIRECTIONS, concrete_directions, validate_direction
+from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, concrete_directions, validate_direction
 
 
 class Task:
@@ -56,22 +56,33 @@ class Task:
         validate_direction(direction, CONCRETE_DIRECTIONS)
         check_task_direction(self, direction)
 
+    def in_direction(self, direction, tokenizer, model_direction=None):
+        """This task evaluated in the concrete `direction` (tasks/direction_wrapper.py), for a
+        model trained in `model_direction` (a name or its DirectionSpec). The evaluation in
+        nanochat asks the task for this view, so nanochat never imports tasks."""
+        from tasks.direction_wrapper import DirectionTaskWrapper
+        return DirectionTaskWrapper(self, direction, tokenizer, model_direction=model_direction)
+
 
 def check_task_direction(task, direction):
     """The concrete directions in which `task` can be generated and rewarded for a model of
-    `direction` (forward, backward or bidirectional); a UserError if there are none.
+    `direction` (forward, backward or bidirectional, or the model's DirectionSpec); a UserError
+    if there are none.
 
     A bidirectional model can use a task in any direction the task declares; a one-way model
-    only in its own (docs/DESIGN.md §6)."""
-    validate_direction(direction)
+    only in its own (docs/DESIGN.md §6): the spec's generation_directions decide."""
+    if isinstance(direction, DirectionSpec):
+        native, direction = direction.generation_directions(), direction.direction
+    else:
+        native = concrete_directions(direction)  # the same policy for a bare name (validated there)
     declared = tuple(task.generation_directions)
-    usable = [d for d in concrete_directions(direction) if d in declared]
+    usable = [d for d in native if d in declared]
     if usable:
         return usable
     if not declared:
         raise UserError(f"task {task.name} has no reward: it is training data only, not a task that can "
                         "be generated and verified (use arithmetic or reversal for RL)")
-    wanted = "forward or backward" if direction == "bidirectional" else direction
+    wanted = " or ".join(native)
     hint = (" (a backward model needs a task whose beginning can be verified, e.g. arithmetic)"
             if direction == "backward" else "")
     raise UserError(f"task {task.name} cannot be generated {wanted}: it declares only "

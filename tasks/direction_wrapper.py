@@ -31,28 +31,30 @@ What each (task, direction) is scored by (`wrapper.scoring`):
 """
 
 from nanochat.common import UserError
-from nanochat.direction import (CONCRETE_DIRECTIONS, DIRECTIONS, DirectionSpec, concrete_directions,
-                                validate_direction)
+from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, DirectionSpec, validate_direction
 
 SCORING_KINDS = ("multiple_choice", "generation", "likelihood_only")
 
 
 class DirectionTaskWrapper:
-    """`task` evaluated in the concrete `direction`, for a model trained in `model_direction`."""
+    """`task` evaluated in the concrete `direction`, for a model trained in `model_direction`
+    (its name, or its DirectionSpec, e.g. an Engine's `spec`)."""
 
     def __init__(self, task, direction="forward", tokenizer=None, model_direction=None):
         if direction == "bidirectional":
             raise UserError("DirectionTaskWrapper evaluates one concrete direction (forward or backward); for a "
                             "bidirectional model pass model_direction='bidirectional' and wrap once per direction")
         self.direction = validate_direction(direction, CONCRETE_DIRECTIONS)
-        if model_direction is not None:
-            validate_direction(model_direction, DIRECTIONS)
         if tokenizer is None:
             raise UserError("DirectionTaskWrapper needs the tokenizer (token ids, BOS and the direction markers)")
-        self.task, self.tokenizer, self.model_direction = task, tokenizer, model_direction
-        # A one-way model of unknown direction reads `direction` rows with no marker: the spec of
-        # a model trained in `direction` builds exactly those.
-        self.spec = DirectionSpec.from_tokenizer(model_direction or direction, tokenizer)
+        self.task, self.tokenizer = task, tokenizer
+        if isinstance(model_direction, DirectionSpec):
+            self.spec, self.model_direction = model_direction, model_direction.direction
+        else:
+            self.model_direction = None if model_direction is None else validate_direction(model_direction, DIRECTIONS)
+            # A one-way model of unknown direction reads `direction` rows with no marker: the spec
+            # of a model trained in `direction` builds exactly those.
+            self.spec = DirectionSpec.from_tokenizer(model_direction or direction, tokenizer)
 
     def __len__(self):
         return len(self.task)
@@ -75,7 +77,7 @@ class DirectionTaskWrapper:
         if self.model_direction is None:
             return (f"task {name} is generative: whether the model can generate {self.direction} depends on the "
                     "direction it was trained in; pass model_direction (or an Engine) to know")
-        if self.direction not in concrete_directions(self.model_direction):
+        if self.direction not in self.spec.generation_directions():
             return (f"a {self.model_direction} model was never trained to generate {self.direction}: generated "
                     f"text would say nothing about the task, so only likelihood is reported")
         if not self.task.supports(self.direction):

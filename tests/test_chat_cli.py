@@ -81,7 +81,7 @@ def test_bad_inputs_exit_with_one_error_line(env):
     missing = run_script("scripts.chat_cli", "--source=base", "--model_tag=no_such_model", "-p", "hi", base_dir=env)
     assert_one_line_error(missing, "no base checkpoint with tag 'no_such_model'")
     from nanochat.common import UserError
-    with pytest.raises(UserError, match="trained forward and cannot generate backward"):
+    with pytest.raises(UserError, match="--direction=backward: this model was trained forward: it cannot generate"):
         chat(f"--model_tag={TAGS['forward']}", "--direction=backward", "-p", "56")
     with pytest.raises(UserError, match="-p is empty"):
         chat(f"--model_tag={TAGS['forward']}", "-p", " ")

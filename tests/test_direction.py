@@ -294,3 +294,36 @@ def test_spec_meta_round_trip_and_generation_policy():
         bidi.generation_direction("sideways")
     with pytest.raises(UserError):
         DirectionSpec.from_meta({"direction_spec": {}})
+
+
+def test_by_direction_picks_one_value_and_refuses_anything_else():
+    from nanochat.direction import by_direction, default_train_on
+    assert by_direction("forward", forward="a", backward="b") == "a"
+    assert by_direction("backward", forward="a", backward="b") == "b"
+    for bad in ("bidirectional", "Forward", None, "sideways"):
+        with pytest.raises(UserError, match="unknown direction"):
+            by_direction(bad, forward="a", backward="b")
+    # The helpers built on it no longer read an unknown value as backward.
+    with pytest.raises(UserError, match="unknown direction"):
+        default_train_on("sideways")
+    with pytest.raises(UserError, match="unknown direction"):
+        DirectionSpec.join_in_reading_order([1], [2], "sideways")
+    with pytest.raises(UserError, match="unknown direction"):
+        spec_for("bidirectional").marker_for("sideways")
+    assert DirectionSpec.join_in_reading_order([1], [2], "backward") == [2, 1]
+
+
+def test_for_model_reads_the_checkpoint_spec_or_a_bare_direction(tokenizer):
+    fwd_id, bwd_id = tokenizer.get_marker_ids()
+    bos = tokenizer.get_bos_token_id()
+    assert DirectionSpec.for_model(None, tokenizer).direction == "forward"
+    assert DirectionSpec.for_model({"step": 3}, tokenizer).direction == "forward"
+    bare = DirectionSpec.for_model({"direction": "bidirectional"}, tokenizer)  # user code, tests
+    assert (bare.bos_id, bare.forward_id, bare.backward_id) == (bos, fwd_id, bwd_id)
+    # A checkpoint's recorded spec wins over the tokenizer (its seed and p_backward come along).
+    recorded = DirectionSpec("bidirectional", bos, fwd_id, bwd_id, seed=5, p_backward=0.25)
+    assert DirectionSpec.for_model({"direction_spec": recorded.to_meta()}, tokenizer).to_meta() == recorded.to_meta()
+    legacy = DirectionSpec.for_model({"direction": "backward", "bos_id": bos}, tokenizer)
+    assert legacy.direction == "backward" and legacy.generation_directions() == ["backward"]
+    with pytest.raises(UserError, match="unknown direction"):
+        DirectionSpec.for_model({"direction": "sideways"}, tokenizer)

@@ -119,6 +119,36 @@ def test_generative_scoring_kinds(tok):
         arithmetic, "backward", tok, model_direction="forward").not_applicable_reason
 
 
+def test_a_task_gives_its_view_in_a_direction_and_nanochat_never_imports_tasks(tok, gpt):
+    import subprocess
+    import sys
+    from nanochat.direction import DirectionSpec
+    from tasks.arithmetic import TwoWayArithmetic
+    from tasks.common import check_task_direction
+    task = TwoWayArithmetic("test", size=2)
+    view = task.in_direction("backward", tok, model_direction="forward")
+    assert isinstance(view, DirectionTaskWrapper) and view.task is task and view.scoring == "likelihood_only"
+    # The model's DirectionSpec (an Engine's) works wherever its name does, and decides the same.
+    spec = DirectionSpec.from_tokenizer("bidirectional", tok)
+    by_spec = task.in_direction("backward", tok, model_direction=spec)
+    assert by_spec.spec is spec and by_spec.model_direction == "bidirectional" and by_spec.scoring == "generation"
+    assert check_task_direction(task, spec) == check_task_direction(task, "bidirectional") == ["forward", "backward"]
+    from tasks.gsm8k import GSM8K
+    gsm8k = GSM8K("test", data_files=os.path.join(FIXTURES, "gsm8k"))  # checks answers only
+    with pytest.raises(UserError, match="cannot be generated backward"):
+        check_task_direction(gsm8k, DirectionSpec.from_tokenizer("backward", tok))
+    # Something that is not a task is refused with one clear error.
+    with pytest.raises(UserError, match="not a task"):
+        evaluate_task_multi_direction([{"messages": []}], gpt, tok, ["forward"], verbose=False)
+    # nanochat (the library) loads without the tasks package.
+    code = ("import sys, nanochat.direction_eval, nanochat.engine, nanochat.chat_eval_lib, nanochat.rerank, "
+            "nanochat.hf_export, nanochat.consistency; "
+            "print(sorted(m for m in sys.modules if m == 'tasks' or m.startswith('tasks.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 # ---- multiple choice ----------------------------------------------------------------------------
 @pytest.mark.parametrize("model_direction", ["forward", "backward", "bidirectional"])
 def test_multiple_choice_accuracy_equals_whole_text_argmax_by_hand(tok, gpt, arc, model_direction):

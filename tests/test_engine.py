@@ -122,3 +122,35 @@ def test_prompt_longer_than_context_is_a_clear_error(tokenizer):
     engine = Engine(model, tokenizer, {"direction": "forward"})
     with pytest.raises(UserError, match="no room"):
         engine.generate(list(range(16)), max_tokens=4)
+
+
+def test_engine_takes_its_direction_from_the_spec(tokenizer):
+    from nanochat.direction import DirectionSpec
+    model = tiny_model(tokenizer.get_vocab_size())
+    spec = DirectionSpec.from_tokenizer("backward", tokenizer)
+    engine = Engine(model, tokenizer, spec=spec)
+    assert engine.spec is spec and engine.direction == "backward"
+    assert engine._concrete(None) == "backward" and engine._concrete("") == "backward"  # the model's default
+    with pytest.raises(UserError, match="cannot generate forward"):
+        engine.complete("x", direction="forward")
+    # A checkpoint's meta: the recorded spec; no meta: forward; an unknown name fails loudly.
+    bidi = DirectionSpec.from_tokenizer("bidirectional", tokenizer, seed=4)
+    from_meta = Engine(model, tokenizer, {"direction_spec": bidi.to_meta(), "direction": "bidirectional"})
+    assert from_meta.spec.to_meta() == bidi.to_meta() and from_meta._concrete(None) == "forward"
+    assert Engine(model, tokenizer).direction == "forward"
+    with pytest.raises(UserError, match="unknown direction"):
+        Engine(model, tokenizer, {"direction": "sideways"})
+    with pytest.raises(UserError, match="unknown direction"):
+        from_meta.complete("x", direction="sideways")
+
+
+def test_chat_history_refuses_an_unknown_direction():
+    from nanochat.engine import ChatHistory
+    with pytest.raises(UserError, match="unknown direction"):
+        ChatHistory("bidirectional")
+    history = ChatHistory("backward")
+    history.record("56", "What is 7*8?")
+    assert history.messages == [{"role": "user", "content": "What is 7*8?"}, {"role": "assistant", "content": "56"}]
+    history.direction = "sideways"  # set behind its back: never silently read as backward
+    with pytest.raises(UserError, match="unknown direction"):
+        history.request("6")

@@ -28,10 +28,10 @@ def save_random_model(source, tag, direction, tokenizer, n_head=4, n_kv_head=2, 
     with torch.no_grad():
         for p in model.parameters():  # random everywhere (norm weights too), not the zero-init start
             p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
-    fwd, bwd = tokenizer.get_marker_ids()
-    meta = {"phase": source if source != "sft" else "sft", "direction": direction, "model_tag": tag,
+    # The direction goes in as one thing, as the training scripts write it (DirectionSpec.to_meta).
+    meta = {"phase": source if source != "sft" else "sft", "model_tag": tag,
             "model_config": config.to_dict(), "vocab_size": tokenizer.get_vocab_size(),
-            "marker_ids": {"forward": fwd, "backward": bwd}}
+            "direction_spec": DirectionSpec.from_tokenizer(direction, tokenizer).to_meta()}
     save_checkpoint(checkpoint_dir_for(source, tag), 5, model.state_dict(), None, meta)
     return model.eval()
 
