@@ -33,6 +33,7 @@ import torch
 
 from nanochat.phases import PHASES
 from nanochat.common import UserError, get_base_dir, print0
+from nanochat.direction import DirectionSpec
 from nanochat.paths import atomic_write, remove_stale_temporaries, validate_name
 
 SOURCE_DIRS = {p.name: p.checkpoint_dir for p in PHASES.values()}  # nanochat/phases.py
@@ -155,14 +156,26 @@ def _safe_load(path, device):
 
 
 def load_meta(checkpoint_dir, step):
+    """A step's metadata. The direction is stored once, as "direction_spec"
+    (DirectionSpec.to_meta); for convenience the loaded dict also carries "direction", its name,
+    derived here (older checkpoints stored the name itself, and are read the same way)."""
     path = meta_path(checkpoint_dir, step)
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except FileNotFoundError:
         raise UserError(f"checkpoint metadata {path} is missing")
     except json.JSONDecodeError as e:
         raise UserError(f"checkpoint metadata {path} is corrupt: {e}")
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint metadata {path} is corrupt: not a JSON object")
+    spec = meta.get("direction_spec") or {}
+    if spec.get("direction") is not None:
+        if meta.get("direction") not in (None, spec["direction"]):
+            raise UserError(f"checkpoint metadata {path} contradicts itself: direction {meta['direction']!r} but "
+                            f"direction_spec {spec['direction']!r}")
+        meta["direction"] = spec["direction"]
+    return meta
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
@@ -322,20 +335,22 @@ def check_tokenizer_matches(meta, tokenizer):
     if meta.get("vocab_size") is not None and meta["vocab_size"] != tokenizer.get_vocab_size():
         raise UserError(f"the checkpoint was trained with a {meta['vocab_size']}-token vocabulary but the tokenizer "
                         f"has {tokenizer.get_vocab_size()}: the tokenizer changed since training")
-    markers = meta.get("marker_ids") or {}
     if meta.get("direction") == "bidirectional":
+        spec = DirectionSpec.from_meta(meta)
         fwd, bwd = tokenizer.get_marker_ids()
-        if (markers.get("forward"), markers.get("backward")) != (fwd, bwd):
-            raise UserError(f"the checkpoint's marker ids {markers} differ from the tokenizer's "
-                            f"(forward={fwd}, backward={bwd}): the tokenizer changed since training")
+        if (spec.forward_id, spec.backward_id) != (fwd, bwd):
+            raise UserError(f"the checkpoint's marker ids (forward={spec.forward_id}, backward={spec.backward_id}) "
+                            f"differ from the tokenizer's (forward={fwd}, backward={bwd}): the tokenizer changed "
+                            "since training")
     saved = meta.get("tokenizer_fingerprint")
     current = tokenizer_fingerprint(tokenizer)
     if saved is not None and current is not None and saved != current:
         raise UserError(f"the tokenizer differs from the one this checkpoint was trained with (fingerprint "
                         f"{current[:12]} vs {saved[:12]}): it was retrained or edited since; restore that tokenizer "
                         "or train a new model")
-    if meta.get("bos_id") is not None and meta["bos_id"] != tokenizer.get_bos_token_id():
-        raise UserError(f"the checkpoint was trained with BOS id {meta['bos_id']} but the tokenizer's is "
+    bos = (meta.get("direction_spec") or {}).get("bos_id", meta.get("bos_id"))
+    if bos is not None and bos != tokenizer.get_bos_token_id():
+        raise UserError(f"the checkpoint was trained with BOS id {bos} but the tokenizer's is "
                         f"{tokenizer.get_bos_token_id()}: the tokenizer changed since training")
 
 

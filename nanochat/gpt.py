@@ -351,24 +351,3 @@ class GPT(nn.Module):
             xf = x.float()
             stats[f"layer{i}"] = (xf.mean().item(), xf.pow(2).mean().sqrt().item(), xf.abs().max().item())
         return stats
-
-    @torch.inference_mode()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
-        """Plain sampling without a KV cache: yields one token id at a time."""
-        device = self.lm_head.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed)
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self.forward(ids[:, -self.config.sequence_len:])[:, -1, :]
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature > 0:
-                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            else:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            token = next_id.item()
-            if token in stop_tokens:
-                return
-            ids = torch.cat([ids, next_id], dim=1)
-            yield token

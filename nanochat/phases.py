@@ -9,6 +9,12 @@
 A phase's `name` is also its checkpoint *source* (`--source=mid`), its experiment config's "phase"
 and its `--<phase>.<flag>` scope in the orchestrator. Inside an experiment the checkpoints live in
 experiments/<id>/checkpoints whatever the phase (nanochat/experiment_config.py).
+
+What every phase does around its step loop (parent, --direction check, lock, overwrite guard,
+resume, research log and wandb, checkpoint metadata) is nanochat/phase_run.py; the loop itself is
+nanochat/training.py run_loop. Adding a phase is one row here and one script with build_parser()
+and main(): the orchestrator reads the row and the script's parser (which of its shared flags the
+script takes, whether it resumes), checkpoint sources, tags, experiments and analysis read the row.
 """
 
 from collections import namedtuple

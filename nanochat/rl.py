@@ -39,21 +39,18 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import torch
 import torch.distributed as dist
 
-from nanochat import wandb_log
-from nanochat.chat_training import check_phase_flags, prepare_output
-from nanochat.checkpoint_manager import artifact_dirs, load_model, save_checkpoint, tokenizer_fingerprint
-from nanochat.common import UserError, compute_cleanup, compute_init, print0
-from nanochat.direction import DirectionSpec, validate_direction
+from nanochat.chat_training import check_phase_flags, model_for_run, start_run
+from nanochat.checkpoint_manager import load_meta
+from nanochat.common import UserError, print0
+from nanochat.direction import DirectionSpec
 from nanochat.engine import Engine
+from nanochat.phase_run import resolve_flags
 from nanochat.progress import progress
-from nanochat.research_logger import ResearchLogger
-from nanochat.training import (StopRequested, TrainingDiverged, autocast_context, check_flags, set_learning_rates,
-                               stop_on_signals, sync_gradients)
+from nanochat.training import Trainer, TrainingDiverged, autocast_context, check_flags, run_loop, sync_gradients
 
 ADVANTAGE_EPS = 1e-6
 
@@ -191,219 +188,184 @@ def format_eval(results, k):
                      f"({r['prompts']} prompts x {k} samples)" for d, r in results.items())
 
 
-# ---- the script -----------------------------------------------------------------------------
+# ---- the phase --------------------------------------------------------------------------------
+
+# Flags that define the rollouts of a step (a resumed run keeps the checkpoint's values).
+MODEL_DATA_DEFAULTS = {"task": "arithmetic", "examples_per_step": 16, "num_samples": 8, "max_new_tokens": 128,
+                       "temperature": 1.0, "top_k": -1, "seed": 42}
+# Optimizer and schedule flags: on resume they apply from the resume step (recorded in the metadata).
+SCHEDULE_FLAGS = ("init_lr_frac", "embedding_lr", "unembedding_lr", "matrix_lr")
+
 
 def check_args(args):
-    if args.direction is not None:
-        validate_direction(args.direction)
     check_phase_flags(args)
     check_flags(args, positive=("temperature",), positive_or_off=("eval_every",))
     for name in ("num_iterations", "examples_per_step", "num_samples", "max_new_tokens", "eval_examples", "eval_k"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name}={getattr(args, name)} must be at least 1")
-    if args.temperature <= 0:
+    if args.temperature is not None and args.temperature <= 0:
         raise UserError(f"--temperature={args.temperature}: RL samples, so it must be > 0")
-    if args.num_samples < 2:
+    if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num_samples={args.num_samples}: a group needs at least 2 completions "
                         "(with one, every advantage is 0)")
 
 
-def usable_directions(task_name, model_direction):
-    """The concrete directions in which the task can be generated and rewarded for this model;
-    one UserError if none. Checked on the task's class when the registry holds one, so that a
-    task that can never work here (gsm8k on a backward model) is refused before its data loads."""
-    from tasks.common import check_task_direction
-    from tasks.registry import TASKS, get_task
-    task = TASKS.get(task_name)
-    if not isinstance(task, type):  # unknown name (get_task says so) or a factory: build it
-        task = get_task(task_name, "test")
-    return list(check_task_direction(task, model_direction))
+class RLTrainer(Trainer):
+    """One RL step per `step` call, for the loop every phase shares (training.run_loop): rollouts
+    with the current weights, then one optimizer step on them. The examples of step s are
+    step * examples_per_step + j, so the data position after a resume is the step alone."""
+
+    def __init__(self, model, optimizers, engine, spec, task, directions, args, num_iterations, world_size, device,
+                 autocast):
+        # linear decay from init_lr_frac x the base rates to 0 at the last step
+        super().__init__(model, optimizers, None, 1, num_iterations, 0, device, world_size=world_size,
+                         schedule=dict(warmdown_ratio=1.0), init_lr_frac=args.init_lr_frac)
+        self.engine, self.spec, self.task, self.directions, self.args = engine, spec, task, directions, args
+        self.autocast = autocast
+        self.local_examples = args.examples_per_step // world_size
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        top_k = None if args.top_k <= 0 else args.top_k
+        self.sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k)
+
+    def step(self, step, want_layer_grads=False, timing=False):
+        args, model, world_size, device = self.args, self.model, self.world_size, self.device
+        t0 = time.time()
+        # 1. Rollouts with the current weights (no gradient).
+        model.eval()
+        groups = []
+        for j in progress(range(self.local_examples), desc=f"step {step} rollouts", unit="prompt", min_time_s=10):
+            index = step * args.examples_per_step + j * world_size + self.rank  # global example index
+            direction = example_direction(self.spec, self.directions, index)
+            with self.autocast:
+                groups.append(sample_group(self.engine, self.spec, self.task, index % len(self.task), direction,
+                                           args.num_samples, seed=sample_seed(args.seed, index), **self.sampling))
+        # 2. One gradient step on them: advantages within each group, loss over the step's tokens
+        # (all ranks' tokens: with the world_size factor undone by sync_gradients' mean, a step under
+        # torchrun computes exactly the single-process gradient).
+        model.train()
+        num_tokens = _all_reduce_sum([sum(g.num_tokens for g in groups)], device)[0]
+        local_loss = 0.0
+        for g in groups:
+            advantages = group_advantages(g.rewards)
+            with self.autocast:
+                token_logp, mask = completion_logprobs(model, g.prompt, g.completions, g.stopped, g.stop_ids, device)
+            loss = policy_gradient_loss(token_logp, mask, advantages, num_tokens)
+            (loss * world_size).backward()
+            local_loss += float(loss.detach())
+        sync_gradients(self.params, world_size)
+        mult = self.set_lr(step)
+        for opt in self.optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        # Step statistics over all ranks: loss, then reward sum and count overall and per direction.
+        stats = [local_loss]
+        for d in [None] + list(self.directions):
+            rewards = [r for g in groups if d in (None, g.direction) for r in g.rewards]
+            stats += [sum(rewards), len(rewards)]
+        stats = _all_reduce_sum(stats, device)
+        bad = [name for name, v in (("loss", stats[0]), ("reward", stats[1])) if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"RL diverged at step {step + 1}: {' and '.join(bad)} not finite; "
+                                   "lower --init_lr_frac")
+        dt = time.time() - t0
+        metrics = {"reward": stats[1] / max(1.0, stats[2]), "loss": stats[0], "lr_mult": mult,
+                   "tokens": int(num_tokens), "dt": dt, "tok_per_s": num_tokens / max(dt, 1e-9)}
+        if len(self.directions) > 1:
+            for i, d in enumerate(self.directions):
+                reward_sum, count = stats[3 + 2 * i], stats[4 + 2 * i]
+                metrics[f"reward_{d}"] = reward_sum / count if count else float("nan")
+        return metrics
 
 
-def load_task(name, split):
-    from tasks.registry import get_task
-    return get_task(name, split)
+def train_rl(args, usable_directions, load_task, rank, world_size, device):
+    """RL on one task. `usable_directions(task_name, model_direction)` and `load_task(name,
+    split)` come from the script (tasks/ is not imported by the library)."""
+    run, parent_dir, parent_step = start_run("rl", args, rank, device)
+    if not run.resuming:  # a task that cannot work on this model is refused before any file is touched
+        usable_directions(args.task or MODEL_DATA_DEFAULTS["task"],
+                          DirectionSpec.from_meta(load_meta(parent_dir, parent_step)).direction)
+    with run:
+        run.prepare()
+        model, tokenizer, spec, parent, resume_meta = model_for_run(run, args, parent_dir, device)
+        resolve_flags(args, dict(MODEL_DATA_DEFAULTS, p_backward=spec.p_backward),
+                      resume_meta and resume_meta.get("user_config"), run.resume_step, run.checkpoint_dir)
+        check_args(args)
+        if args.examples_per_step % world_size:
+            raise UserError(f"--examples_per_step={args.examples_per_step} must be divisible by the number of "
+                            f"processes ({world_size})")
+        # The task must be generable and rewardable in the model's direction(s): checked before any
+        # training (or any file) happens.
+        directions = usable_directions(args.task, spec.direction)
+        run.refuse_overwrite()
+        _train(args, run, model, tokenizer, spec.direction, parent, resume_meta, directions,
+               load_task(args.task, "train"), load_task(args.task, "test"), rank, world_size, device)
 
 
-def run_rl(args):
-    check_args(args)
-    _, rank, _, world_size, device = compute_init(args.device_type)
-    try:
-        _train(args, rank, world_size, device)
-    finally:
-        compute_cleanup()
-
-
-def _train(args, rank, world_size, device):
-    if args.examples_per_step % world_size:
-        raise UserError(f"--examples_per_step={args.examples_per_step} must be divisible by the number of "
-                        f"processes ({world_size})")
-    model, tokenizer, parent_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    direction = parent_meta["direction"]
-    if args.direction is not None and args.direction != direction:
-        raise UserError(f"--direction={args.direction} contradicts the parent checkpoint, which was trained "
-                        f"{direction} ({parent_meta['checkpoint_dir']}); drop --direction to inherit it")
-    # The task must be generable and rewardable in the model's direction(s): checked before any
-    # training (or any file) happens.
-    directions = usable_directions(args.task, direction)
-    train_task = load_task(args.task, "train")
-    test_task = load_task(args.task, "test")
-    output_tag = args.output_tag or parent_meta["model_tag"]
-    dirs = artifact_dirs("rl", output_tag)
-    research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
-    lock = prepare_output(dirs, "rl", "rl", research_on, rank == 0)
-    try:
-        _train_locked(args, rank, world_size, device, model, tokenizer, parent_meta, direction, directions,
-                      train_task, test_task, output_tag, dirs, research_on)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train_locked(args, rank, world_size, device, model, tokenizer, parent_meta, direction, directions, train_task,
-                  test_task, output_tag, dirs, research_on):
-    checkpoint_dir = dirs["checkpoints"]
-
-    parent_spec = parent_meta.get("direction_spec") or {}
-    p_backward = args.p_backward if args.p_backward is not None else (parent_spec.get("p_backward") or 0.5)
-    spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=args.seed, p_backward=p_backward)
-    engine = Engine(model, tokenizer, {"direction": direction})
+def _train(args, run, model, tokenizer, direction, parent, resume_meta, directions, train_task, test_task, rank,
+           world_size, device):
+    spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=args.seed, p_backward=args.p_backward)
+    engine = Engine(model, tokenizer, spec=spec)
     autocast = autocast_context(device.type)
-    top_k = None if args.top_k <= 0 else args.top_k
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k)
-    local_examples = args.examples_per_step // world_size
 
-    print0(f"rl: parent {parent_meta['checkpoint_dir']} step {parent_meta['step']} (trained {direction}); "
+    print0(f"rl: parent {parent['checkpoint_dir']} step {parent['step']} (trained {direction}); "
            f"task {args.task} in {', '.join(directions)}; {len(train_task)} train / {len(test_task)} test examples")
     print0(f"{args.num_iterations} steps x {args.examples_per_step} prompts x {args.num_samples} samples; "
-           f"saving to {checkpoint_dir}")
+           f"saving to {run.checkpoint_dir}")
 
     optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr)
-    params = list(model.parameters())
+    trainer = RLTrainer(model, optimizers, engine, spec, train_task, directions, args, args.num_iterations,
+                        world_size, device, autocast)
+    start_step = run.restore(trainer, None, args.num_iterations, SCHEDULE_FLAGS)
+    evals = {}
 
     def run_eval(step):
         model.eval()
         results = evaluate(engine, spec, test_task, directions, args.eval_examples, args.eval_k, seed=args.seed,
-                           rank=rank, world_size=world_size, autocast=autocast, **sampling)
+                           rank=rank, world_size=world_size, autocast=autocast, **trainer.sampling)
         print0(f"step {step:05d} | eval {format_eval(results, args.eval_k)}")
-        return results
+        evals["last"] = results
+        return _flat_eval(results)
 
     user_config = dict(vars(args))
-    logger = None
-    if research_on and rank == 0:
-        logger = ResearchLogger(dirs["run"], phase="rl", flush_every=args.log_flush_every,
-                                metadata={"direction": direction, "model_tag": output_tag, **user_config})
-    wb = wandb_log.init(args.run, config=user_config, master=rank == 0)
-    stop_ctx = stop_on_signals()
-    stop = stop_ctx.__enter__()
-    try:
-        initial_eval = run_eval(0)
-        last_eval, history = initial_eval, []
-        if logger is not None:
-            logger.log_step(0, {"eval": _flat_eval(initial_eval)})
-        for step in range(args.num_iterations):
-            metrics = _rl_step(model, engine, spec, train_task, directions, optimizers, params, step, args,
-                               local_examples, rank, world_size, device, autocast, sampling)
-            history.append(metrics["reward"])
-            is_last = step == args.num_iterations - 1
-            if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or is_last:
-                last_eval = run_eval(step + 1)
-                metrics["eval"] = _flat_eval(last_eval)
-            if step % args.log_every == 0 or is_last:
-                print0(f"step {step + 1:05d}/{args.num_iterations} | reward {metrics['reward']:.4f} "
-                       f"| loss {metrics['loss']:+.4f} | lrm {metrics['lr_mult']:.3f} | tokens {metrics['tokens']} "
-                       f"| dt {1000 * metrics['dt']:.0f}ms")
-            if logger is not None:
-                logger.log_step(step + 1, metrics)
-            wb.log(dict(metrics, step=step + 1))
-            bad = [k for k in ("loss", "reward") if not math.isfinite(metrics[k])]
-            if bad:
-                raise TrainingDiverged(f"RL metric {', '.join(bad)} is not finite at step {step + 1}; no checkpoint "
-                                       "was saved (RL saves at the end): lower --init_lr_frac")
-            if stop["signal"] is not None and not is_last:
-                if logger is not None:
-                    logger.flush()
-                print0(f"stopped by signal {stop['signal']} after step {step + 1}: the research log is flushed; "
-                       "RL saves only at its end, so no checkpoint was written")
-                raise StopRequested(128 + stop["signal"])
+    meta = run.meta(spec, model, tokenizer, user_config, parent, task=args.task, task_directions=directions,
+                    num_iterations=args.num_iterations, world_size=world_size)
+    train_rewards = {}
 
-        meta = {"phase": "rl", "direction": direction, "model_tag": output_tag, "step": args.num_iterations,
-                "model_config": model.config.to_dict(), "vocab_size": tokenizer.get_vocab_size(),
-                "bos_id": tokenizer.get_bos_token_id(), "marker_ids": parent_meta.get("marker_ids"),
-                "direction_spec": spec.describe(), "task": args.task, "task_directions": directions,
-                "user_config": user_config, "num_iterations": args.num_iterations, "world_size": world_size,
-                "rewards": {"before": initial_eval, "after": last_eval, "eval_k": args.eval_k,
-                            "train_reward_first": history[0], "train_reward_last": history[-1]},
-                "saved_at": datetime.now(timezone.utc).isoformat(),
-                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "parent": {"source": args.source, "model_tag": parent_meta["model_tag"], "step": parent_meta["step"],
-                           "checkpoint_dir": parent_meta["checkpoint_dir"], "experiment": args.parent_experiment}}
-        save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(),
-                        {"optimizers": [opt.state_dict() for opt in optimizers]}, meta, rank=rank)
-        print0(f"saved rl checkpoint step {args.num_iterations} to {checkpoint_dir} (direction: {direction})")
+    def save(step, last):
+        rewards = {"before": evals["before"], "after": evals["last"], "eval_k": args.eval_k,
+                   "train_reward_first": train_rewards.get("first"), "train_reward_last": train_rewards.get("last")}
+        run.save(step, model, trainer.optimizer_state(), None, dict(meta, rewards=rewards))
+
+    def on_step(step, metrics):
+        train_rewards.setdefault("first", metrics["reward"])
+        train_rewards["last"] = metrics["reward"]
+
+    run.clear()
+    with run.logs(direction, user_config) as (logger, wb):
+        if resume_meta is None:
+            run_eval(0)
+            evals["before"] = evals["last"]
+            if logger is not None:
+                logger.log_step(0, _flat_eval(evals["before"]))
+        else:  # the evaluation before RL, and the rewards so far, were recorded by the checkpoint
+            recorded = resume_meta.get("rewards") or {}
+            evals["before"], evals["last"] = recorded.get("before"), recorded.get("after")
+            if recorded.get("train_reward_first") is not None:
+                train_rewards["first"] = recorded["train_reward_first"]
+        run_loop(trainer, start_step, args.num_iterations, log_every=args.log_every, eval_every=args.eval_every,
+                 evaluate=run_eval, save=save, save_every=args.save_every, logger=logger, wandb_run=wb,
+                 print_fn=print0, spike_factor=0, show=("reward",), on_step=on_step)
+        initial_eval, last_eval = evals["before"], evals["last"]
         for d in directions:
             change, se = paired_change(initial_eval[d], last_eval[d])
             print0(f"{d}: test mean reward {initial_eval[d]['mean_reward']:.4f} before RL -> "
                    f"{last_eval[d]['mean_reward']:.4f} after ({change:+.4f} +- {se:.4f} paired s.e. over "
                    f"{last_eval[d]['prompts']} prompts x {args.eval_k} samples)")
         print0("final: " + json.dumps({"before": _flat_eval(initial_eval), "after": _flat_eval(last_eval)}))
-    finally:
-        stop_ctx.__exit__(None, None, None)
-        if logger is not None:
-            logger.close()
-        wb.finish()
 
 
 def _flat_eval(results):
     return {f"{d}_{k}": v for d, r in results.items() for k, v in r.items() if k in ("mean_reward", "pass_at_k")}
-
-
-def _rl_step(model, engine, spec, task, directions, optimizers, params, step, args, local_examples, rank, world_size,
-             device, autocast, sampling):
-    t0 = time.time()
-    # 1. Rollouts with the current weights (no gradient).
-    model.eval()
-    groups = []
-    for j in progress(range(local_examples), desc=f"step {step} rollouts", unit="prompt", min_time_s=10):
-        index = step * args.examples_per_step + j * world_size + rank  # global example index
-        direction = example_direction(spec, directions, index)
-        with autocast:
-            groups.append(sample_group(engine, spec, task, index % len(task), direction, args.num_samples,
-                                       seed=sample_seed(args.seed, index), **sampling))
-    # 2. One gradient step on them: advantages within each group, loss over the step's tokens
-    # (all ranks' tokens: with the world_size factor undone by sync_gradients' mean, a step under
-    # torchrun computes exactly the single-process gradient).
-    model.train()
-    num_tokens = _all_reduce_sum([sum(g.num_tokens for g in groups)], device)[0]
-    local_loss = 0.0
-    for g in groups:
-        advantages = group_advantages(g.rewards)
-        with autocast:
-            token_logp, mask = completion_logprobs(model, g.prompt, g.completions, g.stopped, g.stop_ids, device)
-        loss = policy_gradient_loss(token_logp, mask, advantages, num_tokens)
-        (loss * world_size).backward()
-        local_loss += float(loss.detach())
-    sync_gradients(params, world_size)
-    # linear decay from init_lr_frac x the base rates to 0 at the last step
-    mult = set_learning_rates(optimizers, step, args.num_iterations, args.init_lr_frac, warmdown_ratio=1.0)
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    # Step statistics over all ranks: loss, then reward sum and count overall and per direction.
-    stats = [local_loss]
-    for d in [None] + list(directions):
-        rewards = [r for g in groups if d in (None, g.direction) for r in g.rewards]
-        stats += [sum(rewards), len(rewards)]
-    stats = _all_reduce_sum(stats, device)
-    if not math.isfinite(stats[0]):
-        raise TrainingDiverged(f"RL diverged at step {step + 1}: loss is {stats[0]}; lower --init_lr_frac")
-    metrics = {"reward": stats[1] / max(1.0, stats[2]), "loss": stats[0], "lr_mult": mult, "tokens": int(num_tokens),
-               "dt": time.time() - t0}
-    if len(directions) > 1:
-        for i, d in enumerate(directions):
-            reward_sum, count = stats[3 + 2 * i], stats[4 + 2 * i]
-            metrics[f"reward_{d}"] = reward_sum / count if count else float("nan")
-    return metrics
 
 
 def _all_reduce_sum(values, device):

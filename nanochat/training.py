@@ -191,7 +191,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        # float64 on the device: the same values as all_reduce_mean of the Python floats.
+        # float64 on the device, so the mean over ranks is exact to double precision.
         loss_sum = (total / self.grad_accum_steps).double().reshape(1)
         n_ranks = 1
         if dist.is_available() and dist.is_initialized():
@@ -297,12 +297,14 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
 
 def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, evaluate=None, save=None,
              save_every=-1, sample=None, sample_every=-1, logger=None, snapshot=None, wandb_run=None, print_fn=print,
-             blowup_loss=None, spike_factor=3.0):
+             blowup_loss=None, spike_factor=3.0, show=(), on_step=None):
     """The step loop every phase shares: step, print progress, evaluate, log, sample, save.
 
     evaluate(step) -> dict of metrics (printed by the caller); save(step, last); sample(step);
-    snapshot(step, layer_grads) -> dict of large arrays for the research log. Returns the last
-    metrics (train loss and the latest evaluation).
+    snapshot(step, layer_grads) -> dict of large arrays for the research log; on_step(step,
+    metrics) sees every step's metrics; `show` names metrics added to the progress line (RL:
+    reward). spike_factor=0 turns the loss-spike warning off (a policy-gradient loss is not a
+    likelihood). Returns the last metrics (train loss and the latest evaluation).
 
     What a killed or diverged run keeps: the research log is flushed after every save, so its
     rows up to the last checkpoint survive even SIGKILL; SIGTERM/SIGINT stop the loop after the
@@ -314,7 +316,8 @@ def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, ev
     with stop_on_signals() as stop:
         try:
             return _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, save, save_every,
-                         sample, sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress)
+                         sample, sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress, show,
+                         on_step)
         except UserError as e:
             if not isinstance(e, (TrainingDiverged, NonFiniteWeights)):
                 raise
@@ -327,7 +330,7 @@ def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, ev
 
 
 def _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, save, save_every, sample,
-          sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress):
+          sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress, show, on_step):
     last = {}
     t_start = time.time()
 
@@ -342,13 +345,16 @@ def _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, 
         metrics = trainer.step(step, want_layer_grads=want_snapshot)
         layer_grads = metrics.pop("layer_grad_norm", None)
         last["train_loss"] = metrics["loss"]
+        if on_step is not None:
+            on_step(step + 1, metrics)
         is_last = step == num_iterations - 1
         if evaluate is not None and ((eval_every > 0 and (step + 1) % eval_every == 0) or is_last):
             val = evaluate(step + 1)
             metrics.update(val)
             last.update(val)
         if step % log_every == 0 or is_last:
-            extra = f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+            extra = "".join(f" | {k} {metrics[k]:.4f}" for k in show if k in metrics)
+            extra += f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
             print_fn(f"step {step + 1:05d}/{num_iterations} | loss {metrics['loss']:.4f} | lrm {metrics['lr_mult']:.3f} "
                      f"| dt {1000 * metrics['dt']:.0f}ms | tok/s {metrics['tok_per_s']:,.0f}{extra} "
                      f"| {time.time() - t_start:.0f}s")

@@ -28,29 +28,21 @@ Nothing is lost silently:
 import argparse
 import json
 import math
-import os
 import sys
-from datetime import datetime, timezone
 
 import torch
 
-from nanochat.phases import PHASES
-from nanochat.checkpoint_manager import (artifact_dirs, build_model, check_tokenizer_matches, clean_checkpoint_dir,
-                                         load_checkpoint, load_meta, list_steps, remove_evaluations, remove_steps,
-                                         save_checkpoint, tokenizer_fingerprint)
-from nanochat.common import (UserError, add_flag, compute_cleanup, compute_init, print0, run_main)
-from nanochat.locking import acquire_run_lock
-from nanochat.paths import check_writable, move_aside, remove_stale_temporaries
-from nanochat.direction import DirectionSpec, concrete_directions, validate_direction, validate_p_backward
+from nanochat.checkpoint_manager import check_tokenizer_matches
+from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
+from nanochat.direction import DirectionSpec, validate_direction, validate_p_backward
 from nanochat.direction_dataloader import direction_aware_dataloader
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR_SCALINGS, config_for_depth
 from nanochat.loss_eval import evaluate_bpb, select_documents
+from nanochat.phase_run import PhaseRun, resolve_flags
 from nanochat.prefetch import prefetching
-from nanochat.research_logger import ResearchLogger
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.research_logger import log_path
 from nanochat.training import Trainer, autocast_context, check_flags, grad_accum_steps_for, run_loop
-from nanochat import wandb_log
 
 # Text fragments used for samples: a beginning for forward generation, an ending for backward.
 SAMPLE_BEGINNINGS = ["def ", "import ", "class Parser:\n    def "]
@@ -120,7 +112,6 @@ MODEL_DATA_DEFAULTS = {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32
 # saved moments are kept, its hyperparameters are this run's), and the metadata records the change.
 SCHEDULE_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac", "warmup_ratio",
                   "warmdown_ratio", "final_lr_frac", "grad_clip")
-LOG_PHASE = PHASES["base"].log_name  # nanochat/phases.py
 
 
 def default_model_tag(depth, direction):
@@ -144,6 +135,8 @@ def validate_args(args):
         raise UserError(f"--total_batch_size must be positive (or -1 = B*T*world), got {args.total_batch_size}")
     if args.num_iterations == 0 or args.num_iterations < -1:
         raise UserError("--num_iterations must be positive (or -1 to derive it from --target_param_data_ratio)")
+    if args.prefetch < 0:
+        raise UserError(f"--prefetch must be >= 0 (0 = off), got {args.prefetch}")
     check_flags(args, nonnegative=("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"),
                 positive=("init_lr_frac", "target_param_data_ratio", "log_every", "tokenizer_threads",
                           "log_flush_every"),
@@ -156,34 +149,20 @@ def validate_args(args):
 
 def resolve_model_data_flags(args, meta, checkpoint_dir, world_size=1):
     """Fill the model/data flags left unset; on resume check the ones given against the checkpoint."""
+    defaults = dict(MODEL_DATA_DEFAULTS, direction="forward")
     if meta is None:
-        for name, default in MODEL_DATA_DEFAULTS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, default)
-        if args.direction is None:
-            args.direction = "forward"
-        return
+        return resolve_flags(args, defaults, None, args.resume_from_step, checkpoint_dir)
     saved = dict(meta.get("user_config") or {})
     config = meta.get("model_config") or {}
+    spec = DirectionSpec.from_meta(meta)
     saved.update({"depth": config.get("n_layer", saved.get("depth")),
                   "max_seq_len": config.get("sequence_len", saved.get("max_seq_len")),
-                  "direction": meta.get("direction"),
-                  "p_backward": (meta.get("direction_spec") or {}).get("p_backward", saved.get("p_backward"))})
-    differ = []
-    for name in ("direction",) + tuple(MODEL_DATA_DEFAULTS):
-        given, old = getattr(args, name), saved.get(name)
-        if old is None:  # an older checkpoint without the record: the given value (or default) stands
-            setattr(args, name, given if given is not None else MODEL_DATA_DEFAULTS.get(name))
-        elif given is None:
-            setattr(args, name, old)
-        elif name == "total_batch_size" and _tokens_per_step(args, given, world_size) == meta.get("tokens_per_step"):
-            pass  # -1 and its explicit value B*T*world are the same batch
-        elif given != old:
-            differ.append(f"--{name}={given} (checkpoint: {old})")
-    if differ:
-        raise UserError(f"--resume_from_step={args.resume_from_step}: {', '.join(differ)} would change the model or "
-                        f"the order of the data of the run in {checkpoint_dir}; drop these flags to continue with the "
-                        "checkpoint's values, or train a new run under another --model_tag")
+                  "direction": spec.direction,
+                  "p_backward": spec.p_backward if spec.direction == "bidirectional" else saved.get("p_backward")})
+
+    def same(name, given, old):  # -1 and its explicit value B*T*world are the same batch
+        return name == "total_batch_size" and _tokens_per_step(args, given, world_size) == meta.get("tokens_per_step")
+    resolve_flags(args, defaults, saved, args.resume_from_step, checkpoint_dir, same)
 
 
 def _tokens_per_step(args, total_batch_size, world_size):
@@ -192,28 +171,14 @@ def _tokens_per_step(args, total_batch_size, world_size):
     return total_batch_size
 
 
-def schedule_changes(args, num_iterations, meta):
-    """{flag: [checkpoint's value, this run's value]} for the schedule flags that differ on resume."""
-    saved = meta.get("user_config") or {}
-    changed = {name: [saved.get(name), getattr(args, name)] for name in SCHEDULE_FLAGS
-               if name in saved and saved[name] != getattr(args, name)}
-    if meta.get("num_iterations") is not None and meta["num_iterations"] != num_iterations:
-        changed["num_iterations"] = [meta["num_iterations"], num_iterations]
-    return changed
-
-
-def sample_texts(model, tokenizer, spec, device, max_tokens=48):
-    """A few greedy generations in each direction the model supports, shown in reading order."""
+def sample_texts(engine, max_tokens=48):
+    """A few greedy generations in each direction the model generates, shown in reading order."""
     lines = []
-    stop = (tokenizer.get_bos_token_id(),)
-    for direction in concrete_directions(spec.direction):
+    for direction in engine.spec.generation_directions():
         prompts = SAMPLE_BEGINNINGS if direction == "forward" else SAMPLE_ENDINGS
         for text in prompts:
-            given = tokenizer.encode(text)
-            prompt = spec.generation_prompt(given, direction)
-            generated = list(model.generate(prompt, max_tokens, temperature=0.0, stop_tokens=stop))
-            full = spec.join_in_reading_order(given, spec.restore_generation(generated, direction), direction)
-            lines.append(f"[{direction}] {tokenizer.decode(full)!r}")
+            out = engine.complete(text, direction, max_tokens=max_tokens, temperature=0.0)[0]
+            lines.append(f"[{direction}] {out['text']!r}")
     return lines
 
 
@@ -222,99 +187,36 @@ def main(argv=None):
     validate_args(args)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
-        train(args, ddp, rank, world_size, device)
+        model_tag = args.model_tag or default_model_tag(args.depth or MODEL_DATA_DEFAULTS["depth"],
+                                                        args.direction or "forward")
+        with PhaseRun("base", model_tag, args, rank, device) as run:
+            train(args, run, rank, world_size, device)
     finally:
         compute_cleanup()
 
 
-def train(args, ddp, rank, world_size, device):
+def train(args, run, rank, world_size, device):
     master = rank == 0
-    model_tag = args.model_tag or default_model_tag(args.depth or MODEL_DATA_DEFAULTS["depth"],
-                                                    args.direction or "forward")
-    dirs = artifact_dirs("base", model_tag)  # refuses a tag that is not a plain name
-    if master:  # before hours of training, not at the first save
-        check_writable(dirs["checkpoints"], "the checkpoint directory")
-    # One writer per run: a second base_train on this tag fails here, at once, naming the holder.
-    lock = acquire_run_lock(dirs["run"], f"run {model_tag!r}") if master else None
-    try:
-        _train_locked(args, rank, world_size, device, master, model_tag, dirs)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def prepare_run_dir(args, dirs, master):
-    """Check the run directory before any training: leftovers of a killed save removed, and
-    the resume step saved. Returns (resuming, existing steps, the steps this run would overwrite):
-    refuse_overwrite refuses them without --overwrite, clear_for_run deletes them with it, once
-    every other check passed."""
-    checkpoint_dir = dirs["checkpoints"]
-    if master:
-        removed = clean_checkpoint_dir(checkpoint_dir)
-        removed += remove_stale_temporaries(dirs["evaluations"]) + remove_stale_temporaries(dirs["logs"])
-        if removed:
-            print0(f"removed what an interrupted save left behind: {', '.join(removed)}")
-    existing = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
-    resuming = args.resume_from_step >= 0
-    if resuming and args.resume_from_step not in existing:
-        raise UserError(f"--resume_from_step={args.resume_from_step}: {checkpoint_dir} has checkpoints at steps "
-                        f"{existing or 'none'}")
-    later = [s for s in existing if s > args.resume_from_step] if resuming else existing
-    return resuming, existing, later
-
-
-def refuse_overwrite(args, checkpoint_dir, resuming, existing, later):
-    """Checkpoints this run would overwrite are refused unless --overwrite names them."""
-    if later and not args.overwrite:
-        if resuming:
-            raise UserError(f"{checkpoint_dir} has checkpoints after step {args.resume_from_step} (steps {later}) that "
-                            f"this run would overwrite; resume from --resume_from_step={later[-1]}, or pass "
-                            f"--overwrite to delete steps {later} and their evaluations")
-        raise UserError(f"{checkpoint_dir} already holds checkpoints (steps {existing}); resume with "
-                        f"--resume_from_step={existing[-1]}, choose another --model_tag, or pass --overwrite to "
-                        "delete them and start again")
-
-
-def clear_for_run(dirs, resuming, later, master):
-    """Just before training: delete what --overwrite named, and move aside a log that has no
-    checkpoint to continue from (a run killed before its first save, or one being overwritten)."""
-    if not master:
-        return
-    checkpoint_dir = dirs["checkpoints"]
-    if later:
-        remove_steps(checkpoint_dir, later)
-        gone = remove_evaluations(dirs["evaluations"], later)
-        print0(f"--overwrite: deleted checkpoint steps {later} of {checkpoint_dir}"
-               + (f" and their evaluations {gone}" if gone else ""))
-    log = log_path(dirs["run"], LOG_PHASE)
-    if not resuming and os.path.exists(log):
-        moved = move_aside(log)
-        print0(f"a previous run left the research log {log} without a checkpoint to resume from; moved it aside "
-               f"to {moved} and starting a new log")
-
-
-def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
-    checkpoint_dir = dirs["checkpoints"]
-    resuming, existing, later = prepare_run_dir(args, dirs, master)
-    resume_meta = load_meta(checkpoint_dir, args.resume_from_step) if resuming else None
+    checkpoint_dir = run.checkpoint_dir
+    run.prepare()
+    resume_meta = run.resume_meta()
     if resume_meta is not None:
         check_tokenizer_matches(resume_meta, tokenizer)
     resolve_model_data_flags(args, resume_meta, checkpoint_dir, world_size)
-    refuse_overwrite(args, checkpoint_dir, resuming, existing, later)
+    run.refuse_overwrite()
     B, T = args.device_batch_size, args.max_seq_len
     grad_accum = grad_accum_steps_for(args.total_batch_size, B, T, world_size)
     tokens_per_step = B * T * world_size * grad_accum
     spec = DirectionSpec.from_tokenizer(args.direction, tokenizer, seed=args.seed, p_backward=args.p_backward)
 
     torch.manual_seed(args.seed)
-    if resuming:
-        model, meta = build_model(checkpoint_dir, args.resume_from_step, device, phase="train")
-        config = model.config
+    if run.resuming:
+        model, _ = run.load_resumed_model(tokenizer)
     else:
-        config = config_for_depth(args.depth, tokenizer.get_vocab_size(), T)
-        model = GPT.build(config, device)
+        model = GPT.build(config_for_depth(args.depth, tokenizer.get_vocab_size(), T), device)
+    config = model.config
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     num_iterations = args.num_iterations
@@ -331,8 +233,6 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
            f"steps={num_iterations} tokens={tokens_per_step * num_iterations:,} ({tokens_per_step * num_iterations / num_params:.2f}/param)")
     print0(f"checkpoints: {checkpoint_dir}")
 
-    if args.prefetch < 0:
-        raise UserError(f"--prefetch must be >= 0 (0 = off), got {args.prefetch}")
     # With --prefetch the loader builds batches on the CPU and the prefetcher moves them (pinned,
     # non-blocking); its state_dict is that of the last batch consumed (nanochat/prefetch.py).
     loader = direction_aware_dataloader(B, T, "train", args.direction, tokenizer_threads=args.tokenizer_threads,
@@ -346,30 +246,11 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
                       init_lr_frac=args.init_lr_frac,
                       schedule=dict(warmup_ratio=args.warmup_ratio, warmdown_ratio=args.warmdown_ratio,
                                     final_lr_frac=args.final_lr_frac))
-    start_step = 0
-    history = []
-    if resuming:
-        _, optim_state, _ = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
-        loader_direction = (optim_state.get("dataloader") or {}).get("direction")
-        if loader_direction is not None and loader_direction != resume_meta["direction"]:
-            raise UserError(f"checkpoint step {args.resume_from_step} in {checkpoint_dir} is inconsistent: its meta says "
-                            f"direction {resume_meta['direction']} but its saved dataloader state is {loader_direction}; "
-                            "its files were mixed up or edited: resume from another step")
-        # The saved moments continue; this run's learning rates and schedule apply from here on.
-        trainer.load_optimizer_state(optim_state["optimizers"])
-        loader.load_state_dict(optim_state["dataloader"])
-        start_step = args.resume_from_step
-        changed = schedule_changes(args, num_iterations, resume_meta)
-        history = list(resume_meta.get("schedule_history") or [])
-        if changed:
-            history.append({"from_step": start_step, "changed": changed})
-            print0(f"resuming with changed schedule flags, applied from step {start_step}: "
-                   + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        print0(f"resumed from step {start_step}")
+    start_step = run.restore(trainer, loader, num_iterations, SCHEDULE_FLAGS)
 
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else min(20 * tokens_per_step, 20 * 524288)
     eval_docs = select_documents(tokenizer, eval_tokens, "val", rank, world_size)
-    eval_directions = concrete_directions(args.direction)
+    eval_directions = spec.generation_directions()
     autocast = autocast_context(device.type)
     from nanochat.core_eval import CORE_TRAINING_MAX_PER_TASK, CoreBenchmark
     core = (CoreBenchmark.prepare(max_per_task=CORE_TRAINING_MAX_PER_TASK, needed_by="--core_metric_every")
@@ -384,60 +265,38 @@ def _train_locked(args, rank, world_size, device, master, model_tag, dirs):
         if core is not None and (step % args.core_metric_every == 0 or step == num_iterations):
             model.eval()
             metrics.update(core.evaluate_during_training(model, tokenizer, args.direction, device, T, B, autocast, step,
-                                                         dirs["evaluations"], rank, world_size, {"model_tag": model_tag}))
+                                                         run.dirs["evaluations"], rank, world_size,
+                                                         {"model_tag": run.tag}))
             model.train()
         return metrics
 
-    user_config = {k: v for k, v in vars(args).items()}
-    base_meta = {"phase": "base", "direction": args.direction, "model_tag": model_tag,
-                 "model_config": config.to_dict(), "vocab_size": tokenizer.get_vocab_size(),
-                 "bos_id": tokenizer.get_bos_token_id(),
-                 "marker_ids": ({"forward": spec.forward_id, "backward": spec.backward_id}
-                                if args.direction == "bidirectional" else None),
-                 "direction_spec": spec.describe(), "user_config": user_config, "parent": None,
-                 "num_iterations": num_iterations, "tokens_per_step": tokens_per_step, "world_size": world_size,
-                 "grad_accum_steps": grad_accum, "num_params": num_params,
-                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                 # Schedule flags changed on resume, with the step they applied from: together with
-                 # user_config (this run's values) the record of what was actually used.
-                 "schedule_history": history}
+    user_config = dict(vars(args))
+    meta = run.meta(spec, model, tokenizer, user_config, parent=None, num_iterations=num_iterations,
+                    tokens_per_step=tokens_per_step, world_size=world_size, grad_accum_steps=grad_accum,
+                    num_params=num_params)
+
     def save(step, last):
-        meta = dict(base_meta, step=step, saved_at=datetime.now(timezone.utc).isoformat(),
-                    tokens_seen=step * tokens_per_step, **last)
-        save_checkpoint(checkpoint_dir, step, model.state_dict(),
-                        {"optimizers": trainer.optimizer_state(), "dataloader": loader.state_dict()}, meta, rank=rank)
-        print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+        run.save(step, model, trainer.optimizer_state(), loader.state_dict(),
+                 dict(meta, tokens_seen=step * tokens_per_step, **last))
+
+    engine = Engine(model, tokenizer, spec=spec)
 
     def sample(step):
         if master:
             model.eval()
-            for line in sample_texts(model, tokenizer, spec, device):
+            for line in sample_texts(engine):
                 print0(line)
             model.train()
 
-    research_on = args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
-    clear_for_run(dirs, resuming, later, master)
-    logger = None
-    if research_on and master:
-        logger = ResearchLogger(dirs["run"], phase=LOG_PHASE, flush_every=args.log_flush_every,
-                                snapshot_every=args.snapshot_every,
-                                resume=resuming, resume_from_step=start_step if resuming else None,
-                                metadata={"direction": args.direction, "model_tag": model_tag, **user_config})
-        if logger.resume_gap is not None:
-            print0(f"warning: the research log {logger.path} ends at step {logger.resume_gap[0]} but training "
-                   f"resumes from step {logger.resume_gap[1]}: the steps in between are missing from it")
-    wb = wandb_log.init(args.run, config=dict(user_config, num_params=num_params), master=master)
-    try:
+    run.clear()
+    with run.logs(args.direction, user_config, wandb_config=dict(user_config, num_params=num_params),
+                  snapshot_every=args.snapshot_every) as (logger, wb):
         last = run_loop(trainer, start_step, num_iterations, log_every=args.log_every, eval_every=args.eval_every,
                         evaluate=evaluate, save=save, save_every=args.save_every, sample=sample,
                         sample_every=args.sample_every, logger=logger,
                         snapshot=lambda step, grads: research_snapshot(model, trainer, spec, grads),
                         wandb_run=wb, print_fn=print0, blowup_loss=10 * math.log(tokenizer.get_vocab_size()))
         print0("final: " + json.dumps({k: round(v, 4) for k, v in last.items()}))
-    finally:
-        if logger is not None:
-            logger.close()
-        wb.finish()
 
 
 @torch.no_grad()

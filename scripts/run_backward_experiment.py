@@ -44,25 +44,26 @@ Flags: the ones below, plus ANY other flag, passed verbatim to the training scri
 in the chain (e.g. --max_seq_len=64 --total_batch_size 256); `--<phase>.<flag>=value` goes to that
 phase's script only, as `--<flag>=value` (e.g. --mid.num_iterations=50 --base.snapshot_every=-1),
 and wins over an unscoped value. --device_batch_size, --num_iterations, --init_lr_frac,
---eval_tokens and --device_type go to the phases whose script takes them (see PHASE_SCRIPTS), and
+--eval_tokens and --device_type go to the phases whose script takes them (SHARED_FLAGS), and
 --device_batch_size, --eval_tokens and --device_type to the evaluation too. The orchestrator sets
 --model_tag, --output_tag, --source, --parent_experiment, --resume_from_step and --research_log
 itself; passing them is an error.
 
-Phase scripts (PHASE_SCRIPTS, one line each): base runs scripts.base_train with
+Phase scripts (nanochat/phases.py, one row each): base runs scripts.base_train with
 `--model_tag=<id> --direction --depth --research_log=1`. mid, sft and rl run scripts.mid_train,
 scripts.chat_sft and scripts.chat_rl with `--source=<parent's phase> --model_tag=<parent id>
 --output_tag=<child id> --parent_experiment=<parent id> --research_log=1`: the script reads the
 direction and depth from the parent's checkpoint, so neither is passed. A phase whose script is
-missing from the checkout is refused before anything runs. Scripts that cannot resume from a
-checkpoint (the chat phases, for now) restart from scratch on a retry, their partial checkpoints
-and log moved aside to `<name>.attempt<N>` first. Only base phases are evaluated by the
+missing from the checkout is refused before anything runs. Every phase script takes
+--resume_from_step, so a retry continues from the last checkpoint (a script without that flag
+would restart from scratch, its partial checkpoints and log moved aside to `<name>.attempt<N>`). Only base phases are evaluated by the
 orchestrator (bits per byte); chat evaluations are run separately (scripts.chat_eval).
 
 Exit status: 0 all phases completed (or skipped as completed), 1 a phase failed, 2 bad input.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -86,25 +87,24 @@ from nanochat.research_logger import log_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# module: what `python -m` runs. log_name: the phase name the script gives its ResearchLogger (its
-# log is logs/<log_name>.h5). resumable: it takes --resume_from_step. shared_flags: which of our
-# training flags it takes (forwarded when given; otherwise the script's own default applies).
-# Every phase script exposes build_parser(): an unscoped pass-through flag reaches only the phases
-# whose script takes it (accepted_flags).
-PhaseScript = namedtuple("PhaseScript", "module log_name resumable shared_flags")
-_TRAINING = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type")
-PHASE_SCRIPTS = {
-    "base": PhaseScript(PHASE_TABLE["base"].script, PHASE_TABLE["base"].log_name, True, _TRAINING + ("eval_tokens",)),
-    "mid": PhaseScript(PHASE_TABLE["mid"].script, PHASE_TABLE["mid"].log_name, False, _TRAINING),
-    "sft": PhaseScript(PHASE_TABLE["sft"].script, PHASE_TABLE["sft"].log_name, False, _TRAINING),
-    "rl": PhaseScript(PHASE_TABLE["rl"].script, PHASE_TABLE["rl"].log_name, False, ("num_iterations", "init_lr_frac", "device_type")),
-}
+# The orchestrator's own training flags: forwarded, when given, to every phase whose script takes
+# them (its build_parser decides; nanochat/phases.py names the script).
+SHARED_FLAGS = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type", "eval_tokens")
 
 
+@functools.lru_cache(maxsize=None)
 def accepted_flags(phase):
     """Flag names (underscore spelling) the phase's script accepts."""
-    parser = importlib.import_module(PHASE_SCRIPTS[phase].module).build_parser()
+    parser = importlib.import_module(PHASE_TABLE[phase].script).build_parser()
     return set(vars(parser.parse_args([])))  # every flag has a default: its name is a key
+
+
+def shared_flags(phase):
+    return [name for name in SHARED_FLAGS if name in accepted_flags(phase)]
+
+
+def resumable(phase):
+    return "resume_from_step" in accepted_flags(phase)
 EVAL_MODULE = "scripts.base_eval"
 EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
 DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact
@@ -226,7 +226,7 @@ def plan_chain(args, passthrough, experiments):
         if p.scope is not None and p.scope not in phases:
             raise UserError(f"--{p.scope}.{p.name} is scoped to phase {p.scope!r}, which is not in "
                             f"--phase={args.phase}")
-    missing = [ph for ph in phases if importlib.util.find_spec(PHASE_SCRIPTS[ph].module) is None]
+    missing = [ph for ph in phases if importlib.util.find_spec(PHASE_TABLE[ph].script) is None]
     accepted = {ph: accepted_flags(ph) for ph in phases if ph not in missing}
     for p in passthrough:
         targets = [p.scope] if p.scope is not None else list(accepted)
@@ -311,7 +311,7 @@ def plan_chain(args, passthrough, experiments):
                                 "as an experiment it would shadow that run; choose another --experiment_id")
 
     for step in steps:
-        module = PHASE_SCRIPTS[step.phase].module
+        module = PHASE_TABLE[step.phase].script
         if importlib.util.find_spec(module) is None:
             # Only the missing script's phase is named: the rest of the chain was valid.
             raise UserError(f"phase {step.phase!r} is not available yet: {module.replace('.', '/')}.py "
@@ -425,8 +425,7 @@ def note_flag_changes(experiments, experiment_id, config, flags, will_run):
 
 def phase_flags(args, passthrough, phase):
     """(what the experiment records as its flags, the pass-through tokens its script receives)."""
-    script = PHASE_SCRIPTS[phase]
-    recorded = {name: getattr(args, name) for name in script.shared_flags if getattr(args, name) is not None}
+    recorded = {name: getattr(args, name) for name in shared_flags(phase) if getattr(args, name) is not None}
     recorded["nproc_per_node"] = args.nproc_per_node
     if phase == "base":
         recorded["eval_directions"] = args.eval_directions
@@ -443,42 +442,42 @@ def phase_flags(args, passthrough, phase):
 
 def training_command(args, flags, tokens, experiments, step, direction, depth):
     """The training command for this attempt, or None when training already finished."""
-    script = PHASE_SCRIPTS[step.phase]
+    script, can_resume = PHASE_TABLE[step.phase].script, resumable(step.phase)
     checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
     saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
-    log = log_path(experiments.experiment_dir(step.experiment_id), script.log_name)
+    log = log_path(experiments.experiment_dir(step.experiment_id), PHASE_TABLE[step.phase].log_name)
     resume = []
     if saved:
         last = saved[-1]
         planned = load_meta(checkpoint_dir, last).get("num_iterations")
         # Asking for more steps than the finished run took continues it (a resumable script).
         wanted = flags.get("num_iterations")
-        wants_more = script.resumable and isinstance(wanted, int) and wanted > last
+        wants_more = can_resume and isinstance(wanted, int) and wanted > last
         if planned is not None and last >= planned and not wants_more:
             print(f"{step.experiment_id}: training finished earlier (checkpoint at step {last} of {planned}); "
                   "not rerunning it", flush=True)
             return None
-        if script.resumable:
+        if can_resume:
             print(f"{step.experiment_id}: resuming {step.phase} training from its checkpoint at step {last}",
                   flush=True)
             resume = [f"--resume_from_step={last}"]
         else:
             moved = move_aside(checkpoint_dir)
-            print(f"{step.experiment_id}: {script.module} cannot resume; moved the partial checkpoints "
+            print(f"{step.experiment_id}: {script} cannot resume; moved the partial checkpoints "
                   f"{checkpoint_dir} aside to {moved}", flush=True)
     if not resume and os.path.exists(log):
         moved = move_aside(log)
         print(f"{step.experiment_id}: the previous attempt left a log but no checkpoint to resume from; moved "
               f"{log} aside to {moved} and starting {step.phase} training again", flush=True)
 
-    command = launcher(script.module, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    command = launcher(script, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
     if step.phase == "base":
         command += [f"--model_tag={step.experiment_id}", f"--direction={direction}", f"--depth={depth}"]
     else:
         command += [f"--source={step.parent_phase}", f"--model_tag={step.parent}",
                     f"--output_tag={step.experiment_id}", f"--parent_experiment={step.parent}"]
     command.append("--research_log=1")
-    command += [f"--{name}={getattr(args, name)}" for name in script.shared_flags if getattr(args, name) is not None]
+    command += [f"--{name}={getattr(args, name)}" for name in shared_flags(step.phase) if getattr(args, name) is not None]
     return command + tokens + resume
 
 

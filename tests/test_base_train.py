@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from nanochat.direction import DirectionSpec
 from conftest import run_script
 from test_cli_errors import assert_one_line_error, copy_base, snapshot
 
@@ -58,11 +59,12 @@ def test_seed_command_trains_and_records_direction(seed_runs, direction, monkeyp
     assert meta["tokens_per_step"] == 512 and meta["grad_accum_steps"] == 2
     assert meta["user_config"]["direction"] == direction and meta["user_config"]["num_iterations"] == 10
     assert not model.training
+    spec = DirectionSpec.from_meta(meta)  # the direction is stored as one thing
+    assert spec.direction == direction and spec.bos_id == tokenizer.get_bos_token_id()
     if direction == "bidirectional":
-        fwd, bwd = tokenizer.get_marker_ids()
-        assert meta["marker_ids"] == {"forward": fwd, "backward": bwd}
+        assert spec.marker_ids == tokenizer.get_marker_ids()
     else:
-        assert meta["marker_ids"] is None
+        assert spec.marker_ids == ()
 
     # The final evaluation covers each direction the model supports, and only those.
     evaluated = set(re.findall(r"val bpb (\w+):", result.stdout))
@@ -176,7 +178,7 @@ def test_existing_checkpoints_are_not_overwritten(resume_runs):
     base, _, _ = resume_runs
     before = snapshot(base)
     result = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", base_dir=base)
-    assert_one_line_error(result, "already holds checkpoints", "--resume_from_step=8")
+    assert_one_line_error(result, "already holds base checkpoints", "--resume_from_step=8")
     assert snapshot(base) == before
 
 
@@ -198,7 +200,7 @@ def test_resume_with_a_contradicting_direction(resume_runs):
 
 
 def test_two_runs_started_together_on_one_tag_cannot_both_write(base_dir):
-    # The "already holds checkpoints" check alone is racy; the run lock is not: exactly one run
+    # The "already holds base checkpoints" check alone is racy; the run lock is not: exactly one run
     # trains, the other fails at once naming the process that holds the run.
     args = ["--direction=forward", "--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--total_batch_size=-1",
             "--num_iterations=200", "--eval_every=-1", "--eval_tokens=128", "--sample_every=-1", "--device_type=cpu",
@@ -211,6 +213,6 @@ def test_two_runs_started_together_on_one_tag_cannot_both_write(base_dir):
     line = assert_one_line_error(loser)
     # Usually the runs overlap and the lock refuses the second; on a machine slow enough that one
     # finishes before the other starts, the existing-checkpoint check refuses it instead.
-    assert "in use by process" in line or "already holds checkpoints" in line, line
+    assert "in use by process" in line or "already holds base checkpoints" in line, line
     from nanochat.checkpoint_manager import list_steps
     assert list_steps(os.path.join(base_dir, "base_checkpoints", "race")) == [200]

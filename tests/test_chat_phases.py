@@ -103,7 +103,8 @@ def test_orchestrator_runs_the_whole_chain_with_parent_links(base_dir, direction
         _, meta = build_model(ckpt, find_last_step(ckpt), "cpu")
         assert meta["direction"] == direction and meta["phase"] == phase
         if direction == "bidirectional":
-            assert meta["marker_ids"] is not None
+            from nanochat.direction import DirectionSpec
+            assert len(DirectionSpec.from_meta(meta).marker_ids) == 2
     tree = ec.lineage(exp_id)
     node, chain = tree[0], []
     while node:

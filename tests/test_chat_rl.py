@@ -197,7 +197,7 @@ def test_tiny_rl_run_saves_an_rl_checkpoint(parents, monkeypatch, capsys, tag, d
     assert meta["parent"] == {"source": "base", "model_tag": tag, "step": 3, "experiment": "some_sft_run",
                               "checkpoint_dir": os.path.join(parents, "base_checkpoints", tag)}
     parent_meta = load_meta(os.path.join(parents, "base_checkpoints", tag), 3)
-    assert meta["marker_ids"] == parent_meta["marker_ids"]
+    assert DirectionSpec.from_meta(meta).marker_ids == DirectionSpec.from_meta(parent_meta).marker_ids
     expected = ["forward", "backward"] if direction == "bidirectional" else [direction]
     assert meta["task_directions"] == expected
     for when in ("before", "after"):

@@ -22,6 +22,7 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig
+from nanochat.direction import DirectionSpec
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer
 
@@ -35,9 +36,8 @@ def tiny_model(vocab=384, seed=0):
 def make_meta(model, tokenizer=None, direction="forward", step=0, **extra):
     meta = {"phase": "base", "direction": direction, "model_config": model.config.to_dict(), "step": step,
             "vocab_size": model.config.vocab_size}
-    if tokenizer is not None and direction == "bidirectional":
-        fwd, bwd = tokenizer.get_marker_ids()
-        meta["marker_ids"] = {"forward": fwd, "backward": bwd}
+    if tokenizer is not None:  # the direction as checkpoints store it (DirectionSpec.to_meta)
+        meta["direction_spec"] = DirectionSpec.from_tokenizer(direction, tokenizer).to_meta()
     meta.update(extra)
     return meta
 
@@ -85,7 +85,7 @@ def test_build_model_restores_weights_and_direction(tmp_path, corpus_template):
     assert_same_weights(model, loaded)
     assert not loaded.training
     assert meta["direction"] == "bidirectional"
-    assert meta["marker_ids"] == {"forward": tok.get_forward_token_id(), "backward": tok.get_backward_token_id()}
+    assert DirectionSpec.from_meta(meta).marker_ids == (tok.get_forward_token_id(), tok.get_backward_token_id())
     x = torch.randint(0, 384, (1, 16))
     assert torch.equal(model(x), loaded(x))
     assert build_model(d, 1, "cpu", phase="train")[0].training
@@ -254,7 +254,9 @@ def test_save_leaves_no_temporary_files(base_dir):
 def test_marker_ids_mismatch_is_user_error(base_dir):
     tok = get_tokenizer()
     fwd, bwd = tok.get_marker_ids()
-    meta = {"direction": "bidirectional", "vocab_size": 384, "marker_ids": {"forward": bwd, "backward": fwd}}
+    # older metadata: the direction's fields stored separately
+    meta = {"direction": "bidirectional", "vocab_size": 384, "bos_id": tok.get_bos_token_id(),
+            "marker_ids": {"forward": bwd, "backward": fwd}}
     with pytest.raises(UserError) as e:
         check_tokenizer_matches(meta, tok)
     assert "marker" in str(e.value)
@@ -264,7 +266,7 @@ def test_marker_ids_mismatch_is_user_error(base_dir):
     model, d = save_tagged(base_dir, "bidi", direction="bidirectional", step=1)
     with open(meta_path(d, 1)) as f:
         saved = json.load(f)
-    saved["marker_ids"] = {"forward": fwd + 100, "backward": bwd}
+    saved["direction_spec"]["forward_marker_id"] = fwd + 100
     with open(meta_path(d, 1), "w") as f:
         json.dump(saved, f)
     with pytest.raises(UserError):

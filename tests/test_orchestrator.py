@@ -368,8 +368,8 @@ def test_branching_children_appear_in_lineage(tmp_path):
 
 def test_phase_without_its_script_fails_before_anything_runs(base_dir, monkeypatch):
     # Every phase script exists in this checkout: pretend the mid one does not.
-    monkeypatch.setitem(orchestrator.PHASE_SCRIPTS, "mid",
-                        orchestrator.PHASE_SCRIPTS["mid"]._replace(module="scripts.no_such_mid_train"))
+    monkeypatch.setitem(orchestrator.PHASE_TABLE, "mid",
+                        orchestrator.PHASE_TABLE["mid"]._replace(script="scripts.no_such_mid_train"))
     ec = ExperimentConfig(base_dir)
     ec.create_experiment("base", "forward", 2, experiment_id="parent")
     ec.set_status("parent", "completed")

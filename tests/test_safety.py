@@ -567,23 +567,27 @@ def test_an_experiment_id_that_is_a_plain_tag_is_refused(base_dir):
 
 
 def test_chat_phase_output_is_locked_checked_and_a_stale_log_moved_aside(base_dir, capsys):
-    from nanochat.chat_training import prepare_output
-    from nanochat.checkpoint_manager import artifact_dirs
+    import argparse
+    from nanochat.phase_run import PhaseRun
     from nanochat.research_logger import ResearchLogger
-    dirs = artifact_dirs("mid", "chat_out")
+    args = argparse.Namespace(resume_from_step=-1, overwrite=False, research_log=1, run="dummy", log_flush_every=100)
+    run = PhaseRun("mid", "chat_out", args, 0, "cpu")
+    dirs = run.dirs
     with ResearchLogger(dirs["run"], phase="mid_training") as log:  # an attempt killed before saving
         log.log_step(1, {"loss": 1.0})
     open(os.path.join(dirs["checkpoints"], "model_000003.pt.tmp999"), "w").close()
-    lock = prepare_output(dirs, "mid", "mid_training", research_on=True, master=True)
-    try:
+    with run:
+        run.prepare()
+        run.refuse_overwrite()
+        run.clear()
         out = capsys.readouterr().out
         assert "moved it aside" in out and "model_000003.pt.tmp999" in out
         assert sorted(os.listdir(dirs["logs"])) == ["mid_training.attempt1.h5"]
         with pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
-            prepare_output(dirs, "mid", "mid_training", research_on=True, master=True)
-    finally:
-        lock.release()
+            PhaseRun("mid", "chat_out", args, 0, "cpu").__enter__()
     for name in ("meta_000002.json", "model_000002.pt"):
         open(os.path.join(dirs["checkpoints"], name), "w").close()
-    with pytest.raises(UserError, match="already holds mid checkpoints"):
-        prepare_output(dirs, "mid", "mid_training", research_on=True, master=True)
+    with PhaseRun("mid", "chat_out", args, 0, "cpu") as again:
+        again.prepare()
+        with pytest.raises(UserError, match="already holds mid checkpoints"):
+            again.refuse_overwrite()

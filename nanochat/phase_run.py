@@ -1,0 +1,250 @@
+"""What every training phase does around its step loop, written once (the phases: nanochat/phases.py).
+
+    run = PhaseRun("sft", output_tag, args, rank, device)
+    with run:                               # writable, locked: one process per run directory
+        run.prepare()                       # leftovers of a killed save removed; --resume_from_step checked
+        resume_meta = run.resume_meta()     # None for a fresh run
+        ... resolve flags (resolve_flags), build the model (from the parent, or from resume_meta) ...
+        run.refuse_overwrite()              # existing checkpoints are never overwritten silently
+        ... build the data, the optimizers, the Trainer ...
+        start = run.restore(trainer, loader)   # resume: optimizer moments and data position
+        run.clear()                         # --overwrite deletes what it named; a stale log moves aside
+        with run.logs(spec, user_config) as (logger, wandb_run):
+            run_loop(..., save=lambda step, last: run.save(step, model, trainer, loader, meta_fields))
+
+Base, mid, SFT and RL share this (scripts/base_train.py, nanochat/chat_training.py, nanochat/rl.py):
+a run is locked, refuses to overwrite, resumes from any saved step, writes its research log and
+wandb run, and records the same checkpoint metadata. Parent checkpoints (every phase after base)
+are loaded by `load_parent`, which refuses a --direction that contradicts the parent.
+"""
+
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from nanochat import wandb_log
+from nanochat.checkpoint_manager import (artifact_dirs, build_model, check_tokenizer_matches, clean_checkpoint_dir,
+                                         list_steps, load_checkpoint, load_meta, load_model, remove_evaluations,
+                                         remove_steps, save_checkpoint, tokenizer_fingerprint)
+from nanochat.common import UserError, print0
+from nanochat.direction import DirectionSpec, validate_direction
+from nanochat.locking import acquire_run_lock
+from nanochat.paths import check_writable, move_aside, remove_stale_temporaries
+from nanochat.phases import PHASES
+from nanochat.research_logger import ResearchLogger, log_path
+
+
+def research_log_on(args):
+    """--research_log: 1 on, 0 off, -1 = on when --run names a wandb run."""
+    return args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
+
+
+def check_direction_flag(requested, trained, where):
+    """A phase after base inherits its direction; --direction is only a check, and a contradiction
+    is an error (the data would be oriented one way while the model was trained the other)."""
+    if requested is None:
+        return trained
+    validate_direction(requested)
+    if requested != trained:
+        raise UserError(f"--direction={requested} contradicts {where}, which was trained {trained}; "
+                        "drop --direction to inherit it")
+    return trained
+
+
+def load_parent(args, device):
+    """(model, tokenizer, parent meta, parent spec) of the checkpoint a later phase continues:
+    --source / --model_tag / --step, with --direction checked against it."""
+    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    spec = DirectionSpec.from_meta(meta)
+    check_direction_flag(args.direction, spec.direction, f"the parent checkpoint ({meta['checkpoint_dir']})")
+    return model, tokenizer, meta, spec
+
+
+def parent_record(args, parent_meta):
+    """What a checkpoint says about the checkpoint it continues (lineage)."""
+    return {"source": args.source, "model_tag": parent_meta["model_tag"], "step": parent_meta["step"],
+            "checkpoint_dir": parent_meta["checkpoint_dir"],
+            "experiment": getattr(args, "parent_experiment", None)}
+
+
+def resolve_flags(args, defaults, saved, resume_step, checkpoint_dir, same=None):
+    """Fill the flags that define the model or the order of the data.
+
+    A fresh run (saved None) takes `defaults` for the flags left unset (None). A resumed run takes
+    the checkpoint's values (`saved`), and an explicit different value is refused: it would train
+    a different model or read different data while the metadata claimed continuity. `same(name,
+    given, old)` may declare two spellings equal (base: --total_batch_size=-1 and B*T*world)."""
+    if saved is None:
+        for name, default in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        return
+    differ = []
+    for name, default in defaults.items():
+        given, old = getattr(args, name), saved.get(name)
+        if old is None:  # an older checkpoint without the record: the given value (or default) stands
+            setattr(args, name, given if given is not None else default)
+        elif given is None:
+            setattr(args, name, old)
+        elif given != old and not (same is not None and same(name, given, old)):
+            differ.append(f"--{name}={given} (checkpoint: {old})")
+    if differ:
+        raise UserError(f"--resume_from_step={resume_step}: {', '.join(differ)} would change the model or the order "
+                        f"of the data of the run in {checkpoint_dir}; drop these flags to continue with the "
+                        "checkpoint's values, or start a new run under another tag")
+
+
+def schedule_changes(args, names, num_iterations, meta):
+    """{flag: [checkpoint's value, this run's value]} for the optimizer/schedule flags that differ
+    on resume: they apply from the resume step, and the metadata keeps the record."""
+    saved = meta.get("user_config") or {}
+    changed = {n: [saved.get(n), getattr(args, n)] for n in names if n in saved and saved[n] != getattr(args, n)}
+    if meta.get("num_iterations") is not None and meta["num_iterations"] != num_iterations:
+        changed["num_iterations"] = [meta["num_iterations"], num_iterations]
+    return changed
+
+
+class PhaseRun:
+    """One run of one phase: its directories, lock, overwrite guard, resume, logs and checkpoints."""
+
+    def __init__(self, phase, output_tag, args, rank, device):
+        self.phase = PHASES[phase]
+        self.tag, self.args, self.rank, self.device = output_tag, args, rank, device
+        self.master = rank == 0
+        self.dirs = artifact_dirs(phase, output_tag)  # refuses a tag that is not a plain name
+        self.checkpoint_dir = self.dirs["checkpoints"]
+        self.resume_step = getattr(args, "resume_from_step", -1)
+        self.resuming = self.resume_step >= 0
+        self.existing, self.later = [], []
+        self.schedule_history = []
+        self._lock = None
+
+    # ---- before training ----------------------------------------------------------------------
+    def __enter__(self):
+        if self.master:  # before hours of training, not at the first save
+            check_writable(self.checkpoint_dir, "the checkpoint directory")
+            # One writer per run: a second process on this run fails here, at once, naming the holder.
+            self._lock = acquire_run_lock(self.dirs["run"], f"{self.phase.name} run {self.tag!r}")
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def prepare(self):
+        """Remove what a killed save left, and check the resume step exists."""
+        if self.master:
+            removed = (clean_checkpoint_dir(self.checkpoint_dir) + remove_stale_temporaries(self.dirs["evaluations"])
+                       + remove_stale_temporaries(self.dirs["logs"]))
+            if removed:
+                print0(f"removed what an interrupted save left behind: {', '.join(removed)}")
+        self.existing = list_steps(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else []
+        if self.resuming and self.resume_step not in self.existing:
+            raise UserError(f"--resume_from_step={self.resume_step}: {self.checkpoint_dir} has checkpoints at steps "
+                            f"{self.existing or 'none'}")
+        self.later = [s for s in self.existing if s > self.resume_step] if self.resuming else self.existing
+
+    def resume_meta(self):
+        return load_meta(self.checkpoint_dir, self.resume_step) if self.resuming else None
+
+    def load_resumed_model(self, tokenizer):
+        """(model, meta) of this run's own checkpoint at the resume step, for the tokenizer given."""
+        model, meta = build_model(self.checkpoint_dir, self.resume_step, self.device, phase="train")
+        check_tokenizer_matches(meta, tokenizer)
+        return model, meta
+
+    def refuse_overwrite(self):
+        """Checkpoints this run would overwrite are refused unless --overwrite names them."""
+        if not self.later or self.args.overwrite:
+            return
+        if self.resuming:
+            raise UserError(f"{self.checkpoint_dir} has checkpoints after step {self.resume_step} (steps {self.later}) "
+                            f"that this run would overwrite; resume from --resume_from_step={self.later[-1]}, or pass "
+                            f"--overwrite to delete steps {self.later} and their evaluations")
+        raise UserError(f"{self.checkpoint_dir} already holds {self.phase.name} checkpoints (steps {self.existing}); "
+                        f"resume with --resume_from_step={self.existing[-1]}, choose another tag, or pass "
+                        "--overwrite to delete them and start again")
+
+    def restore(self, trainer, loader, num_iterations, schedule_flags):
+        """Resume: the saved optimizer moments and data position continue, this run's learning
+        rates and schedule apply from the resume step (recorded in schedule_history). Returns the
+        step to start from (0 for a fresh run)."""
+        if not self.resuming:
+            return 0
+        meta = self.resume_meta()
+        _, state, _ = load_checkpoint(self.checkpoint_dir, self.resume_step, self.device, load_optimizer=True,
+                                      rank=self.rank)
+        saved_direction = (state.get("dataloader") or {}).get("direction")
+        if saved_direction is not None and saved_direction != DirectionSpec.from_meta(meta).direction:
+            raise UserError(f"checkpoint step {self.resume_step} in {self.checkpoint_dir} is inconsistent: its meta "
+                            f"says direction {DirectionSpec.from_meta(meta).direction} but its saved data state is "
+                            f"{saved_direction}; its files were mixed up or edited: resume from another step")
+        trainer.load_optimizer_state(state["optimizers"])
+        if loader is not None and state.get("dataloader") is not None:
+            loader.load_state_dict(state["dataloader"])
+        changed = schedule_changes(self.args, schedule_flags, num_iterations, meta)
+        self.schedule_history = list(meta.get("schedule_history") or [])
+        if changed:
+            self.schedule_history.append({"from_step": self.resume_step, "changed": changed})
+            print0(f"resuming with changed schedule flags, applied from step {self.resume_step}: "
+                   + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        print0(f"resumed from step {self.resume_step}")
+        return self.resume_step
+
+    def clear(self):
+        """Just before training: delete what --overwrite named, and move aside a research log that
+        has no checkpoint to continue from (a run killed before its first save, or one overwritten)."""
+        if not self.master:
+            return
+        if self.later:
+            remove_steps(self.checkpoint_dir, self.later)
+            gone = remove_evaluations(self.dirs["evaluations"], self.later)
+            print0(f"--overwrite: deleted checkpoint steps {self.later} of {self.checkpoint_dir}"
+                   + (f" and their evaluations {gone}" if gone else ""))
+        log = log_path(self.dirs["run"], self.phase.log_name)
+        if not self.resuming and os.path.exists(log):
+            moved = move_aside(log)
+            print0(f"a previous {self.phase.name} run left the research log {log} without a checkpoint to resume "
+                   f"from; moved it aside to {moved} and starting a new log")
+
+    # ---- during training ----------------------------------------------------------------------
+    @contextmanager
+    def logs(self, direction, user_config, wandb_config=None, snapshot_every=1000):
+        """(research logger or None, wandb run) for the loop; both closed on the way out."""
+        logger = None
+        if research_log_on(self.args) and self.master:
+            logger = ResearchLogger(self.dirs["run"], phase=self.phase.log_name,
+                                    flush_every=self.args.log_flush_every, snapshot_every=snapshot_every,
+                                    resume=self.resuming, resume_from_step=self.resume_step if self.resuming else None,
+                                    metadata={"direction": direction, "model_tag": self.tag, **user_config})
+            if logger.resume_gap is not None:
+                print0(f"warning: the research log {logger.path} ends at step {logger.resume_gap[0]} but training "
+                       f"resumes from step {logger.resume_gap[1]}: the steps in between are missing from it")
+        wb = wandb_log.init(self.args.run, config=wandb_config or user_config, master=self.master)
+        try:
+            yield logger, wb
+        finally:
+            if logger is not None:
+                logger.close()
+            wb.finish()
+
+    def meta(self, spec, model, tokenizer, user_config, parent, **fields):
+        """The metadata every checkpoint of every phase records; `fields` adds the phase's own.
+
+        The direction goes in as one thing, spec.to_meta() under "direction_spec" (read back with
+        DirectionSpec.from_meta)."""
+        return {"phase": self.phase.name, "direction_spec": spec.to_meta(), "model_tag": self.tag,
+                "model_config": model.config.to_dict(), "vocab_size": tokenizer.get_vocab_size(),
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "user_config": user_config,
+                "parent": parent, "schedule_history": self.schedule_history, **fields}
+
+    def save(self, step, model, optimizer_state, data_state, meta):
+        """One checkpoint: weights, this rank's optimizer and data state, and `meta` stamped with the step."""
+        meta = dict(meta, step=step, saved_at=datetime.now(timezone.utc).isoformat())
+        state = {"optimizers": optimizer_state}
+        if data_state is not None:
+            state["dataloader"] = data_state
+        save_checkpoint(self.checkpoint_dir, step, model.state_dict(), state, meta, rank=self.rank)
+        print0(f"saved {self.phase.name} checkpoint step {step} to {self.checkpoint_dir} "
+               f"(direction: {meta['direction_spec']['direction']})")
