@@ -62,8 +62,8 @@ import torch.nn.functional as F
 
 from nanochat.paths import atomic_write_json
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, concrete_directions, orient_text_tokens, \
-    validate_direction
+from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction, concrete_directions, \
+    orient_text_tokens, validate_direction
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIRNAME = "eval_bundle"
@@ -237,7 +237,7 @@ def item_rows(tokenizer, spec, task, items, index, concrete_direction, seq_len):
         # Reading order: the demonstrations where the evaluated reading meets them first, each
         # joined to its neighbour by the separator (demo, sep, ..., item forward; item, sep,
         # demo, ... backward). The backward text is the mirror arrangement, not the same text.
-        if concrete_direction == "forward":
+        if by_direction(concrete_direction, forward=True, backward=False):
             context = [t for d in demos for t in d + sep]
             text, roles = context + item_tokens, ["context"] * len(context) + ["item"] * len(item_tokens)
         else:

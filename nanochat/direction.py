@@ -20,8 +20,6 @@ from nanochat.common import UserError
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
 CONCRETE_DIRECTIONS = ("forward", "backward")
-FORWARD_MARKER = "<|forward|>"
-BACKWARD_MARKER = "<|backward|>"
 
 
 def _user_error(msg):
@@ -61,6 +59,14 @@ def concrete_directions(trained_direction):
     holding a spec should ask the spec."""
     validate_direction(trained_direction)
     return list(CONCRETE_DIRECTIONS) if trained_direction == "bidirectional" else [trained_direction]
+
+
+def default_generation_direction(trained_direction):
+    """What a model trained in `trained_direction` generates (and is scored in) when no concrete
+    direction is asked for: its own, and forward for a bidirectional model. The one statement of
+    this policy (DirectionSpec.default_generation_direction asks it)."""
+    validate_direction(trained_direction)
+    return "forward" if trained_direction == "bidirectional" else trained_direction
 
 
 def by_direction(concrete_direction, forward, backward):
@@ -274,7 +280,7 @@ class DirectionSpec:
 
     def position_directions(self, row):
         """The concrete direction of the document each position of a packed row belongs to."""
-        out, current = [], self.direction if self.direction != "bidirectional" else "forward"
+        out, current = [], self.default_generation_direction()
         row = list(row)
         for i, tok in enumerate(row):
             if self.direction == "bidirectional" and tok == self.bos_id and i + 1 < len(row):
@@ -344,10 +350,6 @@ class DirectionSpec:
         prompt = self.header("backward") + reverse_tokens(later, keep_bos=False) + [tokenizer.encode_special("<|user_end|>")]
         return prompt, [tokenizer.encode_special("<|user_start|>"), bos]
 
-    def target_mask_ids(self):
-        """Token ids that must never be loss targets (the markers: control inputs, not text)."""
-        return self.marker_ids
-
     # ---- policy: what this model can do, asked here instead of re-derived by callers ----------
     def generation_directions(self):
         """The concrete directions this model generates and is natively scored in."""
@@ -355,7 +357,7 @@ class DirectionSpec:
 
     def default_generation_direction(self):
         """What a generation without an explicit direction uses: a bidirectional model reads forward."""
-        return "forward" if self.direction == "bidirectional" else self.direction
+        return default_generation_direction(self.direction)
 
     def generation_direction(self, requested=None):
         """`requested` (or the default) if this model can generate it, else one clear UserError."""

@@ -27,6 +27,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.direction import DirectionSpec
+from nanochat.phases import CHAT_PHASES
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,7 +89,7 @@ def tokenizer_json(tokenizer):
 
 # ---- config ---------------------------------------------------------------------------------------
 def is_chat_model(meta):
-    return meta.get("phase") in ("mid", "sft", "rl")
+    return meta.get("phase") in CHAT_PHASES  # nanochat/phases.py
 
 
 def chat_token_ids(tokenizer):

@@ -178,7 +178,7 @@ class PhaseRun:
         saved_direction = (state.get("dataloader") or {}).get("direction")
         if saved_direction is not None and saved_direction != DirectionSpec.from_meta(meta).direction:
             raise UserError(f"checkpoint step {self.resume_step} in {self.checkpoint_dir} is inconsistent: its meta "
-                            f"says direction {DirectionSpec.from_meta(meta).direction} but its saved data state is "
+                            f"says direction {DirectionSpec.from_meta(meta).direction} but its saved dataloader state is "
                             f"{saved_direction}; its files were mixed up or edited: resume from another step")
         trainer.load_optimizer_state(state["optimizers"])
         if loader is not None and state.get("dataloader") is not None:

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from nanochat.chat_training import check_phase_flags, model_for_run, start_run
 from nanochat.checkpoint_manager import load_meta
 from nanochat.common import UserError, print0
-from nanochat.direction import DirectionSpec
+from nanochat.direction import DirectionSpec, by_direction
 from nanochat.engine import Engine
 from nanochat.phase_run import resolve_flags
 from nanochat.progress import progress
@@ -165,7 +165,7 @@ def evaluate(engine, spec, task, directions, num_examples, k, max_new_tokens, te
         for i in progress(range(rank, n, world_size), desc=f"rl eval {direction}", unit="prompt"):
             with autocast or nullcontext():
                 g = sample_group(engine, spec, task, i, direction, k, max_new_tokens, temperature, top_k,
-                                 sample_seed(seed, i, salt=1 + (direction == "backward")))
+                                 sample_seed(seed, i, salt=by_direction(direction, forward=1, backward=2)))
             per_prompt[0, i], per_prompt[1, i] = sum(g.rewards) / k, pass_at_k(g.rewards)
         if world_size > 1 and dist.is_initialized():
             dist.all_reduce(per_prompt)  # each prompt was filled by exactly one rank

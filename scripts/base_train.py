@@ -34,7 +34,7 @@ import torch
 
 from nanochat.checkpoint_manager import check_tokenizer_matches
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
-from nanochat.direction import DirectionSpec, validate_direction, validate_p_backward
+from nanochat.direction import DirectionSpec, by_direction, validate_direction, validate_p_backward
 from nanochat.direction_dataloader import direction_aware_dataloader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR_SCALINGS, config_for_depth
@@ -175,7 +175,7 @@ def sample_texts(engine, max_tokens=48):
     """A few greedy generations in each direction the model generates, shown in reading order."""
     lines = []
     for direction in engine.spec.generation_directions():
-        prompts = SAMPLE_BEGINNINGS if direction == "forward" else SAMPLE_ENDINGS
+        prompts = by_direction(direction, forward=SAMPLE_BEGINNINGS, backward=SAMPLE_ENDINGS)
         for text in prompts:
             out = engine.complete(text, direction, max_tokens=max_tokens, temperature=0.0)[0]
             lines.append(f"[{direction}] {out['text']!r}")

@@ -25,7 +25,7 @@ import sys
 import time
 
 from nanochat.common import UserError, add_flag, get_base_dir, print0, run_main
-from nanochat.direction import parse_directions
+from nanochat.direction import default_generation_direction, parse_directions
 
 MATRIX_GRID = ("original:0.01", "original:0.02", "original:0.04", "original:0.08",
                "match_rms_adamw:0.005", "match_rms_adamw:0.01", "match_rms_adamw:0.02")
@@ -92,7 +92,7 @@ def run_one(depth, direction, cfg, args, done, out):
         print0(f"  run failed (exit {proc.returncode}): {' | '.join(tail)}")
         bpb = float("nan")
     else:
-        bpb = json.loads(final[-1][len("final: "):]).get(f"val_bpb_{direction if direction != 'bidirectional' else 'forward'}")
+        bpb = json.loads(final[-1][len("final: "):]).get(f"val_bpb_{default_generation_direction(direction)}")
     row = dict(key=key, depth=depth, direction=direction, **cfg, bpb=bpb, seconds=round(time.time() - t0, 1))
     if bpb == bpb:  # a failed run is not recorded: a rerun tries it again
         with open(out, "a") as f:

@@ -104,21 +104,3 @@ class TaskMixture(Task):
     def get_example(self, index):
         t, i = self.index[index]
         return self.tasks[t][i]
-
-
-class TaskSequence(Task):
-    """Tasks one after another (curricula)."""
-
-    def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-
-    def num_examples(self):
-        return sum(len(t) for t in self.tasks)
-
-    def get_example(self, index):
-        for task in self.tasks:
-            if index < len(task):
-                return task[index]
-            index -= len(task)
-        raise IndexError(index)

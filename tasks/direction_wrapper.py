@@ -33,8 +33,6 @@ What each (task, direction) is scored by (`wrapper.scoring`):
 from nanochat.common import UserError
 from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, DirectionSpec, validate_direction
 
-SCORING_KINDS = ("multiple_choice", "generation", "likelihood_only")
-
 
 class DirectionTaskWrapper:
     """`task` evaluated in the concrete `direction`, for a model trained in `model_direction`

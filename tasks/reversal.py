@@ -38,6 +38,7 @@ import random
 import re
 
 from nanochat.common import UserError
+from nanochat.direction import by_direction
 from tasks.common import Task
 
 SPLITS = ("train", "test")
@@ -170,5 +171,5 @@ class ReversalFacts(Task):
         """forward: the answer must name `answer_entity`; backward: the question must name
         `question_entity`."""
         self.check_reward_direction(direction)
-        key = "answer_entity" if direction == "forward" else "question_entity"
+        key = by_direction(direction, forward="answer_entity", backward="question_entity")
         return 1.0 if mentions(generated_text, conversation[key]) else 0.0

@@ -229,7 +229,7 @@ def test_header_and_target_mask():
     assert spec_for("forward").header_len == 1
     bidi = spec_for("bidirectional")
     assert bidi.header_len == 2
-    assert set(bidi.target_mask_ids()) == {FWD, BWD}
+    assert set(bidi.marker_ids) == {FWD, BWD}  # never targets
     assert bidi.describe()["direction"] == "bidirectional"
 
 

@@ -14,7 +14,7 @@ import pytest
 from nanochat.common import UserError
 from tasks.arc import ARC
 from tasks.arithmetic import TwoWayArithmetic, first_integer, first_product_expression
-from tasks.common import TaskMixture, TaskSequence
+from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K, final_number
 from tasks.hub import DATA_DIR_ENV
 from tasks.mmlu import MMLU
@@ -72,17 +72,6 @@ def test_slicing_and_len():
     assert len(TwoWayArithmetic(size=10, start=8, stop=100)) == 2
     assert len(TwoWayArithmetic(size=10, start=12)) == 0
     assert len(TwoWayArithmetic(size=0)) == 0
-
-
-def test_task_sequence():
-    a, b = TwoWayArithmetic(size=3), ReversalFacts(size=2)
-    seq = TaskSequence([a, b])
-    assert len(seq) == 3 + 6
-    assert list(seq) == list(a) + list(b)
-    sliced = TaskSequence([a, b], start=2, stop=5)
-    assert list(sliced) == [a[2], b[0], b[1]]
-    with pytest.raises(IndexError):
-        seq[9]
 
 
 def test_mixture_determinism_and_coverage():
