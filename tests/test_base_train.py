@@ -1,6 +1,7 @@
 """scripts.base_train end to end: the seed commands in every direction, flag aliases, checkpoint
 metadata, exact resume, and refusing to overwrite an existing run."""
 
+import ast
 import os
 import re
 import shutil
@@ -37,7 +38,8 @@ def seed_runs(corpus_template, tmp_path_factory):
     """One base dir in which the three seed commands ran (two at a time)."""
     base = copy_base(corpus_template["dir"], tmp_path_factory, "seed_runs")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = pool.map(lambda d: run_script("scripts.base_train", *seed_command(d), base_dir=base), DIRECTIONS)
+        results = pool.map(lambda d: run_script("scripts.base_train", *seed_command(d), "--sample_every=5",
+                                                base_dir=base), DIRECTIONS)
         return base, dict(zip(DIRECTIONS, results))
 
 
@@ -65,6 +67,18 @@ def test_seed_command_trains_and_records_direction(seed_runs, direction, monkeyp
         assert spec.marker_ids == tokenizer.get_marker_ids()
     else:
         assert spec.marker_ids == ()
+
+    # Samples (through the Engine) in each direction the model generates, shown in reading order:
+    # a forward one continues a given beginning, a backward one ends with the given ending.
+    from scripts.base_train import SAMPLE_BEGINNINGS, SAMPLE_ENDINGS
+    samples = re.findall(r"^\[(forward|backward)\] (.*)$", result.stdout, re.M)
+    assert {d for d, _ in samples} == ({"forward", "backward"} if direction == "bidirectional" else {direction})
+    for d, text in samples:
+        text = ast.literal_eval(text)  # printed with repr()
+        if d == "forward":
+            assert any(text.startswith(b) for b in SAMPLE_BEGINNINGS), text
+        else:
+            assert any(text.endswith(e) for e in SAMPLE_ENDINGS), text
 
     # The final evaluation covers each direction the model supports, and only those.
     evaluated = set(re.findall(r"val bpb (\w+):", result.stdout))
