@@ -62,6 +62,9 @@ def default_mixture(phase, direction, split="train", seed=0):
     validate_direction(direction)
     if split not in ("train", "test"):
         raise UserError(f"the default mixtures have splits train and test, not {split!r}")
+    if phase not in MIXTURE_SIZES:  # a phase added to nanochat/phases.py chooses its data itself
+        raise UserError(f"phase {phase!r} has no default task mixture (tasks/registry.py MIXTURE_SIZES): "
+                        "pass --tasks=<comma list of task names>")
     sizes = MIXTURE_SIZES[phase][split]
     tasks = [get_task(name, split, size=size, seed=seed) for name, size in sizes.items()]
     if phase == "rl":
