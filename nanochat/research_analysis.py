@@ -1,7 +1,8 @@
 """Research analysis: read experiments back and compute what compares them (training curves, the
 cross-direction bpb matrix of docs/DESIGN.md §7, task accuracy in each direction, per-position
-loss). The Markdown report and its figures are written by nanochat/research_report.py; its public
-names (compare_learning_curves, generate_research_report, plot_*) are re-exported here.
+loss). The figures are drawn by nanochat/research_plots.py and the Markdown report written by
+nanochat/research_report.py; their public names (compare_learning_curves, plot_*,
+generate_research_report) are re-exported here.
 
 Meant for notebooks as much as for `python -m scripts.report`, and callable as the original plan
 calls it (docs/PLAN_DIFFERENCES.md):
@@ -473,20 +474,24 @@ def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None
 
 
 # ---------------------------------------------------------------------------- re-exports
-# The report writer (Markdown and figures) lives in nanochat/research_report.py, which imports
-# this module; its public names stay importable from here, resolved on first use (PEP 562) so
-# that importing either module first works.
-_REPORT_NAMES = ("PlotResult", "curve_label", "compare_learning_curves", "plot_direction_matrix",
-                 "plot_per_position_loss", "generate_research_report", "REPORT_NAME", "REPORT_SECTIONS")
+# The figures (nanochat/research_plots.py) and the report writer (nanochat/research_report.py)
+# import this module; their public names stay importable from here, resolved on first use (PEP 562)
+# so that importing any of the modules first works.
+_PLOT_NAMES = ("PlotResult", "curve_label", "compare_learning_curves", "plot_direction_matrix",
+               "plot_per_position_loss")
+_REPORT_NAMES = ("generate_research_report", "REPORT_NAME", "REPORT_SECTIONS")
 
 __all__ = ["resolve_experiment", "experiment_id_from_dir", "training_log_phase",
            "load_experiment_metadata", "experiment_metadata", "load_training_losses", "load_training_curves",
            "load_direction_evaluations", "collect_task_rows", "collect_direction_rows",
            "direction_matrix_markdown", "analyze_direction_transfer", "per_position_loss", "BASE_LOG_PHASE",
-           "EVAL_DIRECTIONS", "TRAINED_DIRECTIONS", *_REPORT_NAMES]
+           "EVAL_DIRECTIONS", "TRAINED_DIRECTIONS", *_PLOT_NAMES, *_REPORT_NAMES]
 
 
 def __getattr__(name):
+    if name in _PLOT_NAMES:
+        from nanochat import research_plots
+        return getattr(research_plots, name)
     if name in _REPORT_NAMES:
         from nanochat import research_report
         return getattr(research_report, name)
