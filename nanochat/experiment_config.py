@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from nanochat.paths import atomic_write_json
-from nanochat.phases import PHASE_NAMES
+from nanochat.phases import PHASE_NAMES, PHASES as PHASE_TABLE
 from nanochat.common import UserError, get_base_dir
 from nanochat.direction import validate_direction
 
@@ -232,6 +232,16 @@ class ExperimentConfig:
             candidate, n = f"{stem}_{n}", n + 1
         return candidate
 
+    def refuse_shadowing(self, experiment_id):
+        """A new experiment id must not be the tag of a plain run (<base_dir>/<phase folder>/<id>
+        with checkpoints): as an experiment it would shadow that run, whose checkpoints every script
+        would stop finding (nanochat/checkpoint_manager.py resolves an experiment id first)."""
+        for phase in PHASE_TABLE.values():
+            plain = os.path.join(self.base_dir, phase.checkpoint_dir, experiment_id)
+            if os.path.isdir(plain) and any(n.startswith("meta_") and n.endswith(".json") for n in os.listdir(plain)):
+                raise UserError(f"experiment id {experiment_id!r} is also the tag of the {phase.name} run in {plain}: "
+                                "as an experiment it would shadow that run; choose another experiment id")
+
     def create_experiment(self, phase, direction, depth, parent_experiment=None, experiment_id=None,
                           resume=False, **kwargs):
         """Create experiment `<id>` (or, with resume=True, reuse the existing one) with its
@@ -275,6 +285,8 @@ class ExperimentConfig:
         if experiment_id == parent_experiment:
             raise UserError(f"experiment {experiment_id!r} cannot be its own parent")
 
+        if not self.exists(experiment_id):
+            self.refuse_shadowing(experiment_id)
         if self.exists(experiment_id):
             if not resume:
                 raise UserError(f"experiment {experiment_id!r} already exists; pass resume to continue it, "

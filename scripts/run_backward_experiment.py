@@ -75,7 +75,7 @@ import sys
 from collections import namedtuple
 from datetime import datetime, timezone
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, list_steps, load_meta
+from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.locking import acquire_run_lock, env_with_locks, parent_death_signal
 from nanochat.paths import move_aside  # noqa: F401  (re-exported: the orchestrator's helper moved there)
@@ -301,14 +301,9 @@ def plan_chain(args, passthrough, experiments):
             raise UserError(f"experiment {step.experiment_id!r} is being run right now by process {runner}; "
                             "wait for it, or stop that process first")
 
-    for step in steps:
-        if experiments.exists(step.experiment_id):
-            continue
-        for source, folder in SOURCE_DIRS.items():
-            plain = os.path.join(experiments.base_dir, folder, step.experiment_id)
-            if os.path.isdir(plain) and list_steps(plain):
-                raise UserError(f"experiment id {step.experiment_id!r} is also the tag of the {source} run in {plain}: "
-                                "as an experiment it would shadow that run; choose another --experiment_id")
+    for step in steps:  # checked for the whole chain before anything runs
+        if not experiments.exists(step.experiment_id):
+            experiments.refuse_shadowing(step.experiment_id)
 
     for step in steps:
         module = PHASE_TABLE[step.phase].script

@@ -76,6 +76,17 @@ def test_duplicate_id_refused(ec):
         make_base(ec)
 
 
+def test_an_id_that_is_the_tag_of_a_plain_run_is_refused(ec, tmp_path):
+    plain = tmp_path / "chatsft_checkpoints" / "taken"
+    plain.mkdir(parents=True)
+    make_base(ec, experiment_id="taken")  # an empty folder is no run: nothing is shadowed
+    (tmp_path / "base_checkpoints" / "other").mkdir(parents=True)
+    (tmp_path / "base_checkpoints" / "other" / "meta_000005.json").write_text("{}")
+    with pytest.raises(UserError, match="'other' is also the tag of the base run"):
+        make_base(ec, experiment_id="other")
+    assert not ec.exists("other")
+
+
 def test_resume_returns_existing(ec):
     first = ec.load_config(make_base(ec, seed=1))
     ec.set_status("base_fwd", "running")
