@@ -21,7 +21,7 @@ import pytest
 
 import scripts.run_backward_experiment as orchestrator
 from conftest import REPO, run_script
-from nanochat.checkpoint_manager import list_steps
+from nanochat.checkpoint_manager import list_steps, remove_steps
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.research_logger import log_path, read_attrs, read_scalars
@@ -322,7 +322,7 @@ def test_kill_9_of_the_orchestrator_alone_takes_its_trainer_down_and_a_rerun_is_
 def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
     ec = ExperimentConfig(base_dir)
     args = ["--phase=base,mid", "--direction=backward", "--experiment_id=chain", "--eval_directions=none",
-            "--mid.num_iterations=2", *TINY]
+            "--mid.num_iterations=2", "--mid.save_every=1", *TINY]
     r = orchestrate(base_dir, *args)
     assert r.returncode == 0, r.stdout + r.stderr
     train, mid = commands_run(r.stdout)
@@ -331,7 +331,7 @@ def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
     for flag in ("--source=base", "--model_tag=chain", "--output_tag=chain_mid", "--parent_experiment=chain",
                  "--research_log=1", "--max_seq_len=64"):
         assert flag in mid.split(), flag
-    assert mid.split()[-1] == "--num_iterations=2"  # the scoped value comes last, so it wins
+    assert "--num_iterations=2" in mid.split()[-2:]  # the scoped value comes last, so it wins
     assert "--eval_tokens" not in mid and "--direction" not in mid  # not mid_train flags / inherited
 
     child = ec.load_config("chain_mid")
@@ -339,7 +339,7 @@ def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
         ("mid", "backward", 2, "chain")
     assert child["status"] == "completed"
     assert child["flags"]["num_iterations"] == 2 and "eval_tokens" not in child["flags"]
-    assert list_steps(ec.checkpoint_dir("chain_mid")) == [2]
+    assert list_steps(ec.checkpoint_dir("chain_mid")) == [1, 2]
     assert_contiguous_steps(log_path(ec.experiment_dir("chain_mid"), "mid_training"), last=2)
     assert "val_loss" in child["results"]
     assert ec.load_config("chain")["children"] == ["chain_mid"]
@@ -349,6 +349,18 @@ def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
     assert commands_run(again.stdout) == []
     assert "experiment chain is completed; skipping it" in again.stdout
     assert "experiment chain_mid is completed; skipping it" in again.stdout
+
+    # A mid run that died after its step-1 checkpoint resumes from it (every phase resumes).
+    remove_steps(ec.checkpoint_dir("chain_mid"), [2])
+    ec.set_status("chain_mid", "failed")
+    resumed = orchestrate(base_dir, *args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "chain_mid: resuming mid training from its checkpoint at step 1" in resumed.stdout
+    (command,) = commands_run(resumed.stdout)
+    assert "-m scripts.mid_train" in command and command.split()[-1] == "--resume_from_step=1"
+    assert list_steps(ec.checkpoint_dir("chain_mid")) == [1, 2]
+    assert_contiguous_steps(log_path(ec.experiment_dir("chain_mid"), "mid_training"), last=2)
+    assert ec.load_config("chain_mid")["status"] == "completed"
 
 
 def test_branching_children_appear_in_lineage(tmp_path):
