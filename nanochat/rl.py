@@ -293,8 +293,8 @@ def train_rl(args, usable_directions, load_task, rank, world_size, device):
         if args.examples_per_step % world_size:
             raise UserError(f"--examples_per_step={args.examples_per_step} must be divisible by the number of "
                             f"processes ({world_size})")
-        # The task must be generable and rewardable in the model's direction(s): checked before any
-        # training (or any file) happens.
+        # The directions in which the task (a resumed run's: the checkpoint's) can be generated and
+        # rewarded for this model.
         directions = usable_directions(args.task, spec.direction)
         run.refuse_overwrite()
         _train(args, run, model, tokenizer, spec.direction, parent, resume_meta, directions,
