@@ -33,7 +33,7 @@ import torch
 
 from nanochat.phases import PHASES
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.direction import DirectionSpec
+from nanochat.direction import DirectionSpec, is_two_way
 from nanochat.paths import atomic_write, remove_stale_temporaries, validate_name
 
 SOURCE_DIRS = {p.name: p.checkpoint_dir for p in PHASES.values()}  # nanochat/phases.py
@@ -335,7 +335,7 @@ def check_tokenizer_matches(meta, tokenizer):
     if meta.get("vocab_size") is not None and meta["vocab_size"] != tokenizer.get_vocab_size():
         raise UserError(f"the checkpoint was trained with a {meta['vocab_size']}-token vocabulary but the tokenizer "
                         f"has {tokenizer.get_vocab_size()}: the tokenizer changed since training")
-    if meta.get("direction") == "bidirectional":
+    if meta.get("direction") is not None and is_two_way(meta["direction"]):
         spec = DirectionSpec.from_meta(meta)
         fwd, bwd = tokenizer.get_marker_ids()
         if (spec.forward_id, spec.backward_id) != (fwd, bwd):

@@ -61,6 +61,13 @@ def concrete_directions(trained_direction):
     return list(CONCRETE_DIRECTIONS) if trained_direction == "bidirectional" else [trained_direction]
 
 
+def is_two_way(trained_direction):
+    """Whether a model trained in `trained_direction` reads and writes both ways (a marker after
+    BOS says which, and its documents are drawn with p_backward); asked instead of comparing with
+    "bidirectional"."""
+    return len(concrete_directions(trained_direction)) > 1
+
+
 def default_generation_direction(trained_direction):
     """What a model trained in `trained_direction` generates (and is scored in) when no concrete
     direction is asked for: its own, and forward for a bidirectional model. The one statement of
@@ -408,7 +415,7 @@ class DirectionSpec:
             "bos_id": self.bos_id,
             "forward_marker_id": self.forward_id,
             "backward_marker_id": self.backward_id,
-            "p_backward": self.p_backward if self.direction == "bidirectional" else None,
+            "p_backward": self.p_backward if is_two_way(self.direction) else None,
             "seed": self.seed,
         }
 

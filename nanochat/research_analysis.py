@@ -33,15 +33,15 @@ import numpy as np
 from nanochat.phases import PHASES
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError
+from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS
 from nanochat.experiment_config import ExperimentConfig
 from nanochat.loss_eval import arrow_of_time_gap, list_bpb_evaluations
 from nanochat.research_logger import list_snapshots, log_path, read_attrs, read_scalars, read_snapshot
 
-EVAL_DIRECTIONS = ("forward", "backward")
-TRAINED_DIRECTIONS = ("forward", "backward", "bidirectional")
+EVAL_DIRECTIONS = CONCRETE_DIRECTIONS
+TRAINED_DIRECTIONS = DIRECTIONS
 BASE_LOG_PHASE = PHASES["base"].log_name
-# The research-log phase each experiment phase writes, and the script that writes it. Only base
-# training writes a research log so far; later phases are added here when their scripts do.
+# The research-log name each experiment phase writes (every phase does, with --research_log=1).
 TRAINING_LOG_PHASES = {p.name: p.log_name for p in PHASES.values()}  # nanochat/phases.py
 TRAINING_SCRIPTS = {p.log_name: p.script for p in PHASES.values()}
 

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 
 from nanochat.common import UserError
 from nanochat.arrow_study import studies_of, study_section
+from nanochat.direction import DIRECTIONS, is_two_way
 from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.research_analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
                                         _matrix_from_rows, _require_log, collect_direction_rows,
@@ -102,8 +103,8 @@ def _key_flags(meta):
                           ("the research log's metadata", meta.get("log_metadata") or {})):
         if flags:
             shown = {k: flags[k] for k in KEY_FLAGS if k in flags}
-            if meta.get("direction") != "bidirectional":
-                shown.pop("p_backward", None)  # only the bidirectional draw uses it
+            if not (meta.get("direction") in DIRECTIONS and is_two_way(meta["direction"])):
+                shown.pop("p_backward", None)  # only a two-way model's draw uses it
             return shown, source
     return {}, None
 

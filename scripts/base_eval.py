@@ -35,7 +35,7 @@ from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, 
 from nanochat.consistency import (consistency_evaluation_path, consistency_record, format_stats, per_document_bpb,
                                   write_consistency)
 from nanochat.core_eval import BUNDLE_URL, CoreBenchmark, core_evaluation_path, format_table, write_record
-from nanochat.direction import DirectionSpec, parse_directions
+from nanochat.direction import DirectionSpec, is_two_way, parse_directions
 from nanochat.loss_eval import arrow_of_time_gap, bpb_evaluation_path, evaluate_bpb, select_documents
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import autocast_context
@@ -128,7 +128,7 @@ def plan_outputs(args, evals, tags):
             entry["paths"]["bpb"] = bpb_evaluation_path(evaluations, step)
         if "core" in evals:
             entry["paths"]["core"] = core_evaluation_path(evaluations, step)
-        if "consistency" in evals and meta["direction"] == "bidirectional":
+        if "consistency" in evals and is_two_way(meta["direction"]):
             entry["paths"]["consistency"] = consistency_evaluation_path(evaluations, step)
         outputs += entry["paths"].values()
         models.append(entry)
@@ -140,7 +140,7 @@ def plan_outputs(args, evals, tags):
             path = consistency_evaluation_path(fwd["evaluations"], fwd["step"], pair_tag=bwd["tag"])
             pairs.append((fwd, bwd, path))
             outputs.append(path)
-        if not pairs and not any(m["direction"] == "bidirectional" for m in models):
+        if not pairs and not any(is_two_way(m["direction"]) for m in models):
             raise UserError("--eval=consistency needs a bidirectional model or a forward and a backward model "
                             "together (--model_tag=<forward tag>,<backward tag>): a one-way model has one reading")
     existing = [p for p in outputs if os.path.exists(p)]
@@ -203,8 +203,8 @@ def evaluate_one(args, entry, evals, directions, rank, world_size, device, docs_
         readings = {d: per_document_bpb(model, tokenizer, token_bytes, docs, trained, d, T, args.device_batch_size,
                                         device, autocast) for d in native}
         per_doc[tag] = readings
-        if trained == "bidirectional":
-            record = consistency_record("bidirectional", readings["forward"], readings["backward"],
+        if is_two_way(trained):
+            record = consistency_record(trained, readings["forward"], readings["backward"],
                                         readings["forward"][1], label=tag, eval_tokens=args.eval_tokens, **common)
             print0(format_stats(f"{tag} consistency (one model, two readings)", record["stats"]))
             if rank == 0:

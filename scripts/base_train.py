@@ -34,7 +34,7 @@ import torch
 
 from nanochat.checkpoint_manager import check_tokenizer_matches
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
-from nanochat.direction import DirectionSpec, by_direction, validate_direction, validate_p_backward
+from nanochat.direction import DirectionSpec, by_direction, is_two_way, validate_direction, validate_p_backward
 from nanochat.direction_dataloader import direction_aware_dataloader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR_SCALINGS, config_for_depth
@@ -158,7 +158,7 @@ def resolve_model_data_flags(args, meta, checkpoint_dir, world_size=1):
     saved.update({"depth": config.get("n_layer", saved.get("depth")),
                   "max_seq_len": config.get("sequence_len", saved.get("max_seq_len")),
                   "direction": spec.direction,
-                  "p_backward": spec.p_backward if spec.direction == "bidirectional" else saved.get("p_backward")})
+                  "p_backward": spec.p_backward if is_two_way(spec.direction) else saved.get("p_backward")})
 
     def same(name, given, old):  # -1 and its explicit value B*T*world are the same batch
         return name == "total_batch_size" and _tokens_per_step(args, given, world_size) == meta.get("tokens_per_step")

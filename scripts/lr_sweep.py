@@ -25,7 +25,7 @@ import sys
 import time
 
 from nanochat.common import UserError, add_flag, get_base_dir, print0, run_main
-from nanochat.direction import default_generation_direction, parse_directions
+from nanochat.direction import DIRECTIONS, default_generation_direction, parse_directions
 
 MATRIX_GRID = ("original:0.01", "original:0.02", "original:0.04", "original:0.08",
                "match_rms_adamw:0.005", "match_rms_adamw:0.01", "match_rms_adamw:0.02")
@@ -156,7 +156,7 @@ def print_table(rows):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
-    directions = parse_directions(args.directions, allowed=("forward", "backward", "bidirectional"))
+    directions = parse_directions(args.directions, allowed=DIRECTIONS)
     if args.stage == "confirm" and not args.configs:
         raise UserError("--stage=confirm needs --configs")
     out = args.out or os.path.join(get_base_dir(), "lr_sweep", "results.jsonl")

@@ -296,6 +296,15 @@ def test_spec_meta_round_trip_and_generation_policy():
         DirectionSpec.from_meta({"direction_spec": {}})
 
 
+def test_is_two_way_only_for_a_model_that_generates_both_directions():
+    from nanochat.direction import concrete_directions, is_two_way
+    assert [d for d in DIRECTIONS if is_two_way(d)] == ["bidirectional"]
+    for d in DIRECTIONS:  # the same policy as the directions the model generates
+        assert is_two_way(d) == (len(concrete_directions(d)) == 2)
+    with pytest.raises(UserError, match="unknown direction"):
+        is_two_way("sideways")
+
+
 def test_by_direction_picks_one_value_and_refuses_anything_else():
     from nanochat.direction import by_direction, default_train_on
     assert by_direction("forward", forward="a", backward="b") == "a"
