@@ -32,7 +32,6 @@ import json
 import os
 import re
 import sys
-import time
 from datetime import datetime, timezone
 from operator import index as _as_int
 
@@ -571,46 +570,3 @@ def read_snapshot(path, step):
             available = sorted(_snapshot_step(n) for n in f.get(SNAPSHOTS, {}))
             raise UserError(f"no snapshot at step {step} in {path}; steps with one: {available[:20]}")
         return _read_group(f[SNAPSHOTS][name])
-
-
-# -------------------------------------------------------------------- overhead benchmark
-
-def _benchmark(num_steps, flush_every, use_tensors):
-    """Time log_step on a typical base-training scalar set; return (µs/step, bytes/1000 steps)."""
-    import tempfile
-    names = ["train/loss", "train/loss_smooth", "lrm", "grad_norm", "dt", "tok_per_sec", "mfu",
-             "total_training_flops"]
-    values = np.random.default_rng(0).random((num_steps, len(names)))
-    if use_tensors:
-        import torch
-        rows = [dict(zip(names, row.unbind(0))) for row in torch.from_numpy(values)]  # 0-d tensors
-    else:
-        rows = [dict(zip(names, v.tolist())) for v in values]
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = ResearchLogger(os.path.join(tmp, "empty"), flush_every=flush_every)
-        empty.close()
-        empty_size = os.path.getsize(empty.path)
-        logger = ResearchLogger(os.path.join(tmp, "bench"), flush_every=flush_every)
-        t0 = time.perf_counter()
-        for step, metrics in enumerate(rows):
-            logger.log_step(step, metrics)
-        logger.close()
-        elapsed = time.perf_counter() - t0
-        size = os.path.getsize(logger.path)
-        # sanity: what we wrote reads back
-        assert read_scalar(logger.path, "mfu").shape == (num_steps,)
-    return elapsed / num_steps * 1e6, (size - empty_size) / num_steps * 1000, size
-
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Time ResearchLogger.log_step and measure the file size.")
-    parser.add_argument("--steps", type=int, default=20000, help="steps to log")
-    parser.add_argument("--flush_every", "--flush-every", type=int, default=100, help="rows per block")
-    args = parser.parse_args()
-    for use_tensors in (False, True):
-        us, per_1000, total = _benchmark(args.steps, args.flush_every, use_tensors)
-        kind = "0-d torch tensors (CPU)" if use_tensors else "Python floats"
-        print(f"{kind:>24}: {us:6.2f} µs per log_step (8 scalars, flush_every={args.flush_every}, "
-              f"{args.steps} steps, close included); {per_1000 / 1024:.1f} KiB per 1,000 steps "
-              f"(file {total / 1024:.0f} KiB)")

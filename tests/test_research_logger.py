@@ -289,3 +289,13 @@ def test_bad_input_is_a_user_error(tmp_path):
         read_scalar(logger.path, "missing")
     with pytest.raises(UserError, match="no research log"):
         read_scalars(tmp_path / "nope.h5")
+
+
+def test_logger_benchmark_reports_time_and_size(capsys):
+    from scripts.bench_logger import main
+    main(["--steps=300", "--flush_every=50"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "Python floats" in lines[0] and "torch tensors" in lines[1]
+    for line in lines:
+        assert float(line.split(":")[1].split("µs")[0]) > 0
+        assert "flush_every=50, 300 steps" in line
