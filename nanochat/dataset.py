@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import UserError, get_base_dir, run_main
+from nanochat.paths import atomic_write
 
 # A public, pre-shuffled FineWeb-Edu release in ~100 MB parquet shards with a `text` column.
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -207,9 +208,7 @@ def write_shards(documents, directory, docs_per_shard, max_docs=None, start_inde
     def flush():
         nonlocal index
         path = os.path.join(directory, shard_filename(index))
-        tmp = path + ".tmp"
-        pq.write_table(pa.table({"text": batch}), tmp, row_group_size=1024)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: pq.write_table(pa.table({"text": batch}), tmp, row_group_size=1024))
         paths.append(path)
         index += 1
 

@@ -27,6 +27,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.direction import DirectionSpec
+from nanochat.paths import atomic_write, atomic_write_text
 from nanochat.phases import CHAT_PHASES
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -301,14 +302,9 @@ def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
             "nanochat_marker is defined and nanochat_marker", "true" if marker else "false")
     written = []
     for name, content in files.items():
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(out_dir, name), json.dumps(content, indent=2, ensure_ascii=False))
         written.append(name)
-    weights = os.path.join(out_dir, "model.safetensors")
-    save_file(state, weights + ".tmp", metadata={"format": "pt"})
-    os.replace(weights + ".tmp", weights)
-    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(model.config, tokenizer, meta, out_dir))
+    atomic_write(os.path.join(out_dir, "model.safetensors"),
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(os.path.join(out_dir, "README.md"), model_card(model.config, tokenizer, meta, out_dir))
     return written + ["model.safetensors", "README.md"]

@@ -25,9 +25,9 @@ from nanochat.common import UserError
 
 MAX_NAME_LEN = 128
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
-# Temporary names this project writes: `<file>.tmp<pid>` (checkpoints, evaluations), `<file>.tmp`
-# (shards), `<name>.tmp.npy` / `<file>.tmp<pid>.png` (tokenizer, figures), `.<file>.<random>.tmp`
-# (experiment configs).
+# Temporary names this project writes: `<file>.tmp<pid>` (atomic_write: checkpoints, evaluations,
+# configs, shards, exports), `<file>.tmp` (downloads, tokenizer), `<name>.tmp.npy` / `<file>.tmp<pid>.png`
+# (tokenizer, figures), and `.<file>.<random>.tmp`, which earlier versions wrote for experiment configs.
 _TEMP_PATTERN = re.compile(r"(\.tmp\d*$)|(\.tmp\d*\.)|(^\..+\.tmp$)")
 
 
