@@ -124,8 +124,10 @@ def _require_log(experiments, experiment_id, phase):
     path = _log_file(experiments, experiment_id, phase)
     if not os.path.isfile(path):
         present = sorted(_log_files(experiments, experiment_id))
-        have = f"its logs: {', '.join(present)}" if present else "it has no logs at all"
-        raise UserError(f"experiment {experiment_id!r} has no {phase} log ({path}; {have}); "
+        if present:  # e.g. an SFT experiment asked for the base log: point at the log it has
+            raise UserError(f"experiment {experiment_id!r} has no {phase} log ({path}; its logs: "
+                            f"{', '.join(present)}): ask for one of those (scripts.report --phase={present[0]})")
+        raise UserError(f"experiment {experiment_id!r} has no {phase} log ({path}; it has no logs at all); "
                         f"produce it with: {_train_command(experiment_id, phase)}")
     return path
 

@@ -414,3 +414,17 @@ def test_cli_bad_input_is_one_error_line(runs):
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert re.search(message, lines[0]), lines[0]
     assert not os.path.exists(os.path.join(runs["base_dir"], "reports", "refused"))
+
+
+def test_missing_log_points_to_the_logs_an_experiment_has(tmp_path):
+    # An SFT experiment read for its base log: the message names the log it has, not a base_train command.
+    ec = ExperimentConfig(str(tmp_path))
+    exp_id = ec.create_experiment("base", "forward", 2, experiment_id="chat_only").name
+    os.makedirs(ec.logs_dir(exp_id), exist_ok=True)
+    open(os.path.join(ec.logs_dir(exp_id), "sft.h5"), "w").close()
+    with pytest.raises(UserError, match=r"no base_training log .*its logs: sft\): .*--phase=sft") as err:
+        load_training_curves(exp_id, base_dir=str(tmp_path))
+    assert "scripts.base_train" not in str(err.value)
+    os.remove(os.path.join(ec.logs_dir(exp_id), "sft.h5"))
+    with pytest.raises(UserError, match=r"no logs at all.*python -m scripts.base_train --model_tag=chat_only"):
+        load_training_curves(exp_id, base_dir=str(tmp_path))
