@@ -180,6 +180,10 @@ CHAT_TEMPLATE = (
 
 
 # ---- model card -----------------------------------------------------------------------------------
+# The card's `generate` is code for a user of the exported model, who has transformers but not this
+# package, so it spells out the reversal that DirectionSpec.generation_prompt / restore_generation do
+# here. It is documentation, not a second implementation: tests/test_export_hf.py runs it as printed
+# and checks that it generates exactly what our Engine does, forward and backward.
 CARD = """---
 library_name: transformers
 tags: [nanochat-direction, {direction}]
