@@ -1,23 +1,14 @@
-"""One writer per run directory: an OS file lock held for the life of the process (docs/SAFETY.md).
+"""One writer per run directory: an exclusive `fcntl.flock` on `<run_dir>/.lock`, held for the life
+of the process; the kernel frees it when the process dies, even by SIGKILL (docs/SAFETY.md).
 
-`acquire_run_lock(run_dir)` takes an exclusive `fcntl.flock` on `<run_dir>/.lock` and writes the
-holder's pid into it. The kernel releases the lock when the process dies (even by SIGKILL), so a
-stale lock can never block a rerun, and a second writer is refused at once with the holder's pid.
-Checking "does the directory already hold checkpoints?" is racy between two processes that start
-together; the lock is not.
-
-Orchestrated runs (scripts/run_backward_experiment.py): the orchestrator holds the lock of every
-experiment of its chain and names them in the environment variable NANOCHAT_HELD_LOCKS
-(os.pathsep-separated lock files). A script started under it finds its run directory's lock
-there, checks that the process holding it is one of its ancestors, and then takes a second lock,
-`<run_dir>/.lock.child`, for itself: at most one child trains per run even while an old child of
-a killed orchestrator is still shutting down. The child also watches the holder: when it dies the
-child stops (SIGTERM to itself), and on Linux the orchestrator additionally starts its children
-with PR_SET_PDEATHSIG (`parent_death_signal`), so killing the orchestrator takes its trainer down.
-
-Where fcntl is missing (Windows) the lock degrades to a pid file check without kernel release.
+The orchestrator holds its experiments' locks and names them to its children in NANOCHAT_HELD_LOCKS;
+a script whose lock is held by one of its ancestors takes only `<run_dir>/.lock.child` (so one child
+trains per run, even while a child of a killed orchestrator is still stopping) and stops itself
+when that holder dies. Linux children also get PR_SET_PDEATHSIG (`parent_death_signal`).
 """
 
+import ctypes
+import fcntl
 import os
 import signal
 import sys
@@ -25,122 +16,81 @@ import threading
 import time
 
 ENV_HELD = "NANOCHAT_HELD_LOCKS"
-LOCK_NAME = ".lock"
-CHILD_LOCK_NAME = ".lock.child"
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on Linux/macOS
-    fcntl = None
-
-
-class RunLock:
-    """A held lock; release() (or process exit) frees it."""
-
-    def __init__(self, path, held, inherited=False):
-        # path: the run's lock (what children are told about); held: [(lock file, fd)] this
-        # process holds, in the order taken.
-        self.path, self._held, self.inherited = path, list(held), inherited
-
-    def release(self):
-        """Remove each lock file (while still holding it, so no one can hold a lock on a file that
-        is about to vanish: see _try_lock's inode check), then unlock; last taken, first freed."""
-        while self._held:
-            lock_file, fd = self._held.pop()
-            try:
-                try:
-                    if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
-                        os.remove(lock_file)
-                except OSError:
-                    pass
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
 
 
 def _user_error(message):
-    # Imported on use: this module stays importable without torch (nanochat.common imports it),
-    # so a light process can hold or test a lock.
-    from nanochat.common import UserError as error
-    return error(message)
+    from nanochat.common import UserError  # on use: this module stays importable without torch
+    return UserError(message)
 
 
-def lock_path(run_dir):
-    return os.path.join(os.path.realpath(run_dir), LOCK_NAME)
+class RunLock:
+    """Locks this process holds ([(file, fd)], in the order taken); release() or exit frees them."""
+
+    def __init__(self, path, held, inherited=False):
+        self.path, self._held, self.inherited = path, held, inherited
+
+    def release(self):
+        while self._held:  # remove each file while still holding it: see the inode check in _lock
+            lock_file, fd = self._held.pop()
+            try:
+                if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
+                    os.remove(lock_file)
+            except OSError:
+                pass
+            fcntl.flock(fd, fcntl.LOCK_UN)  # not just close(): a forked process may share the fd
+            os.close(fd)
 
 
-def _read_holder(path):
+def _holder(path):
     try:
         with open(path) as f:
-            text = f.read().strip()
-        return int(text.split()[0]) if text else None
+            return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def _open_lock_file(path):
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise _user_error(f"cannot create the lock file {path}: {e.strerror or e}; is the base dir writable?") from None
-
-
-def _try_lock(path, what, wait_s=0.0):
-    """An fd holding an exclusive lock on `path`, or a UserError naming the holder."""
-    fd = _open_lock_file(path)
+def _lock(path, what, wait_s=0.0):
+    """An fd holding an exclusive lock on `path`, with our pid written in it; or a UserError."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # The holder we waited for may have removed the file on release: a lock on a removed
-            # inode protects nothing, so lock the file now at `path` instead.
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-            fd = _open_lock_file(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _user_error(f"cannot create the lock file {path}: {e.strerror or e}; is the base dir writable?")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            os.close(fd)
             if time.monotonic() < deadline:
                 time.sleep(0.1)
                 continue
-            holder = _read_holder(path)
+            holder = None
             for _ in range(20):  # the holder may have locked but not yet written its pid
+                holder = _holder(path)
                 if holder is not None:
                     break
                 time.sleep(0.05)
-                holder = _read_holder(path)
-            os.close(fd)
             who = f"process {holder}" if holder else "another process"
             raise _user_error(f"{what} is in use by {who} (lock {path}); wait for it to finish or stop it first: "
-                            "two writers would overwrite each other's checkpoints and logs") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+                              "two writers would overwrite each other's checkpoints and logs") from None
+        try:  # a holder that released meanwhile removed the file: a lock on that inode guards nothing
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _ancestors():
     """Pids of this process's ancestors (Linux /proc; just the parent elsewhere)."""
     found, pid = [], os.getppid()
-    for _ in range(64):
-        if pid <= 1:
-            break
+    while pid > 1 and len(found) < 64:
         found.append(pid)
         try:
             with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            pid = int(stat.rsplit(")", 1)[1].split()[1])
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             break
     return found
@@ -152,15 +102,15 @@ def _pid_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
-def _watch_holder(pid, interval=0.5):
+def _watch_holder(pid):
     """Stop this process (SIGTERM to itself: a clean shutdown) when the lock holder dies."""
     def watch():
         while _pid_alive(pid):
-            time.sleep(interval)
+            time.sleep(0.5)
         print(f"error: the process holding this run's lock ({pid}) died; stopping", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, name="lock-holder-watch", daemon=True).start()
@@ -171,29 +121,24 @@ def held_locks():
 
 
 def acquire_run_lock(run_dir, what=None, trainer=True):
-    """Lock `run_dir` for this process (see the module docstring); returns a RunLock.
-
-    A trainer (trainer=True, the scripts) also holds the child lock, so it never overlaps a child
-    of a killed orchestrator that is still stopping; the orchestrator itself passes False."""
+    """Lock `run_dir` for this process; a trainer also holds the child lock (the orchestrator, trainer=False, does not)."""
     what = what or f"run directory {run_dir}"
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         raise _user_error(f"cannot create {run_dir}: {e.strerror or e}; is the base dir writable?") from None
-    path = lock_path(run_dir)
-    if path in held_locks():
-        holder = _read_holder(path)
-        if holder is not None and holder in _ancestors():
-            # A short wait: the previous child of a killed orchestrator may still be shutting down.
-            child = os.path.join(os.path.dirname(path), CHILD_LOCK_NAME)
-            fd = _try_lock(child, what, wait_s=15.0)
-            _watch_holder(holder)
-            return RunLock(path, [(child, fd)], inherited=True)
-    lock = RunLock(path, [(path, _try_lock(path, what))])
+    path = os.path.join(os.path.realpath(run_dir), ".lock")
+    child = path + ".child"
+    holder = _holder(path) if path in held_locks() else None
+    if holder is not None and holder in _ancestors():
+        # A short wait: the previous child of a killed orchestrator may still be shutting down.
+        lock = RunLock(path, [(child, _lock(child, what, wait_s=15.0))], inherited=True)
+        _watch_holder(holder)
+        return lock
+    lock = RunLock(path, [(path, _lock(path, what))])
     if trainer:
-        child = os.path.join(os.path.dirname(path), CHILD_LOCK_NAME)
         try:
-            lock._held.append((child, _try_lock(child, what, wait_s=15.0)))
+            lock._held.append((child, _lock(child, what, wait_s=15.0)))
         except BaseException:
             lock.release()
             raise
@@ -202,25 +147,19 @@ def acquire_run_lock(run_dir, what=None, trainer=True):
 
 def env_with_locks(env, locks):
     """A copy of `env` naming `locks` (RunLocks held by this process) for child processes."""
-    env = dict(env)
     paths = held_locks() + [lock.path for lock in locks]
-    env[ENV_HELD] = os.pathsep.join(dict.fromkeys(paths))
-    return env
+    return {**env, ENV_HELD: os.pathsep.join(dict.fromkeys(paths))}
 
 
 def parent_death_signal(sig=signal.SIGTERM):
-    """A preexec_fn for subprocess.Popen: on Linux the child gets `sig` when its parent dies.
-
-    Returns None elsewhere (the child's holder watch in acquire_run_lock is the fallback)."""
+    """A Popen preexec_fn: on Linux the child gets `sig` when its parent dies (None elsewhere: the
+    child's watch of the lock holder covers it)."""
     if not sys.platform.startswith("linux"):
         return None
 
     def set_pdeathsig():
-        import ctypes
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            PR_SET_PDEATHSIG = 1
-            libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
     return set_pdeathsig
