@@ -19,9 +19,9 @@ it acts as the commit marker, and the readers align every other column to its le
 
 Values: Python and numpy numbers, 0-d arrays and 0-d torch tensors become scalars (stored as
 float64: integers above 2**53 lose precision, and a NaN value reads back like a missing one).
-A 0-d tensor on an accelerator is copied there and moved to the host once per block, so logging a
-CUDA loss does not synchronise the GPU on every step (CPU tensors are read at once). Anything else (arrays of any other shape,
-strings, lists) passed to `log_step` is stored as a snapshot of that step.
+A 0-d tensor is read when logged (on an accelerator that synchronises: training logs the Python
+floats `Trainer.step` returns). Anything else (arrays of any other shape, strings, lists) passed to
+`log_step` is stored as a snapshot of that step.
 
 Under torchrun only rank 0 should create a logger. A file written by another process can be read
 at any time with the module-level readers (`read_scalars`, `read_snapshot`, ...): they open the
@@ -137,7 +137,6 @@ class ResearchLogger:
         self.path = log_path(experiment_dir, phase)
         self._file = None
         self._rows = []              # buffered (step, {name: value}) not yet in the file
-        self._rows_have_tensors = False
         self._datasets = {}          # flat name -> h5py dataset, every column in the file
         self._known_names = set()    # columns in the file or in the buffer
         self._num_rows = 0           # rows in the file
@@ -284,13 +283,8 @@ class ResearchLogger:
         if tensor_type is not None and isinstance(value, tensor_type):
             if value.dim() != 0:
                 arrays[name] = value
-            elif _defer_to_flush(value):
-                # Copy (the caller may reuse the tensor in place) but stay on the device: the
-                # host transfer, and the GPU sync it implies, happens once per block in flush().
-                row[name] = value.detach().clone()
-                self._rows_have_tensors = True
             else:
-                row[name] = value.item()  # a CPU tensor: reading it costs no synchronisation
+                row[name] = float(value.item())
             return
         if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
             row[name] = float(value)
@@ -317,7 +311,7 @@ class ResearchLogger:
         for name, value in row.items():
             if name not in self._datasets:
                 self._create_column(name, self._num_rows)
-            self._datasets[name][self._num_rows - 1] = _scalar_to_float(value)
+            self._datasets[name][self._num_rows - 1] = float(value)
         self._file.flush()
 
     def _create_column(self, name, length):
@@ -329,27 +323,10 @@ class ResearchLogger:
         self._datasets[name] = ds
         return ds
 
-    def _resolve_tensors(self):
-        """Move every buffered 0-d tensor to the host: one stack and one transfer per device."""
-        by_device = {}
-        for i, (_, row) in enumerate(self._rows):
-            for name, value in row.items():
-                if not isinstance(value, (float, int)):
-                    by_device.setdefault(value.device, []).append((i, name, value))
-        for device, items in by_device.items():
-            torch = sys.modules["torch"]
-            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-            values = torch.stack([v.to(dtype) for _, _, v in items]).cpu().tolist()
-            for (i, name, _), v in zip(items, values):
-                self._rows[i][1][name] = v
-        self._rows_have_tensors = False
-
     def flush(self):
         """Append the buffered rows as one block and flush the file to disk."""
         self._check_open()
         if self._rows:
-            if self._rows_have_tensors:
-                self._resolve_tensors()
             start, count = self._num_rows, len(self._rows)
             end = start + count
             values = [row for _, row in self._rows]
@@ -455,18 +432,6 @@ def _append_block(ds, start, data):
     file_space = ds.id.get_space()
     file_space.select_hyperslab((start,), (data.shape[0],))
     ds.id.write(h5py.h5s.create_simple((data.shape[0],)), file_space, data)
-
-
-def _defer_to_flush(tensor):
-    """Whether a 0-d tensor is read at the next block (accelerators) rather than now (CPU)."""
-    return tensor.device.type != "cpu"
-
-
-def _scalar_to_float(value):
-    tensor_type = _torch_tensor_type()
-    if tensor_type is not None and isinstance(value, tensor_type):
-        return float(value.item())
-    return float(value)
 
 
 def _snapshot_step(group_name):
