@@ -249,10 +249,7 @@ class DirectionSpec:
             if self.direction == "bidirectional" and doc_index is None:
                 raise ValueError("bidirectional orientation needs doc_index (or a forced concrete_direction)")
             concrete_direction = self.concrete_direction_for(doc_index, epoch)
-        elif self.direction != "bidirectional" and concrete_direction != self.direction:
-            # Scoring a one-way model in the other direction (the cross-direction cell) is
-            # legitimate; the row simply has no marker.
-            pass
+        # A one-way model may be forced the other way (the cross-direction cell): no marker then.
         validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
         return self.header(concrete_direction) + orient_text_tokens(tokens, concrete_direction), concrete_direction
 
