@@ -13,6 +13,7 @@ and every resumed run agrees on which document is which.
 """
 
 import argparse
+import bisect
 import os
 import random
 import re
@@ -21,6 +22,7 @@ import sysconfig
 import time
 import urllib.request
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -102,9 +104,10 @@ def _read_texts(path, row_group=None):
 
 
 class DocumentSource:
-    """Random and sequential access to one split's documents by global index."""
+    """Random and sequential access to one split's documents by global index. Up to
+    `cache_shards` shards are held in memory (the most recently used)."""
 
-    def __init__(self, split, directory=None):
+    def __init__(self, split, directory=None, cache_shards=1):
         self.split = split
         self.shards = split_shards(split, directory)
         self.row_counts = []
@@ -117,22 +120,25 @@ class DocumentSource:
                 raise UserError(f"shard {path} is empty (0 rows); delete it or re-create the data")
             self.row_counts.append(n)
         self.starts = [sum(self.row_counts[:i]) for i in range(len(self.shards))]
-        self._cache = (None, None)  # (shard index, texts): the last shard read
+        self.cache_shards = max(1, int(cache_shards))
+        self._cache = {}  # shard index -> texts, in order of last use
 
     def __len__(self):
         return sum(self.row_counts)
 
     def _shard_texts(self, shard_index):
-        if self._cache[0] != shard_index:
-            self._cache = (shard_index, _read_texts(self.shards[shard_index]))
-        return self._cache[1]
+        texts = self._cache.pop(shard_index, None)
+        if texts is None:
+            texts = _read_texts(self.shards[shard_index])
+            while len(self._cache) >= self.cache_shards:
+                del self._cache[next(iter(self._cache))]  # the least recently used
+        self._cache[shard_index] = texts
+        return texts
 
     def get(self, index):
         index = index % len(self)
-        for s, start in enumerate(self.starts):
-            if index < start + self.row_counts[s]:
-                return self._shard_texts(s)[index - start]
-        raise IndexError(index)
+        s = bisect.bisect_right(self.starts, index) - 1
+        return self._shard_texts(s)[index - self.starts[s]]
 
     def iter_from(self, start=0, stride=1, offset=0):
         """Yield (global_index, text) for indices >= start with index % stride == offset, one pass."""
@@ -145,6 +151,65 @@ class DocumentSource:
             lo += (offset - lo) % stride
             for index in range(lo, first + n, stride):
                 yield index, texts[index - first]
+
+
+class DocumentOrder:
+    """The order in which an epoch reads a split's documents: position -> global document index.
+
+    With `shuffle`, epoch e's order is a function of (seed, e) only: the shards in a seeded
+    permutation, taken `window` at a time, and the documents of each window of shards in a seeded
+    permutation of their own. So a run holds at most two windows of shards in memory (the loader's
+    streams may straddle a window boundary) however large the corpus, every document is read once
+    per epoch, and every rank, direction and resumed run sees the same order. Without `shuffle`
+    the order is the storage order, every epoch (docs/DIRECTIONS.md).
+    """
+
+    def __init__(self, row_counts, seed=0, shuffle=True, window=2):
+        if int(window) < 1:
+            raise UserError(f"shuffle window of {window} shards: must be >= 1")
+        self.row_counts, self.seed, self.shuffle, self.window = list(row_counts), int(seed), bool(shuffle), int(window)
+        self.starts = [sum(self.row_counts[:i]) for i in range(len(self.row_counts))]
+        self._epoch, self._windows, self._window_starts, self._perms = None, None, None, {}
+
+    def __len__(self):
+        return sum(self.row_counts)
+
+    def _rng(self, *keys):
+        return np.random.default_rng([0x5EED0DE5, self.seed & 0xFFFFFFFF, *keys])
+
+    def _plan(self, epoch):
+        """The epoch's windows: lists of shard indices, and the position where each window starts."""
+        if self._epoch != epoch:
+            shards = self._rng(int(epoch)).permutation(len(self.row_counts)).tolist()
+            self._windows = [shards[i:i + self.window] for i in range(0, len(shards), self.window)]
+            sizes = [sum(self.row_counts[s] for s in w) for w in self._windows]
+            self._window_starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            self._epoch, self._perms = epoch, {}
+        return self._windows, self._window_starts
+
+    def _window_order(self, epoch, w):
+        perm = self._perms.get(w)
+        if perm is None:
+            windows, _ = self._plan(epoch)
+            indices = np.concatenate([np.arange(self.starts[s], self.starts[s] + self.row_counts[s])
+                                      for s in windows[w]])
+            perm = indices[self._rng(int(epoch), w).permutation(len(indices))]
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[w] = perm
+        return perm
+
+    def index(self, epoch, position):
+        """The global index of the document read at `position` (0 <= position < len) of `epoch`."""
+        if not self.shuffle:
+            return position
+        _, window_starts = self._plan(epoch)
+        w = bisect.bisect_right(window_starts, position) - 1
+        return int(self._window_order(epoch, w)[position - window_starts[w]])
+
+    def epoch_order(self, epoch):
+        """All of the epoch's global indices in reading order (tests, small corpora)."""
+        return [self.index(epoch, p) for p in range(len(self))]
 
 
 # ---------------------------------------------------------------------------------------

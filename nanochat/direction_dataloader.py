@@ -1,6 +1,9 @@
 """Direction-aware pretraining batches: orient each document, then pack it with no token lost.
 
 Order of operations (docs/DESIGN.md §2, docs/DIRECTIONS.md):
+  0. each epoch reads the split's documents in an order drawn from (seed, epoch) with `shuffle`
+     (nanochat.dataset.DocumentOrder; the same for every direction, rank and resumed run), or in
+     storage order without it,
   1. read a document, tokenize it (in batches, multi-threaded; a giant document in bounded pieces),
   2. orient it with nanochat.direction (BOS first; reversed text for backward; a marker after
      BOS for bidirectional, drawn from (seed, epoch, global document index)),
@@ -15,12 +18,12 @@ Targets are the inputs shifted by one; a direction marker or a context token is 
 direction: forward and backward models learn from the same text.
 
 Data parallelism. Each optimizer step consumes N = world_size x grad_accum_steps micro-batches.
-Micro-batch slot s (0 <= s < N) is fed by its own *stream*, which reads the documents whose
-global index is congruent to s modulo N. Rank r runs slots r*A .. r*A+A-1 (A = grad_accum_steps).
+Micro-batch slot s (0 <= s < N) is fed by its own *stream*, which reads the documents at the
+epoch's positions congruent to s modulo N. Rank r runs slots r*A .. r*A+A-1 (A = grad_accum_steps).
 So the global batch depends on (total batch, B, T) and not on how it is split over processes:
 two ranks without accumulation see exactly the data of one rank accumulating two micro-batches.
 
-Resuming: `state_dict()` after a batch records each stream's epoch, read cursor and the pieces
+Resuming: `state_dict()` after a batch records each stream's epoch, read position and the pieces
 still waiting in its packing buffer (document index, epoch read, where its untrained text
 starts); `load_state_dict()` re-reads those documents, so a resumed run yields the same batches
 as an uninterrupted one, mid-document included.
@@ -32,7 +35,7 @@ import os
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataset import DocumentSource
+from nanochat.dataset import DocumentOrder, DocumentSource
 from nanochat.direction import DirectionSpec, document_piece, validate_direction, validate_p_backward
 
 # Texts longer than this are tokenized in pieces cut at line ends, so one giant document does not
@@ -79,11 +82,11 @@ class _Piece:
 
 
 class _Stream:
-    """One micro-batch slot: documents index % stride == offset, oriented and packed."""
+    """One micro-batch slot: the documents at epoch positions p % stride == offset, oriented and packed."""
 
-    def __init__(self, source, stride, offset, spec, tokenizer, tokenizer_threads, tokenizer_batch_size, buffer_docs,
-                 buffer_tokens, context_tokens):
-        self.source, self.stride, self.offset = source, stride, offset
+    def __init__(self, source, order, stride, offset, spec, tokenizer, tokenizer_threads, tokenizer_batch_size,
+                 buffer_docs, buffer_tokens, context_tokens):
+        self.source, self.order, self.stride, self.offset = source, order, stride, offset
         self.spec, self.tokenizer = spec, tokenizer
         self.threads, self.batch_size = tokenizer_threads, tokenizer_batch_size
         # The buffer never holds more documents than the stream has, so a small corpus is not read
@@ -92,8 +95,9 @@ class _Stream:
         self.buffer_docs, self.buffer_tokens = min(buffer_docs, n_docs), buffer_tokens
         self.context_tokens = context_tokens
         self.header_len = spec.header_len
-        self.epoch, self.cursor = 0, offset
+        self.epoch, self.cursor = 0, offset  # the next epoch position this stream reads
         self._iter = None
+        self._epoch_had_text = False
         # Buffer kept sorted by piece length: parallel lists so bisect finds the best fit quickly.
         self.lengths, self.pieces, self.buffered = [], [], 0
         self.carry, self._seq = None, 0  # the document cut at the end of the last row; arrival counter
@@ -123,6 +127,7 @@ class _Stream:
         pieces = []
         for k, ((doc_index, epoch, _), tokens) in enumerate(zip(indexed, token_lists)):
             if tokens:
+                self._epoch_had_text = True
                 row = self.spec.orient(tokens, doc_index=doc_index, epoch=epoch)[0]
                 pieces.append(_Piece(doc_index, epoch, row, 0 if body_starts is None else body_starts[k], self._seq))
                 self._seq += 1
@@ -135,26 +140,38 @@ class _Stream:
     def _refill(self):
         while len(self.pieces) < self.buffer_docs and self.buffered < self.buffer_tokens:
             if self._iter is None:
-                self._iter = self.source.iter_from(self.cursor, self.stride, self.offset)
+                self._iter = self._read_from(self.cursor)
             chunk, chars = [], 0
-            for doc_index, text in self._iter:
+            for position, doc_index, text in self._iter:
                 chunk.append((doc_index, self.epoch, text))
-                self.cursor = doc_index + self.stride
+                self.cursor = position + self.stride
                 chars += len(text)
                 # a tokenizer batch: up to batch_size documents, fewer when they are huge (at ~4
                 # characters a token, about one buffer's worth), so a giant document comes alone
                 if len(chunk) == self.batch_size or chars >= 4 * self.buffer_tokens:
                     break
             if not chunk:  # end of the split: start the next epoch
+                if not self.pieces and not self._epoch_had_text and self._no_text():
+                    # a shuffled stream reads other documents next epoch; a stored-order one never does
+                    if not self.order.shuffle or all(not self.source.get(i).strip() for i in range(len(self.source))):
+                        raise UserError("the data split holds no non-empty documents for data stream "
+                                        f"{self.offset} of {self.stride}: use fewer processes or more data")
                 self.epoch += 1
-                self.cursor, self._iter = self.offset, None
-                if not self.pieces and self.epoch > 1 and self._empty_epochs():
-                    raise UserError("the data split holds no non-empty documents")
+                self.cursor, self._iter, self._epoch_had_text = self.offset, None, False
                 continue
             self._add_texts(chunk)
 
-    def _empty_epochs(self):
-        return all(not t.strip() for _, t in self.source.iter_from(0, self.stride, self.offset))
+    def _read_from(self, position):
+        """(epoch position, global document index, text) of this stream's documents from `position` on."""
+        epoch = self.epoch
+        for p in range(position, len(self.order), self.stride):
+            i = self.order.index(epoch, p)
+            yield p, i, self.source.get(i)
+
+    def _no_text(self):
+        """No document of this stream has text in this epoch (in storage order: ever)."""
+        return all(not self.source.get(self.order.index(self.epoch, p)).strip()
+                   for p in range(self.offset, len(self.order), self.stride))
 
     def _place(self, row, keep, placed, piece, room):
         """Put (the beginning of) `piece` into `row`; returns what is left of it, or None.
@@ -225,7 +242,7 @@ class DirectionAwareLoader:
     def __init__(self, B, T, split, direction="forward", tokenizer_threads=4, tokenizer_batch_size=128,
                  device="cuda", seed=0, p_backward=0.5, tokenizer=None, rank=None, world_size=None,
                  grad_accum_steps=1, buffer_docs=256, buffer_tokens=None, context_tokens=None, data_dir=None,
-                 resume_state=None):
+                 resume_state=None, shuffle=False, shuffle_window=2):
         validate_direction(direction)
         validate_p_backward(p_backward)
         if tokenizer is None:
@@ -237,7 +254,10 @@ class DirectionAwareLoader:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         self.grad_accum_steps = grad_accum_steps
         self.spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=seed, p_backward=p_backward)
-        source = DocumentSource(split, data_dir)
+        # Each epoch reads the documents in a fresh order drawn from (seed, epoch) (DocumentOrder);
+        # the streams of a rank share the source, which holds the two windows of shards in use.
+        self.shuffle, self.shuffle_window = bool(shuffle), int(shuffle_window)
+        source = DocumentSource(split, data_dir, cache_shards=2 * self.shuffle_window)
         # Continuations carry up to T/8 tokens of preceding text (docs/DIRECTIONS.md); the packing
         # buffer is bounded in tokens as well as documents, so one giant document is held once.
         self.context_tokens = T // 8 if context_tokens is None else int(context_tokens)
@@ -246,7 +266,8 @@ class DirectionAwareLoader:
         buffer_tokens = buffer_docs * (T + 1) if buffer_tokens is None else int(buffer_tokens)
         n_streams = self.world_size * grad_accum_steps
         self.streams = [
-            _Stream(source, n_streams, self.rank * grad_accum_steps + a, self.spec, tokenizer,
+            _Stream(source, DocumentOrder(source.row_counts, seed, self.shuffle, self.shuffle_window), n_streams,
+                    self.rank * grad_accum_steps + a, self.spec, tokenizer,
                     tokenizer_threads, tokenizer_batch_size, buffer_docs, buffer_tokens, self.context_tokens)
             for a in range(grad_accum_steps)
         ]
@@ -272,7 +293,8 @@ class DirectionAwareLoader:
         return inputs.to(self.device), targets.to(self.device)
 
     def state_dict(self):
-        return {"direction": self.direction, "rank": self.rank, "world_size": self.world_size,
+        return {"direction": self.direction, "shuffle": self.shuffle, "shuffle_window": self.shuffle_window,
+                "rank": self.rank, "world_size": self.world_size,
                 "grad_accum_steps": self.grad_accum_steps, "next_stream": self.next_stream,
                 "streams": [s.state_dict() for s in self.streams]}
 
@@ -282,6 +304,11 @@ class DirectionAwareLoader:
             raise UserError(f"dataloader state was saved with world_size x grad_accum = {layout} on rank "
                             f"{state['rank']}; this run has {(self.world_size, self.grad_accum_steps)} on rank {self.rank}. "
                             "Resume with the same --total_batch_size, --device_batch_size and number of processes")
+        # States saved before the shuffle existed read in storage order.
+        order = (bool(state.get("shuffle", False)), int(state.get("shuffle_window", self.shuffle_window)))
+        if order != (self.shuffle, self.shuffle_window):
+            raise UserError(f"dataloader state was saved with shuffle={int(order[0])} (window {order[1]} shards); this run "
+                            f"has shuffle={int(self.shuffle)} (window {self.shuffle_window}). Resume with the same --shuffle")
         self.next_stream = int(state["next_stream"])
         for stream, s in zip(self.streams, state["streams"]):
             stream.load_state_dict(s)
@@ -291,6 +318,6 @@ def direction_aware_dataloader(B, T, split, direction="forward", tokenizer_threa
                                device="cuda", seed=0, p_backward=0.5, **kwargs):
     """Yields (inputs, targets) of shape (B, T); see DirectionAwareLoader for the extra options
     (tokenizer, rank, world_size, grad_accum_steps, buffer_docs, buffer_tokens, context_tokens, data_dir,
-    resume_state)."""
+    resume_state, shuffle, shuffle_window)."""
     return DirectionAwareLoader(B, T, split, direction, tokenizer_threads, tokenizer_batch_size,
                                 device, seed, p_backward, **kwargs)

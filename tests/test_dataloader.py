@@ -403,3 +403,120 @@ def test_a_giant_document_alone_in_the_split_trains_at_once(corpus_template, tmp
     whole = tok.encode(giant)
     # tokenized in pieces cut after newlines: the same tokens as whole, give or take the cut points
     assert abs(len(stream.carry.row) - 1 - len(whole)) <= 4
+
+
+# ---- the order of documents in an epoch (--shuffle) -------------------------------------------
+
+def read_order(traced):
+    """Global document indices in the order their first piece of each epoch appears: [(epoch, doc)]."""
+    seen, order = set(), []
+    for _, _, placements in traced:
+        for placed in placements:
+            for _, doc_index, epoch, b0, _ in placed:
+                if b0 == 0 and (epoch, doc_index) not in seen:
+                    seen.add((epoch, doc_index))
+                    order.append((epoch, doc_index))
+    return order
+
+
+def test_document_order_is_a_fresh_permutation_each_epoch():
+    from nanochat.dataset import DocumentOrder
+    counts = [7, 5, 9, 3, 6]
+    order = DocumentOrder(counts, seed=4, shuffle=True, window=2)
+    epochs = [order.epoch_order(e) for e in range(3)]
+    for e in epochs:
+        assert sorted(e) == list(range(sum(counts)))  # every document once per epoch
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    assert DocumentOrder(counts, seed=4, window=2).epoch_order(1) == epochs[1]  # a function of (seed, epoch)
+    assert DocumentOrder(counts, seed=5, window=2).epoch_order(1) != epochs[1]
+    assert DocumentOrder(counts, seed=4, shuffle=False).epoch_order(2) == list(range(sum(counts)))
+    # windows: the documents of two shards are read together, one window after another
+    starts = [0, 7, 12, 21, 24]
+    shard_of = lambda i: max(s for s, st in enumerate(starts) if st <= i)  # noqa: E731
+    windows, _ = order._plan(0)
+    pos = 0
+    for window in windows:
+        size = sum(counts[s] for s in window)
+        assert {shard_of(i) for i in epochs[0][pos:pos + size]} == set(window)
+        pos += size
+    with pytest.raises(UserError):
+        DocumentOrder(counts, window=0)
+
+
+def test_document_source_holds_a_bounded_number_of_shards(long_docs_dir):
+    from nanochat.dataset import DocumentSource
+    d, docs = long_docs_dir
+    source = DocumentSource("train", os.path.join(d, "base_data"), cache_shards=1)
+    assert [source.get(i) for i in (13, 0, 23, 5)] == [docs[i] for i in (13, 0, 23, 5)]
+    assert len(source._cache) == 1
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "bidirectional"])
+def test_shuffled_epochs_cover_every_token_once(long_known, direction):
+    docs = long_known["docs"]
+    loader = make_loader(direction, B=2, grad_accum_steps=2, seed=1, shuffle=True, shuffle_window=1)
+    traced = take_traced(loader, int(3.2 * sum(len(t) for t in docs) / (2 * T)))
+    trained = check_traced(traced, long_known, direction, seed=1, context_tokens=T // 8)
+    check_once_per_epoch(trained, long_known, epochs=(0, 1), n_docs=len(docs))
+    order = read_order(traced)
+    first, second = ([d for e, d in order if e == k] for k in (0, 1))
+    assert first != second  # two epochs read the documents in different orders
+    assert first != sorted(first)  # and not in storage order
+
+
+def test_shuffled_order_is_the_same_in_every_direction(long_known):
+    """The documents are read in the same sequence whatever the direction (packing may then place
+    a bidirectional row's documents a little differently: its headers are one token longer)."""
+    orders, packed = {}, {}
+    for direction in ("forward", "backward", "bidirectional"):
+        loader = make_loader(direction, B=2, seed=6, shuffle=True, grad_accum_steps=2)
+        packed[direction] = read_order(take_traced(loader, 30))
+        orders[direction] = []
+        for stream in loader.streams:
+            for epoch in (0, 1):
+                stream.epoch = epoch
+                orders[direction].append([i for _, i, _ in stream._read_from(stream.offset)])
+    assert orders["forward"] == orders["backward"] == orders["bidirectional"]
+    assert packed["forward"] == packed["backward"]
+    assert sorted(orders["forward"][0] + orders["forward"][2]) == list(range(24))  # two streams, one epoch
+    other_seed = read_order(take_traced(make_loader("forward", B=2, seed=7, shuffle=True), 40))
+    assert other_seed[:20] != orders["forward"][:20]
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_shuffled_resume_mid_epoch_gives_identical_batches(long_known, direction):
+    opts = dict(B=2, grad_accum_steps=2, buffer_docs=4, tokenizer_batch_size=2, seed=2, shuffle=True,
+                shuffle_window=1)
+    reference = make_loader(direction, **opts)
+    take(reference, 9)
+    state = reference.state_dict()
+    assert state["shuffle"] is True and all(0 < s["cursor"] < 24 for s in state["streams"])
+    expected = take(reference, 40)  # through the end of the epoch and into the next
+    got = take(make_loader(direction, resume_state=state, **opts), 40)
+    for (xe, ye), (xg, yg) in zip(expected, got):
+        assert torch.equal(xe, xg) and torch.equal(ye, yg)
+    with pytest.raises(UserError) as e:
+        make_loader(direction, resume_state=state, **{**opts, "shuffle": False})
+    assert "--shuffle" in str(e.value)
+
+
+def test_shuffled_ranks_read_disjoint_complete_shares(long_known):
+    docs = long_known["docs"]
+    n_batches = int(1.6 * sum(map(len, docs)) / (2 * 2 * T))  # past an epoch of text per rank
+    shares = []
+    for rank in (0, 1):
+        loader = make_loader("forward", B=2, rank=rank, world_size=2, seed=3, shuffle=True)
+        shares.append({d for e, d in read_order(take_traced(loader, n_batches)) if e == 0})
+    assert not shares[0] & shares[1]
+    assert shares[0] | shares[1] == set(range(len(docs)))
+    single = take(make_loader("forward", B=2, grad_accum_steps=2, seed=3, shuffle=True), 8)
+    ranked = [take(make_loader("forward", B=2, rank=r, world_size=2, seed=3, shuffle=True), 4) for r in (0, 1)]
+    for k in range(4):
+        for r in (0, 1):
+            assert torch.equal(single[2 * k + r][0], ranked[r][k][0])
+
+
+def test_unshuffled_loader_reads_storage_order(long_known):
+    order = read_order(take_traced(make_loader("forward", B=2, seed=1, shuffle=False), 30))
+    first = [d for e, d in order if e == 0]
+    assert first == sorted(first) and len(first) >= 6
