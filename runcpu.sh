@@ -5,6 +5,6 @@
 # on 2 cores. Outputs go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 set -euo pipefail
 cd "$(dirname "$0")"
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh   # the pipeline's dependencies only (runtests.sh adds the tests' extras and browser)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 .venv/bin/python -m scripts.cpu_pipeline "$@"

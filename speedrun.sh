@@ -34,7 +34,7 @@ export OMP_NUM_THREADS=1
 export WANDB_MODE=${WANDB_MODE:-offline}   # `wandb sync` uploads later; set online to stream
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh web   # the chat page the run ends by pointing to
 PY=.venv/bin/python
 
 # ---- multi-node flags for the orchestrator --------------------------------------------------
