@@ -5,8 +5,10 @@ nanochat.direction (the mask travels with its token). Targets are the next token
 next token's mask is 1, else -1. Direction markers always carry mask 0, so they are never
 targets.
 
-Sharding follows the pretraining loader: micro-batch slot s of N = world_size x grad_accum
-streams reads examples with index % N == s, so the global batch does not depend on how it is
+Ordering and sharding follow the pretraining loader: with `shuffle` each epoch reads the examples
+in a fresh order drawn from (seed, epoch) (nanochat.dataset.DocumentOrder), without it in the
+task's order; micro-batch slot s of N = world_size x grad_accum streams reads the epoch's
+positions p % N == s, so the global batch does not depend on how it is
 split over processes. The bidirectional draw is a function of (seed, epoch, example index).
 
 Packed rows (midtraining) lose no token: a conversation longer than the room left in a row
@@ -17,18 +19,21 @@ rows (SFT) hold one conversation each, cut to T+1 tokens.
 
 import torch
 
+from nanochat.common import UserError
+from nanochat.dataset import DocumentOrder
 from nanochat.direction import DirectionSpec, document_piece
 
 
 class ConversationStream:
-    """Examples index % stride == offset of a task, oriented, cycling over epochs."""
+    """The examples at epoch positions p % stride == offset of a task, oriented, cycling over epochs."""
 
-    def __init__(self, task, spec, tokenizer, stride, offset, train_on=None, max_len=None):
+    def __init__(self, task, spec, tokenizer, stride, offset, train_on=None, max_len=None, order=None):
         if len(task) <= offset:
             raise ValueError(f"the task has {len(task)} examples, too few for {stride} data streams")
         self.task, self.spec, self.tokenizer = task, spec, tokenizer
         self.stride, self.offset, self.train_on, self.max_len = stride, offset, train_on, max_len
-        self.cursor, self.epoch = offset, 0
+        self.order = order or DocumentOrder([len(task)], shuffle=False)
+        self.cursor, self.epoch = offset, 0  # the next epoch position read
         self.carry = None  # (index, epoch, ids, mask, concrete, body_start) of a conversation cut at a row's end
 
     def _row(self, index, epoch):
@@ -42,7 +47,7 @@ class ConversationStream:
         """(index, epoch) of the next example."""
         if self.cursor >= len(self.task):
             self.cursor, self.epoch = self.offset, self.epoch + 1
-        index = self.cursor
+        index = self.order.index(self.epoch, self.cursor)
         self.cursor += self.stride
         return index, self.epoch
 
@@ -97,7 +102,7 @@ class ConversationBatches:
     """
 
     def __init__(self, task, tokenizer, direction, B, T, mode="pad", train_on=None, seed=0, p_backward=0.5,
-                 rank=0, world_size=1, grad_accum_steps=1, device="cpu", context_tokens=None):
+                 rank=0, world_size=1, grad_accum_steps=1, device="cpu", context_tokens=None, shuffle=False):
         if mode not in ("pack", "pad"):
             raise ValueError(f"mode must be 'pack' or 'pad', not {mode!r}")
         self.B, self.T, self.mode, self.device = B, T, mode, torch.device(device)
@@ -105,8 +110,10 @@ class ConversationBatches:
         self.pad_id = tokenizer.get_bos_token_id()
         self.context_tokens = T // 8 if context_tokens is None else int(context_tokens)
         n = world_size * grad_accum_steps
+        self.shuffle = bool(shuffle)
         self.streams = [ConversationStream(task, self.spec, tokenizer, n, rank * grad_accum_steps + a, train_on,
-                                           max_len=T + 1 if mode == "pad" else None)
+                                           max_len=T + 1 if mode == "pad" else None,
+                                           order=DocumentOrder([len(task)], seed, self.shuffle, window=1))
                         for a in range(grad_accum_steps)]
         self.next_stream = 0
         self.last_directions = []
@@ -146,9 +153,13 @@ class ConversationBatches:
         return _to_tensors(rows, masks, self.device)
 
     def state_dict(self):
-        return {"next_stream": self.next_stream, "streams": [s.state_dict() for s in self.streams]}
+        return {"shuffle": self.shuffle, "next_stream": self.next_stream,
+                "streams": [s.state_dict() for s in self.streams]}
 
     def load_state_dict(self, state):
+        if bool(state.get("shuffle", False)) != self.shuffle:  # states saved before the shuffle: task order
+            raise UserError(f"the conversation batches' state was saved with shuffle={int(bool(state.get('shuffle')))}; "
+                            f"this run has shuffle={int(self.shuffle)}. Resume with the same --shuffle")
         self.next_stream = int(state["next_stream"])
         for s, st in zip(self.streams, state["streams"]):
             s.load_state_dict(st)

@@ -178,3 +178,43 @@ def test_packed_rows_lose_no_token_of_long_conversations(tok, direction):
     for _ in range(3):
         (xa, ya), (xb, yb) = next(batches), next(again)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_shuffled_conversations_take_a_fresh_order_each_epoch(tok):
+    """With shuffle, each epoch reads every example once, in an order drawn from (seed, epoch):
+    the same in every direction and after a resume mid-epoch; ranks read disjoint shares."""
+    task = TwoWayArithmetic("train", size=24)
+    kw = dict(B=1, T=48, mode="pad", seed=3, shuffle=True)
+
+    def read(batches, n):
+        out = []
+        for _ in range(n):
+            stream = batches.streams[batches.next_stream]
+            epoch, position = stream.epoch, stream.cursor
+            if position >= len(task):
+                epoch, position = epoch + 1, stream.offset
+            out.append((epoch, stream.order.index(epoch, position)))
+            next(batches)
+        return out
+
+    orders = {d: read(ConversationBatches(task, tok, d, **kw), 48) for d in ("forward", "backward", "bidirectional")}
+    assert orders["forward"] == orders["backward"] == orders["bidirectional"]
+    epochs = [[i for e, i in orders["forward"] if e == k] for k in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(24))
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(24))
+    assert [i for _, i in read(ConversationBatches(task, tok, "forward", **{**kw, "shuffle": False}), 24)] == list(range(24))
+    # resume mid-epoch
+    batches = ConversationBatches(task, tok, "backward", **kw)
+    read(batches, 10)
+    state = batches.state_dict()
+    again = ConversationBatches(task, tok, "backward", **kw)
+    again.load_state_dict(state)
+    for _ in range(20):
+        (xa, ya), (xb, yb) = next(batches), next(again)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(UserError):
+        ConversationBatches(task, tok, "backward", **{**kw, "shuffle": False}).load_state_dict(state)
+    # two ranks: disjoint, complete shares of an epoch
+    shares = [{i for e, i in read(ConversationBatches(task, tok, "forward", rank=r, world_size=2, **kw), 12)}
+              for r in (0, 1)]
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(24))
