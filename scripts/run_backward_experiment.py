@@ -4,62 +4,13 @@
         --experiment_id=bwd_d4 --num_iterations=200 --max_seq_len=128
     python -m scripts.run_backward_experiment --phase=mid,sft --parent_experiment=bwd_d4
 
-Each phase is one experiment (nanochat.experiment_config) trained by that phase's script in a
-subprocess, whose output streams through. The orchestrator only decides *what* to run and records
-the outcome in the experiment's config.json (status created -> running -> completed | failed):
-
-1. Validate everything first (phase names and order, the parent, the direction, ids that already
-   exist, whether the phase scripts exist): a bad input writes nothing and exits 2 with one
-   `error: ...` line.
-2. Per phase: create the experiment (or load it on a rerun), mark it running, run the script
-   (`--model_tag=<id>` makes the script write into the experiment), then, after a base phase,
-   score the final checkpoint with scripts.base_eval in every --eval_directions direction (the
-   cells of the bits-per-byte matrix, in evaluations/) and record the final numbers under
-   "results". A phase that fails is marked failed, its command printed in full, the chain stops
-   and the exit status is 1.
-
-Experiment ids: the first phase is `--experiment_id` (default: `base_d<depth>_<direction>` for a
-base phase, `<parent>_<phase>` for a later one); every later phase of the chain is
-`<first id>_<phase>` and is the child of the phase before it. Ids are deterministic on purpose:
-rerunning the same command finds the same experiments. To train a fresh copy, pass a new id.
-
-Rerunning resumes after the last completed phase:
-- a completed phase is skipped (with a message; a note lists flags that differ from its record);
-- a failed, or crashed (still "running"), phase is retried: from its last checkpoint
-  (`--resume_from_step=<step>`) when it has one; when it has none but left a research log, the log
-  is moved aside to `<name>.attempt<N>.h5` (never overwritten) and training starts again; when
-  training had finished (the last checkpoint is the final step), only the evaluation is rerun.
-- an experiment that is "running" under a live orchestrator on this machine is refused.
-
-One writer per experiment (nanochat.locking): the orchestrator holds an OS lock on every
-experiment of its chain for its whole life (a second orchestrator, or a base_train started by
-hand on the same experiment, fails at once naming the holder's pid); the scripts it starts
-inherit the lock through NANOCHAT_HELD_LOCKS. Killing the orchestrator takes its trainer down:
-on Linux the child gets SIGTERM when the orchestrator dies (PR_SET_PDEATHSIG), elsewhere the
-child notices that the lock holder died; either way it stops after its current step with its
-research log flushed. A new experiment id that equals an existing plain tag (a run under
-base_checkpoints/<id> and friends) is refused, since the experiment would shadow that run.
-
-Flags: the ones below, plus ANY other flag, passed verbatim to the training script of every phase
-in the chain (e.g. --max_seq_len=64 --total_batch_size 256); `--<phase>.<flag>=value` goes to that
-phase's script only, as `--<flag>=value` (e.g. --mid.num_iterations=50 --base.snapshot_every=-1),
-and wins over an unscoped value. --device_batch_size, --num_iterations, --init_lr_frac,
---eval_tokens and --device_type go to the phases whose script takes them (SHARED_FLAGS), and
---device_batch_size, --eval_tokens and --device_type to the evaluation too. The orchestrator sets
---model_tag, --output_tag, --source, --parent_experiment, --resume_from_step and --research_log
-itself; passing them is an error.
-
-Phase scripts (nanochat/phases.py, one row each): base runs scripts.base_train with
-`--model_tag=<id> --direction --depth --research_log=1`. mid, sft and rl run scripts.mid_train,
-scripts.chat_sft and scripts.chat_rl with `--source=<parent's phase> --model_tag=<parent id>
---output_tag=<child id> --parent_experiment=<parent id> --research_log=1`: the script reads the
-direction and depth from the parent's checkpoint, so neither is passed. A phase whose script is
-missing from the checkout is refused before anything runs. Every phase script takes
---resume_from_step, so a retry continues from the last checkpoint (a script without that flag
-would restart from scratch, its partial checkpoints and log moved aside to `<name>.attempt<N>`). Only base phases are evaluated by the
-orchestrator (bits per byte); chat evaluations are run separately (scripts.chat_eval).
-
-Exit status: 0 all phases completed (or skipped as completed), 1 a phase failed, 2 bad input.
+Each phase is one experiment (nanochat.experiment_config) trained by its phase's script in a
+subprocess; the orchestrator decides what to run and records the outcome in the experiment's
+config.json (created -> running -> completed | failed). Inputs are validated before anything is
+written; a rerun skips completed phases and resumes the others from their last checkpoint. It holds
+every experiment's run lock (nanochat.locking), and its trainers die with it. Any flag it does not
+know goes to every phase's script (`--<phase>.<flag>=value` to one phase only).
+Exit status: 0 all phases completed, 1 a phase failed, 2 bad input. Details: docs/EXPERIMENTS.md.
 """
 
 import argparse
