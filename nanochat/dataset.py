@@ -120,11 +120,12 @@ class DocumentSource:
                 raise UserError(f"shard {path} is empty (0 rows); delete it or re-create the data")
             self.row_counts.append(n)
         self.starts = [sum(self.row_counts[:i]) for i in range(len(self.shards))]
+        self.n_docs = sum(self.row_counts)
         self.cache_shards = max(1, int(cache_shards))
         self._cache = {}  # shard index -> texts, in order of last use
 
     def __len__(self):
-        return sum(self.row_counts)
+        return self.n_docs
 
     def _shard_texts(self, shard_index):
         texts = self._cache.pop(shard_index, None)
@@ -136,7 +137,7 @@ class DocumentSource:
         return texts
 
     def get(self, index):
-        index = index % len(self)
+        index = index % self.n_docs
         s = bisect.bisect_right(self.starts, index) - 1
         return self._shard_texts(s)[index - self.starts[s]]
 

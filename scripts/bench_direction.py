@@ -38,9 +38,9 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.training import Trainer
 
 
-def bench_loader(tokenizer, B, T, direction, batches, threads):
+def bench_loader(tokenizer, B, T, direction, batches, threads, shuffle):
     loader = direction_aware_dataloader(B, T, "train", direction, tokenizer_threads=threads, device="cpu",
-                                        tokenizer=tokenizer, rank=0, world_size=1)
+                                        tokenizer=tokenizer, rank=0, world_size=1, shuffle=shuffle)
     next(loader)  # first fill of the packing buffer is not steady state
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -64,7 +64,7 @@ def bench_training(tokenizer, args, direction, device):
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     loader = direction_aware_dataloader(B, T, "train", direction, tokenizer_threads=args.tokenizer_threads,
                                         device="cpu" if args.prefetch else device, tokenizer=tokenizer,
-                                        rank=0, world_size=1)
+                                        rank=0, world_size=1, shuffle=bool(args.shuffle))
     batches = prefetching(loader, args.prefetch, device)
     total = args.warmup_steps + args.steps + args.split_steps
     # A long schedule: every measured step runs at the full learning rate.
@@ -110,6 +110,7 @@ def main(argv=None):
     add_flag(p, "warmup_steps", type=int, default=3, help="untimed steps first (compilation, caches)")
     add_flag(p, "loader_batches", type=int, default=50, help="batches for the loader-only benchmark (0 = skip)")
     add_flag(p, "tokenizer_threads", type=int, default=4)
+    add_flag(p, "shuffle", type=int, default=1, help="1: documents in a seeded order per epoch; 0: storage order")
     add_flag(p, "prefetch", type=int, default=2, help="batches prepared ahead, as base_train (0 = off)")
     add_flag(p, "chunked_loss", type=int, default=1, help="1: loss without whole-batch logits; 0: plain path")
     add_flag(p, "directions", default=",".join(DIRECTIONS), help="comma-separated subset to run")
@@ -132,7 +133,8 @@ def main(argv=None):
     rows = []
     for direction in directions:
         row = bench_training(tokenizer, args, direction, device)
-        row["loader_tok_per_s"] = (bench_loader(tokenizer, B, T, direction, args.loader_batches, args.tokenizer_threads)
+        row["loader_tok_per_s"] = (bench_loader(tokenizer, B, T, direction, args.loader_batches, args.tokenizer_threads,
+                                                   bool(args.shuffle))
                                    if args.loader_batches > 0 else None)
         rows.append(row)
         print0(f"{direction}: {row['tok_per_s']:,.0f} tok/s" + (f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] else "")
