@@ -2,63 +2,29 @@
 stderr that starts with 'error:' (no traceback), and leaves every file under the base dir as it
 was (nothing overwritten, nothing half-written).
 
-The cases are a table: each gets its own copy of the generated data (plus a tiny trained
-checkpoint for base_eval), an optional `prepare` step that plants the mistake, a command and the
-fragments its one-line message must contain. The commands run two at a time (each is a ~2 s
-subprocess), then every case is checked by its own test.
+The cases are a table: each gets its own copy of the generated data (plus the session's tiny
+trained checkpoints for base_eval), an optional `prepare` step that plants the mistake, a command
+and the fragments its one-line message must contain. The commands run in-process, as
+`run_main(main)` (what `python -m` runs): exit status, stdout and stderr as a shell sees them;
+then every case is checked by its own test.
 """
 
-import hashlib
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_script
+from conftest import (TRAINED_RUN, TRAINED_STEPS, TRAINED_TAGS, assert_one_line_error, copy_base,  # noqa: F401
+                      run_inprocess, snapshot)
 
-# A tiny but valid training run: the base for the flags that must be rejected.
-TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
-        "--num_iterations=2", "--eval_every=-1", "--eval_tokens=256", "--device_type=cpu"]
+# A tiny but valid training run (the trained checkpoints' own flags, 2 steps): the base for the
+# flags that must be rejected.
+TINY = [a if not a.startswith("--num_iterations") else "--num_iterations=2" for a in TRAINED_RUN]
 EVAL = ["--eval_tokens=256", "--device_type=cpu"]
-TINY_TAG, TINY_STEP = "tiny", 2
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers (also used by the other script tests).
-
-def snapshot(root):
-    """{relative path: (size, mtime_ns, sha256)} of every file under root."""
-    out = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            st = os.stat(path)
-            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, digest)
-    return out
-
-
-def assert_one_line_error(result, *fragments):
-    """Non-zero exit, exactly one non-empty stderr line, starting 'error:', holding each fragment."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0, f"expected failure, got exit 0; stdout:\n{result.stdout}"
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{result.stderr}"
-    assert lines[0].startswith("error:"), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def copy_base(src, tmp_path_factory, name):
-    dst = str(tmp_path_factory.mktemp(name) / "base")
-    shutil.copytree(src, dst)
-    return dst
+TINY_TAG, TINY_STEP = TRAINED_TAGS["forward"], TRAINED_STEPS
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,7 +115,7 @@ CASES = {
     "log_every_0": Case(TRAIN, [*TINY, "--log_every=0"], ("--log_every=0",)),
     "corrupt_tokenizer_json": Case(TRAIN, TINY, ("tokenizer.json is corrupt", "tok_train"), truncate_tokenizer_json),
     "resume_larger_max_seq_len": Case(TRAIN, [f"--model_tag={TINY_TAG}", f"--resume_from_step={TINY_STEP}", *TINY,
-                                              "--max_seq_len=128", "--num_iterations=3"],
+                                              "--max_seq_len=128", f"--num_iterations={TINY_STEP + 1}"],
                                       ("--max_seq_len=128", "checkpoint: 64"), checkpoint=True),
     # base_train: data
     "no_shards": Case(TRAIN, TINY, ("no shards", "nanochat.dataset"), remove_shards),
@@ -164,9 +130,9 @@ CASES = {
                                         (TINY_TAG, "no base checkpoint"), remove_checkpoints, checkpoint=True),
     "eval_no_checkpoints_no_tag": Case(EVAL_SCRIPT, EVAL, ("no base checkpoints",), remove_checkpoints,
                                        checkpoint=True),
-    "eval_truncated_model": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", *EVAL], ("model_000002.pt", "corrupt"),
+    "eval_truncated_model": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", *EVAL], (f"model_{TINY_STEP:06d}.pt", "corrupt"),
                                  truncate_model_file, checkpoint=True),
-    "eval_garbage_model": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", *EVAL], ("model_000002.pt", "corrupt"),
+    "eval_garbage_model": Case(EVAL_SCRIPT, [f"--model_tag={TINY_TAG}", *EVAL], (f"model_{TINY_STEP:06d}.pt", "corrupt"),
                                garbage_model_file, checkpoint=True),
     # dataset and tokenizer entry points
     "dataset_neither_source": Case("nanochat.dataset", [], ("--builtin", "-n")),
@@ -177,31 +143,23 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(corpus_template, tmp_path_factory):
-    """A base dir holding one 2-step checkpoint (tag 'tiny', T=64)."""
-    base = copy_base(corpus_template["dir"], tmp_path_factory, "tiny_ckpt")
-    result = run_script(TRAIN, *TINY, f"--model_tag={TINY_TAG}", base_dir=base)
-    assert result.returncode == 0, result.stderr
-    return base
+def tiny_checkpoint(trained):
+    """A base dir holding the session's checkpoints (TINY_TAG: T=64, step TINY_STEP); read-only."""
+    return trained["dir"]
 
 
 @pytest.fixture(scope="module")
 def failures(corpus_template, tiny_checkpoint, tmp_path_factory):
     """{case id: (result, files before, files after)}, every case run in its own base dir."""
-    prepared = {}
+    out = {}
     for case_id, case in CASES.items():
         base = copy_base(tiny_checkpoint if case.checkpoint else corpus_template["dir"], tmp_path_factory, case_id)
         if case.prepare:
             case.prepare(base)
-        prepared[case_id] = (base, snapshot(base))
-
-    def run(case_id):
-        base, before = prepared[case_id]
-        result = run_script(CASES[case_id].module, *CASES[case_id].args, base_dir=base)
-        return case_id, (result, before, snapshot(base))
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, CASES))
+        before = snapshot(base)
+        result = run_inprocess(case.module, *case.args, base_dir=base)
+        out[case_id] = (result, before, snapshot(base))
+    return out
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
@@ -213,7 +171,7 @@ def test_bad_input_fails_cleanly(failures, case_id):
 
 def test_corrupt_checkpoint_message_gives_no_pickle_advice(failures):
     result, _, _ = failures["eval_garbage_model"]
-    line = assert_one_line_error(result, "model_000002.pt")
+    line = assert_one_line_error(result, f"model_{TINY_STEP:06d}.pt")
     assert "weights_only" not in line and "will likely succeed" not in line
 
 
@@ -221,7 +179,7 @@ def test_the_tiny_checkpoint_evaluates(tiny_checkpoint, tmp_path):
     # The control for the base_eval failures: the same command on intact input works.
     base = str(tmp_path / "base")
     shutil.copytree(tiny_checkpoint, base)
-    result = run_script(EVAL_SCRIPT, f"--model_tag={TINY_TAG}", "--max_seq_len=64", *EVAL, base_dir=base)
+    result = run_inprocess(EVAL_SCRIPT, f"--model_tag={TINY_TAG}", "--max_seq_len=64", *EVAL, base_dir=base)
     assert result.returncode == 0, result.stderr
     assert os.path.isfile(os.path.join(os.path.dirname(tiny_model_file(base)), "evaluations",
                                        f"bpb_step{TINY_STEP:06d}.json"))
