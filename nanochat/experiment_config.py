@@ -4,18 +4,17 @@ An experiment is one training run of one phase (base, mid, sft, rl) in one direc
 `<base_dir>/experiments/<id>/`:
 
     config.json      what was run: phase, direction, depth, every flag, seed, parent id,
-                     code version, timestamps, status (created/running/completed/failed),
-                     and the ids of the experiments that branched from it (`children`)
-    parent_link.json (children only) where the run starts from: parent_experiment (and the
-                     plan's spelling parent_experiment_id), parent_phase, parent_checkpoint_path
+                     code version, timestamps, status (created/running/completed/failed)
+    parent_link.json (children only, the plan's file) the parent as the plan reads it:
+                     parent_experiment(_id), parent_phase, parent_checkpoint_path
     checkpoints/     its checkpoints (the checkpoint module writes here, asking us for the path)
     logs/            its metric logs
     evaluations/     one JSON file per evaluation
 
 A later phase starts from an earlier one, so every non-base experiment names a parent; one parent
 can have many children (e.g. an SFT and an RL branch from the same mid run), which makes the set
-of experiments a forest. The child's `parent_experiment` is the authoritative link; the parent's
-`children` list is a convenience copy for browsing a config file by hand.
+of experiments a forest. The link is written once, in the child, when it is created; a parent's
+children are found by `children(id)` and `lineage()`.
 
 Nobody else joins paths into `experiments/`: scripts ask `checkpoint_dir(id)`, `logs_dir(id)`
 and friends, so the layout can change in this file alone.
@@ -80,11 +79,6 @@ def _git_code_version():
     if not commit:
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
-
-
-def _atomic_write_json(path, obj):
-    """Write `obj` as JSON to `path` so readers see the old file or the new one, never a part."""
-    atomic_write_json(path, obj)
 
 
 class ExperimentConfig:
@@ -171,35 +165,29 @@ class ExperimentConfig:
 
     def load_parent_link(self, experiment_id):
         """The child's parent_link.json as a dict ({"parent_experiment", "parent_experiment_id",
-        "parent_phase", "parent_checkpoint_path"}), or None for a root experiment.
-
-        An experiment created before parent links were written gets the same dict rebuilt from
-        its config (config.json's `parent_experiment` is the authoritative link)."""
+        "parent_phase", "parent_checkpoint_path"}), or None for a root experiment."""
         experiment_id = self._as_id(experiment_id)
-        config = self.load_config(experiment_id)
+        self.load_config(experiment_id)  # a clear error for an unknown experiment
         path = self.parent_link_path(experiment_id)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                try:
-                    return json.load(f)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} is not valid JSON ({e}); fix or remove it") from None
-        parent = config.get("parent_experiment")
-        return None if parent is None else self._parent_link(parent)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} is not valid JSON ({e}); fix or remove it") from None
 
-    def _parent_link(self, parent_experiment):
-        parent_phase = None
-        if self.exists(parent_experiment):
-            parent_phase = self.load_config(parent_experiment).get("phase")
-        return {"parent_experiment": parent_experiment,
-                "parent_experiment_id": parent_experiment,  # the original plan's key
-                "parent_phase": parent_phase,
-                "parent_checkpoint_path": self.checkpoint_dir(parent_experiment)}
+    def children(self, experiment_id):
+        """Ids of the experiments whose parent is `experiment_id`, oldest first."""
+        configs = [self.load_config(i) for i in self.list_experiments()]
+        found = [c for c in configs if c.get("parent_experiment") == experiment_id != c["experiment_id"]]
+        found.sort(key=lambda c: (c.get("created_at") or "", c["experiment_id"]))
+        return [c["experiment_id"] for c in found]
 
     # ------------------------------------------------------------------ writes
 
     def _write_config(self, experiment_id, config):
-        _atomic_write_json(self.config_path(experiment_id), config)
+        atomic_write_json(self.config_path(experiment_id), config)
 
     def update_config(self, experiment_id, **fields):
         """Merge `fields` into the experiment's config (atomically) and return the new config."""
@@ -243,11 +231,11 @@ class ExperimentConfig:
                                 "as an experiment it would shadow that run; choose another experiment id")
 
     def create_experiment(self, phase, direction, depth, parent_experiment=None, experiment_id=None,
-                          resume=False, **kwargs):
+                          resume=False, **flags):
         """Create experiment `<id>` (or, with resume=True, reuse the existing one) with its
         config.json (and parent_link.json for a child); return its directory as a pathlib.Path.
 
-        `kwargs` are the run's training flags, recorded verbatim under "flags" (and "seed").
+        `flags` are the run's training flags, recorded verbatim under "flags" (and "seed").
         A non-base phase needs a parent; a child inherits the parent's direction and depth when
         they are None, and contradicting them is an error (a checkpoint's direction is fixed).
         Read the config back with `load_config(path)` (or `load_config(path.name)`).
@@ -297,8 +285,6 @@ class ExperimentConfig:
                 if existing.get(name) != wanted:
                     raise UserError(f"cannot resume experiment {experiment_id!r}: its {name} is "
                                     f"{existing.get(name)!r}, not {wanted!r}")
-            if parent_experiment is not None and not os.path.isfile(self.parent_link_path(experiment_id)):
-                _atomic_write_json(self.parent_link_path(experiment_id), self._parent_link(parent_experiment))
             return Path(self.experiment_dir(experiment_id))
 
         now = _utc_now().isoformat(timespec="seconds")
@@ -307,27 +293,24 @@ class ExperimentConfig:
             "phase": phase,
             "direction": direction,
             "depth": depth,
-            "flags": dict(kwargs),
-            "seed": kwargs.get("seed"),
+            "flags": dict(flags),
+            "seed": flags.get("seed"),
             "parent_experiment": parent_experiment,
             "code_version": _git_code_version(),
             "created_at": now,
             "updated_at": now,
             "status": "created",
-            "children": [],
         }
         for sub in (self.checkpoint_dir(experiment_id), self.logs_dir(experiment_id),
                     self.evaluations_dir(experiment_id)):
             os.makedirs(sub, exist_ok=True)
         self._write_config(experiment_id, config)
         if parent is not None:
-            _atomic_write_json(self.parent_link_path(experiment_id), self._parent_link(parent_experiment))
-
-        if parent is not None and experiment_id not in parent.get("children", []):
-            # Re-read just before writing so the newest parent config (e.g. a status change) is kept.
-            parent = self.load_config(parent_experiment)
-            parent["children"] = parent.get("children", []) + [experiment_id]
-            self._write_config(parent_experiment, parent)
+            atomic_write_json(self.parent_link_path(experiment_id), {
+                "parent_experiment": parent_experiment,
+                "parent_experiment_id": parent_experiment,  # the original plan's key
+                "parent_phase": parent.get("phase"),
+                "parent_checkpoint_path": self.checkpoint_dir(parent_experiment)})
         return Path(self.experiment_dir(experiment_id))
 
     # ------------------------------------------------------------------ lineage

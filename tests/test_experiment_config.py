@@ -45,7 +45,7 @@ def test_create_load_round_trip_has_all_fields(ec, tmp_path):
     assert datetime.fromisoformat(loaded["created_at"]).tzinfo is not None
     assert loaded["updated_at"] == loaded["created_at"]
     assert loaded["status"] == "created"
-    assert loaded["children"] == []
+    assert ec.children("base_fwd") == [] and "children" not in loaded  # the link lives in the child only
     # The layout: everything under <base>/experiments/<id>/.
     exp = os.path.join(str(tmp_path), "experiments", "base_fwd")
     assert ec.experiment_dir("base_fwd") == exp
@@ -100,7 +100,7 @@ def test_resume_returns_existing(ec):
     with pytest.raises(UserError, match="phase"):
         ec.create_experiment("mid", "forward", 4, parent_experiment="base_other", experiment_id="base_fwd",
                              resume=True)
-    assert ec.load_config("base_other")["children"] == []  # a refused resume links nothing
+    assert ec.children("base_other") == []  # a refused resume links nothing
 
 
 def test_resume_of_missing_id_creates_it(ec):
@@ -173,9 +173,9 @@ def test_branching_two_children_of_one_parent(ec):
     with open(os.path.join(ec.experiment_dir("sft_a"), "parent_link.json")) as f:
         assert json.load(f) == link  # written beside config.json
     parent = ec.load_config("base_fwd")
-    assert parent["children"] == ["mid_a", "mid_b"]
-    assert parent["status"] == "completed"  # appending a child keeps the parent's other fields
-    assert ec.load_config("mid_a")["children"] == ["sft_a"]
+    assert ec.children("base_fwd") == ["mid_a", "mid_b"]
+    assert parent["status"] == "completed"  # creating a child leaves the parent's config as it was
+    assert ec.children("mid_a") == ["sft_a"]
 
     forest = ec.lineage()
     assert sorted(r["id"] for r in forest) == ["base_bwd", "base_fwd"]
@@ -235,7 +235,7 @@ def test_direction_inherited_and_contradiction_refused(ec):
     with pytest.raises(UserError, match="depth"):
         ec.create_experiment("sft", None, 8, parent_experiment="mid_bwd", experiment_id="sft_d8")
     assert not ec.exists("sft_fwd") and not ec.exists("sft_d8")
-    assert ec.load_config("mid_bwd")["children"] == []
+    assert ec.children("mid_bwd") == []
 
 
 def test_atomic_write_leaves_no_temp_files(ec):
@@ -279,14 +279,3 @@ def test_experiments_folder_as_base_dir_is_not_nested(tmp_path):
     by_base = ExperimentConfig(base_dir=Path(tmp_path))
     assert by_base.root == by_folder.root and by_base.base_dir == by_folder.base_dir == str(tmp_path)
     assert by_base.list_experiments() == ["plan_style"]
-
-
-def test_parent_link_rebuilt_for_older_experiments_and_on_resume(ec):
-    make_base(ec)
-    child = ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a")
-    os.remove(child / "parent_link.json")  # an experiment made before parent links existed
-    assert ec.load_parent_link("mid_a") == {"parent_experiment": "base_fwd", "parent_experiment_id": "base_fwd",
-                                            "parent_phase": "base",
-                                            "parent_checkpoint_path": ec.checkpoint_dir("base_fwd")}
-    ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a", resume=True)
-    assert (child / "parent_link.json").is_file()

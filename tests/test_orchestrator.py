@@ -342,7 +342,7 @@ def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
     assert list_steps(ec.checkpoint_dir("chain_mid")) == [1, 2]
     assert_contiguous_steps(log_path(ec.experiment_dir("chain_mid"), "mid_training"), last=2)
     assert "val_loss" in child["results"]
-    assert ec.load_config("chain")["children"] == ["chain_mid"]
+    assert ec.children("chain") == ["chain_mid"]
 
     again = orchestrate(base_dir, *args)
     assert again.returncode == 0, again.stderr
@@ -374,7 +374,7 @@ def test_branching_children_appear_in_lineage(tmp_path):
     assert [c["id"] for c in tree["children"]] == ["mid_a", "mid_b"]
     assert [c["id"] for c in tree["children"][0]["children"]] == ["sft_a"]
     assert all(c["direction"] == "backward" for c in tree["children"])
-    assert ec.load_config("root")["children"] == ["mid_a", "mid_b"]
+    assert ec.children("root") == ["mid_a", "mid_b"]
     assert "mid_b (mid, backward, created)" in format_lineage([tree])
 
 
