@@ -4,9 +4,9 @@
     default_mixture("sft", "backward", "train")       -> a TaskMixture of synthetic tasks
     check_task_direction(task, "backward")            -> ["backward"], or a UserError
 
-Names: arithmetic, reversal, gsm8k, arc_easy, arc_challenge, mmlu, smoltalk. Keyword arguments
-go to the task's constructor (size/seed for synthetic tasks, data_files for downloaded ones, and
-start/stop/step for slicing).
+Names: arithmetic, arithmetic_unseen (test products never trained), reversal, gsm8k, arc_easy,
+arc_challenge, mmlu, smoltalk. Keyword arguments go to the task's constructor (size/seed for
+synthetic tasks, data_files for downloaded ones, and start/stop/step for slicing).
 """
 
 from nanochat.phases import CHAT_PHASES
@@ -14,6 +14,7 @@ from nanochat.common import UserError
 from nanochat.direction import validate_direction
 from tasks.arc import ARC
 from tasks.arithmetic import TwoWayArithmetic
+from tasks.arithmetic_unseen import UnseenProductArithmetic
 from tasks.common import TaskMixture, check_task_direction  # noqa: F401  (re-exported)
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
@@ -22,6 +23,7 @@ from tasks.smoltalk import SmolTalk
 
 TASKS = {
     "arithmetic": TwoWayArithmetic,
+    "arithmetic_unseen": UnseenProductArithmetic,
     "reversal": ReversalFacts,
     "gsm8k": GSM8K,
     "arc_easy": lambda split="train", **kwargs: ARC("ARC-Easy", split, **kwargs),

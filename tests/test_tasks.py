@@ -113,7 +113,8 @@ def test_default_mixture_errors():
 def test_get_task_unknown():
     with pytest.raises(UserError, match="unknown task 'nope'.*arithmetic"):
         get_task("nope")
-    assert set(TASKS) == {"arithmetic", "reversal", "gsm8k", "arc_easy", "arc_challenge", "mmlu", "smoltalk"}
+    assert set(TASKS) == {"arithmetic", "arithmetic_unseen", "reversal", "gsm8k", "arc_easy", "arc_challenge", "mmlu",
+                          "smoltalk"}
 
 
 # ---- arithmetic ---------------------------------------------------------------------------------
