@@ -64,11 +64,11 @@ def get_rank():
     return int(os.environ.get("RANK", 0))
 
 
-def print0(*args, **kwargs):
+def print0(*values, **options):
     """print() on rank 0 only, flushed so progress shows up under torchrun and pipes."""
     if get_rank() == 0:
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
+        options.setdefault("flush", True)
+        print(*values, **options)
 
 
 def autodetect_device_type():

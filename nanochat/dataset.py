@@ -436,18 +436,23 @@ def main(argv=None):
     parser.add_argument("--base_url", "--base-url", default=DEFAULT_BASE_URL)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--data_dir", "--data-dir", default=None, help="default: $NANOCHAT_BASE_DIR/base_data")
-    args = parser.parse_args(argv)
-    if (args.builtin is not None) == (args.num_shards is not None):
+    prepare_data(**vars(parser.parse_args(argv)))
+
+
+def prepare_data(num_shards=None, builtin=None, text_file=None, max_docs=None, docs_per_shard=4000, overwrite=False,
+                 base_url=DEFAULT_BASE_URL, workers=4, data_dir=None):
+    """The data command: a built-in corpus written offline, or `num_shards` downloaded shards."""
+    if (builtin is not None) == (num_shards is not None):
         raise UserError("give exactly one of --builtin (offline corpus) or -n N (download N shards)")
     t0 = time.time()
-    if args.text_file and args.builtin != "shakespeare":
+    if text_file and builtin != "shakespeare":
         raise UserError("--text_file goes with --builtin=shakespeare")
-    if args.builtin == "shakespeare":
-        paths = write_shakespeare_corpus(args.data_dir, args.text_file, overwrite=args.overwrite)
-    elif args.builtin:
-        paths = write_builtin_corpus(args.data_dir, args.docs_per_shard, args.max_docs, args.overwrite)
+    if builtin == "shakespeare":
+        paths = write_shakespeare_corpus(data_dir, text_file, overwrite=overwrite)
+    elif builtin:
+        paths = write_builtin_corpus(data_dir, docs_per_shard, max_docs, overwrite)
     else:
-        paths = download_shards(args.num_shards, args.data_dir, args.base_url, args.workers)
+        paths = download_shards(num_shards, data_dir, base_url, workers)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     print(f"{len(paths)} shards, {rows} documents in {os.path.dirname(paths[0])} ({time.time() - t0:.1f}s); "
           f"validation shard: {os.path.basename(paths[-1])}")

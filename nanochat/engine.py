@@ -164,7 +164,7 @@ class Engine:
         # None (or "") asks for the model's default direction; the spec refuses what it cannot do.
         return self.spec.generation_direction(direction or None)
 
-    def complete(self, given_text, direction=None, **kwargs):
+    def complete(self, given_text, direction=None, **sampling):
         """Continue a beginning (forward) or write what precedes an ending (backward).
 
         Returns a list (one per sample) of dicts: 'generated' (the new text, reading order) and
@@ -172,44 +172,44 @@ class Engine:
         direction = self._concrete(direction)
         given = self.tokenizer.encode(given_text)
         prompt = self.spec.generation_prompt(given, direction)
-        kwargs.setdefault("stop_tokens", (self.tokenizer.get_bos_token_id(),))
+        sampling.setdefault("stop_tokens", (self.tokenizer.get_bos_token_id(),))
         results = []
-        for generated in self.generate(prompt, **kwargs):
+        for generated in self.generate(prompt, **sampling):
             restored = self.spec.restore_generation(generated, direction)
             full = self.spec.join_in_reading_order(given, restored, direction)
             results.append({"generated": self.tokenizer.decode(restored), "text": self.tokenizer.decode(full),
                             "direction": direction})
         return results
 
-    def chat(self, conversation, direction=None, **kwargs):
+    def chat(self, conversation, direction=None, **sampling):
         """Forward: write the assistant's answer to the last user turn. Backward: given the
         assistant's answer (last message), write the user's question. Returns a list of strings
         (one per sample) in reading order."""
         direction = self._concrete(direction)
         prompt, stops = self.spec.chat_prompt(self.tokenizer, conversation, direction)
-        kwargs.setdefault("stop_tokens", stops)
-        return [self.tokenizer.decode(self.spec.restore_generation(g, direction)) for g in self.generate(prompt, **kwargs)]
+        sampling.setdefault("stop_tokens", stops)
+        return [self.tokenizer.decode(self.spec.restore_generation(g, direction)) for g in self.generate(prompt, **sampling)]
 
     # ---- streaming fronts (the web page and the CLI) -------------------------------------------
-    def _stream_text(self, prompt, direction, stops, **kwargs):
+    def _stream_text(self, prompt, direction, stops, **sampling):
         """Yield the generated text so far, in reading order, after every token. Backward text
         grows at its front (generation runs right to left), so each yield is the whole text."""
         tokens = []
-        for token in self.stream(prompt, stop_tokens=stops, **kwargs):
+        for token in self.stream(prompt, stop_tokens=stops, **sampling):
             tokens.append(token)
             yield self.tokenizer.decode(self.spec.restore_generation(tokens, direction))
 
-    def complete_stream(self, given_text, direction=None, **kwargs):
+    def complete_stream(self, given_text, direction=None, **sampling):
         """Streaming Engine.complete for one sample: yields the generated text so far (reading order)."""
         direction = self._concrete(direction)
         prompt = self.spec.generation_prompt(self.tokenizer.encode(given_text), direction)
-        return self._stream_text(prompt, direction, (self.tokenizer.get_bos_token_id(),), **kwargs)
+        return self._stream_text(prompt, direction, (self.tokenizer.get_bos_token_id(),), **sampling)
 
-    def chat_stream(self, conversation, direction=None, **kwargs):
+    def chat_stream(self, conversation, direction=None, **sampling):
         """Streaming Engine.chat for one sample: yields the generated turn so far (reading order)."""
         direction = self._concrete(direction)
         prompt, stops = self.spec.chat_prompt(self.tokenizer, conversation, direction)
-        return self._stream_text(prompt, direction, stops, **kwargs)
+        return self._stream_text(prompt, direction, stops, **sampling)
 
     def chat_prompt_len(self, conversation, direction):
         return len(self.spec.chat_prompt(self.tokenizer, conversation, self._concrete(direction))[0])

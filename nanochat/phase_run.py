@@ -1,21 +1,22 @@
 """What every training phase does around its step loop, written once (the phases: nanochat/phases.py).
 
-    run = PhaseRun("sft", output_tag, args, rank, device)
+    run = PhaseRun("sft", output_tag, rank, device, resume_from_step=..., overwrite=...)
     with run:                               # writable, locked: one process per run directory
-        run.prepare()                       # leftovers of a killed save removed; --resume_from_step checked
+        run.prepare()                       # leftovers of a killed save removed; the resume step checked
         resume_meta = run.resume_meta()     # None for a fresh run
         ... resolve flags (resolve_flags), build the model (from the parent, or from resume_meta) ...
         run.refuse_overwrite()              # existing checkpoints are never overwritten silently
         ... build the data, the optimizers, the Trainer ...
-        start = run.restore(trainer, loader)   # resume: optimizer moments and data position
+        start = run.restore(trainer, loader, num_iterations, schedule)   # resume: moments, data position
         run.clear()                         # --overwrite deletes what it named; a stale log moves aside
-        with run.logs(spec, user_config) as (logger, wandb_run):
-            run_loop(..., save=lambda step, last: run.save(step, model, trainer, loader, meta_fields))
+        with run.logs(direction, user_config) as (logger, wandb_run):
+            run_loop(..., save=Every(n, lambda step, last: run.save(step, model, ...)))
 
-Base, mid, SFT and RL share this (scripts/base_train.py, nanochat/chat_training.py, nanochat/rl.py):
-a run is locked, refuses to overwrite, resumes from any saved step, writes its research log and
-wandb run, and records the same checkpoint metadata. Parent checkpoints (every phase after base)
-are loaded by `load_parent`, which refuses a --direction that contradicts the parent.
+Base, mid, SFT and RL share this (scripts/base_train.py, mid_train.py, chat_sft.py, chat_rl.py): a
+run is locked, refuses to overwrite, resumes from any saved step, writes its research log and
+wandb run, and records the same checkpoint metadata. A later phase opens its run from its parent
+checkpoint (`open_later_run`, which refuses a --direction that contradicts the parent) and loads
+its model with `model_for_run`. Everything here takes values; the scripts own the flags.
 """
 
 import os
@@ -25,95 +26,115 @@ from datetime import datetime, timezone
 from nanochat import wandb_log
 from nanochat.checkpoint_manager import (artifact_dirs, build_model, check_tokenizer_matches, clean_checkpoint_dir,
                                          list_steps, load_checkpoint, load_meta, load_model, remove_evaluations,
-                                         remove_steps, save_checkpoint, tokenizer_fingerprint)
+                                         remove_steps, resolve_checkpoint, save_checkpoint, tokenizer_fingerprint)
 from nanochat.common import UserError, print0
-from nanochat.direction import DirectionSpec, validate_direction
+from nanochat.direction import DirectionSpec
 from nanochat.locking import acquire_run_lock
 from nanochat.paths import check_writable, move_aside, remove_stale_temporaries
 from nanochat.phases import PHASES
 from nanochat.research_logger import ResearchLogger, log_path
+from nanochat.tokenizer import get_tokenizer
 
 
-def research_log_on(args):
+def research_log_on(research_log, wandb_run):
     """--research_log: 1 on, 0 off, -1 = on when --run names a wandb run."""
-    return args.research_log == 1 or (args.research_log == -1 and args.run != "dummy")
+    return research_log == 1 or (research_log == -1 and wandb_run != "dummy")
 
 
 def check_direction_flag(requested, trained, where):
     """A phase after base inherits its direction; --direction is only a check, and a contradiction
     is an error (the data would be oriented one way while the model was trained the other)."""
-    if requested is None:
-        return trained
-    validate_direction(requested)
-    if requested != trained:
+    if requested is not None and requested != trained:
         raise UserError(f"--direction={requested} contradicts {where}, which was trained {trained}; "
                         "drop --direction to inherit it")
     return trained
 
 
-def load_parent(args, device):
-    """(model, tokenizer, parent meta, parent spec) of the checkpoint a later phase continues:
-    --source / --model_tag / --step, with --direction checked against it."""
-    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    spec = DirectionSpec.from_meta(meta)
-    check_direction_flag(args.direction, spec.direction, f"the parent checkpoint ({meta['checkpoint_dir']})")
-    return model, tokenizer, meta, spec
+def resolve_flags(given, defaults, saved, resume_step, checkpoint_dir, same=None):
+    """The values of the flags that define the model or the order of the data ({name: value} for
+    the names in `defaults`), from the flags `given` (None = unset).
 
-
-def parent_record(args, parent_meta):
-    """What a checkpoint says about the checkpoint it continues (lineage)."""
-    return {"source": args.source, "model_tag": parent_meta["model_tag"], "step": parent_meta["step"],
-            "checkpoint_dir": parent_meta["checkpoint_dir"],
-            "experiment": getattr(args, "parent_experiment", None)}
-
-
-def resolve_flags(args, defaults, saved, resume_step, checkpoint_dir, same=None):
-    """Fill the flags that define the model or the order of the data.
-
-    A fresh run (saved None) takes `defaults` for the flags left unset (None). A resumed run takes
-    the checkpoint's values (`saved`), and an explicit different value is refused: it would train
-    a different model or read different data while the metadata claimed continuity. `same(name,
-    given, old)` may declare two spellings equal (base: --total_batch_size=-1 and B*T*world)."""
-    if saved is None:
-        for name, default in defaults.items():
-            if getattr(args, name) is None:
-                setattr(args, name, default)
-        return
-    differ = []
+    A fresh run (saved None) takes `defaults` for the flags left unset. A resumed run takes the
+    checkpoint's values (`saved`), and an explicit different value is refused: it would train a
+    different model or read different data while the metadata claimed continuity. `same(name,
+    given, old, values)` may declare two spellings equal (base: --total_batch_size=-1 and B*T*world)."""
+    saved = saved or {}
+    values = {}
     for name, default in defaults.items():
-        given, old = getattr(args, name), saved.get(name)
-        if old is None:  # an older checkpoint without the record: the given value (or default) stands
-            setattr(args, name, given if given is not None else default)
-        elif given is None:
-            setattr(args, name, old)
-        elif given != old and not (same is not None and same(name, given, old)):
-            differ.append(f"--{name}={given} (checkpoint: {old})")
+        value = given.get(name) if given.get(name) is not None else saved.get(name)
+        values[name] = default if value is None else value
+    differ = [f"--{name}={given[name]} (checkpoint: {saved[name]})" for name in defaults
+              if given.get(name) is not None and saved.get(name) is not None and given[name] != saved[name]
+              and not (same is not None and same(name, given[name], saved[name], values))]
     if differ:
         raise UserError(f"--resume_from_step={resume_step}: {', '.join(differ)} would change the model or the order "
                         f"of the data of the run in {checkpoint_dir}; drop these flags to continue with the "
                         "checkpoint's values, or start a new run under another tag")
+    return values
 
 
-def schedule_changes(args, names, num_iterations, meta):
-    """{flag: [checkpoint's value, this run's value]} for the optimizer/schedule flags that differ
-    on resume: they apply from the resume step, and the metadata keeps the record."""
+def schedule_changes(schedule, num_iterations, meta):
+    """{flag: [checkpoint's value, this run's value]} for the optimizer/schedule flags (`schedule`,
+    {name: this run's value}) that differ on resume: they apply from the resume step, and the
+    metadata keeps the record."""
     saved = meta.get("user_config") or {}
-    changed = {n: [saved.get(n), getattr(args, n)] for n in names if n in saved and saved[n] != getattr(args, n)}
+    changed = {n: [saved.get(n), v] for n, v in schedule.items() if n in saved and saved[n] != v}
     if meta.get("num_iterations") is not None and meta["num_iterations"] != num_iterations:
         changed["num_iterations"] = [meta["num_iterations"], num_iterations]
     return changed
 
 
+def open_later_run(phase, source, model_tag, step, output_tag, direction, rank, device, **run_options):
+    """The PhaseRun of a phase after base, saving under `output_tag`, else the parent's tag
+    (resolved without loading the parent: a resumed run loads its own checkpoint instead). A fresh
+    run refuses a contradicting `direction` before any file is touched. Returns (run, parent
+    checkpoint directory, parent step, parent tag)."""
+    parent_dir, parent_step, parent_tag = resolve_checkpoint(source, model_tag, step)
+    run = PhaseRun(phase, output_tag or parent_tag, rank, device, **run_options)
+    if not run.resuming:
+        check_direction_flag(direction, DirectionSpec.from_meta(load_meta(parent_dir, parent_step)).direction,
+                             f"the parent checkpoint ({parent_dir})")
+    return run, parent_dir, parent_step, parent_tag
+
+
+def model_for_run(run, device, source, model_tag, step, direction, parent_dir, parent_experiment=None):
+    """(model, tokenizer, trained direction spec, parent record, resume meta) of a later phase.
+
+    Fresh: the parent checkpoint (`source`, `model_tag`, `step`; its direction was checked by
+    open_later_run). Resuming: this run's own checkpoint, whose recorded parent must be the one
+    named."""
+    resume_meta = run.resume_meta()
+    if resume_meta is None:
+        model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag, step=step)
+        parent = {"source": source, "model_tag": meta["model_tag"], "step": meta["step"],
+                  "checkpoint_dir": meta["checkpoint_dir"], "experiment": parent_experiment}
+        return model, tokenizer, DirectionSpec.from_meta(meta), parent, None
+    tokenizer = get_tokenizer()
+    model, _ = run.load_resumed_model(tokenizer)
+    spec = DirectionSpec.from_meta(resume_meta)
+    where = f"the checkpoint being resumed ({run.checkpoint_dir} step {run.resume_step})"
+    check_direction_flag(direction, spec.direction, where)
+    parent = resume_meta.get("parent") or {}
+    if parent.get("checkpoint_dir") not in (None, parent_dir) or (step is not None and step != parent.get("step")):
+        raise UserError(f"--resume_from_step={run.resume_step}: {where} continues {parent.get('checkpoint_dir')} step "
+                        f"{parent.get('step')}, not {parent_dir}" + (f" step {step}" if step is not None else "") +
+                        "; name that parent (or drop --step), or train a new run under another --output_tag")
+    return model, tokenizer, spec, parent, resume_meta
+
+
 class PhaseRun:
     """One run of one phase: its directories, lock, overwrite guard, resume, logs and checkpoints."""
 
-    def __init__(self, phase, output_tag, args, rank, device):
+    def __init__(self, phase, output_tag, rank, device, resume_from_step=-1, overwrite=False, research_log=-1,
+                 wandb_run="dummy", log_flush_every=100):
         self.phase = PHASES[phase]
-        self.tag, self.args, self.rank, self.device = output_tag, args, rank, device
+        self.tag, self.rank, self.device = output_tag, rank, device
+        self.overwrite, self.log_flush_every = overwrite, log_flush_every
+        self.research_log, self.wandb_run = research_log_on(research_log, wandb_run), wandb_run
         self.master = rank == 0
         self.dirs = artifact_dirs(phase, output_tag)  # refuses a tag that is not a plain name
         self.checkpoint_dir = self.dirs["checkpoints"]
-        self.resume_step = getattr(args, "resume_from_step", -1)
+        self.resume_step = resume_from_step
         self.resuming = self.resume_step >= 0
         self.existing, self.later = [], []
         self.schedule_history = []
@@ -156,7 +177,7 @@ class PhaseRun:
 
     def refuse_overwrite(self):
         """Checkpoints this run would overwrite are refused unless --overwrite names them."""
-        if not self.later or self.args.overwrite:
+        if not self.later or self.overwrite:
             return
         if self.resuming:
             raise UserError(f"{self.checkpoint_dir} has checkpoints after step {self.resume_step} (steps {self.later}) "
@@ -166,10 +187,10 @@ class PhaseRun:
                         f"resume with --resume_from_step={self.existing[-1]}, choose another tag, or pass "
                         "--overwrite to delete them and start again")
 
-    def restore(self, trainer, loader, num_iterations, schedule_flags):
+    def restore(self, trainer, loader, num_iterations, schedule):
         """Resume: the saved optimizer moments and data position continue, this run's learning
-        rates and schedule apply from the resume step (recorded in schedule_history). Returns the
-        step to start from (0 for a fresh run)."""
+        rates and schedule ({flag: value}) apply from the resume step (recorded in
+        schedule_history). Returns the step to start from (0 for a fresh run)."""
         if not self.resuming:
             return 0
         meta = self.resume_meta()
@@ -183,7 +204,7 @@ class PhaseRun:
         trainer.load_optimizer_state(state["optimizers"])
         if loader is not None and state.get("dataloader") is not None:
             loader.load_state_dict(state["dataloader"])
-        changed = schedule_changes(self.args, schedule_flags, num_iterations, meta)
+        changed = schedule_changes(schedule, num_iterations, meta)
         self.schedule_history = list(meta.get("schedule_history") or [])
         if changed:
             self.schedule_history.append({"from_step": self.resume_step, "changed": changed})
@@ -213,15 +234,15 @@ class PhaseRun:
     def logs(self, direction, user_config, wandb_config=None, snapshot_every=1000):
         """(research logger or None, wandb run) for the loop; both closed on the way out."""
         logger = None
-        if research_log_on(self.args) and self.master:
+        if self.research_log and self.master:
             logger = ResearchLogger(self.dirs["run"], phase=self.phase.log_name,
-                                    flush_every=self.args.log_flush_every, snapshot_every=snapshot_every,
+                                    flush_every=self.log_flush_every, snapshot_every=snapshot_every,
                                     resume=self.resuming, resume_from_step=self.resume_step if self.resuming else None,
                                     metadata={"direction": direction, "model_tag": self.tag, **user_config})
             if logger.resume_gap is not None:
                 print0(f"warning: the research log {logger.path} ends at step {logger.resume_gap[0]} but training "
                        f"resumes from step {logger.resume_gap[1]}: the steps in between are missing from it")
-        wb = wandb_log.init(self.args.run, config=wandb_config or user_config, master=self.master)
+        wb = wandb_log.init(self.wandb_run, config=wandb_config or user_config, master=self.master)
         try:
             yield logger, wb
         finally:

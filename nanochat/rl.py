@@ -34,7 +34,6 @@ loss is normalised by the tokens generated on all ranks and gradients are averag
 `training.sync_gradients`, as in the other phases; a torchrun step is the single-process step.
 """
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -43,14 +42,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat.chat_training import check_phase_flags, model_for_run, start_run
-from nanochat.checkpoint_manager import load_meta
-from nanochat.common import UserError, print0
-from nanochat.direction import DirectionSpec, by_direction
-from nanochat.engine import Engine
-from nanochat.phase_run import resolve_flags
+from nanochat.direction import by_direction
 from nanochat.progress import progress
-from nanochat.training import Trainer, TrainingDiverged, autocast_context, check_flags, run_loop, sync_gradients
+from nanochat.training import Trainer, TrainingDiverged, sync_gradients
 
 ADVANTAGE_EPS = 1e-6
 
@@ -188,57 +182,56 @@ def format_eval(results, k):
                      f"({r['prompts']} prompts x {k} samples)" for d, r in results.items())
 
 
-# ---- the phase --------------------------------------------------------------------------------
+# ---- the RL step ------------------------------------------------------------------------------
 
-# Flags that define the rollouts of a step (a resumed run keeps the checkpoint's values).
-MODEL_DATA_DEFAULTS = {"task": "arithmetic", "examples_per_step": 16, "num_samples": 8, "max_new_tokens": 128,
-                       "temperature": 1.0, "top_k": -1, "seed": 42}
-# Optimizer and schedule flags: on resume they apply from the resume step (recorded in the metadata).
-SCHEDULE_FLAGS = ("init_lr_frac", "embedding_lr", "unembedding_lr", "matrix_lr")
+@dataclass
+class Rollouts:
+    """What one RL step samples: `examples_per_step` prompts of `task` (all ranks together), each
+    in its direction among `directions`, `num_samples` completions per prompt, drawn with these
+    settings (top_k None = the whole vocabulary) and reproducible from `seed`."""
+    task: object
+    directions: list
+    examples_per_step: int
+    num_samples: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
 
-
-def check_args(args):
-    check_phase_flags(args)
-    check_flags(args, positive=("temperature",), positive_or_off=("eval_every",))
-    for name in ("num_iterations", "examples_per_step", "num_samples", "max_new_tokens", "eval_examples", "eval_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name}={getattr(args, name)} must be at least 1")
-    if args.temperature is not None and args.temperature <= 0:
-        raise UserError(f"--temperature={args.temperature}: RL samples, so it must be > 0")
-    if args.num_samples is not None and args.num_samples < 2:
-        raise UserError(f"--num_samples={args.num_samples}: a group needs at least 2 completions "
-                        "(with one, every advantage is 0)")
+    @property
+    def sampling(self):
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k)
 
 
 class RLTrainer(Trainer):
     """One RL step per `step` call, for the loop every phase shares (training.run_loop): rollouts
     with the current weights, then one optimizer step on them. The examples of step s are
-    step * examples_per_step + j, so the data position after a resume is the step alone."""
+    step * examples_per_step + j, so the data position after a resume is the step alone.
+    `first_reward` and `last_reward` hold the mean training reward of the first and latest step."""
 
-    def __init__(self, model, optimizers, engine, spec, task, directions, args, num_iterations, world_size, device,
-                 autocast):
-        # linear decay from init_lr_frac x the base rates to 0 at the last step
-        super().__init__(model, optimizers, None, 1, num_iterations, 0, device, world_size=world_size,
-                         schedule=dict(warmdown_ratio=1.0), init_lr_frac=args.init_lr_frac)
-        self.engine, self.spec, self.task, self.directions, self.args = engine, spec, task, directions, args
+    def __init__(self, model, optimizers, engine, spec, rollouts, world_size, device, autocast, lr_schedule,
+                 lr_scale=1.0):
+        super().__init__(model, optimizers, None, 1, 0, device, world_size=world_size, lr_schedule=lr_schedule,
+                         lr_scale=lr_scale)
+        self.engine, self.spec, self.rollouts = engine, spec, rollouts
+        self.directions = rollouts.directions
         self.autocast = autocast
-        self.local_examples = args.examples_per_step // world_size
+        self.local_examples = rollouts.examples_per_step // world_size
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        top_k = None if args.top_k <= 0 else args.top_k
-        self.sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k)
+        self.first_reward = self.last_reward = None
 
     def step(self, step, want_layer_grads=False, timing=False):
-        args, model, world_size, device = self.args, self.model, self.world_size, self.device
+        ro, model, world_size, device = self.rollouts, self.model, self.world_size, self.device
         t0 = time.time()
         # 1. Rollouts with the current weights (no gradient).
         model.eval()
         groups = []
         for j in progress(range(self.local_examples), desc=f"step {step} rollouts", unit="prompt", min_time_s=10):
-            index = step * args.examples_per_step + j * world_size + self.rank  # global example index
+            index = step * ro.examples_per_step + j * world_size + self.rank  # global example index
             direction = example_direction(self.spec, self.directions, index)
             with self.autocast:
-                groups.append(sample_group(self.engine, self.spec, self.task, index % len(self.task), direction,
-                                           args.num_samples, seed=sample_seed(args.seed, index), **self.sampling))
+                groups.append(sample_group(self.engine, self.spec, ro.task, index % len(ro.task), direction,
+                                           ro.num_samples, seed=sample_seed(ro.seed, index), **ro.sampling))
         # 2. One gradient step on them: advantages within each group, loss over the step's tokens
         # (all ranks' tokens: with the world_size factor undone by sync_gradients' mean, a step under
         # torchrun computes exactly the single-process gradient).
@@ -274,97 +267,14 @@ class RLTrainer(Trainer):
             for i, d in enumerate(self.directions):
                 reward_sum, count = stats[3 + 2 * i], stats[4 + 2 * i]
                 metrics[f"reward_{d}"] = reward_sum / count if count else float("nan")
+        if self.first_reward is None:
+            self.first_reward = metrics["reward"]
+        self.last_reward = metrics["reward"]
         return metrics
 
 
-def train_rl(args, usable_directions, load_task, rank, world_size, device):
-    """RL on one task. `usable_directions(task_name, model_direction)` and `load_task(name,
-    split)` come from the script (tasks/ is not imported by the library)."""
-    run, parent_dir, parent_step = start_run("rl", args, rank, device)
-    if not run.resuming:  # a task that cannot work on this model is refused before any file is touched
-        usable_directions(args.task or MODEL_DATA_DEFAULTS["task"],
-                          DirectionSpec.from_meta(load_meta(parent_dir, parent_step)).direction)
-    with run:
-        run.prepare()
-        model, tokenizer, spec, parent, resume_meta = model_for_run(run, args, parent_dir, device)
-        resolve_flags(args, dict(MODEL_DATA_DEFAULTS, p_backward=spec.p_backward),
-                      resume_meta and resume_meta.get("user_config"), run.resume_step, run.checkpoint_dir)
-        check_args(args)
-        if args.examples_per_step % world_size:
-            raise UserError(f"--examples_per_step={args.examples_per_step} must be divisible by the number of "
-                            f"processes ({world_size})")
-        # The directions in which the task (a resumed run's: the checkpoint's) can be generated and
-        # rewarded for this model.
-        directions = usable_directions(args.task, spec.direction)
-        run.refuse_overwrite()
-        _train(args, run, model, tokenizer, spec.direction, parent, resume_meta, directions,
-               load_task(args.task, "train"), load_task(args.task, "test"), rank, world_size, device)
-
-
-def _train(args, run, model, tokenizer, direction, parent, resume_meta, directions, train_task, test_task, rank,
-           world_size, device):
-    spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=args.seed, p_backward=args.p_backward)
-    engine = Engine(model, tokenizer, spec=spec)
-    autocast = autocast_context(device.type)
-
-    print0(f"rl: parent {parent['checkpoint_dir']} step {parent['step']} (trained {direction}); "
-           f"task {args.task} in {', '.join(directions)}; {len(train_task)} train / {len(test_task)} test examples")
-    print0(f"{args.num_iterations} steps x {args.examples_per_step} prompts x {args.num_samples} samples; "
-           f"saving to {run.checkpoint_dir}")
-
-    optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr)
-    trainer = RLTrainer(model, optimizers, engine, spec, train_task, directions, args, args.num_iterations,
-                        world_size, device, autocast)
-    start_step = run.restore(trainer, None, args.num_iterations, SCHEDULE_FLAGS)
-    evals = {}
-
-    def run_eval(step):
-        model.eval()
-        results = evaluate(engine, spec, test_task, directions, args.eval_examples, args.eval_k, seed=args.seed,
-                           rank=rank, world_size=world_size, autocast=autocast, **trainer.sampling)
-        print0(f"step {step:05d} | eval {format_eval(results, args.eval_k)}")
-        evals["last"] = results
-        return _flat_eval(results)
-
-    user_config = dict(vars(args))
-    meta = run.meta(spec, model, tokenizer, user_config, parent, task=args.task, task_directions=directions,
-                    num_iterations=args.num_iterations, world_size=world_size)
-    train_rewards = {}
-
-    def save(step, last):
-        rewards = {"before": evals["before"], "after": evals["last"], "eval_k": args.eval_k,
-                   "train_reward_first": train_rewards.get("first"), "train_reward_last": train_rewards.get("last")}
-        run.save(step, model, trainer.optimizer_state(), None, dict(meta, rewards=rewards))
-
-    def on_step(step, metrics):
-        train_rewards.setdefault("first", metrics["reward"])
-        train_rewards["last"] = metrics["reward"]
-
-    run.clear()
-    with run.logs(direction, user_config) as (logger, wb):
-        if resume_meta is None:
-            run_eval(0)
-            evals["before"] = evals["last"]
-            if logger is not None:
-                logger.log_step(0, _flat_eval(evals["before"]))
-        else:  # the evaluation before RL, and the rewards so far, were recorded by the checkpoint
-            recorded = resume_meta.get("rewards") or {}
-            evals["before"], evals["last"] = recorded.get("before"), recorded.get("after")
-            if recorded.get("train_reward_first") is not None:
-                train_rewards["first"] = recorded["train_reward_first"]
-        run_loop(trainer, start_step, args.num_iterations, log_every=args.log_every, eval_every=args.eval_every,
-                 evaluate=run_eval, save=save, save_every=args.save_every, logger=logger, wandb_run=wb,
-                 print_fn=print0, spike_factor=0, show=("reward",), on_step=on_step)
-        initial_eval, last_eval = evals["before"], evals["last"]
-        for d in directions:
-            change, se = paired_change(initial_eval[d], last_eval[d])
-            print0(f"{d}: test mean reward {initial_eval[d]['mean_reward']:.4f} before RL -> "
-                   f"{last_eval[d]['mean_reward']:.4f} after ({change:+.4f} +- {se:.4f} paired s.e. over "
-                   f"{last_eval[d]['prompts']} prompts x {args.eval_k} samples)")
-        print0("final: " + json.dumps({"before": _flat_eval(initial_eval), "after": _flat_eval(last_eval)}))
-
-
-def _flat_eval(results):
+def flat_eval(results):
+    """{'<direction>_mean_reward': .., '<direction>_pass_at_k': ..}: an evaluation as scalar metrics."""
     return {f"{d}_{k}": v for d, r in results.items() for k, v in r.items() if k in ("mean_reward", "pass_at_k")}
 
 

@@ -12,6 +12,8 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,23 +40,6 @@ def autocast_context(device_type):
     return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
 
-def check_flags(args, positive=(), nonnegative=(), fraction=(), positive_or_off=()):
-    """One clear error for a numeric flag out of range: every value must be finite; `positive` > 0,
-    `nonnegative` >= 0, `fraction` in [0, 1], `positive_or_off` -1 (off) or >= 1."""
-    rules = [(positive, lambda v: v > 0, "must be positive"), (nonnegative, lambda v: v >= 0, "must be >= 0"),
-             (fraction, lambda v: 0 <= v <= 1, "must be between 0 and 1"),
-             (positive_or_off, lambda v: v == -1 or v >= 1, "must be at least 1, or -1 for off")]
-    for names, ok, rule in rules:
-        for name in names:
-            value = getattr(args, name)
-            if value is None:
-                continue
-            if not math.isfinite(value):
-                raise UserError(f"--{name}={value}: must be a finite number")
-            if not ok(value):
-                raise UserError(f"--{name}={value} {rule}")
-
-
 def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_size):
     """Micro-batches per rank per step; the global batch must split evenly."""
     per_micro = device_batch_size * seq_len * world_size
@@ -67,20 +52,6 @@ def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_siz
     return total_batch_size // per_micro
 
 
-def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
-    """Linear warmup, constant, then linear warmdown to final_lr_frac (trapezoidal schedule)."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step < num_iterations - warmdown:
-        return 1.0
-    # Steps num_iterations - warmdown .. num_iterations - 1 decay linearly; the last one runs at
-    # final_lr_frac.
-    progress = (num_iterations - 1 - step) / max(1, warmdown)
-    return progress + (1 - progress) * final_lr_frac
-
-
 def muon_momentum(step, ramp_steps=300):
     """Muon momentum ramps 0.85 -> 0.95 over the first steps (stabler start)."""
     frac = min(step / ramp_steps, 1.0)
@@ -91,19 +62,6 @@ def _is_muon(opt):
     # torch.optim.Muon or this project's batched Muon (nanochat/muon.py), which is not its subclass.
     from nanochat.muon import Muon
     return isinstance(opt, (torch.optim.Muon, Muon))
-
-
-def set_learning_rates(optimizers, step, num_iterations, init_lr_frac=1.0, **schedule):
-    """Apply the schedule (lr_multiplier) to every group, and Muon's momentum ramp; returns the
-    multiplier."""
-    mult = lr_multiplier(step, num_iterations, **schedule)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * init_lr_frac * mult
-        if _is_muon(opt):
-            for group in opt.param_groups:
-                group["momentum"] = muon_momentum(step)
-    return mult
 
 
 def sync_gradients(params, world_size):
@@ -129,27 +87,36 @@ def per_layer_grad_norms(model):
 
 
 class Trainer:
-    """Takes optimizer steps; knows nothing about where batches come from.
+    """Takes optimizer steps; knows nothing about where batches come from, nor which phase it runs.
 
-    `batches` yields (inputs, targets) for this rank, one micro-batch at a time.
+    `batches` yields (inputs, targets) for this rank, one micro-batch at a time; `lr_schedule(step)`
+    (0-based step) gives the learning-rate multiplier of each step.
     """
 
-    def __init__(self, model, optimizers, batches, grad_accum_steps, num_iterations, tokens_per_step,
-                 device, world_size=1, schedule=None, grad_clip=0.0, flops_per_token=None, init_lr_frac=1.0):
+    def __init__(self, model, optimizers, batches, grad_accum_steps, tokens_per_step, device, world_size=1,
+                 lr_schedule=None, lr_scale=1.0, grad_clip=0.0, flops_per_token=None):
         self.model, self.optimizers, self.batches = model, optimizers, batches
-        self.grad_accum_steps, self.num_iterations = grad_accum_steps, num_iterations
-        self.tokens_per_step, self.device, self.world_size = tokens_per_step, device, world_size
-        self.schedule = schedule or {}
+        self.grad_accum_steps, self.tokens_per_step = grad_accum_steps, tokens_per_step
+        self.device, self.world_size = device, world_size
+        self.lr_schedule, self.lr_scale = lr_schedule, lr_scale
         self.grad_clip = grad_clip
         self.flops_per_token = flops_per_token
         self.peak_flops = gpu_peak_flops(device)
         self.autocast = autocast_context(device.type)
         self.params = [p for p in model.parameters()]
-        self.init_lr_frac = init_lr_frac
         self.last_batch = None
 
     def set_lr(self, step):
-        return set_learning_rates(self.optimizers, step, self.num_iterations, self.init_lr_frac, **self.schedule)
+        """Every group's rate is its initial rate x lr_scale x lr_schedule(step) (the phase script's
+        schedule; none = constant); Muon's momentum ramps up. Returns the multiplier."""
+        mult = 1.0 if self.lr_schedule is None else self.lr_schedule(step)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * self.lr_scale * mult
+            if _is_muon(opt):
+                for group in opt.param_groups:
+                    group["momentum"] = muon_momentum(step)
+        return mult
 
     def step(self, step, want_layer_grads=False, timing=False):
         """One optimizer step; returns a dict of scalar metrics (and per-layer grad norms).
@@ -295,91 +262,106 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
             signal.signal(sig, old)
 
 
-def run_loop(trainer, start_step, num_iterations, log_every=1, eval_every=-1, evaluate=None, save=None,
-             save_every=-1, sample=None, sample_every=-1, logger=None, snapshot=None, wandb_run=None, print_fn=print,
-             blowup_loss=None, spike_factor=3.0, show=(), on_step=None):
-    """The step loop every phase shares: step, print progress, evaluate, log, sample, save.
+@dataclass
+class Every:
+    """`fn` called every `steps` steps (steps count from 1; -1 = never)."""
+    steps: int
+    fn: Callable
 
-    evaluate(step) -> dict of metrics (printed by the caller); save(step, last); sample(step);
-    snapshot(step, layer_grads) -> dict of large arrays for the research log; on_step(step,
-    metrics) sees every step's metrics; `show` names metrics added to the progress line (RL:
-    reward). spike_factor=0 turns the loss-spike warning off (a policy-gradient loss is not a
-    likelihood). Returns the last metrics (train loss and the latest evaluation).
+    def due(self, step):
+        return self.steps > 0 and step % self.steps == 0
+
+
+class StepLog:
+    """Where each step's metrics go: a progress line every `log_every` steps and at the last (with
+    the metrics `show` names, RL: reward), the research log (plus `snapshot(step, layer_grads)`'s
+    large arrays at the steps the log asks for), and wandb."""
+
+    def __init__(self, print_fn=print, log_every=1, show=(), logger=None, snapshot=None, wandb_run=None):
+        self.print_fn, self.log_every, self.show = print_fn, log_every, show
+        self.logger, self.snapshot, self.wandb_run = logger, snapshot, wandb_run
+        self.t_start = time.time()
+
+    def wants_snapshot(self, step):
+        return self.logger is not None and self.snapshot is not None and self.logger.should_snapshot(step)
+
+    def write(self, step, num_iterations, metrics):
+        if (step - 1) % self.log_every == 0 or step == num_iterations:
+            extra = "".join(f" | {k} {metrics[k]:.4f}" for k in self.show if k in metrics)
+            extra += f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+            self.print_fn(f"step {step:05d}/{num_iterations} | loss {metrics['loss']:.4f} "
+                          f"| lrm {metrics['lr_mult']:.3f} | dt {1000 * metrics['dt']:.0f}ms "
+                          f"| tok/s {metrics['tok_per_s']:,.0f}{extra} | {time.time() - self.t_start:.0f}s")
+        if self.logger is not None:
+            self.logger.log_step(step, metrics)
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics, step=step))
+
+    def write_snapshot(self, step, layer_grads):
+        self.logger.log_snapshot(step, self.snapshot(step, layer_grads))
+
+    def flush(self):
+        if self.logger is not None and not self.logger.closed:
+            self.logger.flush()
+
+
+def run_loop(trainer, start_step, num_iterations, log=None, monitor=None, evaluate=None, save=None, sample=None):
+    """The step loop every phase shares: step, evaluate, log, check, sample, save.
+
+    `evaluate`, `save` and `sample` are Every(steps, fn): evaluate(step) -> metrics, also at the last
+    step; save(step, last), also at the end; sample(step). `log` is a StepLog (default: print), and
+    `monitor` a LossMonitor (default: spike warnings, no blow-up limit). Steps count from 1 in all
+    of these. Returns the last metrics (train loss and the latest evaluation).
 
     What a killed or diverged run keeps: the research log is flushed after every save, so its
     rows up to the last checkpoint survive even SIGKILL; SIGTERM/SIGINT stop the loop after the
     current step with the log flushed (StopRequested, exit status 128 + signal); a non-finite
     loss, validation metric or weight, or a blow-up (LossMonitor), stops the run with one
     message naming the last good checkpoint, and non-finite weights are never saved."""
-    monitor = LossMonitor(blowup_loss, spike_factor)
-    progress = {"saved": start_step if start_step > 0 else None}
+    log, monitor = log or StepLog(), monitor or LossMonitor()
+    last, saved = {}, start_step if start_step > 0 else None
+
+    def checkpoint(step):
+        nonlocal saved
+        save.fn(step, last)
+        saved = step
+        log.flush()  # the log always reaches at least the last checkpoint
+
     with stop_on_signals() as stop:
         try:
-            return _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, save, save_every,
-                         sample, sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress, show,
-                         on_step)
-        except UserError as e:
-            if not isinstance(e, (TrainingDiverged, NonFiniteWeights)):
-                raise
-            where = (f"the last good checkpoint is step {progress['saved']}" if progress["saved"] is not None
+            for step in range(start_step, num_iterations):
+                done, is_last = step + 1, step == num_iterations - 1  # `done` steps taken: what is printed and saved
+                want_snapshot = log.wants_snapshot(step)
+                metrics = trainer.step(step, want_layer_grads=want_snapshot)
+                layer_grads = metrics.pop("layer_grad_norm", None)
+                last["train_loss"] = metrics["loss"]
+                if evaluate is not None and (evaluate.due(done) or is_last):
+                    val = evaluate.fn(done)
+                    metrics.update(val)
+                    last.update(val)
+                log.write(done, num_iterations, metrics)
+                if want_snapshot:
+                    log.write_snapshot(done, layer_grads)
+                bad = sorted(k for k, v in last.items() if isinstance(v, float) and not math.isfinite(v))
+                if bad:
+                    raise TrainingDiverged(f"{', '.join(bad)} is not finite at step {done} ({last[bad[0]]})")
+                monitor.update(done, metrics["loss"], log.print_fn)
+                if sample is not None and sample.due(done):
+                    sample.fn(done)
+                if save is not None and save.due(done) and not is_last:
+                    checkpoint(done)
+                if stop["signal"] is not None and not is_last:
+                    log.flush()
+                    where = f"resume from step {saved}" if saved is not None else "no checkpoint was saved yet"
+                    log.print_fn(f"stopped by {signal.Signals(stop['signal']).name} after step {done}: the research "
+                                 f"log is flushed; {where}")
+                    raise StopRequested(128 + stop["signal"])
+            if save is not None and start_step < num_iterations:
+                checkpoint(num_iterations)
+            return last
+        except (TrainingDiverged, NonFiniteWeights) as e:
+            where = (f"the last good checkpoint is step {saved}" if saved is not None
                      else "no checkpoint was saved")
             raise type(e)(f"{e}; {where}") from None
         finally:
-            if logger is not None and not logger.closed:
-                logger.flush()
-
-
-def _loop(trainer, start_step, num_iterations, log_every, eval_every, evaluate, save, save_every, sample,
-          sample_every, logger, snapshot, wandb_run, print_fn, monitor, stop, progress, show, on_step):
-    last = {}
-    t_start = time.time()
-
-    def checkpoint(step):
-        save(step, last)
-        progress["saved"] = step
-        if logger is not None:
-            logger.flush()  # the log always reaches at least the last checkpoint
-
-    for step in range(start_step, num_iterations):
-        want_snapshot = logger is not None and snapshot is not None and logger.should_snapshot(step)
-        metrics = trainer.step(step, want_layer_grads=want_snapshot)
-        layer_grads = metrics.pop("layer_grad_norm", None)
-        last["train_loss"] = metrics["loss"]
-        if on_step is not None:
-            on_step(step + 1, metrics)
-        is_last = step == num_iterations - 1
-        if evaluate is not None and ((eval_every > 0 and (step + 1) % eval_every == 0) or is_last):
-            val = evaluate(step + 1)
-            metrics.update(val)
-            last.update(val)
-        if step % log_every == 0 or is_last:
-            extra = "".join(f" | {k} {metrics[k]:.4f}" for k in show if k in metrics)
-            extra += f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
-            print_fn(f"step {step + 1:05d}/{num_iterations} | loss {metrics['loss']:.4f} | lrm {metrics['lr_mult']:.3f} "
-                     f"| dt {1000 * metrics['dt']:.0f}ms | tok/s {metrics['tok_per_s']:,.0f}{extra} "
-                     f"| {time.time() - t_start:.0f}s")
-        if logger is not None:
-            logger.log_step(step + 1, metrics)
-            if want_snapshot:
-                logger.log_snapshot(step + 1, snapshot(step + 1, layer_grads))
-        if wandb_run is not None:
-            wandb_run.log(dict(metrics, step=step + 1))
-        bad = sorted(k for k, v in last.items() if isinstance(v, float) and not math.isfinite(v))
-        if bad:
-            raise TrainingDiverged(f"{', '.join(bad)} is not finite at step {step + 1} ({last[bad[0]]})")
-        monitor.update(step + 1, metrics["loss"], print_fn)
-        if sample is not None and sample_every > 0 and (step + 1) % sample_every == 0:
-            sample(step + 1)
-        if save is not None and save_every > 0 and (step + 1) % save_every == 0 and not is_last:
-            checkpoint(step + 1)
-        if stop["signal"] is not None and not is_last:
-            name = signal.Signals(stop["signal"]).name
-            if logger is not None:
-                logger.flush()
-            where = (f"resume from step {progress['saved']}" if progress["saved"] is not None
-                     else "no checkpoint was saved yet")
-            print_fn(f"stopped by {name} after step {step + 1}: the research log is flushed; {where}")
-            raise StopRequested(128 + stop["signal"])
-    if save is not None and start_step < num_iterations:
-        checkpoint(num_iterations)
-    return last
+            log.flush()

@@ -39,10 +39,12 @@ from nanochat.direction_dataloader import direction_aware_dataloader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, MATRIX_LR_SCALINGS, config_for_depth
 from nanochat.loss_eval import evaluate_bpb, select_documents
-from nanochat.phase_run import PhaseRun, resolve_flags
+from nanochat.phase_run import PhaseRun
 from nanochat.prefetch import prefetching
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import Trainer, autocast_context, check_flags, grad_accum_steps_for, run_loop
+from nanochat.training import (Every, LossMonitor, StepLog, Trainer, autocast_context, grad_accum_steps_for,
+                               run_loop)
+from scripts.phase_flags import check_flags, flag_values, resolve_model_data_flags, run_options
 
 # Text fragments used for samples: a beginning for forward generation, an ending for backward.
 SAMPLE_BEGINNINGS = ["def ", "import ", "class Parser:\n    def "]
@@ -147,11 +149,25 @@ def validate_args(args):
                         "the warmup and the warmdown would overlap")
 
 
-def resolve_model_data_flags(args, meta, checkpoint_dir, world_size=1):
+def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Base training's schedule (step counts from 0), a trapezoid: linear warmup over the first
+    warmup_ratio of the steps, the full rate, then a linear warmdown over the last warmdown_ratio
+    of the steps to final_lr_frac, the multiplier of the last step."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - 1 - step) / max(1, warmdown)
+    return progress + (1 - progress) * final_lr_frac
+
+
+def resolve_base_flags(args, meta, run, world_size=1):
     """Fill the model/data flags left unset; on resume check the ones given against the checkpoint."""
     defaults = dict(MODEL_DATA_DEFAULTS, direction="forward")
     if meta is None:
-        return resolve_flags(args, defaults, None, args.resume_from_step, checkpoint_dir)
+        return resolve_model_data_flags(args, defaults, None, run)
     saved = dict(meta.get("user_config") or {})
     config = meta.get("model_config") or {}
     spec = DirectionSpec.from_meta(meta)
@@ -160,15 +176,12 @@ def resolve_model_data_flags(args, meta, checkpoint_dir, world_size=1):
                   "direction": spec.direction,
                   "p_backward": spec.p_backward if is_two_way(spec.direction) else saved.get("p_backward")})
 
-    def same(name, given, old):  # -1 and its explicit value B*T*world are the same batch
-        return name == "total_batch_size" and _tokens_per_step(args, given, world_size) == meta.get("tokens_per_step")
-    resolve_flags(args, defaults, saved, args.resume_from_step, checkpoint_dir, same)
-
-
-def _tokens_per_step(args, total_batch_size, world_size):
-    if total_batch_size == -1:
-        return args.device_batch_size * args.max_seq_len * world_size
-    return total_batch_size
+    def same(name, given, old, values):  # -1 and its explicit value B*T*world are the same batch
+        if name != "total_batch_size":
+            return False
+        tokens = values["device_batch_size"] * values["max_seq_len"] * world_size if given == -1 else given
+        return tokens == meta.get("tokens_per_step")
+    resolve_model_data_flags(args, defaults, saved, run, same)
 
 
 def sample_texts(engine, max_tokens=48):
@@ -189,7 +202,7 @@ def main(argv=None):
     try:
         model_tag = args.model_tag or default_model_tag(args.depth or MODEL_DATA_DEFAULTS["depth"],
                                                         args.direction or "forward")
-        with PhaseRun("base", model_tag, args, rank, device) as run:
+        with PhaseRun("base", model_tag, rank, device, **run_options(args)) as run:
             train(args, run, rank, world_size, device)
     finally:
         compute_cleanup()
@@ -204,7 +217,7 @@ def train(args, run, rank, world_size, device):
     resume_meta = run.resume_meta()
     if resume_meta is not None:
         check_tokenizer_matches(resume_meta, tokenizer)
-    resolve_model_data_flags(args, resume_meta, checkpoint_dir, world_size)
+    resolve_base_flags(args, resume_meta, run, world_size)
     run.refuse_overwrite()
     B, T = args.device_batch_size, args.max_seq_len
     grad_accum = grad_accum_steps_for(args.total_batch_size, B, T, world_size)
@@ -241,12 +254,11 @@ def train(args, run, rank, world_size, device):
                                         world_size=world_size, grad_accum_steps=grad_accum,
                                         context_tokens=None if args.context_tokens == -1 else args.context_tokens)
     loader = prefetching(loader, args.prefetch, device)
-    trainer = Trainer(train_model, optimizers, loader, grad_accum, num_iterations, tokens_per_step, device,
-                      world_size=world_size, grad_clip=args.grad_clip, flops_per_token=flops_per_token,
-                      init_lr_frac=args.init_lr_frac,
-                      schedule=dict(warmup_ratio=args.warmup_ratio, warmdown_ratio=args.warmdown_ratio,
-                                    final_lr_frac=args.final_lr_frac))
-    start_step = run.restore(trainer, loader, num_iterations, SCHEDULE_FLAGS)
+    trainer = Trainer(train_model, optimizers, loader, grad_accum, tokens_per_step, device, world_size=world_size,
+                      lr_schedule=lambda step: lr_multiplier(step, num_iterations, args.warmup_ratio,
+                                                             args.warmdown_ratio, args.final_lr_frac),
+                      lr_scale=args.init_lr_frac, grad_clip=args.grad_clip, flops_per_token=flops_per_token)
+    start_step = run.restore(trainer, loader, num_iterations, flag_values(args, SCHEDULE_FLAGS))
 
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else min(20 * tokens_per_step, 20 * 524288)
     eval_docs = select_documents(tokenizer, eval_tokens, "val", rank, world_size)
@@ -291,11 +303,12 @@ def train(args, run, rank, world_size, device):
     run.clear()
     with run.logs(args.direction, user_config, wandb_config=dict(user_config, num_params=num_params),
                   snapshot_every=args.snapshot_every) as (logger, wb):
-        last = run_loop(trainer, start_step, num_iterations, log_every=args.log_every, eval_every=args.eval_every,
-                        evaluate=evaluate, save=save, save_every=args.save_every, sample=sample,
-                        sample_every=args.sample_every, logger=logger,
-                        snapshot=lambda step, grads: research_snapshot(model, trainer, spec, grads),
-                        wandb_run=wb, print_fn=print0, blowup_loss=10 * math.log(tokenizer.get_vocab_size()))
+        log = StepLog(print0, args.log_every, logger=logger, wandb_run=wb,
+                      snapshot=lambda step, grads: research_snapshot(model, trainer, spec, grads))
+        last = run_loop(trainer, start_step, num_iterations, log,
+                        LossMonitor(blowup_loss=10 * math.log(tokenizer.get_vocab_size())),
+                        evaluate=Every(args.eval_every, evaluate), save=Every(args.save_every, save),
+                        sample=Every(args.sample_every, sample))
         print0("final: " + json.dumps({k: round(v, 4) for k, v in last.items()}))
 
 

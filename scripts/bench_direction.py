@@ -67,9 +67,8 @@ def bench_training(tokenizer, args, direction, device):
                                         rank=0, world_size=1, shuffle=bool(args.shuffle))
     batches = prefetching(loader, args.prefetch, device)
     total = args.warmup_steps + args.steps + args.split_steps
-    # A long schedule: every measured step runs at the full learning rate.
-    trainer = Trainer(train_model, optimizers, batches, 1, total * 10, B * T, device,
-                      flops_per_token=model.estimate_flops())
+    # No schedule: every measured step runs at the full learning rate.
+    trainer = Trainer(train_model, optimizers, batches, 1, B * T, device, flops_per_token=model.estimate_flops())
     t_first = time.perf_counter()
     for step in range(args.warmup_steps):
         trainer.step(step)

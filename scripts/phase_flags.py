@@ -1,14 +1,21 @@
-"""Flag groups shared by the phase scripts after base (scripts/mid_train.py, chat_sft.py, chat_rl.py).
+"""Flags shared by the phase scripts: groups (after base: mid_train, chat_sft, chat_rl), checks,
+and the step from parsed flags to the values the library takes (base_train uses those too).
 
 Not an entry point: each script builds its own parser (build_parser) from these groups and its own
-flags. The library (nanochat/) never parses flags; it receives the parsed namespace.
+flags. The library (nanochat/) never sees the namespace: these helpers pass it values.
 
 Flags that define the model or the order of the data default to None here: a fresh run takes the
 phase's defaults (the script's MODEL_DATA_DEFAULTS), a resumed run the checkpoint's values, and an
 explicit value that differs from the checkpoint's is refused (nanochat/phase_run.py resolve_flags).
 """
 
-from nanochat.common import add_flag
+import math
+from contextlib import contextmanager
+
+from nanochat.common import UserError, add_flag
+from nanochat.direction import validate_direction, validate_p_backward, validate_train_on
+from nanochat.paths import validate_name
+from nanochat.phase_run import model_for_run, open_later_run, resolve_flags
 
 
 def add_parent_flags(p, default_source):
@@ -70,3 +77,86 @@ def load_tasks(spec, phase, direction, split):
         return default_mixture(phase, direction, split)
     names = [n.strip() for n in spec.split(",") if n.strip()]
     return TaskMixture([get_task(n, split) for n in names])
+
+
+# ---- checks: one clear error before anything runs -----------------------------------------------
+
+def check_flags(args, positive=(), nonnegative=(), fraction=(), positive_or_off=()):
+    """One clear error for a numeric flag out of range: every value must be finite; `positive` > 0,
+    `nonnegative` >= 0, `fraction` in [0, 1], `positive_or_off` -1 (off) or >= 1."""
+    rules = [(positive, lambda v: v > 0, "must be positive"), (nonnegative, lambda v: v >= 0, "must be >= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+             (positive_or_off, lambda v: v == -1 or v >= 1, "must be at least 1, or -1 for off")]
+    for names, ok, rule in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                raise UserError(f"--{name}={value}: must be a finite number")
+            if not ok(value):
+                raise UserError(f"--{name}={value} {rule}")
+
+
+def check_phase_flags(args):
+    """Flags shared by mid, SFT and RL: names that become paths, and numbers in range."""
+    if args.direction is not None:
+        validate_direction(args.direction)
+    for name in ("model_tag", "output_tag", "parent_experiment"):
+        if getattr(args, name, None) is not None:
+            validate_name(getattr(args, name), f"--{name}")
+    check_flags(args, positive=("init_lr_frac", "log_every", "log_flush_every"),
+                nonnegative=("embedding_lr", "unembedding_lr", "matrix_lr"), positive_or_off=("save_every",))
+    if args.p_backward is not None:
+        validate_p_backward(args.p_backward)
+
+
+def check_conversation_flags(args):
+    validate_train_on(args.train_on)
+    check_phase_flags(args)
+    check_flags(args, positive=("num_iterations", "device_batch_size", "eval_batches"),
+                fraction=("warmdown_ratio",), positive_or_off=("eval_every", "max_seq_len"))
+    if args.total_batch_size is not None and args.total_batch_size != -1 and args.total_batch_size <= 0:
+        raise UserError(f"--total_batch_size={args.total_batch_size} must be positive (or -1 = B*T*world)")
+
+
+# ---- from flags to values -----------------------------------------------------------------------
+
+def run_options(args):
+    """The PhaseRun settings (nanochat/phase_run.py) that every phase's flags give."""
+    return dict(resume_from_step=args.resume_from_step, overwrite=args.overwrite, research_log=args.research_log,
+                wandb_run=args.run, log_flush_every=args.log_flush_every)
+
+
+def flag_values(args, names):
+    return {name: getattr(args, name) for name in names}
+
+
+def resolve_model_data_flags(args, defaults, saved, run, same=None):
+    """Set the flags that define the model or the data order: `defaults` where unset (fresh), the
+    checkpoint's `saved` values (resuming; an explicit different value is refused)."""
+    vars(args).update(resolve_flags(vars(args), defaults, saved, run.resume_step, run.checkpoint_dir, same))
+
+
+@contextmanager
+def later_phase_run(phase, args, defaults, rank, device, check_parent=None):
+    """The locked run of a phase after base, with its model: yields (run, model, tokenizer, direction
+    spec, parent record, resume meta). The parent checkpoint (--source/--model_tag/--step; resuming,
+    this run's own checkpoint) gives the model and its direction; `check_parent(direction)` may
+    refuse a fresh run's parent before any file is touched. Unset model/data flags take `defaults`
+    (and the parent's p_backward), or the checkpoint's values when resuming."""
+    run, parent_dir, parent_step, args.model_tag = open_later_run(
+        phase, args.source, args.model_tag, args.step, args.output_tag, args.direction, rank, device,
+        **run_options(args))  # args.model_tag: the parent is resolved once, the newest tag not looked up twice
+    if check_parent is not None and not run.resuming:
+        from nanochat.checkpoint_manager import load_meta
+        from nanochat.direction import DirectionSpec
+        check_parent(DirectionSpec.from_meta(load_meta(parent_dir, parent_step)).direction)
+    with run:
+        run.prepare()
+        model, tokenizer, spec, parent, resume_meta = model_for_run(run, device, args.source, args.model_tag, args.step,
+                                                                    args.direction, parent_dir, args.parent_experiment)
+        resolve_model_data_flags(args, dict(defaults, p_backward=spec.p_backward),
+                                 resume_meta and resume_meta.get("user_config"), run)
+        run.refuse_overwrite()
+        yield run, model, tokenizer, spec, parent, resume_meta

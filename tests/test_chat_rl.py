@@ -231,8 +231,7 @@ def test_bad_inputs_exit_with_one_error_line(parents):
 
 def test_flag_spellings_and_invalid_numbers(parents, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", parents)
-    from nanochat.rl import check_args
-    from scripts.chat_rl import build_parser
+    from scripts.chat_rl import build_parser, check_args
     a = build_parser().parse_args(["--num-samples=3", "--examples-per-step=4", "--init-lr-frac=0.1"])
     b = build_parser().parse_args(["--num_samples=3", "--examples_per_step=4", "--init_lr_frac=0.1"])
     assert vars(a) == vars(b)

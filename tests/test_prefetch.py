@@ -228,7 +228,7 @@ def trainer_data_waits(prefetch, load_s, step_s, steps=4):
     from nanochat.training import Trainer
     model = SlowModel(step_s)
     batches = prefetching(TokenLoader(delay=load_s), prefetch)
-    trainer = Trainer(model, model.gpt.setup_optimizers(), batches, 1, 100, 32, torch.device("cpu"))
+    trainer = Trainer(model, model.gpt.setup_optimizers(), batches, 1, 32, torch.device("cpu"))
     metrics = [trainer.step(s) for s in range(steps)]
     if prefetch:
         batches.close()

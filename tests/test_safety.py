@@ -259,11 +259,11 @@ class FakeTrainer:
 
 def test_sigterm_stops_after_the_step_with_the_log_flushed(tmp_path):
     from nanochat.research_logger import ResearchLogger, read_scalar
-    from nanochat.training import StopRequested, run_loop
+    from nanochat.training import StepLog, StopRequested, run_loop
     logger = ResearchLogger(str(tmp_path), flush_every=100)
     trainer = FakeTrainer(on_step=lambda s: s == 4 and os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(StopRequested) as stopped:
-        run_loop(trainer, 0, 50, logger=logger, print_fn=lambda *a: None)
+        run_loop(trainer, 0, 50, StepLog(print_fn=lambda *a: None, logger=logger))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert list(read_scalar(logger.path, "step")) == [1, 2, 3, 4, 5]  # on disk before close()
     logger.close()
@@ -272,11 +272,11 @@ def test_sigterm_stops_after_the_step_with_the_log_flushed(tmp_path):
 def test_the_log_is_on_disk_up_to_every_checkpoint(tmp_path):
     # What SIGKILL cannot take away: at any moment the file holds every row up to the last save.
     from nanochat.research_logger import ResearchLogger, read_scalar
-    from nanochat.training import run_loop
+    from nanochat.training import Every, StepLog, run_loop
     logger = ResearchLogger(str(tmp_path), flush_every=100)
     on_disk = {}
     trainer = FakeTrainer(on_step=lambda s: on_disk.__setitem__(s, list(read_scalar(logger.path, "step"))))
-    run_loop(trainer, 0, 7, save=lambda step, last: None, save_every=3, logger=logger, print_fn=lambda *a: None)
+    run_loop(trainer, 0, 7, StepLog(print_fn=lambda *a: None, logger=logger), save=Every(3, lambda step, last: None))
     logger.close()
     assert on_disk[3] == [1, 2, 3] and on_disk[6] == [1, 2, 3, 4, 5, 6]
 
@@ -348,16 +348,16 @@ def test_divergence_names_the_step_as_progress_lines_count_it():
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     x = torch.randint(0, 64, (2, 8))
-    trainer = Trainer(model, model.setup_optimizers(), iter([(x, x)]), 1, 10, 16, torch.device("cpu"))
+    trainer = Trainer(model, model.setup_optimizers(), iter([(x, x)]), 1, 16, torch.device("cpu"))
     with pytest.raises(UserError, match="diverged at step 4"):
         trainer.step(3)  # the 0-based loop index of the step printed as "step 00004"
 
 
 def test_a_nan_validation_metric_stops_the_run(tmp_path):
-    from nanochat.training import TrainingDiverged, run_loop
+    from nanochat.training import Every, StepLog, TrainingDiverged, run_loop
     with pytest.raises(TrainingDiverged, match="val_bpb_forward is not finite at step 2"):
-        run_loop(FakeTrainer(), 0, 5, eval_every=2, evaluate=lambda s: {"val_bpb_forward": float("nan")},
-                 print_fn=lambda *a: None)
+        run_loop(FakeTrainer(), 0, 5, StepLog(print_fn=lambda *a: None),
+                 evaluate=Every(2, lambda s: {"val_bpb_forward": float("nan")}))
 
 
 # ------------------------------------------------------------------ 8. the tokenizer is fingerprinted
@@ -412,7 +412,7 @@ def test_loaded_optimizer_state_keeps_this_runs_hyperparameters():
     model = GPT.build(config, "cpu")
     saved = [opt.state_dict() for opt in model.setup_optimizers(matrix_lr=0.02, weight_decay=0.0)]
     optimizers = model.setup_optimizers(matrix_lr=0.05, weight_decay=0.1)
-    trainer = Trainer(model, optimizers, iter([]), 1, 10, 16, torch.device("cpu"))
+    trainer = Trainer(model, optimizers, iter([]), 1, 16, torch.device("cpu"))
     trainer.load_optimizer_state(saved)
     muon = optimizers[1].param_groups[0]
     assert muon["initial_lr"] == 0.05 and muon["weight_decay"] == 0.1
@@ -450,8 +450,7 @@ def test_bad_numeric_flags_are_one_clear_error(flag, message, tmp_path, monkeypa
 
 
 def test_chat_phase_flags_are_checked_before_anything_runs(tmp_path, monkeypatch):
-    from nanochat.rl import check_args
-    from scripts.chat_rl import build_parser
+    from scripts.chat_rl import build_parser, check_args
     from scripts.mid_train import main as mid_main
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="--num_iterations=0 must be positive"):
@@ -567,11 +566,10 @@ def test_an_experiment_id_that_is_a_plain_tag_is_refused(base_dir):
 
 
 def test_chat_phase_output_is_locked_checked_and_a_stale_log_moved_aside(base_dir, capsys):
-    import argparse
     from nanochat.phase_run import PhaseRun
     from nanochat.research_logger import ResearchLogger
-    args = argparse.Namespace(resume_from_step=-1, overwrite=False, research_log=1, run="dummy", log_flush_every=100)
-    run = PhaseRun("mid", "chat_out", args, 0, "cpu")
+    options = dict(resume_from_step=-1, overwrite=False, research_log=1, wandb_run="dummy", log_flush_every=100)
+    run = PhaseRun("mid", "chat_out", 0, "cpu", **options)
     dirs = run.dirs
     with ResearchLogger(dirs["run"], phase="mid_training") as log:  # an attempt killed before saving
         log.log_step(1, {"loss": 1.0})
@@ -584,10 +582,10 @@ def test_chat_phase_output_is_locked_checked_and_a_stale_log_moved_aside(base_di
         assert "moved it aside" in out and "model_000003.pt.tmp999" in out
         assert sorted(os.listdir(dirs["logs"])) == ["mid_training.attempt1.h5"]
         with pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
-            PhaseRun("mid", "chat_out", args, 0, "cpu").__enter__()
+            PhaseRun("mid", "chat_out", 0, "cpu", **options).__enter__()
     for name in ("meta_000002.json", "model_000002.pt"):
         open(os.path.join(dirs["checkpoints"], name), "w").close()
-    with PhaseRun("mid", "chat_out", args, 0, "cpu") as again:
+    with PhaseRun("mid", "chat_out", 0, "cpu", **options) as again:
         again.prepare()
         with pytest.raises(UserError, match="already holds mid checkpoints"):
             again.refuse_overwrite()

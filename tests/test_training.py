@@ -1,4 +1,4 @@
-"""Tests for nanochat.training: batch arithmetic, the LR schedule, and the shared Trainer step."""
+"""Tests for nanochat.training: batch arithmetic, the phases' LR schedules, and the shared Trainer step."""
 
 import copy
 
@@ -8,7 +8,9 @@ import torch
 from nanochat.muon import Muon
 from nanochat.common import UserError
 from nanochat.gpt import GPT, config_for_depth
-from nanochat.training import Trainer, grad_accum_steps_for, lr_multiplier, muon_momentum
+from nanochat.training import Trainer, grad_accum_steps_for, muon_momentum
+from scripts import base_train, chat_rl, chat_sft, mid_train
+from scripts.base_train import lr_multiplier
 
 V, T = 64, 16
 
@@ -57,10 +59,26 @@ def test_lr_multiplier_trapezoid():
 
 def test_lr_multiplier_defaults_have_no_warmup_and_decay_to_zero():
     n = 50
-    assert lr_multiplier(0, n) == 1.0
-    assert lr_multiplier(39, n) == 1.0
-    assert lr_multiplier(40, n) == pytest.approx(0.9)
-    assert lr_multiplier(49, n) == pytest.approx(0.0)
+    flags = base_train.build_parser().parse_args([])
+
+    def default(step):
+        return lr_multiplier(step, n, flags.warmup_ratio, flags.warmdown_ratio, flags.final_lr_frac)
+    assert default(0) == 1.0
+    assert default(39) == 1.0
+    assert default(40) == pytest.approx(0.9)
+    assert default(49) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 50, 333])
+@pytest.mark.parametrize("warmdown_ratio", [0.0, 0.2, 0.5, 1.0])
+def test_later_phases_schedules_are_the_trapezoid_without_warmup_to_zero(n, warmdown_ratio):
+    # Each phase script owns its schedule; mid and SFT decay linearly to 0 over the last
+    # warmdown_ratio of the steps, RL over all of them: bit for bit the trapezoid they replaced.
+    for step in range(n):
+        expected = lr_multiplier(step, n, 0.0, warmdown_ratio, 0.0)
+        assert mid_train.lr_multiplier(step, n, warmdown_ratio) == expected
+        assert chat_sft.lr_multiplier(step, n, warmdown_ratio) == expected
+        assert chat_rl.lr_multiplier(step, n) == lr_multiplier(step, n, 0.0, 1.0, 0.0)
 
 
 def test_muon_momentum_ramp():
@@ -88,9 +106,9 @@ def data(n_rows, seed=1):
     return x[:, :-1], x[:, 1:]
 
 
-def make_trainer(model, batches, grad_accum_steps, num_iterations=10, **kwargs):
-    return Trainer(model, model.setup_optimizers(), iter(batches), grad_accum_steps, num_iterations,
-                   tokens_per_step=4 * T, device=torch.device("cpu"), **kwargs)
+def make_trainer(model, batches, grad_accum_steps, **kwargs):
+    return Trainer(model, model.setup_optimizers(), iter(batches), grad_accum_steps, tokens_per_step=4 * T,
+                   device=torch.device("cpu"), **kwargs)
 
 
 def test_accumulating_two_micro_batches_equals_one_double_batch():
@@ -133,7 +151,7 @@ def test_accumulation_differs_from_a_single_micro_batch():
 def test_step_metrics_and_loss_decreases():
     model = tiny_model()
     x, y = data(4)
-    trainer = make_trainer(model, [(x, y)] * 10, grad_accum_steps=1, num_iterations=10)
+    trainer = make_trainer(model, [(x, y)] * 10, grad_accum_steps=1)
     first = trainer.step(0, want_layer_grads=True)
     assert {"loss", "lr_mult", "dt", "tok_per_s", "grad_norm", "layer_grad_norm"} <= set(first)
     assert set(first["layer_grad_norm"]) == {"embed", "head", "layer0"}
@@ -148,11 +166,10 @@ def test_step_metrics_and_loss_decreases():
 
 def test_set_lr_applies_schedule_and_init_frac():
     model = tiny_model()
-    trainer = make_trainer(model, [], grad_accum_steps=1, num_iterations=10,
-                           schedule={"warmup_ratio": 0.0, "warmdown_ratio": 0.5, "final_lr_frac": 0.0},
-                           init_lr_frac=0.5)
+    trainer = make_trainer(model, [], grad_accum_steps=1, lr_scale=0.5,
+                           lr_schedule=lambda step: lr_multiplier(step, 10, 0.0, 0.5, 0.0))
     mult = trainer.set_lr(8)
-    assert mult == pytest.approx(lr_multiplier(8, 10, warmdown_ratio=0.5))
+    assert mult == pytest.approx(lr_multiplier(8, 10, 0.0, 0.5, 0.0))
     assert 0 < mult < 1
     for opt in trainer.optimizers:
         for g in opt.param_groups:
