@@ -215,7 +215,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def browser_or_skip(tmp_path):
     """A headless Debian chromium driven by Selenium, or a skip that says what is missing
-    (scripts/setup_env.sh installs chromium and chromium-driver with apt when it runs as root)."""
+    (runtests.sh: setup_env.sh with the browser extra installs chromium and chromium-driver with apt as root)."""
     import os
     try:
         from selenium import webdriver
