@@ -66,6 +66,12 @@ def load_task(name, split):
     return get_task(name, split)
 
 
+def lr_multiplier(step, num_iterations):
+    """RL's schedule (step counts from 0): linear decay from the full rate (--init_lr_frac x the
+    base rates) to zero at the last step, which keeps the policy near its SFT parent."""
+    return (num_iterations - 1 - step) / max(1, num_iterations)
+
+
 def check_args(args):
     check_phase_flags(args)
     check_flags(args, positive=("temperature",), positive_or_off=("eval_every",))
@@ -77,12 +83,6 @@ def check_args(args):
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num_samples={args.num_samples}: a group needs at least 2 completions "
                         "(with one, every advantage is 0)")
-
-
-def lr_multiplier(step, num_iterations):
-    """RL's schedule (step counts from 0): linear decay from the full rate (--init_lr_frac x the
-    base rates) to zero at the last step, which keeps the policy near its SFT parent."""
-    return (num_iterations - 1 - step) / max(1, num_iterations)
 
 
 def main(argv=None):
