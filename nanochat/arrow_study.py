@@ -23,7 +23,7 @@ import math
 import os
 
 from nanochat.common import UserError, get_base_dir
-from nanochat.loss_eval import list_bpb_evaluations
+from nanochat.evaluations import latest_record
 
 STUDY_FILE = "study.json"
 POSITIONS_FILE = "positions.json"  # bits per byte by position in the document, per pair
@@ -78,10 +78,10 @@ def list_studies(base_dir=None):
 
 def final_bpb(evaluations_dir):
     """{concrete direction: bpb} of the latest bpb evaluation in a run's evaluations/, or {}."""
-    found = list_bpb_evaluations(evaluations_dir)
-    if not found:
+    latest = latest_record(evaluations_dir, "bpb")
+    if latest is None:
         return {}
-    with open(found[-1][1]) as f:
+    with open(latest[1]) as f:
         record = json.load(f)
     results = record.get("results", record)
     return {d: r["bpb"] for d, r in results.items() if isinstance(r, dict) and "bpb" in r}

@@ -110,22 +110,6 @@ def remove_steps(checkpoint_dir, steps):
             os.remove(os.path.join(checkpoint_dir, name))
 
 
-_EVALUATION_FILE = re.compile(r".*_step(\d+)\.json")
-
-
-def remove_evaluations(evaluations_dir, steps):
-    """Delete the evaluation records (`*_step<NNNNNN>.json`) of the given steps; returns their names."""
-    steps, removed = set(steps), []
-    if not os.path.isdir(evaluations_dir):
-        return removed
-    for name in sorted(os.listdir(evaluations_dir)):
-        m = _EVALUATION_FILE.fullmatch(name)
-        if m and int(m.group(1)) in steps:
-            os.remove(os.path.join(evaluations_dir, name))
-            removed.append(name)
-    return removed
-
-
 def clean_checkpoint_dir(checkpoint_dir):
     """Remove what a killed save left: temporary files, and model/optimizer files of a step that
     has no meta (never complete). Returns the names removed. Call it holding the run lock."""

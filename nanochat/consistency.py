@@ -23,13 +23,13 @@ tiny models), and are identical when every document fills its own rows.
 import json
 import math
 import os
-import re
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, validate_direction
+from nanochat.evaluations import list_family, write_record
 from nanochat.loss_eval import _pieces, token_losses
 
 
@@ -129,28 +129,11 @@ def consistency_record(kind, forward, backward, docs_nbytes, **info):
 
 
 # ---- files and the report ---------------------------------------------------------------------------
-# <run>/evaluations/consistency_step<NNNNNN>.json (a bidirectional model: its two readings) and
-# consistency_pair_<backward tag>_step<NNNNNN>.json in the forward model's run (a forward/backward pair);
-# the scatter plot beside each, same name with .png.
-_FILE = re.compile(r"^consistency_(?:pair_(.+)_)?step(\d+)\.json$")
-
-
-def consistency_evaluation_path(evaluations_dir, step, pair_tag=None):
-    name = f"consistency_pair_{pair_tag}_step{step:06d}.json" if pair_tag else f"consistency_step{step:06d}.json"
-    return os.path.join(evaluations_dir, name)
-
-
-def list_consistency_evaluations(evaluations_dir):
-    """[(step, pair_tag or None, path)] by increasing step."""
-    if not os.path.isdir(evaluations_dir):
-        return []
-    return sorted(((int(m.group(2)), m.group(1), os.path.join(evaluations_dir, n))
-                   for n in os.listdir(evaluations_dir) if (m := _FILE.match(n))), key=lambda t: (t[0], t[1] or ""))
-
-
+# Records (nanochat/evaluations.py): `consistency` in a bidirectional model's run (its two readings) and
+# `consistency_pair_<backward tag>` in the forward model's run (a forward/backward pair); the scatter plot
+# beside each, same name with .png.
 def write_consistency(path, record, title):
     """JSON and its scatter plot (rank 0 only)."""
-    from nanochat.core_eval import write_record
     per_doc = record["per_document"]
     plot_consistency(per_doc["bpb_forward"], per_doc["bpb_backward"], path[:-len(".json")] + ".png", title)
     write_record(path, record)
@@ -170,7 +153,8 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
     (nanochat/research_report.py REPORT_SECTIONS). The scatter plots are copied into plots_dir
     as <run_name>_<file name> and linked by file name."""
     import shutil
-    found = list_consistency_evaluations(evaluations_dir)
+    found = [(step, detail, path) for step, detail, path in list_family(evaluations_dir, "consistency")
+             if detail is None or detail.startswith("pair_")]
     if not found:
         return None
     last_step = found[-1][0]
@@ -179,7 +163,8 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
              "| models | documents | bpb fwd | bpb bwd | mean abs diff | mean diff (bwd - fwd) | correlation |",
              "|---|---|---|---|---|---|---|"]
     plots = []
-    for step, pair, path in found:
+    for step, detail, path in found:
+        pair = detail and detail[len("pair_"):]
         if step != last_step:
             continue
         with open(path) as f:

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 import urllib.request
@@ -60,10 +59,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.paths import atomic_write_json
 from nanochat.common import UserError, get_base_dir, print0
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction, concrete_directions, \
     orient_text_tokens, validate_direction
+from nanochat.evaluations import latest_record, record_path, write_record
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIRNAME = "eval_bundle"
@@ -391,35 +390,14 @@ class CoreBenchmark:
         results = self.evaluate(model, tokenizer, trained_direction, directions, device, seq_len,
                                 batch_size, autocast_ctx, rank, world_size)
         if rank == 0:
-            write_record(core_evaluation_path(evaluations_dir, step),
+            write_record(record_path(evaluations_dir, "core", step),
                          dict(meta or {}, eval="core", step=step, trained_direction=trained_direction,
                               bundle_dir=self.bundle_dir, max_seq_len=seq_len, **results))
         print0(f"step {step:05d} | " + " | ".join(f"CORE {d}: {v:.4f}" for d, v in results["core"].items()))
         return {f"core_{d}": v for d, v in results["core"].items()}
 
 
-# ---- files and the report ---------------------------------------------------------------------------
-_CORE_FILE = re.compile(r"^core_step(\d+)\.json$")
-
-
-def core_evaluation_path(evaluations_dir, step):
-    return os.path.join(evaluations_dir, f"core_step{step:06d}.json")
-
-
-def list_core_evaluations(evaluations_dir):
-    """[(step, path)] of the CORE evaluation files in a directory, by increasing step."""
-    if not os.path.isdir(evaluations_dir):
-        return []
-    return sorted((int(m.group(1)), os.path.join(evaluations_dir, n))
-                  for n in os.listdir(evaluations_dir) if (m := _CORE_FILE.match(n)))
-
-
-def write_record(path, record):
-    """Atomic JSON write (temporary name, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_json(path, record)
-
-
+# ---- the terminal and the report --------------------------------------------------------------------
 def format_table(results):
     """The per-task table and the CORE line as text (for the terminal)."""
     directions = list(results["core"])
@@ -438,10 +416,10 @@ SECTION_TITLE = "CORE benchmark (in each direction)"
 def markdown_section(run_name, evaluations_dir, plots_dir):
     """The report's CORE section for one run (the latest core_step*.json), or None if none
     (nanochat/research_report.py REPORT_SECTIONS)."""
-    found = list_core_evaluations(evaluations_dir)
-    if not found:
+    latest = latest_record(evaluations_dir, "core")
+    if latest is None:
         return None
-    step, path = found[-1]
+    step, path = latest
     with open(path) as f:
         record = json.load(f)
     directions = list(record["core"])

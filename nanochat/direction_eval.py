@@ -43,20 +43,17 @@ by markdown_section (registered in nanochat/research_report.py REPORT_SECTIONS).
 
 import json
 import math
-import os
-import re
 from datetime import datetime, timezone
 
 import torch
 
-from nanochat.paths import atomic_write_json
 from nanochat.chat_eval_lib import (evaluate_generative, evaluate_multiple_choice, example_indices,
                                     sequence_logprobs)
 from nanochat.common import UserError, print0
 from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, validate_direction
+from nanochat.evaluations import kind_name, latest_of_each, record_path, refuse_existing, write_record
 
 SECTION_TITLE = "Task accuracy in each direction"
-_FILE_PATTERN = re.compile(r"^direction_(.+)_step(\d+)\.json$")
 
 
 def _trained_direction(engine, model_direction):
@@ -225,36 +222,16 @@ def compute_direction_metrics(results):
 
 
 # ---- files --------------------------------------------------------------------------------------
-def direction_evaluation_path(evaluations_dir, task_name, step):
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(task_name))
-    return os.path.join(evaluations_dir, f"direction_{safe}_step{int(step):06d}.json")
-
-
-def list_direction_evaluations(evaluations_dir):
-    """[(task, step, path)] of the direction evaluations in `evaluations_dir`, by increasing step."""
-    if not os.path.isdir(evaluations_dir):
-        return []
-    found = []
-    for name in os.listdir(evaluations_dir):
-        match = _FILE_PATTERN.match(name)
-        if match:
-            found.append((match.group(1), int(match.group(2)), os.path.join(evaluations_dir, name)))
-    return sorted(found, key=lambda t: (t[1], t[0]))
-
-
 def save_direction_evaluation(results, evaluations_dir, task_name, step, trained_direction=None, overwrite=False,
                               **extra):
     """Write one task's results (with compute_direction_metrics) as JSON; return the path. An
     existing file is refused unless overwrite."""
-    path = direction_evaluation_path(evaluations_dir, task_name, step)
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    path = record_path(evaluations_dir, kind_name("direction", task_name), step)
+    refuse_existing([path], overwrite)
     record = {"eval": "direction", "task": task_name, "step": int(step), "trained_direction": trained_direction,
               "eval_directions": list(results), "results": results, "metrics": compute_direction_metrics(results),
               **extra, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    os.makedirs(evaluations_dir, exist_ok=True)
-    atomic_write_json(path, record)
-    return path
+    return write_record(path, record)
 
 
 # ---- report section (nanochat/research_report.py REPORT_SECTIONS) -------------------------------
@@ -274,15 +251,13 @@ def _cell_bpb(entry):
 
 def markdown_section(run_name, evaluations_dir, plots_dir):
     """The run's latest direction evaluation of each task as a Markdown table, or None if it has none."""
-    latest = {}
-    for task, step, path in list_direction_evaluations(evaluations_dir):
-        latest[task] = (step, path)
+    latest = latest_of_each(evaluations_dir, "direction")
     if not latest:
         return None
     lines = ["| task | step | accuracy forward | accuracy backward | bpb forward | bpb backward | bpb gap |",
              "|---|---|---|---|---|---|---|"]
     notes = []
-    for task, (step, path) in sorted(latest.items()):
+    for task, (step, path) in latest.items():
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
         results = record.get("results") or {}

@@ -14,8 +14,6 @@ to fit, in reading order.
 """
 
 import math
-import os
-import re
 
 import torch
 import torch.distributed as dist
@@ -200,20 +198,3 @@ def arrow_of_time_gap(results):
         return (b - f) / f
     return None
 
-
-# Where bpb results are stored: <run>/evaluations/bpb_step<NNNNNN>.json (written by scripts.base_eval,
-# read by the orchestrator and research_analysis).
-_BPB_FILE = re.compile(r"^bpb_step(\d+)\.json$")
-
-
-def bpb_evaluation_path(evaluations_dir, step):
-    return os.path.join(evaluations_dir, f"bpb_step{step:06d}.json")
-
-
-def list_bpb_evaluations(evaluations_dir):
-    """[(step, path)] of the bpb evaluation files in a directory, by increasing step."""
-    if not os.path.isdir(evaluations_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(evaluations_dir, name))
-             for name in os.listdir(evaluations_dir) if (m := _BPB_FILE.match(name))]
-    return sorted(found)

@@ -25,10 +25,11 @@ from datetime import datetime, timezone
 
 from nanochat import wandb_log
 from nanochat.checkpoint_manager import (artifact_dirs, build_model, check_tokenizer_matches, clean_checkpoint_dir,
-                                         list_steps, load_checkpoint, load_meta, load_model, remove_evaluations,
-                                         remove_steps, resolve_checkpoint, save_checkpoint, tokenizer_fingerprint)
+                                         list_steps, load_checkpoint, load_meta, load_model, remove_steps,
+                                         resolve_checkpoint, save_checkpoint, tokenizer_fingerprint)
 from nanochat.common import UserError, print0
 from nanochat.direction import DirectionSpec
+from nanochat.evaluations import remove_records
 from nanochat.locking import acquire_run_lock
 from nanochat.paths import check_writable, move_aside, remove_stale_temporaries
 from nanochat.phases import PHASES
@@ -220,7 +221,7 @@ class PhaseRun:
             return
         if self.later:
             remove_steps(self.checkpoint_dir, self.later)
-            gone = remove_evaluations(self.dirs["evaluations"], self.later)
+            gone = remove_records(self.dirs["evaluations"], self.later)
             print0(f"--overwrite: deleted checkpoint steps {self.later} of {self.checkpoint_dir}"
                    + (f" and their evaluations {gone}" if gone else ""))
         log = log_path(self.dirs["run"], self.phase.log_name)

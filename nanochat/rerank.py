@@ -24,12 +24,10 @@ Standard errors are over questions: std / sqrt(n).
 
 import json
 import math
-import os
-import re
 
 from nanochat.chat_eval_lib import sequence_logprobs
-from nanochat.common import UserError
 from nanochat.direction import DirectionSpec, by_direction
+from nanochat.evaluations import latest_of_each
 
 METHODS = ("forward", "backward", "sum")
 
@@ -147,34 +145,14 @@ def format_table(summary, num_samples):
     return "\n".join(lines)
 
 
-# ---- files and the report ---------------------------------------------------------------------------
-# <forward run>/evaluations/rerank_<task>_step<NNNNNN>.json (step of the forward model).
-_FILE = re.compile(r"^rerank_(.+)_step(\d+)\.json$")
-
-
-def rerank_evaluation_path(evaluations_dir, task_name, step):
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", task_name):
-        raise UserError(f"task name {task_name!r} cannot be part of a file name")
-    return os.path.join(evaluations_dir, f"rerank_{task_name}_step{step:06d}.json")
-
-
-def list_rerank_evaluations(evaluations_dir):
-    """[(step, task, path)] by increasing step."""
-    if not os.path.isdir(evaluations_dir):
-        return []
-    return sorted((int(m.group(2)), m.group(1), os.path.join(evaluations_dir, n))
-                  for n in os.listdir(evaluations_dir) if (m := _FILE.match(n)))
-
-
+# ---- the report -------------------------------------------------------------------------------------
 SECTION_TITLE = "Reranking with a backward model"
 
 
 def markdown_section(run_name, evaluations_dir, plots_dir):
     """The report's reranking section (the latest file of each task), or None if there is none
     (nanochat/research_report.py REPORT_SECTIONS)."""
-    latest = {}
-    for step, task, path in list_rerank_evaluations(evaluations_dir):
-        latest[task] = (step, path)
+    latest = latest_of_each(evaluations_dir, "rerank")
     if not latest:
         return None
     lines = ["This run sampled N answers per question; the pick is the candidate with the highest score: its own "
@@ -182,7 +160,7 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
              "(nanochat/rerank.py). Accuracy@1 +- standard error over questions.", "",
              "| task | N | backward scorer | forward | backward | sum | random | pass@N |",
              "|---|---|---|---|---|---|---|---|"]
-    for task, (step, path) in sorted(latest.items()):
+    for task, (step, path) in latest.items():
         with open(path) as f:
             r = json.load(f)
         s = r["summary"]

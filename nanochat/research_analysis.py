@@ -35,7 +35,8 @@ from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError
 from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS
 from nanochat.experiment_config import ExperimentConfig
-from nanochat.loss_eval import arrow_of_time_gap, list_bpb_evaluations
+from nanochat.evaluations import latest_of_each, list_records
+from nanochat.loss_eval import arrow_of_time_gap
 from nanochat.research_logger import list_snapshots, log_path, read_attrs, read_scalars, read_snapshot
 
 EVAL_DIRECTIONS = CONCRETE_DIRECTIONS
@@ -147,7 +148,7 @@ def _log_files(experiments, experiment_id):
 
 def _evaluation_files(experiments, experiment_id):
     """[(step, path)] of the experiment's bpb evaluation JSONs, by increasing step."""
-    return list_bpb_evaluations(experiments.evaluations_dir(experiment_id))
+    return list_records(experiments.evaluations_dir(experiment_id), "bpb")
 
 
 def _read_json(path):
@@ -296,12 +297,9 @@ def load_training_curves(experiment, phase=BASE_LOG_PHASE, base_dir=None):
 def load_direction_evaluations(experiment, base_dir=None):
     """The task evaluations in every direction (nanochat/direction_eval.py) of one experiment:
     [record] from evaluations/direction_*.json, the newest step of each task only, by task name."""
-    from nanochat.direction_eval import list_direction_evaluations
     experiments, experiment_id = resolve_experiment(experiment, base_dir)
-    latest = {}
-    for task, step, path in list_direction_evaluations(experiments.evaluations_dir(experiment_id)):
-        latest[task] = (step, path)  # listed by increasing step: the last one wins
-    return [dict(_read_json(path), path=path) for _, (_, path) in sorted(latest.items())]
+    latest = latest_of_each(experiments.evaluations_dir(experiment_id), "direction")
+    return [dict(_read_json(path), path=path) for _, path in latest.values()]
 
 
 def collect_task_rows(experiment_dirs_or_ids, base_dir=None):

@@ -16,32 +16,179 @@
                forward-trained tag with the i-th backward-trained one).
 
 A one-way model is scored in the other direction too (the cross direction): its rows simply
-carry no marker. Results are printed and written as JSON to the run's `evaluations/` directory
-(beside the checkpoints): bpb_step<step>.json, core_step<step>.json,
+carry no marker. Results are printed and written as JSON records (nanochat/evaluations.py) to the
+run's `evaluations/` directory (beside the checkpoints): bpb_step<step>.json, core_step<step>.json,
 consistency_step<step>.json (+ .png), consistency_pair_<backward tag>_step<step>.json (+ .png, in
 the forward model's run). An existing file is never replaced without --overwrite, and every
-output path is checked before any model is evaluated.
+output path is checked before any model is evaluated. EVALUATIONS below is the one table of
+what --eval can run: a new metric is its module and a row there.
 """
 
 import argparse
 import math
-import os
 import sys
 from datetime import datetime, timezone
+from typing import Callable, NamedTuple
 
 from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
-from nanochat.consistency import (consistency_evaluation_path, consistency_record, format_stats, per_document_bpb,
-                                  write_consistency)
-from nanochat.core_eval import BUNDLE_URL, CoreBenchmark, core_evaluation_path, format_table, write_record
+from nanochat.consistency import consistency_record, format_stats, per_document_bpb, write_consistency
+from nanochat.core_eval import BUNDLE_URL, CoreBenchmark, format_table
 from nanochat.direction import DirectionSpec, is_two_way, parse_directions
-from nanochat.loss_eval import arrow_of_time_gap, bpb_evaluation_path, evaluate_bpb, select_documents
+from nanochat.evaluations import record_path, refuse_existing, write_record
+from nanochat.loss_eval import arrow_of_time_gap, evaluate_bpb, select_documents
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import autocast_context
 
 SOURCES = PHASE_NAMES
-EVALS = ("bpb", "core", "consistency")
+
+
+class Evaluation(NamedTuple):
+    """One row of EVALUATIONS: the records an evaluation writes and the functions that run it."""
+    records: Callable            # records(models) -> {key: path}: every record it will write (a model's tag
+                                 # or a (forward tag, backward tag) pair), planned and checked before any work
+    run: Callable                # run(job, loaded): evaluate one loaded model, write its records
+    prepare: Callable = None     # prepare(args): before any model is loaded (the CORE task bundle)
+    finish: Callable = None      # finish(job): after every model (the forward/backward pairs)
+
+
+class Job:
+    """What the evaluations of one call share: flags, devices, planned records, the documents read."""
+
+    def __init__(self, args, directions, models, records, prepared, rank, world_size, device):
+        self.args, self.directions, self.models = args, directions, models
+        self.records, self.prepared = records, prepared  # {evaluation: {key: path}}, {evaluation: what prepare gave}
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.matrix, self.per_doc, self._docs = [], {}, None  # bpb rows; consistency's readings by tag
+
+    def documents(self, tokenizer):
+        """(validation documents, token bytes): the same documents for every model and direction."""
+        if self._docs is None:
+            self._docs = (select_documents(tokenizer, self.args.eval_tokens, "val", self.rank, self.world_size),
+                          get_token_bytes(self.device))
+        return self._docs
+
+    def write(self, path, record):
+        if self.rank == 0:
+            write_record(path, record)
+            print0(f"wrote {path}")
+
+
+class Loaded(NamedTuple):
+    """One model, loaded for evaluation."""
+    model: object
+    tokenizer: object
+    meta: dict
+    tag: str        # the resolved tag: its records' keys
+    seq_len: int
+    autocast: object
+    common: dict    # the fields every record of this model carries
+
+
+# ---- bpb ----------------------------------------------------------------------------------------------
+def bpb_records(models):
+    return {m["tag"]: record_path(m["evaluations"], "bpb", m["step"]) for m in models}
+
+
+def run_bpb(job, m):
+    docs, token_bytes = job.documents(m.tokenizer)
+    tag, step, trained = m.meta["model_tag"], m.meta["step"], m.meta["direction"]
+    results = evaluate_bpb(m.model, m.tokenizer, token_bytes, docs, job.directions, trained, m.seq_len,
+                           job.args.device_batch_size, job.device, m.autocast)
+    gap = arrow_of_time_gap(results)
+    for d, r in results.items():
+        print0(f"{tag} (trained {trained}) step {step}: bpb {d} = {r['bpb']:.4f} "
+               f"({r['tokens']:,} tokens, {r['bytes']:,} bytes, {r['documents']} documents)")
+    if gap is not None:
+        print0(f"{tag}: cross-direction penalty (bwd - fwd) / fwd = {100 * gap:+.2f}%")
+    path = job.records["bpb"][m.tag]
+    job.write(path, dict(m.common, eval="bpb", split="val", eval_tokens=job.args.eval_tokens, results=results,
+                         arrow_of_time_gap=gap))
+    bad = [d for d, r in results.items() if not math.isfinite(r["bpb"])]
+    if bad:  # recorded (it is the result), but a NaN is a failed evaluation: exit non-zero
+        raise UserError(f"{tag}: bpb {', '.join(bad)} is not finite ({path}); the weights or the evaluation data "
+                        "are broken")
+    job.matrix.append((tag, trained, {d: r["bpb"] for d, r in results.items()}))
+
+
+# ---- CORE ---------------------------------------------------------------------------------------------
+def core_records(models):
+    return {m["tag"]: record_path(m["evaluations"], "core", m["step"]) for m in models}
+
+
+def prepare_core(args):
+    labels = [s.strip() for s in args.core_tasks.split(",") if s.strip()]
+    return CoreBenchmark.prepare(args.bundle_dir or None, args.bundle_url, args.max_per_task, labels)
+
+
+def run_core(job, m):
+    core, tag, step, trained = job.prepared["core"], m.meta["model_tag"], m.meta["step"], m.meta["direction"]
+    results = core.evaluate(m.model, m.tokenizer, trained, job.directions, job.device, m.seq_len,
+                            job.args.device_batch_size, m.autocast, job.rank, job.world_size)
+    print0(f"\n{tag} (trained {trained}) step {step}: CORE\n" + format_table(results))
+    job.write(job.records["core"][m.tag], dict(m.common, eval="core", bundle_dir=core.bundle_dir,
+                                               max_per_task=job.args.max_per_task, **results))
+
+
+# ---- consistency --------------------------------------------------------------------------------------
+def consistency_records(models):
+    """A bidirectional model's two readings, and each forward/backward pair among the models (the i-th
+    forward-trained with the i-th backward-trained one), recorded in the forward model's run."""
+    paths = {m["tag"]: record_path(m["evaluations"], "consistency", m["step"])
+             for m in models if is_two_way(m["direction"])}
+    forwards = [m for m in models if m["direction"] == "forward"]
+    backwards = [m for m in models if m["direction"] == "backward"]
+    for fwd, bwd in zip(forwards, backwards):
+        paths[fwd["tag"], bwd["tag"]] = record_path(fwd["evaluations"], f"consistency_pair_{bwd['tag']}", fwd["step"])
+    if not paths:
+        raise UserError("--eval=consistency needs a bidirectional model or a forward and a backward model "
+                        "together (--model_tag=<forward tag>,<backward tag>): a one-way model has one reading")
+    return paths
+
+
+def run_consistency(job, m):
+    # A one-way model is read in its own direction only here: it is half of a pair.
+    docs, token_bytes = job.documents(m.tokenizer)
+    tag, step, trained = m.meta["model_tag"], m.meta["step"], m.meta["direction"]
+    native = DirectionSpec.for_model(m.meta, m.tokenizer).generation_directions()
+    readings = {d: per_document_bpb(m.model, m.tokenizer, token_bytes, docs, trained, d, m.seq_len,
+                                    job.args.device_batch_size, job.device, m.autocast) for d in native}
+    job.per_doc[tag] = readings
+    if is_two_way(trained):
+        record = consistency_record(trained, readings["forward"], readings["backward"], readings["forward"][1],
+                                    label=tag, eval_tokens=job.args.eval_tokens, **m.common)
+        print0(format_stats(f"{tag} consistency (one model, two readings)", record["stats"]))
+        if job.rank == 0:
+            path = job.records["consistency"][m.tag]
+            write_consistency(path, record, f"{tag} (bidirectional), step {step}")
+            print0(f"wrote {path}")
+
+
+def pair_consistency(job):
+    steps = {m["tag"]: m["step"] for m in job.models}
+    for key, path in job.records["consistency"].items():
+        if not isinstance(key, tuple):
+            continue
+        fwd, bwd = key
+        forward, backward = job.per_doc[fwd]["forward"], job.per_doc[bwd]["backward"]
+        label = f"{fwd} + {bwd}"
+        record = consistency_record("pair", forward, backward, forward[1], label=label, source=job.args.source,
+                                    forward_model=fwd, forward_step=steps[fwd], backward_model=bwd,
+                                    backward_step=steps[bwd], eval_tokens=job.args.eval_tokens,
+                                    created_at=datetime.now(timezone.utc).isoformat())
+        print0(format_stats(f"{label} consistency (forward model vs backward model)", record["stats"]))
+        if job.rank == 0:
+            write_consistency(path, record, f"{label}: forward model vs backward model")
+            print0(f"wrote {path}")
+
+
+# What --eval can run, in the order it runs for each model.
+EVALUATIONS = {
+    "bpb": Evaluation(records=bpb_records, run=run_bpb),
+    "core": Evaluation(records=core_records, run=run_core, prepare=prepare_core),
+    "consistency": Evaluation(records=consistency_records, run=run_consistency, finish=pair_consistency),
+}
 
 
 def format_matrix(rows):
@@ -56,16 +203,17 @@ def format_matrix(rows):
 
 
 def parse_evals(spec):
+    """The --eval names, in EVALUATIONS order."""
     names = [s.strip() for s in str(spec).split(",") if s.strip()]
-    unknown = [n for n in names if n not in EVALS]
+    unknown = [n for n in names if n not in EVALUATIONS]
     if not names or unknown:
-        raise UserError(f"--eval={spec!r}: use a comma list of {', '.join(EVALS)}")
-    return list(dict.fromkeys(names))
+        raise UserError(f"--eval={spec!r}: use a comma list of {', '.join(EVALUATIONS)}")
+    return [n for n in EVALUATIONS if n in names]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate base checkpoints in each direction: bpb, CORE, consistency")
-    add_flag(parser, "eval", default="bpb", help=f"comma list of {', '.join(EVALS)}")
+    add_flag(parser, "eval", default="bpb", help=f"comma list of {', '.join(EVALUATIONS)}")
     add_flag(parser, "source", default="base", help="checkpoint source: base | mid | sft | rl")
     add_flag(parser, "model_tag", default=None, help="one tag or a comma list (default: newest)")
     add_flag(parser, "step", type=int, default=None, help="checkpoint step (default: last)")
@@ -86,7 +234,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    evals = parse_evals(args.eval)
+    names = parse_evals(args.eval)
     if args.source not in SOURCES:
         raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCES)}")
     if args.eval_tokens <= 0 or args.device_batch_size <= 0:
@@ -95,67 +243,35 @@ def main(argv=None):
         raise UserError("--max_per_task must be positive (or -1 for every item)")
     directions = parse_directions(args.eval_directions)
     tags = [t.strip() for t in args.model_tag.split(",")] if args.model_tag else [None]
-    plan = plan_outputs(args, evals, tags)
-    core = None
-    if "core" in evals:
-        labels = [s.strip() for s in args.core_tasks.split(",") if s.strip()]
-        core = CoreBenchmark.prepare(args.bundle_dir or None, args.bundle_url, args.max_per_task, labels)
+    models = [resolve(args, tag) for tag in tags]
+    # Every record every evaluation will write, refused before any work if one exists without --overwrite.
+    records = {name: EVALUATIONS[name].records(models) for name in names}
+    refuse_existing([path for paths in records.values() for path in paths.values()], args.overwrite)
+    prepared = {name: EVALUATIONS[name].prepare(args) for name in names if EVALUATIONS[name].prepare}
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     try:
-        rows, docs_cache, per_doc = [], {}, {}
-        for entry in plan["models"]:
-            row = evaluate_one(args, entry, evals, directions, rank, world_size, device, docs_cache, core, per_doc)
-            if row is not None:
-                rows.append(row)
-        if rows and (len(rows) > 1 or len(directions) > 1):
-            print0("\n" + format_matrix(rows))
-        for fwd, bwd, path in plan["pairs"]:
-            pair_consistency(args, fwd, bwd, path, per_doc, rank)
+        job = Job(args, directions, models, records, prepared, rank, world_size, device)
+        for entry in models:
+            loaded = load(args, entry, device)
+            for name in names:
+                EVALUATIONS[name].run(job, loaded)
+        if job.matrix and (len(job.matrix) > 1 or len(directions) > 1):
+            print0("\n" + format_matrix(job.matrix))
+        for name in names:
+            if EVALUATIONS[name].finish:
+                EVALUATIONS[name].finish(job)
     finally:
         compute_cleanup()
 
 
-def plan_outputs(args, evals, tags):
-    """Resolve every checkpoint (metadata only) and every output path, and refuse before any
-    work if one exists without --overwrite (or if consistency has nothing to compare)."""
-    models, outputs = [], []
-    for tag in tags:
-        directory, step, tag = resolve_checkpoint(args.source, tag, args.step)
-        meta = load_meta(directory, step)
-        evaluations = artifact_dirs(args.source, tag)["evaluations"]
-        entry = {"tag": tag, "step": step, "direction": meta["direction"], "evaluations": evaluations, "paths": {}}
-        if "bpb" in evals:
-            entry["paths"]["bpb"] = bpb_evaluation_path(evaluations, step)
-        if "core" in evals:
-            entry["paths"]["core"] = core_evaluation_path(evaluations, step)
-        if "consistency" in evals and is_two_way(meta["direction"]):
-            entry["paths"]["consistency"] = consistency_evaluation_path(evaluations, step)
-        outputs += entry["paths"].values()
-        models.append(entry)
-    pairs = []
-    if "consistency" in evals:
-        forwards = [m for m in models if m["direction"] == "forward"]
-        backwards = [m for m in models if m["direction"] == "backward"]
-        for fwd, bwd in zip(forwards, backwards):
-            path = consistency_evaluation_path(fwd["evaluations"], fwd["step"], pair_tag=bwd["tag"])
-            pairs.append((fwd, bwd, path))
-            outputs.append(path)
-        if not pairs and not any(is_two_way(m["direction"]) for m in models):
-            raise UserError("--eval=consistency needs a bidirectional model or a forward and a backward model "
-                            "together (--model_tag=<forward tag>,<backward tag>): a one-way model has one reading")
-    existing = [p for p in outputs if os.path.exists(p)]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
-    return {"models": models, "pairs": pairs}
+def resolve(args, tag):
+    """A checkpoint to evaluate (metadata only): {tag, step, direction, evaluations}."""
+    directory, step, tag = resolve_checkpoint(args.source, tag, args.step)
+    return {"tag": tag, "step": step, "direction": load_meta(directory, step)["direction"],
+            "evaluations": artifact_dirs(args.source, tag)["evaluations"]}
 
 
-def _atomic_json(path, record, rank):
-    if rank == 0:
-        write_record(path, record)
-        print0(f"wrote {path}")
-
-
-def evaluate_one(args, entry, evals, directions, rank, world_size, device, docs_cache, core, per_doc):
+def load(args, entry, device):
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=entry["tag"], step=entry["step"])
     trained_len = meta["model_config"]["sequence_len"]
     T = trained_len if args.max_seq_len == -1 else args.max_seq_len
@@ -165,65 +281,10 @@ def evaluate_one(args, entry, evals, directions, rank, world_size, device, docs_
     if T > trained_len:
         raise UserError(f"--max_seq_len={args.max_seq_len} is larger than the checkpoint supports "
                         f"({trained_len}, its training context); use at most {trained_len}")
-    step, tag, trained = meta["step"], meta["model_tag"], meta["direction"]
-    autocast = autocast_context(device.type)
-    common = {"source": args.source, "model_tag": tag, "step": step, "trained_direction": trained, "max_seq_len": T,
+    common = {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"],
+              "trained_direction": meta["direction"], "max_seq_len": T,
               "created_at": datetime.now(timezone.utc).isoformat()}
-    if "bpb" in evals or "consistency" in evals:
-        if args.eval_tokens not in docs_cache:
-            docs_cache[args.eval_tokens] = select_documents(tokenizer, args.eval_tokens, "val", rank, world_size)
-        docs = docs_cache[args.eval_tokens]
-        token_bytes = get_token_bytes(device)
-    row = None
-    if "bpb" in evals:
-        results = evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained, T,
-                               args.device_batch_size, device, autocast)
-        gap = arrow_of_time_gap(results)
-        for d, r in results.items():
-            print0(f"{tag} (trained {trained}) step {step}: bpb {d} = {r['bpb']:.4f} "
-                   f"({r['tokens']:,} tokens, {r['bytes']:,} bytes, {r['documents']} documents)")
-        if gap is not None:
-            print0(f"{tag}: arrow-of-time gap (bwd - fwd) / fwd = {100 * gap:+.2f}%")
-        _atomic_json(entry["paths"]["bpb"], dict(common, eval="bpb", split="val", eval_tokens=args.eval_tokens,
-                                                 results=results, arrow_of_time_gap=gap), rank)
-        bad = [d for d, r in results.items() if not math.isfinite(r["bpb"])]
-        if bad:  # recorded (it is the result), but a NaN is a failed evaluation: exit non-zero
-            raise UserError(f"{tag}: bpb {', '.join(bad)} is not finite ({entry['paths']['bpb']}); the weights or "
-                            "the evaluation data are broken")
-        row = (tag, trained, {d: r["bpb"] for d, r in results.items()})
-    if "core" in evals:
-        results = core.evaluate(model, tokenizer, trained, directions, device, T, args.device_batch_size,
-                                autocast, rank, world_size)
-        print0(f"\n{tag} (trained {trained}) step {step}: CORE\n" + format_table(results))
-        _atomic_json(entry["paths"]["core"], dict(common, eval="core", bundle_dir=core.bundle_dir,
-                                                  max_per_task=args.max_per_task, **results), rank)
-    if "consistency" in evals:
-        # A one-way model is read in its own direction only here: it is half of a pair.
-        native = DirectionSpec.for_model(meta, tokenizer).generation_directions()
-        readings = {d: per_document_bpb(model, tokenizer, token_bytes, docs, trained, d, T, args.device_batch_size,
-                                        device, autocast) for d in native}
-        per_doc[tag] = readings
-        if is_two_way(trained):
-            record = consistency_record(trained, readings["forward"], readings["backward"],
-                                        readings["forward"][1], label=tag, eval_tokens=args.eval_tokens, **common)
-            print0(format_stats(f"{tag} consistency (one model, two readings)", record["stats"]))
-            if rank == 0:
-                write_consistency(entry["paths"]["consistency"], record, f"{tag} (bidirectional), step {step}")
-                print0(f"wrote {entry['paths']['consistency']}")
-    return row
-
-
-def pair_consistency(args, fwd, bwd, path, per_doc, rank):
-    forward, backward = per_doc[fwd["tag"]]["forward"], per_doc[bwd["tag"]]["backward"]
-    label = f"{fwd['tag']} + {bwd['tag']}"
-    record = consistency_record("pair", forward, backward, forward[1], label=label, source=args.source,
-                                forward_model=fwd["tag"], forward_step=fwd["step"], backward_model=bwd["tag"],
-                                backward_step=bwd["step"], eval_tokens=args.eval_tokens,
-                                created_at=datetime.now(timezone.utc).isoformat())
-    print0(format_stats(f"{label} consistency (forward model vs backward model)", record["stats"]))
-    if rank == 0:
-        write_consistency(path, record, f"{label}: forward model vs backward model")
-        print0(f"wrote {path}")
+    return Loaded(model, tokenizer, meta, entry["tag"], T, autocast_context(device.type), common)
 
 
 if __name__ == "__main__":

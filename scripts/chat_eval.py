@@ -21,29 +21,23 @@ checkpoints) as evaluations/chat_<task>_step<step>.json; existing files are kept
 
 import argparse
 import os
-import re
 import sys
 from datetime import datetime, timezone
 
 import torch.distributed as dist
 
-from nanochat.paths import atomic_write_json
 from nanochat.chat_eval_lib import (EVAL_DIRECTION_CHOICES, MC_ANSWERS, evaluate_generative, evaluate_multiple_choice,
                                     resolve_eval_directions, example_indices)
 from nanochat.checkpoint_manager import SOURCE_DIRS, artifact_dirs, load_model
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.engine import Engine
+from nanochat.evaluations import kind_name, record_path, refuse_existing, write_record
 from nanochat.progress import progress
 from nanochat.training import autocast_context
 
 MC_SCORING = ("whole-text log-likelihood in the evaluated direction: sum of log p(token | preceding tokens) over "
               "every position of the oriented conversation (choice as the assistant answer) except BOS and the "
               "direction marker; argmax over choices")
-
-
-def evaluation_path(evaluations_dir, task_name, step):
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", task_name)
-    return os.path.join(evaluations_dir, f"chat_{safe}_step{step:06d}.json")
 
 
 def build_parser():
@@ -181,9 +175,7 @@ def run(args, names, rank, world_size, device):
             continue
         if len(task) == 0:
             raise UserError(f"task {name} ({args.split} split) has no examples")
-        path = evaluation_path(evaluations_dir, name, step)
-        if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{path} already exists; pass --overwrite to replace it")
+        refuse_existing([record_path(evaluations_dir, kind_name("chat", name), step)], args.overwrite)
         plans.append((name, task, directions, skipped))
     runnable = [p for p in plans if p[2]]
     if not runnable:
@@ -242,9 +234,7 @@ def run(args, names, rank, world_size, device):
             record["generation"] = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
                                     "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
         if rank == 0:
-            path = evaluation_path(evaluations_dir, name, step)
-            os.makedirs(evaluations_dir, exist_ok=True)
-            atomic_write_json(path, record)
+            path = write_record(record_path(evaluations_dir, kind_name("chat", name), step), record)
             print0(f"wrote {path}")
     if not summary:
         raise UserError("; ".join(dict.fromkeys(not_evaluated)))

@@ -23,6 +23,7 @@ from nanochat.chat_eval_lib import MC_ANSWERS
 from nanochat.checkpoint_manager import SOURCE_DIRS, artifact_dirs, load_model
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, is_ddp_env, print0, run_main
 from nanochat.direction import parse_directions
+from nanochat.evaluations import kind_name, record_path, refuse_existing
 
 
 def build_parser():
@@ -75,8 +76,8 @@ def main(argv=None):
 
 
 def run(args, names, directions, device):
-    from nanochat.direction_eval import (compute_direction_metrics, direction_evaluation_path,
-                                         evaluate_task_multi_direction, save_direction_evaluation)
+    from nanochat.direction_eval import (compute_direction_metrics, evaluate_task_multi_direction,
+                                         save_direction_evaluation)
     from nanochat.engine import Engine
     from tasks.registry import get_task
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -85,9 +86,7 @@ def run(args, names, directions, device):
     tasks = []
     for name in names:  # everything that can fail is checked before any example is scored
         task = get_task(name, args.split)
-        path = direction_evaluation_path(evaluations_dir, name, step)
-        if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{path} already exists; pass --overwrite to replace it")
+        refuse_existing([record_path(evaluations_dir, kind_name("direction", name), step)], args.overwrite)
         tasks.append((name, task))
     print0(f"direction_eval: {tag} step {step} (trained {trained}, {args.source}); directions {', '.join(directions)}")
     engine = Engine(model, tokenizer, meta)

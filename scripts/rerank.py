@@ -11,17 +11,16 @@ the forward model's evaluations/rerank_<task>_step<step>.json.
 """
 
 import argparse
-import os
 import sys
 from datetime import datetime, timezone
 
 from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
-from nanochat.core_eval import write_record
 from nanochat.direction import DirectionSpec
 from nanochat.engine import Engine
-from nanochat.rerank import format_table, rerank_evaluation_path, rerank_task
+from nanochat.evaluations import record_path, refuse_existing, write_record
+from nanochat.rerank import format_table, rerank_task
 from nanochat.training import autocast_context
 from tasks.registry import get_task
 
@@ -79,9 +78,8 @@ def main(argv=None):
     if "backward" not in bwd_spec.generation_directions():
         raise UserError(f"--backward_tag={bwd_tag} was trained {bwd_direction}: the scorer must be a backward or "
                         "bidirectional model (it scores the question given the answer)")
-    out_path = rerank_evaluation_path(artifact_dirs(args.source, fwd_tag)["evaluations"], args.task, fwd_step)
-    if os.path.exists(out_path) and not args.overwrite:
-        raise UserError(f"{out_path} already exists; pass --overwrite to replace it")
+    out_path = record_path(artifact_dirs(args.source, fwd_tag)["evaluations"], f"rerank_{args.task}", fwd_step)
+    refuse_existing([out_path], args.overwrite)
 
     task_kwargs = {"data_files": args.data_files} if args.data_files else {}
     if args.task in ("arithmetic", "reversal"):

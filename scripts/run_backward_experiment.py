@@ -31,9 +31,9 @@ from nanochat.common import UserError, add_flag, run_main
 from nanochat.locking import acquire_run_lock, env_with_locks, parent_death_signal
 from nanochat.paths import move_aside  # noqa: F401  (re-exported: the orchestrator's helper moved there)
 from nanochat.direction import parse_directions, validate_direction
+from nanochat.evaluations import list_records
 from nanochat.experiment_config import PHASES, ExperimentConfig
 from nanochat.phases import PHASES as PHASE_TABLE
-from nanochat.loss_eval import list_bpb_evaluations
 from nanochat.research_logger import log_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -429,7 +429,7 @@ def training_command(args, flags, tokens, experiments, step, direction, depth):
 
 def find_bpb_evaluation(experiments, experiment_id, step):
     """The bpb evaluation record of `step` in the experiment's evaluations/, or None."""
-    for found_step, path in list_bpb_evaluations(experiments.evaluations_dir(experiment_id)):
+    for found_step, path in list_records(experiments.evaluations_dir(experiment_id), "bpb"):
         if found_step != step:
             continue
         try:

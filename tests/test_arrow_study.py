@@ -10,7 +10,7 @@ from conftest import run_script
 from nanochat.arrow_study import (cell_key, load_study, markdown, mean_interval, plot_gap, studies_of,
                                   study_results)
 from nanochat.common import UserError
-from nanochat.loss_eval import bpb_evaluation_path
+from nanochat.evaluations import record_path
 
 
 def test_mean_interval_is_student_t():
@@ -29,7 +29,7 @@ def fake_study(tmp_path, bpb):
         cells[cell_key(depth, seed, direction)] = exp
         d = tmp_path / exp / "evaluations"
         os.makedirs(d, exist_ok=True)
-        with open(bpb_evaluation_path(str(d), 10), "w") as f:
+        with open(record_path(str(d), "bpb", 10), "w") as f:
             json.dump({"eval": "bpb", "results": {k: {"bpb": v} for k, v in values.items()}}, f)
         dirs[exp] = str(d)
     study = {"name": "s", "directions": sorted({k[2] for k in bpb}), "seeds": sorted({k[1] for k in bpb}),

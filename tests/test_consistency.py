@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.consistency import (consistency_evaluation_path, consistency_record, consistency_stats,
-                                  list_consistency_evaluations, markdown_section, per_document_bpb, write_consistency)
+from nanochat.consistency import (consistency_record, consistency_stats, markdown_section, per_document_bpb,
+                                  write_consistency)
+from nanochat.evaluations import list_family, record_path
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -71,13 +72,13 @@ def test_record_plot_and_report_section(setup, tmp_path):
     assert record["per_document"]["bpb_forward"][0] == pytest.approx(
         readings["forward"][0][0] / (np.log(2) * readings["forward"][1][0]))
     evaluations = str(tmp_path / "evaluations")
-    path = consistency_evaluation_path(evaluations, 5)
-    pair_path = consistency_evaluation_path(evaluations, 5, pair_tag="bwd")
+    path = record_path(evaluations, "consistency", 5)
+    pair_path = record_path(evaluations, "consistency_pair_bwd", 5)
     write_consistency(path, record, "tiny")
     write_consistency(pair_path, dict(record, kind="pair", label="tiny + bwd"), "pair")
     assert sorted(os.listdir(evaluations)) == ["consistency_pair_bwd_step000005.json", "consistency_pair_bwd_step000005.png",
                                                "consistency_step000005.json", "consistency_step000005.png"]
-    assert [(s, p) for s, p, _ in list_consistency_evaluations(evaluations)] == [(5, None), (5, "bwd")]
+    assert [(s, p) for s, p, _ in list_family(evaluations, "consistency")] == [(5, None), (5, "pair_bwd")]
     with open(path) as f:
         assert json.load(f)["stats"] == record["stats"]
     plots = str(tmp_path / "report" / "plots")

@@ -300,9 +300,10 @@ def test_cli_mistakes_are_user_errors(trained, tmp_path, monkeypatch):
 
 def test_report_registers_core_rerank_and_consistency_sections(tmp_path):
     """nanochat/research_report.py renders the three sections when their files exist."""
-    from nanochat.consistency import consistency_evaluation_path, consistency_record, write_consistency
+    from nanochat.consistency import consistency_record, write_consistency
+    from nanochat.evaluations import record_path
     from nanochat.research_report import REPORT_SECTIONS, evaluation_sections
-    from nanochat.rerank import rerank_evaluation_path, summarise
+    from nanochat.rerank import summarise
     assert {REPORT_SECTIONS[k] for k in ("core", "rerank", "consistency")} == {
         "nanochat.core_eval", "nanochat.rerank", "nanochat.consistency"}
     evaluations = str(tmp_path / "evaluations")
@@ -313,10 +314,10 @@ def test_report_registers_core_rerank_and_consistency_sections(tmp_path):
     with open(os.path.join(evaluations, "core_step000003.json"), "w") as f:
         json.dump(record, f)
     picks = {"forward": 1.0, "backward": 0.0, "sum": 1.0}
-    with open(rerank_evaluation_path(evaluations, "arithmetic", 3), "w") as f:
+    with open(record_path(evaluations, "rerank_arithmetic", 3), "w") as f:
         json.dump({"num_samples": 4, "backward_model": "bwd",
                    "summary": summarise([{"random": 0.5, "pass": 1.0, "picks": picks}] * 2)}, f)
-    write_consistency(consistency_evaluation_path(evaluations, 3),
+    write_consistency(record_path(evaluations, "consistency", 3),
                       consistency_record("bidirectional", ([1.0, 2.0], [3, 4]), ([1.5, 2.5], [3, 4]), [3, 4]), "t")
 
     class Experiments:

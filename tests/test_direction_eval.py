@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.direction_eval import (compute_direction_metrics, evaluate_task_multi_direction,
-                                     list_direction_evaluations, markdown_section, save_direction_evaluation)
+from nanochat.direction_eval import (compute_direction_metrics, evaluate_task_multi_direction, markdown_section,
+                                     save_direction_evaluation)
+from nanochat.evaluations import list_family
 from tasks.direction_wrapper import DirectionTaskWrapper
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tasks")
@@ -249,7 +250,7 @@ def test_saved_evaluation_and_markdown_section(tok, arc, tmp_path):
     path = save_direction_evaluation(results, evaluations, "arc_easy", 7, trained_direction="forward")
     with pytest.raises(UserError, match="already exists"):
         save_direction_evaluation(results, evaluations, "arc_easy", 7)
-    assert list_direction_evaluations(evaluations) == [("arc_easy", 7, path)]
+    assert list_family(evaluations, "direction") == [(7, "arc_easy", path)]
     with open(path) as f:
         record = json.load(f)
     assert record["metrics"] == compute_direction_metrics(results)
