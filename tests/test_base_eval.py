@@ -4,22 +4,14 @@ to overwrite an evaluation."""
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import run_script
-from test_cli_errors import assert_one_line_error, copy_base, snapshot
+from conftest import TRAINED_STEPS, TRAINED_TAGS, assert_one_line_error, copy_base, run_inprocess, snapshot
 
-STEPS = 40
-TAGS = {"forward": "arrow_fwd", "backward": "arrow_bwd"}
+STEPS = TRAINED_STEPS
+TAGS = {d: TRAINED_TAGS[d] for d in ("forward", "backward")}
 EVAL_TOKENS = 3000
-
-
-def train_args(direction):
-    return [f"--direction={direction}", "--depth=2", "--max_seq_len=64", "--device_batch_size=2",
-            "--total_batch_size=128", f"--num_iterations={STEPS}", "--eval_every=-1", "--eval_tokens=256",
-            "--device_type=cpu", f"--model_tag={TAGS[direction]}"]
 
 
 def eval_args():
@@ -32,15 +24,11 @@ def evaluation_file(base, tag):
 
 
 @pytest.fixture(scope="module")
-def arrow(corpus_template, tmp_path_factory):
-    """A forward and a backward model (trained side by side), evaluated by one base_eval call.
+def arrow(trained, corpus_template, tmp_path_factory):
+    """The session's forward and backward models (in a copy), evaluated by one base_eval call.
     The evaluation files are read right away, so later tests may rewrite them."""
-    base = copy_base(corpus_template["dir"], tmp_path_factory, "arrow")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        trained = list(pool.map(lambda d: run_script("scripts.base_train", *train_args(d), base_dir=base), TAGS))
-    for result in trained:
-        assert result.returncode == 0, result.stderr
-    result = run_script("scripts.base_eval", *eval_args(), base_dir=base)
+    base = copy_base(trained["dir"], tmp_path_factory, "arrow")
+    result = run_inprocess("scripts.base_eval", *eval_args(), base_dir=base)
     assert result.returncode == 0, result.stderr
     records = {}
     for direction, tag in TAGS.items():
@@ -69,7 +57,7 @@ def test_matrix_is_printed(arrow):
     header = [i for i, line in enumerate(out.splitlines()) if line.split()[:3] == ["model", "trained", "bpb"]]
     assert len(header) == 1, out
     rows = [line.split() for line in out.splitlines()[header[0] + 1:] if line.strip()]
-    assert [r[:2] for r in rows] == [["arrow_fwd", "forward"], ["arrow_bwd", "backward"]]
+    assert [r[:2] for r in rows] == [[TAGS["forward"], "forward"], [TAGS["backward"], "backward"]]
     for row, direction in zip(rows, TAGS):
         record = arrow["records"][direction]
         assert float(row[2]) == pytest.approx(bpb(record, "forward"), abs=1e-4)
@@ -110,7 +98,7 @@ def test_byte_counts_are_identical_across_directions_and_models(arrow):
 def test_second_eval_without_overwrite_fails_and_keeps_the_file(arrow):
     base = arrow["base"]
     before = snapshot(base)
-    result = run_script("scripts.base_eval", *eval_args(), base_dir=base)
+    result = run_inprocess("scripts.base_eval", *eval_args(), base_dir=base)
     assert_one_line_error(result, os.path.basename(evaluation_file(base, TAGS["forward"])), "--overwrite")
     assert snapshot(base) == before
 
@@ -121,7 +109,7 @@ def test_overwrite_replaces_the_file(arrow):
     other = evaluation_file(base, TAGS["forward"])
     with open(other, "rb") as f:
         other_before = f.read()
-    result = run_script("scripts.base_eval", f"--model_tag={TAGS['backward']}", "--eval_directions=backward",
+    result = run_inprocess("scripts.base_eval", f"--model_tag={TAGS['backward']}", "--eval_directions=backward",
                         f"--eval_tokens={EVAL_TOKENS}", "--device_batch_size=8", "--device_type=cpu", "--overwrite",
                         base_dir=base)
     assert result.returncode == 0, result.stderr
@@ -138,7 +126,7 @@ def test_consistency_of_a_forward_backward_pair(arrow):
     """--eval=consistency with a forward and a backward model: per-document bpb of the forward
     model read forward against the backward model read backward, on the bpb documents."""
     base = arrow["base"]
-    result = run_script("scripts.base_eval", "--eval=consistency", *eval_args()[:1], f"--eval_tokens={EVAL_TOKENS}",
+    result = run_inprocess("scripts.base_eval", "--eval=consistency", *eval_args()[:1], f"--eval_tokens={EVAL_TOKENS}",
                         "--device_batch_size=8", "--device_type=cpu", base_dir=base)
     assert result.returncode == 0, result.stderr
     evaluations = os.path.dirname(evaluation_file(base, TAGS["forward"]))
@@ -155,5 +143,5 @@ def test_consistency_of_a_forward_backward_pair(arrow):
     assert sum(per_doc["nats_forward"]) == pytest.approx(fwd["nats"], rel=1e-2)
     assert sum(per_doc["nats_backward"]) == pytest.approx(bwd["nats"], rel=1e-2)
     assert "correlation" in result.stdout
-    one_way = run_script("scripts.base_eval", "--eval=consistency", f"--model_tag={TAGS['forward']}", base_dir=base)
+    one_way = run_inprocess("scripts.base_eval", "--eval=consistency", f"--model_tag={TAGS['forward']}", base_dir=base)
     assert_one_line_error(one_way, "bidirectional model", "--model_tag")

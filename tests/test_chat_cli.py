@@ -3,25 +3,21 @@
 Forward, the user's text is a question and the reply the answer; backward, the user's text is
 the answer and the reply the generated question, labelled as such; a bidirectional model
 switches with /forward and /backward; a one-way model refuses the other direction. Uses the
-tiny base checkpoints of tests/test_chat_eval.py (trained once per session)."""
+session's tiny base checkpoints (tests/conftest.py)."""
 
 import io
-import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, run_script
-from test_chat_eval import TAGS, trained_models
-from test_cli_errors import assert_one_line_error
+from conftest import TRAINED_TAGS as TAGS, assert_one_line_error, run_inprocess
 
 BACKWARD_LABEL = "question (generated, precedes your answer):"
 
 
 @pytest.fixture(scope="module")
-def models(corpus_template, tmp_path_factory):
-    return trained_models(corpus_template["dir"], tmp_path_factory)
+def models(trained):
+    return trained["dir"]  # read-only: chatting writes nothing
 
 
 @pytest.fixture
@@ -59,13 +55,13 @@ def test_forward_model_refuses_backward_and_keeps_going(env):
     assert "[backward]" not in out and "assistant:" in out and BACKWARD_LABEL not in out
 
 
-def test_repl_switches_directions_through_stdin(env):
-    """The interactive loop as a user drives it: a subprocess reading commands from a pipe."""
+def test_repl_switches_directions_through_stdin(env, monkeypatch):
+    """The interactive loop as a user drives it: the command reading sys.stdin, a pipe (not a
+    terminal: no readline, the prompt still printed)."""
     session = "What is 2*3?\n/backward\n6\n/clear\n/forward\nWhat is 3*3?\n/nonsense\n/quit\n"
-    command = [sys.executable, "-m", "scripts.chat_cli", "--source=base", f"--model_tag={TAGS['bidirectional']}",
-               "--device_type=cpu", "--max_tokens=6"]
-    result = subprocess.run(command, input=session, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": env})
+    monkeypatch.setattr(sys, "stdin", io.StringIO(session))
+    result = run_inprocess("scripts.chat_cli", "--source=base", f"--model_tag={TAGS['bidirectional']}",
+                           "--device_type=cpu", "--max_tokens=6", base_dir=env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     order = ["[forward] question> assistant:", "[forward] question> mode: backward",
@@ -78,7 +74,7 @@ def test_repl_switches_directions_through_stdin(env):
 
 
 def test_bad_inputs_exit_with_one_error_line(env):
-    missing = run_script("scripts.chat_cli", "--source=base", "--model_tag=no_such_model", "-p", "hi", base_dir=env)
+    missing = run_inprocess("scripts.chat_cli", "--source=base", "--model_tag=no_such_model", "-p", "hi", base_dir=env)
     assert_one_line_error(missing, "no base checkpoint with tag 'no_such_model'")
     from nanochat.common import UserError
     with pytest.raises(UserError, match="--direction=backward: this model was trained forward: it cannot generate"):

@@ -2,24 +2,22 @@
 choice in each direction (docs/DESIGN.md §7), generative evaluation with task rewards in the model's
 directions (§5-6), evaluation files beside the checkpoint, and clean errors.
 
-Models are tiny base checkpoints (depth 2, 64-token context, a few steps) in all three
-directions: the tests check the plumbing and the scoring definition, not what a model learned.
+Models are the session's tiny base checkpoints (conftest.py: depth 2, 64-token context) in all
+three directions: the tests check the plumbing and the scoring definition, not what a model learned.
 The multiple-choice and GSM8K data are small local fixtures read through the tasks' own loaders
 ($NANOCHAT_TASK_DATA_DIR)."""
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import run_script
-from test_cli_errors import assert_one_line_error, copy_base
+from conftest import TRAINED_STEPS, TRAINED_TAGS, assert_one_line_error, copy_base, run_inprocess
 
-TAGS = {"forward": "ce_fwd", "backward": "ce_bwd", "bidirectional": "ce_bidi"}
-STEPS = 1
+TAGS = TRAINED_TAGS
+STEPS = TRAINED_STEPS
 # Short questions: a rendered multiple-choice conversation must fit the 64-token context.
 ARC_ROWS = [
     {"question": "Sky color?", "choices": {"text": ["blue", "green"], "label": ["A", "B"]}, "answerKey": "A"},
@@ -32,39 +30,19 @@ ARC_ROWS = [
 FITTING_ARC_ROWS = 3
 GSM8K_ROWS = [{"question": "What is 2+2?", "answer": "2+2=<<2+2=4>>4\n#### 4"}]
 
-_TRAINED = {}
-
-
-def train_args(direction):
-    return [f"--direction={direction}", "--depth=2", "--max_seq_len=64", "--device_batch_size=2",
-            "--total_batch_size=128", f"--num_iterations={STEPS}", "--eval_every=-1", "--eval_tokens=256",
-            "--device_type=cpu", f"--model_tag={TAGS[direction]}"]
-
-
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def trained_models(template_dir, tmp_path_factory):
-    """A base dir with a forward, a backward and a bidirectional tiny model (trained side by
-    side, once per test session; tests/test_chat_cli.py shares it) and task fixtures."""
-    if template_dir not in _TRAINED:
-        base = copy_base(template_dir, tmp_path_factory, "chat_models")
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            results = list(pool.map(lambda d: run_script("scripts.base_train", *train_args(d), base_dir=base), TAGS))
-        for result in results:
-            assert result.returncode == 0, result.stderr
-        write_jsonl(os.path.join(base, "task_data", "arc_easy", "test.jsonl"), ARC_ROWS)
-        write_jsonl(os.path.join(base, "task_data", "gsm8k", "test.jsonl"), GSM8K_ROWS)
-        _TRAINED[template_dir] = base
-    return _TRAINED[template_dir]
-
-
 @pytest.fixture(scope="module")
-def models(corpus_template, tmp_path_factory):
-    return trained_models(corpus_template["dir"], tmp_path_factory)
+def models(trained, tmp_path_factory):
+    """A copy of the session's checkpoints (evaluations are written beside them) with task fixtures."""
+    base = copy_base(trained["dir"], tmp_path_factory, "chat_models")
+    write_jsonl(os.path.join(base, "task_data", "arc_easy", "test.jsonl"), ARC_ROWS)
+    write_jsonl(os.path.join(base, "task_data", "gsm8k", "test.jsonl"), GSM8K_ROWS)
+    return base
 
 
 @pytest.fixture
@@ -107,11 +85,9 @@ def mc_example(answer, question="Which is hot?", choices=("ice", "fire", "snow")
     return multiple_choice_conversation(question, list(choices), answer)
 
 
-def test_mc_picks_the_choice_with_the_highest_whole_text_likelihood(corpus_template):
+def test_mc_picks_the_choice_with_the_highest_whole_text_likelihood(tok):
     from nanochat.chat_eval_lib import choice_rows, evaluate_multiple_choice, sequence_logprobs
     from nanochat.direction import DirectionSpec
-    from nanochat.tokenizer import Tokenizer, tokenizer_dir
-    tok = Tokenizer.load(tokenizer_dir(corpus_template["dir"]))
     letter_ids = [tok.encode(letter) for letter in "ABC"]
     assert all(len(ids) == 1 for ids in letter_ids)
     costs = torch.ones(tok.get_vocab_size())
@@ -233,9 +209,8 @@ def test_bad_inputs_exit_with_one_error_line(env):
         (["--model_tag=no_such_model", "--tasks=arithmetic"], ("no base checkpoint with tag 'no_such_model'",)),
         ([f"--model_tag={TAGS['backward']}", "--tasks=gsm8k"], ("gsm8k", "cannot be generated backward")),
     ]
-    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
-        results = list(pool.map(lambda c: run_script("scripts.chat_eval", "--source=base", "--device_type=cpu", *c[0],
-                                                     base_dir=env, env=task_env), cases))
+    results = [run_inprocess("scripts.chat_eval", "--source=base", "--device_type=cpu", *c[0], base_dir=env,
+                             env=task_env) for c in cases]
     for (_, fragments), result in zip(cases, results):
         assert_one_line_error(result, *fragments)
 

@@ -2,7 +2,7 @@
 reading order), bounded and validated requests with JSON errors, one generation at a time per
 model, and the page itself. The browser test lives in tests/test_chat_web_browser.py.
 
-Models: the tiny forward / backward / bidirectional base checkpoints of tests/test_chat_eval.py."""
+Models: the session's tiny forward / backward / bidirectional base checkpoints (tests/conftest.py)."""
 
 import json
 import threading
@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from test_chat_eval import TAGS, trained_models  # noqa: E402
+from conftest import TRAINED_TAGS as TAGS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def models(corpus_template, tmp_path_factory):
-    return trained_models(corpus_template["dir"], tmp_path_factory)
+def models(trained):
+    return trained["dir"]  # read-only: chatting writes nothing
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,8 @@ def test_bad_command_lines_are_user_errors(models, monkeypatch):
     with pytest.raises(UserError, match="--port"):
         main(["--port=0"])
     from scripts.chat_web import auto_source
-    assert auto_source(TAGS["backward"], None) == "base"  # only base checkpoints here
+    assert auto_source(TAGS["forward"], None) == "base"  # only a base checkpoint with this tag
+    assert auto_source(TAGS["backward"], None) == "sft"  # sft comes first
     with pytest.raises(UserError, match="no checkpoint with tag 'nope' in any source"):
         main(["--model_tag=nope", "--device_type=cpu"])
 
