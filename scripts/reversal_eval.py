@@ -1,0 +1,348 @@
+"""The reversal curse from pretraining (Berglund et al., 2023): facts stated one way, asked both ways.
+
+    python -m scripts.reversal_eval --out_dir=/tmp/reversal --num_facts=100 --num_iterations=600
+    python -m scripts.reversal_eval --out_dir=/tmp/mine --facts_file=facts.jsonl
+
+In a fresh base directory (--out_dir) this writes fictitious facts (seeded made-up names and
+descriptions, or --facts_file) as pretraining documents, each fact stated in one order only: half
+name-first, half description-first. They are the corpus, or are mixed with --background_docs
+built-in documents. A tokenizer and forward, backward and bidirectional base models are trained on
+the same documents (scripts.tok_train, scripts.base_train). Every fact is then asked both ways and
+one table is printed and written to each model's evaluations/reversal_step<N>.json: model x query
+direction x subset x question (same order, reversed, held-in training sentence) x method
+(greedy generation, ranking K candidates by log p(entity | prompt), ranking by whole-text
+likelihood). What each method asks, and the measured numbers: docs/EVALUATION.md.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+
+from nanochat.common import UserError, add_flag, compute_init, print0, run_main
+from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, DirectionSpec, orient_text_tokens, parse_directions
+from nanochat.rerank import mean_and_se, pick_credit
+
+SUBSETS = ("name_first", "description_first")
+SLOTS = ("{name}", "{description}")
+TEMPLATES = {"name_first": "{name} is {description}.", "description_first": "{description} is {name}."}
+SYLLABLES = "ka lo mi ra zu te vin dor bel sha nor qui fen tal mar ros gil pa ul bri cor dax eth fy".split()
+ROLES = "inventor composer founder keeper mapmaker author painter builder guardian discoverer".split()
+ADJECTIVES = "silver hidden frozen crimson silent golden hollow ancient bitter northern velvet broken".split()
+NOUNS = "lamp harp tower river garden engine mirror compass lantern bridge orchard clock".split()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="The reversal curse from pretraining: train base models on one-way "
+                                "facts and ask them both ways (docs/EVALUATION.md)")
+    add_flag(p, "out_dir", default="", help="base directory of the benchmark (default: $NANOCHAT_BASE_DIR/reversal)")
+    add_flag(p, "facts_file", default="", help="jsonl: name, description, subset (name_first | description_first), "
+             "optional phrasings and questions with {name}/{description} slots (default: generated facts)")
+    add_flag(p, "num_facts", type=int, default=100, help="generated facts, half per subset")
+    add_flag(p, "background_docs", type=int, default=0, 
+             help="built-in documents mixed in (0 = the facts are the corpus)")
+    add_flag(p, "models", default="forward,backward,bidirectional", help="directions to train (tags reversal_<dir>)")
+    add_flag(p, "model_tags", default="", help="evaluate these existing base models in --out_dir instead of training")
+    add_flag(p, "k", type=int, default=10, help="candidates per ranking question (chance = 1/K)")
+    add_flag(p, "depth", type=int, default=2)
+    add_flag(p, "max_seq_len", type=int, default=64)
+    add_flag(p, "device_batch_size", type=int, default=8)
+    add_flag(p, "num_iterations", type=int, default=600)
+    add_flag(p, "vocab_size", type=int, default=512)
+    add_flag(p, "max_new_tokens", type=int, default=24, help="greedy generation budget per question")
+    add_flag(p, "seed", type=int, default=42, help="facts, candidates and model init")
+    add_flag(p, "device_type", default="")
+    add_flag(p, "overwrite", action="store_true", help="retrain models and replace results")
+    return p
+
+
+# ---- facts --------------------------------------------------------------------------------------
+def _word(rng, n):
+    return "".join(rng.choice(SYLLABLES) for _ in range(n)).capitalize()
+
+
+def generate_facts(n, seed):
+    """n fictitious facts, alternately name-first and description-first, names and descriptions unique."""
+    rng, names, descriptions = random.Random(f"reversal_eval/{seed}"), [], []
+    while len(names) < n:
+        name = f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}"
+        names += [name] if name not in names else []
+    while len(descriptions) < n:
+        d = f"the {rng.choice(ROLES)} of the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+        descriptions += [d] if d not in descriptions else []
+    return [{"name": a, "description": d, "subset": SUBSETS[i % 2]}
+            for i, (a, d) in enumerate(zip(names, descriptions))]
+
+
+def _first_slot(template):
+    return min(SLOTS, key=template.index)
+
+
+def check_facts(facts, where="facts"):
+    """Fill in default phrasings and questions; one UserError for the first bad fact."""
+    for i, f in enumerate(facts, 1):
+        def bad(msg):
+            raise UserError(f"{where}: fact {i}: {msg}")
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), str) and f[k].strip()
+                                              for k in ("name", "description")):
+            bad("needs non-empty string fields 'name' and 'description'")
+        if f.get("subset") not in SUBSETS:
+            bad(f"subset must be one of {', '.join(SUBSETS)}, not {f.get('subset')!r}")
+        f.setdefault("phrasings", [TEMPLATES[f["subset"]]])
+        f.setdefault("questions", list(TEMPLATES.values()))
+        for key in ("phrasings", "questions"):
+            if not f[key] or any(not isinstance(t, str) or any(t.count(s) != 1 for s in SLOTS) for t in f[key]):
+                bad(f"'{key}' must be a non-empty list of strings with {{name}} and {{description}} once each")
+        if any(_first_slot(t) != "{" + f["subset"].split("_")[0] + "}" for t in f["phrasings"]):
+            bad(f"a {f['subset']} fact is stated in that order only: every phrasing must put that slot first")
+    for key in ("name", "description"):
+        if len({f[key] for f in facts}) != len(facts):
+            raise UserError(f"{where}: every fact needs its own {key} (duplicates make ranking ambiguous)")
+    return facts
+
+
+def load_facts(path):
+    facts = []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    facts.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not JSON ({e})")
+    return check_facts(facts, path)
+
+
+def fill(text, fact):
+    return text.replace("{name}", fact["name"]).replace("{description}", fact["description"])
+
+
+def split_at(template, fact, slot):
+    """(text before, entity with the space before it, text after) of the filled template around `slot`."""
+    before, after = template.split(slot, 1)
+    before, after = fill(before, fact), fill(after, fact)
+    space = " " if before.endswith(" ") else ""
+    return before[:len(before) - len(space)], space + fact[slot[1:-1]], after
+
+
+# ---- questions ----------------------------------------------------------------------------------
+def questions(facts, k, seed):
+    """Every (fact, template, query direction): the asked slot is the one the query direction writes
+    (forward: the later one, after a given beginning; backward: the earlier one, before a given
+    ending). `same`: the asked entity is the one training put second. Candidates: the right entity
+    and K-1 others of the same subset, the same for every model."""
+    out = []
+    for i, f in enumerate(facts):
+        trained_second = "{description}" if f["subset"] == "name_first" else "{name}"
+        for kind, templates in (("held-in", f["phrasings"]), ("question", f["questions"])):
+            for j, t in enumerate(templates):
+                for query in CONCRETE_DIRECTIONS:
+                    slot = max(SLOTS, key=t.index) if query == "forward" else _first_slot(t)
+                    pool = [g[slot[1:-1]] for g in facts if g["subset"] == f["subset"] and g is not f]
+                    others = random.Random(f"{seed}/{i}/{kind}/{j}/{slot}").sample(pool, k - 1)
+                    question = kind if kind == "held-in" else ("same" if slot == trained_second else "reversed")
+                    out.append({"fact": i, "subset": f["subset"], "query": query, "question": question,
+                                "template": t, "slot": slot, "candidates": [f[slot[1:-1]]] + others})
+    return out
+
+
+def _rows(tokenizer, spec, template, fact, slot, candidates, reading, whole):
+    """One row per candidate in the slot, oriented for `reading`; the mask covers the candidate
+    (conditional) or every text token (whole text)."""
+    before, entity, after = split_at(template, fact, slot)
+    space = entity[:len(entity) - len(entity.lstrip())]
+    rows = []
+    for c in candidates:
+        pieces = [tokenizer.encode(x) if x else [] for x in (before, space + c, after)]
+        mask = [int(whole or i == 1) for i, piece in enumerate(pieces) for _ in piece]
+        header = spec.header(reading)
+        rows.append((header + orient_text_tokens(pieces[0] + pieces[1] + pieces[2], reading),
+                     [0] * len(header) + orient_text_tokens(mask, reading)))
+    return rows
+
+
+def evaluate_model(model, tokenizer, spec, facts, qs, device, max_new_tokens, batch_size=64):
+    """Records (query direction, subset, question, method, fact, value) in the directions the model
+    reads. generation: the greedy completion contains the entity; rank_conditional: the right
+    candidate has the highest log p(entity | prompt) in the query's reading; rank_whole_text: the
+    highest log p(whole text) of the question as a statement that ends with the answer (the texts of
+    the forward questions), in each reading: backward, the candidate is read first, unconditioned."""
+    from nanochat.chat_eval_lib import sequence_logprobs
+    from nanochat.engine import Engine
+    engine, readable = Engine(model, tokenizer, spec=spec), spec.generation_directions()
+    records, rows = [], []
+    for q in qs:
+        f, key = facts[q["fact"]], (q["subset"], q["question"], q["fact"])
+        if q["query"] in readable:
+            before, entity, after = split_at(q["template"], f, q["slot"])
+            given = before if q["query"] == "forward" else after
+            text = engine.complete(given, direction=q["query"], max_tokens=max_new_tokens, temperature=0.0)[0]
+            records.append((q["query"], *key[:2], "generation", key[2], float(entity.strip() in text["generated"])))
+            records.append((q["query"], *key[:2], "rank_conditional", key[2], None))
+            rows += _rows(tokenizer, spec, q["template"], f, q["slot"], q["candidates"], q["query"], False)
+        if q["query"] == "forward":
+            for reading in readable:
+                records.append((reading, *key[:2], "rank_whole_text", key[2], None))
+                rows += _rows(tokenizer, spec, q["template"], f, q["slot"], q["candidates"], reading, True)
+    longest = max(len(ids) for ids, _ in rows)
+    if longest > model.config.sequence_len + 1:
+        raise UserError(f"a question of {longest} tokens does not fit the model's {model.config.sequence_len}-token "
+                        "context: train with a larger --max_seq_len")
+    scores, k = sequence_logprobs(model, rows, device, batch_size), len(qs[0]["candidates"])
+    ranked = iter(pick_credit(scores[i:i + k], [1.0] + [0.0] * (k - 1)) for i in range(0, len(scores), k))
+    return [r if r[-1] is not None else r[:-1] + (next(ranked),) for r in records]
+
+
+# ---- the table ----------------------------------------------------------------------------------
+METHODS = ("generation", "rank_conditional", "rank_whole_text")
+QUESTIONS = ("same", "reversed", "held-in")
+
+
+def build_table(per_model, k):
+    """Rows model x query direction x subset x question, each method a mean +- s.e. over facts (a fact's
+    templates averaged first) or n/a with the reason."""
+    rows = []
+    for tag, direction, records in per_model:
+        for query in CONCRETE_DIRECTIONS:
+            for subset in SUBSETS:
+                for question in QUESTIONS:
+                    row = {"model": tag, "model_direction": direction, "query_direction": query, "subset": subset,
+                           "question": question, "chance": 1 / k}
+                    for method in METHODS:
+                        by_fact = {}
+                        for r in records:
+                            if r[:4] == (query, subset, question, method):
+                                by_fact.setdefault(r[4], []).append(r[5])
+                        if not by_fact:
+                            row[method] = {"na": f"trained {direction}: it does not read {query}"}
+                            continue
+                        mean, se = mean_and_se([sum(v) / len(v) for v in by_fact.values()])
+                        row[method] = {"mean": mean, "se": se, "facts": len(by_fact)}
+                    rows.append(row)
+    return rows
+
+
+def format_table(rows, k):
+    """The table as text; a query direction the model does not read is one n/a line with the reason."""
+    def cell(c):
+        return "n/a" if "na" in c else f"{c['mean']:.3f} +- {c['se']:.3f}"
+    head = f"{'model':<24} {'query':<8} {'subset':<18} {'question':<9} {'generation':>15} " \
+           f"{'rank p(entity|prompt)':>22} {'rank whole text':>16}"
+    lines, said = [head, "-" * len(head)], set()
+    for r in rows:
+        start = f"{r['model']:<24} {r['query_direction']:<8} "
+        if "na" in r["generation"]:
+            if (r["model"], r["query_direction"]) not in said:
+                said.add((r["model"], r["query_direction"]))
+                lines.append(start + f"n/a: {r['generation']['na']}")
+            continue
+        lines.append(start + f"{r['subset']:<18} {r['question']:<9} {cell(r['generation']):>15} "
+                     f"{cell(r['rank_conditional']):>22} {cell(r['rank_whole_text']):>16}")
+    return "\n".join(lines + [f"ranking chance = 1/K = {1 / k:.3f} (K = {k} candidates from the same subset); "
+                              "generation: the greedy completion contains the entity"])
+
+
+# ---- data and models ----------------------------------------------------------------------------
+def write_corpus(out_dir, facts, background_docs, seed):
+    """base_data/: every training phrasing of every fact once (+ built-in documents), shuffled; the
+    last shard (validation, read only for base_train's bpb line) is background text or a copy of facts."""
+    from nanochat.dataset import builtin_documents, data_dir, write_shards
+    docs = [fill(t, f) for f in facts for t in f["phrasings"]]
+    val = docs[:max(1, len(docs) // 10)]
+    if background_docs:
+        background = list(builtin_documents())
+        random.Random(1234).shuffle(background)
+        val, docs = background[:max(1, background_docs // 10)], docs + background[:background_docs]
+    random.Random(seed).shuffle(docs)
+    write_shards(docs, data_dir(), len(docs))
+    write_shards(val, data_dir(), len(val), start_index=1)
+
+
+def train_models(args, directions):
+    from nanochat.checkpoint_manager import list_tags
+    from scripts import base_train
+    for direction in directions:
+        tag = f"reversal_{direction}"
+        if tag in list_tags("base"):
+            print0(f"reusing the existing base model {tag} (a fresh --out_dir trains new ones)")
+            continue
+        base_train.main([f"--direction={direction}", f"--depth={args.depth}", f"--max_seq_len={args.max_seq_len}",
+                         f"--device_batch_size={args.device_batch_size}", "--total_batch_size=-1",
+                         f"--num_iterations={args.num_iterations}", "--eval_every=-1",
+                         f"--eval_tokens={args.device_batch_size * args.max_seq_len}", "--sample_every=-1",
+                         f"--log_every={max(1, args.num_iterations // 4)}", f"--device_type={args.device_type}",
+                         f"--model_tag={tag}", f"--seed={args.seed}", "--research_log=0"])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.k < 2:
+        raise UserError(f"--k={args.k}: ranking needs at least 2 candidates (chance = 1/K)")
+    for name in ("num_facts", "depth", "max_seq_len", "device_batch_size", "num_iterations", "vocab_size",
+                 "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive")
+    if args.background_docs < 0:
+        raise UserError("--background_docs must be >= 0")
+    from nanochat.common import get_base_dir
+    out_dir = os.path.abspath(args.out_dir or os.path.join(get_base_dir(), "reversal"))
+    facts = load_facts(args.facts_file) if args.facts_file else check_facts(generate_facts(args.num_facts, args.seed))
+    for subset in SUBSETS:
+        n = sum(f["subset"] == subset for f in facts)
+        if n < args.k:
+            raise UserError(f"subset {subset} has {n} facts, fewer than --k={args.k} candidates (all from the same "
+                            "subset): add facts or lower --k")
+    directions = parse_directions(args.models, DIRECTIONS) if not args.model_tags else []
+    saved = os.path.join(out_dir, "reversal_facts.jsonl")
+    facts_text = "".join(json.dumps(f, sort_keys=True) + "\n" for f in facts)
+    if os.path.exists(saved) and open(saved).read() != facts_text:
+        raise UserError(f"{out_dir} was built with other facts ({saved}): use a fresh --out_dir")
+    previous = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = out_dir  # every stage below reads its base directory from here
+    try:
+        return run(args, out_dir, facts, directions, saved, facts_text)
+    finally:
+        os.environ.pop("NANOCHAT_BASE_DIR") if previous is None else os.environ.update(NANOCHAT_BASE_DIR=previous)
+
+
+def run(args, out_dir, facts, directions, saved, facts_text):
+    from nanochat.checkpoint_manager import artifact_dirs, load_model, resolve_checkpoint
+    from nanochat.evaluations import record_path, refuse_existing, write_record
+    tags = [t.strip() for t in args.model_tags.split(",") if t.strip()] or [f"reversal_{d}" for d in directions]
+    if args.model_tags:
+        found = [resolve_checkpoint("base", t) for t in tags]  # an unknown tag: one clear error, before any work
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.path.isdir(os.path.join(out_dir, "base_data")):
+            write_corpus(out_dir, facts, args.background_docs, args.seed)
+        with open(saved, "w") as fh:
+            fh.write(facts_text)
+        if not os.path.exists(os.path.join(out_dir, "tokenizer", "tokenizer.json")):
+            from scripts import tok_train
+            tok_train.main([f"--vocab_size={args.vocab_size}"])
+        train_models(args, directions)
+        found = [resolve_checkpoint("base", t) for t in tags]
+    paths = [record_path(artifact_dirs("base", tag)["evaluations"], "reversal", step) for _, step, tag in found]
+    refuse_existing(paths, args.overwrite)
+    _, _, _, _, device = compute_init(args.device_type)
+    qs, per_model = questions(facts, args.k, args.seed), []
+    for _, step, tag in found:
+        model, tokenizer, meta = load_model("base", device, model_tag=tag, step=step)
+        spec = DirectionSpec.for_model(meta, tokenizer)
+        per_model.append((tag, spec.direction, evaluate_model(model, tokenizer, spec, facts, qs, device,
+                                                              args.max_new_tokens)))
+    rows = build_table(per_model, args.k)
+    print0(f"\nreversal curse: {len(facts)} facts, each stated one way in pretraining, asked both ways "
+           f"(mean +- s.e. over facts)\n" + format_table(rows, args.k))
+    record = {"eval": "reversal", "k": args.k, "chance": 1 / args.k, "facts": len(facts), "seed": args.seed,
+              "facts_file": args.facts_file or None, "out_dir": out_dir, "rows": rows,
+              "models": {tag: step for _, step, tag in found}}
+    for path in paths:
+        write_record(path, record)
+        print0(f"wrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
