@@ -131,12 +131,13 @@ def format_table(summary, num_samples):
     def cell(pair):
         mean, se = pair
         return f"{mean:.4f} +- {se:.4f}" if not math.isnan(se) else f"{mean:.4f}"
-    lines = [f"{'pick by':<34} {'accuracy@1':>18} {'vs random (paired)':>20}"]
+    lines = [f"{'pick by':<34} {'accuracy@1':>18} {'vs random (paired)':>20} {'vs forward (paired)':>20}"]
     names = {"forward": "forward log p(answer | question)", "backward": "backward log p(question | answer)",
              "sum": "sum of both"}
     for m in METHODS:
         r = summary["methods"][m]
-        lines.append(f"{names[m]:<34} {cell(r['accuracy']):>18} {cell(r['vs_random']):>20}")
+        vs_forward = cell(r["vs_forward"]) if "vs_forward" in r else ""
+        lines.append(f"{names[m]:<34} {cell(r['accuracy']):>18} {cell(r['vs_random']):>20} {vs_forward:>20}")
     lines.append(f"{'random choice':<34} {cell(summary['random']):>18}")
     lines.append(f"{f'pass@{num_samples} (any candidate right)':<34} {cell(summary['pass_at_n']):>18}")
     if summary.get("skipped_too_long"):

@@ -159,3 +159,12 @@ def test_rerank_refuses_before_any_work(pair, monkeypatch):
     swapped = [a.replace("rr_fwd", "X").replace("rr_bwd", "rr_fwd").replace("X", "rr_bwd") for a in RERANK]
     with pytest.raises(UserError, match="rr_bwd was trained backward"):
         rerank.main(swapped)
+
+
+def test_format_table_shows_paired_differences_against_forward():
+    from nanochat.rerank import format_table, summarise
+    per_question = [{"random": 0.5, "pass": 1.0, "picks": {"forward": 0.0, "backward": 1.0, "sum": 1.0}},
+                    {"random": 0.5, "pass": 1.0, "picks": {"forward": 1.0, "backward": 1.0, "sum": 0.0}}]
+    text = format_table(summarise(per_question), 2)
+    assert "vs forward (paired)" in text
+    assert "0.5000 +- 0.5000" in text.splitlines()[2]  # backward - forward = +1, 0 -> 0.5 +- 0.5
