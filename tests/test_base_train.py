@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nanochat.direction import DirectionSpec
-from conftest import run_script
-from test_cli_errors import assert_one_line_error, copy_base, snapshot
+from conftest import (TRAINED_STEPS, TRAINED_TAGS, assert_one_line_error, copy_base, run_inprocess, run_script,
+                      snapshot)
 
 DIRECTIONS = ["forward", "backward", "bidirectional"]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.]+)", re.M)
@@ -35,14 +35,14 @@ def step_losses(stdout):
 
 @pytest.fixture(scope="module")
 def seed_runs(corpus_template, tmp_path_factory):
-    """One base dir in which the three seed commands ran (two at a time)."""
+    """One base dir in which the three seed commands ran (depth 4, 128-token context: ~10 s each)."""
     base = copy_base(corpus_template["dir"], tmp_path_factory, "seed_runs")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = pool.map(lambda d: run_script("scripts.base_train", *seed_command(d), "--sample_every=5",
-                                                base_dir=base), DIRECTIONS)
-        return base, dict(zip(DIRECTIONS, results))
+    results = [run_inprocess("scripts.base_train", *seed_command(d), "--sample_every=5", base_dir=base)
+               for d in DIRECTIONS]
+    return base, dict(zip(DIRECTIONS, results))
 
 
+@pytest.mark.slow  # the documented commands verbatim: three depth-4 runs
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_seed_command_trains_and_records_direction(seed_runs, direction, monkeypatch):
     from nanochat.checkpoint_manager import load_model
@@ -86,6 +86,7 @@ def test_seed_command_trains_and_records_direction(seed_runs, direction, monkeyp
     assert {k for k in meta if k.startswith("val_bpb_")} == {f"val_bpb_{d}" for d in evaluated}
 
 
+@pytest.mark.slow
 def test_seed_directions_see_different_data(seed_runs):
     # Same seed, same documents: only the orientation differs, so the first-step losses (at
     # identical initialisation) must not all coincide.
@@ -93,6 +94,29 @@ def test_seed_directions_see_different_data(seed_runs):
     first = {d: step_losses(r.stdout).get(1) for d, r in results.items()}
     assert None not in first.values()
     assert len(set(first.values())) == 3, first
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_trained_checkpoints_record_their_direction(trained, direction, monkeypatch):
+    """The session's checkpoints (conftest.TRAINED_RUN, depth 2): the quick set's counterpart of
+    the seed commands' checks."""
+    from nanochat.checkpoint_manager import load_model
+    tag = TRAINED_TAGS[direction]
+    result = trained["results"][tag]
+    losses = step_losses(result.stdout)
+    assert sorted(losses) == list(range(1, TRAINED_STEPS + 1))
+    assert losses[TRAINED_STEPS] < losses[1], "training should lower the training loss"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", trained["dir"])
+    model, tokenizer, meta = load_model("base", "cpu", phase="eval", model_tag=tag)
+    assert meta["direction"] == direction and meta["step"] == TRAINED_STEPS and meta["phase"] == "base"
+    assert meta["model_config"]["n_layer"] == 2 and meta["model_config"]["sequence_len"] == 64
+    assert not model.training
+    spec = DirectionSpec.from_meta(meta)
+    assert spec.direction == direction and spec.bos_id == tokenizer.get_bos_token_id()
+    assert spec.marker_ids == (tokenizer.get_marker_ids() if direction == "bidirectional" else ())
+    evaluated = set(re.findall(r"val bpb (\w+):", result.stdout))
+    assert evaluated == ({"forward", "backward"} if direction == "bidirectional" else {direction})
+    assert {k for k in meta if k.startswith("val_bpb_")} == {f"val_bpb_{d}" for d in evaluated}
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +139,7 @@ def test_every_flag_has_a_kebab_alias_with_the_same_meaning():
 
 
 def test_kebab_case_flags_run_end_to_end(base_dir):
-    result = run_script("scripts.base_train", "--direction=backward", "--depth=2", "--max-seq-len=64",
+    result = run_inprocess("scripts.base_train", "--direction=backward", "--depth=2", "--max-seq-len=64",
                         "--device-batch-size=2", "--total-batch-size=256", "--num-iterations=3",
                         "--eval-every=-1", "--eval-tokens=256", "--model-tag=kebab", base_dir=base_dir)
     assert result.returncode == 0, result.stderr
@@ -143,15 +167,15 @@ def resume_runs(corpus_template, tmp_path_factory):
     checkpoint ('resumed': the files an interrupted run would have left)."""
     from nanochat.checkpoint_manager import meta_path, model_path, optim_path
     base = copy_base(corpus_template["dir"], tmp_path_factory, "resume")
-    full = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", base_dir=base)
+    full = run_inprocess("scripts.base_train", *RESUME_RUN, "--model_tag=full", base_dir=base)
     assert full.returncode == 0, full.stderr
     src = os.path.join(base, "base_checkpoints", "full")
     dst = os.path.join(base, "base_checkpoints", "resumed")
     os.makedirs(dst)
     for path_fn in (model_path, meta_path, lambda d, s: optim_path(d, s, 0)):
         shutil.copy2(path_fn(src, 4), path_fn(dst, 4))
-    resumed = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=resumed", "--resume_from_step=4",
-                         base_dir=base)
+    resumed = run_inprocess("scripts.base_train", *RESUME_RUN, "--model_tag=resumed", "--resume_from_step=4",
+                            base_dir=base)
     assert resumed.returncode == 0, resumed.stderr
     return base, full, resumed
 
@@ -191,7 +215,7 @@ def test_resume_reproduces_the_uninterrupted_run(resume_runs):
 def test_existing_checkpoints_are_not_overwritten(resume_runs):
     base, _, _ = resume_runs
     before = snapshot(base)
-    result = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", base_dir=base)
+    result = run_inprocess("scripts.base_train", *RESUME_RUN, "--model_tag=full", base_dir=base)
     assert_one_line_error(result, "already holds base checkpoints", "--resume_from_step=8")
     assert snapshot(base) == before
 
@@ -199,7 +223,8 @@ def test_existing_checkpoints_are_not_overwritten(resume_runs):
 def test_resume_from_a_step_that_was_not_saved(resume_runs):
     base, _, _ = resume_runs
     before = snapshot(base)
-    result = run_script("scripts.base_train", *RESUME_RUN, "--model_tag=full", "--resume_from_step=5", base_dir=base)
+    result = run_inprocess("scripts.base_train", *RESUME_RUN, "--model_tag=full", "--resume_from_step=5",
+                           base_dir=base)
     assert_one_line_error(result, "--resume_from_step=5", "[4, 8]")
     assert snapshot(base) == before
 
@@ -208,11 +233,12 @@ def test_resume_with_a_contradicting_direction(resume_runs):
     base, _, _ = resume_runs
     before = snapshot(base)
     args = [a if not a.startswith("--direction") else "--direction=backward" for a in RESUME_RUN]
-    result = run_script("scripts.base_train", *args, "--model_tag=full", "--resume_from_step=4", base_dir=base)
+    result = run_inprocess("scripts.base_train", *args, "--model_tag=full", "--resume_from_step=4", base_dir=base)
     assert_one_line_error(result, "--direction=backward", "bidirectional")
     assert snapshot(base) == before
 
 
+@pytest.mark.slow  # two processes race for the run lock
 def test_two_runs_started_together_on_one_tag_cannot_both_write(base_dir):
     # The "already holds base checkpoints" check alone is racy; the run lock is not: exactly one run
     # trains, the other fails at once naming the process that holds the run.

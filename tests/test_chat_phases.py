@@ -2,16 +2,11 @@
 base -> mid -> sft -> rl with parent links, for backward and bidirectional models."""
 
 import os
-import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import run_script
+from conftest import TRAINED_SFT_STEPS, copy_base, run_inprocess, run_script
 from nanochat.experiment_config import ExperimentConfig
-
-BASE = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
-        "--num_iterations=3", "--eval_tokens=2000", "--eval_every=-1"]
 
 
 def assert_one_error_line(result, *fragments):
@@ -23,26 +18,20 @@ def assert_one_error_line(result, *fragments):
 
 
 @pytest.fixture(scope="module")
-def seeded(corpus_template, tmp_path_factory):
-    """A base dir with the seed plan's base checkpoint `test_backward` (and a forward one)."""
-    base = str(tmp_path_factory.mktemp("chat_phases") / "base")
-    shutil.copytree(corpus_template["dir"], base)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda d: run_script("scripts.base_train", f"--direction={d}", f"--model_tag=test_{d}",
-                                                     *BASE, base_dir=base), ["backward", "forward"]))
-    for r in results:
-        assert r.returncode == 0, r.stderr
-    return base
+def seeded(trained, tmp_path_factory):
+    """A copy of the session's checkpoints: the seed plan's base checkpoint `test_backward` (and a
+    forward one), and the seed plan's SFT of `test_backward` (conftest.TRAINED_SFT)."""
+    return copy_base(trained["dir"], tmp_path_factory, "chat_phases")
 
 
-def test_seed_commands_detect_backward_and_save_checkpoints_that_say_so(seeded, monkeypatch):
-    mid = run_script("scripts.mid_train", "--model_tag=test_backward", "--device_batch_size=2", "--num_iterations=5",
-                     "--eval_batches=2", base_dir=seeded)
+def test_seed_commands_detect_backward_and_save_checkpoints_that_say_so(seeded, trained, monkeypatch):
+    mid = run_inprocess("scripts.mid_train", "--model_tag=test_backward", "--device_batch_size=2",
+                        f"--num_iterations={TRAINED_SFT_STEPS}", "--eval_batches=2", base_dir=seeded)
     assert mid.returncode == 0, mid.stderr
     assert "(trained backward)" in mid.stdout
-    sft = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_backward", "--device_batch_size=2",
-                     "--num_iterations=5", "--eval_batches=2", base_dir=seeded)
+    sft = trained["results"]["sft"]  # the seed plan's chat_sft command, run by the fixture
     assert sft.returncode == 0, sft.stderr
+    assert "(trained backward)" in sft.stdout
     monkeypatch.setenv("NANOCHAT_BASE_DIR", seeded)
     from nanochat.checkpoint_manager import load_model
     for source, phase in (("mid", "mid"), ("sft", "sft")):
@@ -55,7 +44,7 @@ def test_seed_commands_detect_backward_and_save_checkpoints_that_say_so(seeded, 
 
 def test_contradicting_direction_is_refused(seeded):
     before = sorted(os.listdir(seeded))
-    result = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--direction=backward",
+    result = run_inprocess("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--direction=backward",
                         "--output_tag=contra", "--num_iterations=1", base_dir=seeded)
     assert_one_error_line(result, "--direction=backward contradicts", "forward")
     assert sorted(os.listdir(seeded)) == before
@@ -63,22 +52,23 @@ def test_contradicting_direction_is_refused(seeded):
 
 
 def test_missing_parent_checkpoint_is_refused(seeded):
-    result = run_script("scripts.mid_train", "--model_tag=no_such_model", "--num_iterations=1", base_dir=seeded)
+    result = run_inprocess("scripts.mid_train", "--model_tag=no_such_model", "--num_iterations=1", base_dir=seeded)
     assert_one_error_line(result, "no_such_model")
 
 
 def test_existing_output_is_not_overwritten(seeded):
-    first = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--output_tag=once",
+    first = run_inprocess("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--output_tag=once",
                        "--device_batch_size=2", "--num_iterations=2", "--eval_batches=1", base_dir=seeded)
     assert first.returncode == 0, first.stderr
     target = os.path.join(seeded, "chatsft_checkpoints", "once")
     stamp = {n: os.stat(os.path.join(target, n)).st_mtime_ns for n in os.listdir(target)}
-    again = run_script("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--output_tag=once",
+    again = run_inprocess("scripts.chat_sft", "--source=base", "--model_tag=test_forward", "--output_tag=once",
                        "--device_batch_size=2", "--num_iterations=2", base_dir=seeded)
     assert_one_error_line(again, "already holds")
     assert {n: os.stat(os.path.join(target, n)).st_mtime_ns for n in os.listdir(target)} == stamp
 
 
+@pytest.mark.slow  # the orchestrator starts each phase as a process
 @pytest.mark.parametrize("direction", ["backward", "bidirectional"])
 def test_orchestrator_runs_the_whole_chain_with_parent_links(base_dir, direction):
     exp_id = f"chain_{direction}"

@@ -5,24 +5,16 @@ choice and pass@N with standard errors, and the command on tiny models."""
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import TRAINED_STEPS, TRAINED_TAGS, copy_base, run_inprocess
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.rerank import (markdown_section, mean_and_se, pick_credit, rerank_task, score_candidates, summarise)
-from nanochat.tokenizer import get_tokenizer
 from tasks.arithmetic import TwoWayArithmetic
-from test_cli_errors import copy_base
-
-
-@pytest.fixture(scope="module")
-def tok(corpus_template):
-    return get_tokenizer(corpus_template["dir"])
 
 
 def random_model(tok, seed):
@@ -111,36 +103,30 @@ def test_rerank_task_on_tiny_models(tok):
 
 
 # ---- the command ------------------------------------------------------------------------------------
-TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128", "--num_iterations=2",
-        "--eval_every=-1", "--eval_tokens=256", "--device_type=cpu", "--sample_every=-1"]
-RERANK = ["--source=base", "--forward_tag=rr_fwd", "--backward_tag=rr_bwd", "--task=arithmetic", "--num_questions=3",
+FWD, BWD, STEP = TRAINED_TAGS["forward"], TRAINED_TAGS["backward"], TRAINED_STEPS
+RERANK = ["--source=base", f"--forward_tag={FWD}", f"--backward_tag={BWD}", "--task=arithmetic", "--num_questions=3",
           "--num_samples=2", "--max_new_tokens=4", "--device_type=cpu"]
+RECORD = f"rerank_arithmetic_step{STEP:06d}.json"
 
 
 @pytest.fixture(scope="module")
-def pair(corpus_template, tmp_path_factory):
-    base = copy_base(corpus_template["dir"], tmp_path_factory, "rerank")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda d: run_script("scripts.base_train", *TINY, f"--direction={d[0]}",
-                                                     f"--model_tag={d[1]}", base_dir=base),
-                                [("forward", "rr_fwd"), ("backward", "rr_bwd")]))
-    for r in results:
-        assert r.returncode == 0, r.stderr
-    return base
+def pair(trained, tmp_path_factory):
+    """A copy of the session's checkpoints: a forward and a backward model (the record goes beside them)."""
+    return copy_base(trained["dir"], tmp_path_factory, "rerank")
 
 
 def test_rerank_command_writes_the_table(pair):
-    result = run_script("scripts.rerank", *RERANK, base_dir=pair)
+    result = run_inprocess("scripts.rerank", *RERANK, base_dir=pair)
     assert result.returncode == 0, result.stderr
     assert "backward log p(question | answer)" in result.stdout and "pass@2" in result.stdout
-    evaluations = os.path.join(pair, "base_checkpoints", "rr_fwd", "evaluations")
-    path = os.path.join(evaluations, "rerank_arithmetic_step000002.json")
+    evaluations = os.path.join(pair, "base_checkpoints", FWD, "evaluations")
+    path = os.path.join(evaluations, RECORD)
     with open(path) as f:
         record = json.load(f)
-    assert record["backward_model"] == "rr_bwd" and record["summary"]["questions"] == 3
+    assert record["backward_model"] == BWD and record["summary"]["questions"] == 3
     assert record["forward_direction"] == "forward" and record["backward_direction"] == "backward"
-    section = markdown_section("rr_fwd", evaluations, None)
-    assert "| arithmetic (step 2, 3 questions) | 2 | rr_bwd |" in section
+    section = markdown_section(FWD, evaluations, None)
+    assert f"| arithmetic (step {STEP}, 3 questions) | 2 | {BWD} |" in section
 
 
 def test_rerank_refuses_before_any_work(pair, monkeypatch):
@@ -149,15 +135,15 @@ def test_rerank_refuses_before_any_work(pair, monkeypatch):
     from nanochat.common import UserError
     from scripts import rerank
     monkeypatch.setenv("NANOCHAT_BASE_DIR", pair)
-    path = os.path.join(pair, "base_checkpoints", "rr_fwd", "evaluations", "rerank_arithmetic_step000002.json")
+    path = os.path.join(pair, "base_checkpoints", FWD, "evaluations", RECORD)
     if not os.path.exists(path):  # when run alone
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write("{}")
-    with pytest.raises(UserError, match="rerank_arithmetic_step000002.json already exists; pass --overwrite"):
+    with pytest.raises(UserError, match=f"{RECORD} already exists; pass --overwrite"):
         rerank.main(RERANK)
-    swapped = [a.replace("rr_fwd", "X").replace("rr_bwd", "rr_fwd").replace("X", "rr_bwd") for a in RERANK]
-    with pytest.raises(UserError, match="rr_bwd was trained backward"):
+    swapped = [a.replace(FWD, "X").replace(BWD, FWD).replace("X", BWD) for a in RERANK]
+    with pytest.raises(UserError, match=f"{BWD} was trained backward"):
         rerank.main(swapped)
 
 
