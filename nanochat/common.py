@@ -129,3 +129,36 @@ def add_flag(parser, name, **kwargs):
     if "_" in name:
         flags.append(f"--{name.replace('_', '-')}")
     return parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def check_number(name, value, low=None, high=None, integer=False, off=None):
+    """`value` if it is a finite number in [low, high] (an integer if `integer`), or the flag's
+    documented "off" sentinel `off` (e.g. -1 for top-k); one UserError naming `name` otherwise.
+
+    The one range check for the numbers that reach sampling: the scripts' flags (rerank,
+    chat_eval, chat_cli, direction_eval, chat_web) call it before any model loads, and the web
+    server calls it for every request field. NaN fails every comparison, so `not low <= v` (never
+    `v < low`) is what refuses it; inf is refused as not finite."""
+    import math
+    if off is not None and value == off and not isinstance(value, bool):
+        return value
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    if not ok_type or (isinstance(value, float) and not math.isfinite(value)) or (integer and value != int(value)):
+        kind = "an integer" if integer else "a finite number"
+        raise UserError(f"{name} must be {kind}, not {shown}")
+    if (low is not None and not value >= low) or (high is not None and not value <= high):
+        bounds = (f"between {low} and {high}" if low is not None and high is not None
+                  else f">= {low}" if low is not None else f"<= {high}")
+        raise UserError(f"{name}={shown} is out of range: it must be {bounds}"
+                        + (f" (or {off} for off)" if off is not None else ""))
+    return int(value) if integer else value
+
+
+def check_sampling(temperature, top_k=None, prefix="--"):
+    """The sampling flags every generating entry point shares: temperature finite and >= 0,
+    top-k >= 0 or -1 (off). Returns (temperature, top_k) unchanged."""
+    check_number(f"{prefix}temperature", temperature, low=0.0)
+    if top_k is not None:
+        check_number(f"{prefix}top_k", top_k, low=0, integer=True, off=-1)
+    return temperature, top_k

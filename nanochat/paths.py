@@ -24,7 +24,9 @@ import shutil
 from nanochat.common import UserError
 
 MAX_NAME_LEN = 128
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+# Used with fullmatch: `re.match(r"...$")` would accept a name ending in a newline ('$' matches
+# before a trailing "\n"), which then becomes a directory name no shell command can type.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 # Temporary names this project writes: `<file>.tmp<pid>` (atomic_write: checkpoints, evaluations,
 # configs, shards, exports), `<file>.tmp` (downloads, tokenizer), `<name>.tmp.npy` / `<file>.tmp<pid>.png`
 # (tokenizer, figures), and `.<file>.<random>.tmp`, which earlier versions wrote for experiment configs.
@@ -35,7 +37,7 @@ def validate_name(name, what="tag"):
     """`name` if it is a plain directory name; one UserError saying what is allowed otherwise."""
     if not isinstance(name, str) or not name:
         raise UserError(f"{what} must be a non-empty name, got {name!r}")
-    if len(name) > MAX_NAME_LEN or not _NAME_PATTERN.match(name):
+    if len(name) > MAX_NAME_LEN or not _NAME_PATTERN.fullmatch(name):
         raise UserError(f"invalid {what} {name!r}: use only letters, digits, '.', '_' and '-' (no '/', no "
                         f"leading '.', at most {MAX_NAME_LEN} characters); a {what} names a directory under the "
                         "base dir, never a path")

@@ -47,8 +47,9 @@ SNAPSHOTS = "snapshots"
 # that reading a 100k-step column touches ~100 chunks, not thousands.
 CHUNK_ROWS = 1024
 _STRING_DTYPE = h5py.string_dtype("utf-8")
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@:+=-]+$")
-_PHASE_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+# fullmatch, never match with '$' (which accepts a trailing newline): names become HDF5 paths and files.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@:+=-]+")
+_PHASE_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class LogFileExistsError(UserError, FileExistsError):
@@ -69,7 +70,7 @@ def _utc_now_iso():
 
 
 def _check_name(name, where):
-    if not isinstance(name, str) or not _NAME_PATTERN.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name) or name in (".", ".."):
         raise UserError(f"{where} name {name!r} is not allowed: use letters, digits and _ . - @ : + =")
 
 
@@ -125,7 +126,7 @@ class ResearchLogger:
 
     def __init__(self, experiment_dir, phase="base_training", flush_every=100, snapshot_every=1000,
                  metadata=None, resume=False, resume_from_step=None):
-        if not isinstance(phase, str) or not _PHASE_PATTERN.match(phase):
+        if not isinstance(phase, str) or not _PHASE_PATTERN.fullmatch(phase):
             raise UserError(f"phase {phase!r} is not a valid log name: use letters, digits, _ . -")
         if _as_int(flush_every) < 1:
             raise UserError(f"flush_every must be >= 1, got {flush_every}")

@@ -24,23 +24,29 @@ API (all errors are JSON {"error": "..."} with a 4xx/5xx status):
                            `data: {json}` events: start, text (the generated text so far, reading
                            order), done, or error.
 
-The server binds 127.0.0.1 unless --host says otherwise. Requests are bounded (body size, text
-length, history turns, max_tokens); each model runs one generation at a time (an asyncio lock,
-so concurrent requests never share a KV cache or interleave), and at most --max_queue requests
-wait for it; more are refused with 503.
+The server binds 127.0.0.1 unless --host says otherwise and answers only its own page: a request
+whose Host header is not the address it listens on, or whose Origin is another site's, is refused
+with 403 (so a web page the user visits cannot drive it, even through DNS rebinding); behind a
+reverse proxy, --allowed_hosts names the public host(s). Requests are bounded and validated (body
+size and nesting, field types, finite numbers in range, text length, history turns); each model
+runs one generation at a time (an asyncio lock, so concurrent requests never share a KV cache),
+and at most --max_queue requests wait for it (admitted under the event loop, so a burst never
+exceeds it); more are refused with 503. docs/SAFETY.md says what this does and does not protect.
 """
 
 import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import threading
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
-from nanochat.common import UserError, add_flag, compute_init, print0, run_main
+from nanochat.common import UserError, add_flag, check_number, compute_init, get_base_dir, print0, run_main
 from nanochat.direction import CONCRETE_DIRECTIONS
 from nanochat.engine import ChatHistory, Engine
+from nanochat.paths import validate_name
 
 MODES = ("chat", "completion")
 
@@ -64,21 +70,49 @@ class Limits:
 
 
 class ModelSlot:
-    """One loaded model, its lock (one generation at a time) and how many requests wait for it."""
+    """One loaded model, its lock (one generation at a time) and the requests admitted for it
+    (the one generating, if any, and those waiting: at most 1 + max_queue)."""
 
     def __init__(self, name, engine, meta):
         self.name, self.engine, self.meta = name, engine, meta
         self.lock = asyncio.Lock()
-        self.waiting = 0
+        self.admitted = 0
         phase = str(meta.get("source") or meta.get("phase") or "")
         # Base checkpoints never saw the chat tokens in use: the page defaults them to completion.
         self.chat = phase not in ("base", "")
+
+    @property
+    def waiting(self):
+        """Admitted requests not generating yet."""
+        return max(0, self.admitted - (1 if self.lock.locked() else 0))
+
+    def admit(self, max_queue):
+        """A Ticket for one more request, or None when 1 + max_queue are admitted already. Runs on
+        the event loop with no await between the check and the increment: atomic for a burst."""
+        if self.admitted >= max_queue + 1:
+            return None
+        self.admitted += 1
+        return Ticket(self)
 
     def describe(self):
         return {"name": self.name, "direction": self.engine.direction,
                 "directions": self.engine.spec.generation_directions(), "chat": self.chat,
                 "source": self.meta.get("source"), "step": self.meta.get("step"),
                 "context": self.engine.model.config.sequence_len}
+
+
+class Ticket:
+    """One admitted request's place; release() (idempotent) gives it back. The response gives it
+    back when it ends, unless a generation thread took it over (that thread gives it back with the
+    model's lock, so a client that hangs up does not free a place while the model still works)."""
+
+    def __init__(self, slot):
+        self.slot, self.released, self.taken_by_worker = slot, False, False
+
+    def release(self):
+        if not self.released:
+            self.released = True
+            self.slot.admitted -= 1
 
 
 class BadRequest(Exception):
@@ -88,15 +122,26 @@ class BadRequest(Exception):
 
 
 def _number(body, key, kind, default, low, high):
+    """A numeric field: type, finiteness and range through nanochat.common.check_number."""
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise BadRequest(f"'{key}' must be a number")
-    value = kind(value)
-    if not low <= value <= high:
-        raise BadRequest(f"'{key}' must be between {low} and {high}, not {value}")
-    return value
+    try:
+        return kind(check_number(f"'{key}'", value, low, high, integer=kind is int))
+    except UserError as e:
+        raise BadRequest(str(e))
+
+
+def _string(body, key):
+    """An optional string field: None when absent or empty."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string, not {type(value).__name__}")
+    return value or None
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_request(body, slots, limits):
@@ -106,18 +151,18 @@ def parse_request(body, slots, limits):
     unknown = set(body) - {"model", "direction", "mode", "text", "history", "max_tokens", "temperature", "top_k", "seed"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    name = body.get("model") or next(iter(slots))
+    name = _string(body, "model") or next(iter(slots))
     if name not in slots:
         raise BadRequest(f"unknown model {name!r}: loaded models are {', '.join(slots)}", status=404)
     slot = slots[name]
-    requested = body.get("direction") or None  # none: the model's default (forward for bidirectional)
+    requested = _string(body, "direction")  # none: the model's default (forward for bidirectional)
     if requested is not None and requested not in CONCRETE_DIRECTIONS:
         raise BadRequest(f"'direction' must be forward or backward, not {requested!r}")
     try:
         direction = slot.engine.spec.generation_direction(requested)
     except UserError as e:
         raise BadRequest(f"model {name!r}: {e}")
-    mode = body.get("mode") or ("chat" if slot.chat else "completion")
+    mode = _string(body, "mode") or ("chat" if slot.chat else "completion")
     if mode not in MODES:
         raise BadRequest(f"'mode' must be chat or completion, not {mode!r}")
     text = body.get("text")
@@ -137,7 +182,8 @@ def parse_request(body, slots, limits):
         # Reading order: forward [user, assistant, ...]; backward [user, assistant, ...] too (the
         # exchanges after the answer being typed now).
         expected = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(m, dict) or m.get("role") != expected or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] != expected \
+                or not isinstance(m["content"], str):
             raise BadRequest(f"history[{i}] must be {{\"role\": \"{expected}\", \"content\": <string>}}")
         if len(m["content"]) > limits.max_text_chars:
             raise BadRequest(f"history[{i}] is longer than {limits.max_text_chars} characters", status=413)
@@ -176,19 +222,126 @@ def sse(event):
     return f"data: {json.dumps(event)}\n\n"
 
 
-def create_app(slots, limits=None):
-    """The FastAPI app over already-loaded models: {name: ModelSlot}."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def _split_host(value, default_port):
+    """'name[:port]' or '[v6]:port' -> (lowercased name, port); None when it does not parse."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+    elif ":" in value:  # an IPv6 literal comes in brackets; 'a:b:c' is no host
+        name, _, port = value.partition(":")
+        port = port if ":" not in port else None
+    else:
+        name, port = value, ""
+    if port is None or (port and not port.isdigit()) or not re.fullmatch(r"[a-z0-9._-]+|[0-9a-f:.]+", name):
+        return None
+    return name, int(port) if port else default_port
+
+
+class HostGuard:
+    """Which Host and Origin headers the server answers.
+
+    A browser sends Host = the address in its URL bar and, on cross-site POSTs, Origin = the page
+    that made the request. Refusing a foreign Host defeats DNS rebinding (evil.example resolving
+    to 127.0.0.1 still says `Host: evil.example`); refusing a foreign Origin stops another site's
+    page from driving the server with a no-preflight `text/plain` POST. `hosts` are (name, port)
+    pairs, port None meaning any port; an Origin is accepted when its host is one of them."""
+
+    def __init__(self, hosts, any_origin=False):
+        self.hosts, self.any_origin = set(hosts), any_origin
+
+    @classmethod
+    def for_server(cls, bind_host, port, extra_hosts=(), any_origin=False):
+        """The loopback names and the bound address at `port` (None: any port), plus the
+        --allowed_hosts entries ('name' for any port, 'name:port')."""
+        hosts = {(name, port) for name in LOOPBACK_NAMES + (bind_host.strip("[]").lower(),)}
+        for entry in extra_hosts:
+            parsed = _split_host(entry, None)
+            if parsed is None:
+                raise UserError(f"--allowed_hosts entry {entry!r} is not a host name or host:port")
+            hosts.add(parsed)
+        return cls(hosts, any_origin)
+
+    def _known(self, name_port):
+        return name_port is not None and (name_port in self.hosts or (name_port[0], None) in self.hosts)
+
+    def refusal(self, host, origin):
+        """None when the request may be served; otherwise why it is refused."""
+        if host is None or not self._known(_split_host(host, 80)):
+            return (f"this server does not answer for host {host!r}: open it at the address it listens on "
+                    "(behind a reverse proxy, start it with --allowed_hosts=<public host>)")
+        if origin is not None and not self.any_origin:
+            scheme, sep, rest = origin.partition("://")
+            port = {"http": 80, "https": 443}.get(scheme.lower())
+            if not sep or port is None or not self._known(_split_host(rest, port)):
+                return (f"requests from the page at {origin!r} are refused: only this server's own page may "
+                        "use it (--allow_any_origin lifts this)")
+        return None
+
+
+class OnlyOwnPage:
+    """ASGI middleware: a request the HostGuard refuses gets 403 with a JSON body, before routing."""
+
+    def __init__(self, app, guard):
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {}
+            for key, value in scope["headers"]:
+                headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+            problem = self.guard.refusal(headers.get("host"), headers.get("origin"))
+            if problem is not None:
+                from fastapi.responses import JSONResponse
+                await JSONResponse({"error": problem}, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(slots, limits=None, guard=None):
+    """The FastAPI app over already-loaded models: {name: ModelSlot}. `guard` (a HostGuard) says
+    which Host/Origin it answers; the default is the loopback names on any port (main() passes
+    the exact address it listens on)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    class GenerationResponse(StreamingResponse):
+        """A stream that gives its admission ticket back however it ends (finished, client gone,
+        never started), unless the generation thread has taken the ticket over."""
+
+        def __init__(self, content, ticket, **kwargs):
+            super().__init__(content, **kwargs)
+            self.ticket = ticket
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if not self.ticket.taken_by_worker:
+                    self.ticket.release()
 
     limits = limits or Limits()
     for slot in slots.values():
         # An asyncio lock belongs to the event loop that first waits on it: one per app (server).
-        slot.lock, slot.waiting = asyncio.Lock(), 0
+        slot.lock, slot.admitted = asyncio.Lock(), 0
     app = FastAPI(title="nanochat-direction chat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(OnlyOwnPage, guard=guard or HostGuard.for_server("127.0.0.1", None))
 
     def error(message, status):
         return JSONResponse({"error": message}, status_code=status)
+
+    # Every error is JSON {"error": ...}: unknown paths and methods, and anything unexpected (500).
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        return error(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):
+        return error(f"internal server error ({type(exc).__name__}); the server log has the details", 500)
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -214,34 +367,40 @@ def create_app(slots, limits=None):
             raw += chunk
             if len(raw) > limits.max_body_bytes:
                 return error(f"request body over {limits.max_body_bytes} bytes", 413)
-        try:
-            body = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        try:  # NaN / Infinity are not JSON; a deeply nested body must not reach the recursion limit
+            body = json.loads(raw or b"null", parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError):
             return error("the body is not valid JSON", 400)
+        except RecursionError:
+            return error("the body is not valid JSON: nested too deeply", 400)
         try:
             slot, plan = parse_request(body, slots, limits)
             start_stream, dropped = plan_generation(slot, plan)
         except BadRequest as e:
             return error(str(e), e.status)
-        if slot.lock.locked() and slot.waiting >= limits.max_queue:
-            return error(f"model {slot.name!r} is busy ({slot.waiting} requests waiting); try again shortly", 503)
-        return StreamingResponse(stream_events(slot, plan, start_stream, dropped), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        ticket = slot.admit(limits.max_queue)
+        if ticket is None:
+            return error(f"model {slot.name!r} is busy ({slot.waiting} requests waiting, the limit is "
+                         f"{limits.max_queue}); try again shortly", 503)
+        return GenerationResponse(stream_events(slot, plan, start_stream, dropped, ticket), ticket,
+                                  media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 
 
-async def stream_events(slot, plan, start_stream, dropped):
+async def stream_events(slot, plan, start_stream, dropped, ticket):
     """Hold the model's lock for the whole generation. Tokens are produced in a worker thread
     (torch releases the GIL) and handed to the event loop through a queue; the worker releases
-    the lock when it is done with the model, so a client that goes away mid-generation (which
-    cancels this coroutine) never lets a second generation start on a model still in use."""
+    the lock (and the request's admission ticket) when it is done with the model, so a client
+    that goes away mid-generation (which cancels this coroutine) never lets a second generation
+    start on a model still in use."""
     loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-    slot.waiting += 1
-    try:
-        await slot.lock.acquire()
-    finally:
-        slot.waiting -= 1
+    await slot.lock.acquire()
+
+    def release():
+        slot.lock.release()
+        ticket.release()
 
     def work():
         n = 0
@@ -255,14 +414,16 @@ async def stream_events(slot, plan, start_stream, dropped):
         except Exception as e:  # reported to the page; the server keeps serving
             loop.call_soon_threadsafe(queue.put_nowait, ("error", f"{type(e).__name__}: {e}", n))
         finally:
-            loop.call_soon_threadsafe(slot.lock.release)
+            loop.call_soon_threadsafe(release)
 
     try:
         yield sse({"type": "start", "model": slot.name, "direction": plan["direction"], "mode": plan["mode"],
                    "dropped_exchanges": dropped})
         worker = threading.Thread(target=work, name=f"generate-{slot.name}", daemon=True)
+        ticket.taken_by_worker = True
         worker.start()
     except BaseException:
+        ticket.taken_by_worker = False
         slot.lock.release()
         raise
     text = ""
@@ -287,7 +448,7 @@ AUTO_ORDER = ("sft", "rl", "mid", "base")
 
 def auto_source(tag, step):
     """The first of sft, rl, mid, base that has the checkpoint (`bash runcpu.sh` makes base ones)."""
-    from nanochat.checkpoint_manager import resolve_checkpoint
+    from nanochat.checkpoint_manager import checkpoint_dir_for, resolve_checkpoint
     for source in AUTO_ORDER:
         try:
             resolve_checkpoint(source, tag, step)
@@ -295,9 +456,11 @@ def auto_source(tag, step):
             continue
         print0(f"--source=auto: using the {source} checkpoint{f' {tag!r}' if tag else 's'}")
         return source
-    what = f"tag {tag!r}" if tag else "any tag"
-    raise UserError(f"no checkpoint with {what} in any source ({', '.join(AUTO_ORDER)}): train one first "
-                    "(bash runcpu.sh makes base models)")
+    # Say where we looked: the tag's directory in each source (or each source's directory).
+    looked = [checkpoint_dir_for(s, tag) if tag else os.path.join(get_base_dir(), SOURCE_DIRS[s]) for s in AUTO_ORDER]
+    what = f"tag {tag!r}" + (f" at step {step}" if step is not None else "") if tag else "any tag"
+    raise UserError(f"no checkpoint with {what} in any source (looked in {', '.join(looked)}): train one "
+                    "first (bash runcpu.sh makes base models)")
 
 
 def load_slots(sources, tags, steps, device):
@@ -328,39 +491,64 @@ def build_parser():
     add_flag(p, "model_tag", default="", help="tag(s) or experiment id(s), comma separated (default: newest)")
     add_flag(p, "step", default="", help="checkpoint step(s), comma separated (default: last)")
     add_flag(p, "host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    add_flag(p, "allowed_hosts", default="", help="behind a reverse proxy: comma list of the host names "
+             "(name or name:port) the browser uses, accepted in Host and Origin besides the listening address")
+    add_flag(p, "allow_any_origin", action="store_true", help="answer requests made by pages of other sites "
+             "(Origin not checked); any web page you visit can then use the models")
     add_flag(p, "port", type=int, default=8000)
     add_flag(p, "max_tokens", type=int, default=256, help="most tokens one request may generate")
     add_flag(p, "max_turns", type=int, default=16, help="most earlier exchanges one chat request may carry")
     add_flag(p, "max_queue", type=int, default=8, help="requests that may wait for a busy model")
-    add_flag(p, "temperature", type=float, default=0.8, help="default sampling temperature")
-    add_flag(p, "top_k", type=int, default=50, help="default top-k (0 = off)")
+    add_flag(p, "temperature", type=float, default=0.8, help="default sampling temperature (0..2)")
+    add_flag(p, "top_k", type=int, default=50, help="default top-k (0 or -1 = off)")
     add_flag(p, "device_type", default="")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def check_flags(args):
+    """Every flag checked before anything loads: one clear error (exit status 2), never a server
+    that starts and then blames each request for its own defaults. Returns (sources, tags, steps)."""
     if args.max_tokens < 1 or args.max_turns < 0 or args.max_queue < 0 or not 0 < args.port < 65536:
         raise UserError("--max_tokens must be >= 1, --max_turns and --max_queue >= 0, --port in 1..65535")
+    check_number("--temperature", args.temperature, 0.0, 2.0)  # the range a request may ask for
+    args.top_k = max(0, check_number("--top_k", args.top_k, low=0, integer=True, off=-1))
+    get_base_dir()  # a NANOCHAT_BASE_DIR that is a file is said as such, not as "no checkpoint"
+    sources = [s.strip() for s in args.source.split(",") if s.strip()] or ["auto"]
+    for source in sources:
+        if source != "auto" and source not in SOURCE_DIRS:
+            raise UserError(f"unknown --source {source!r}: use auto or one of {', '.join(SOURCE_DIRS)}")
+    # Only spaces after commas are trimmed: a tag with a newline is refused by validate_name, not renamed.
+    tags = [t.strip(" ") or None for t in args.model_tag.split(",")] if args.model_tag else [None]
+    for tag in tags:
+        if tag is not None:
+            validate_name(tag, "--model_tag")
+    try:
+        steps = [int(s) if s.strip() else None for s in args.step.split(",")] if args.step else [None]
+    except ValueError:
+        raise UserError(f"--step={args.step!r}: give integers, comma separated")
+    return sources, tags, steps
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sources, tags, steps = check_flags(args)
+    guard = HostGuard.for_server(args.host, args.port, [h for h in args.allowed_hosts.split(",") if h.strip()],
+                                 any_origin=args.allow_any_origin)
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise UserError("the web page needs fastapi and uvicorn: pip install -e '.[web]'")
-    sources = [s.strip() for s in args.source.split(",") if s.strip()] or ["auto"]
-    tags = [t.strip() or None for t in args.model_tag.split(",")] if args.model_tag else [None]
-    try:
-        steps = [int(s) if s.strip() else None for s in args.step.split(",")] if args.step else [None]
-    except ValueError:
-        raise UserError(f"--step={args.step!r}: give integers, comma separated")
     _, _, _, _, device = compute_init(args.device_type)
     slots = load_slots(sources, tags, steps, device)
     limits = Limits(max_tokens=args.max_tokens, max_turns=args.max_turns, max_queue=args.max_queue,
                     temperature=args.temperature, top_k=args.top_k)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK_NAMES:
         print0(f"warning: --host={args.host} makes the page reachable from other machines; it has no login")
+    if args.allow_any_origin:
+        print0("warning: --allow_any_origin: any web page you visit can send requests to this server")
     print0(f"chat page: http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}/")
-    uvicorn.run(create_app(slots, limits), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(slots, limits, guard), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def slots(models):
 
 def make_client(slots, **limits):
     from scripts.chat_web import Limits, create_app
-    return TestClient(create_app(slots, Limits(**limits)))
+    # The server answers only its own address (HostGuard): the client asks for it by that address.
+    return TestClient(create_app(slots, Limits(**limits)), base_url="http://127.0.0.1:8000")
 
 
 def events(response):
