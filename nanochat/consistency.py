@@ -150,7 +150,7 @@ SECTION_TITLE = "Factorisation consistency"
 
 def markdown_section(run_name, evaluations_dir, plots_dir):
     """The report's consistency section for one run (latest step, each kind), or None
-    (nanochat/research_report.py REPORT_SECTIONS). The scatter plots are copied into plots_dir
+    (nanochat/research/report.py REPORT_SECTIONS). The scatter plots are copied into plots_dir
     as <run_name>_<file name> and linked by file name."""
     import shutil
     found = [(step, detail, path) for step, detail, path in list_family(evaluations_dir, "consistency")

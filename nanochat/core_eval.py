@@ -415,7 +415,7 @@ SECTION_TITLE = "CORE benchmark (in each direction)"
 
 def markdown_section(run_name, evaluations_dir, plots_dir):
     """The report's CORE section for one run (the latest core_step*.json), or None if none
-    (nanochat/research_report.py REPORT_SECTIONS)."""
+    (nanochat/research/report.py REPORT_SECTIONS)."""
     latest = latest_record(evaluations_dir, "core")
     if latest is None:
         return None

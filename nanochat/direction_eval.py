@@ -38,7 +38,7 @@ forward and backward bpb of one task are directly comparable, for any model.
 Examples longer than the model's context are skipped and counted (`skipped_too_long`), never
 cropped: cropping one end is not direction-fair. Results are saved as
 evaluations/direction_<task>_step<NNNNNN>.json (save_direction_evaluation) and shown in the report
-by markdown_section (registered in nanochat/research_report.py REPORT_SECTIONS).
+by markdown_section (registered in nanochat/research/report.py REPORT_SECTIONS).
 """
 
 import json
@@ -234,7 +234,7 @@ def save_direction_evaluation(results, evaluations_dir, task_name, step, trained
     return write_record(path, record)
 
 
-# ---- report section (nanochat/research_report.py REPORT_SECTIONS) -------------------------------
+# ---- report section (nanochat/research/report.py REPORT_SECTIONS) -------------------------------
 def _cell_accuracy(entry):
     if entry is None:
         return "not evaluated"

@@ -152,7 +152,7 @@ SECTION_TITLE = "Reranking with a backward model"
 
 def markdown_section(run_name, evaluations_dir, plots_dir):
     """The report's reranking section (the latest file of each task), or None if there is none
-    (nanochat/research_report.py REPORT_SECTIONS)."""
+    (nanochat/research/report.py REPORT_SECTIONS)."""
     latest = latest_of_each(evaluations_dir, "rerank")
     if not latest:
         return None

@@ -24,7 +24,7 @@ import sys
 from datetime import datetime, timezone
 
 from nanochat.paths import atomic_write_json
-from nanochat.arrow_study import POSITIONS_FILE, STUDY_FILE, cell_key, study_dir, study_section
+from nanochat.research.arrow_study import POSITIONS_FILE, STUDY_FILE, cell_key, study_dir, study_section
 from nanochat.common import UserError, add_flag, print0, run_main
 from nanochat.direction import DIRECTIONS, parse_directions
 from nanochat.experiment_config import ExperimentConfig

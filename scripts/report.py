@@ -1,15 +1,13 @@
-"""Write a Markdown research report comparing experiments (learning curves, the cross-direction bpb
-matrix, per-position loss, lineage, configs and final numbers), with PNG figures beside it.
+"""Write a research report comparing experiments: a folder holding report.md (learning curves, the
+cross-direction bpb matrix, per-position loss, lineage, configs and final numbers) and its PNGs.
 
     python -m scripts.report --experiments=base_fwd,base_bwd,base_bidi
     python -m scripts.report --all --title="Arrow of time, d4" --name=d4_sweep
     python -m scripts.report --experiments=base_fwd --output_dir=/tmp/my_report
-    python -m scripts.report --experiments=base_fwd --output=/tmp/fwd.md    # + /tmp/fwd_figures/
 
-Evaluations other modules register in nanochat/research_report.py REPORT_SECTIONS (task accuracy
-in each direction, ...) appear as sections when a run has them. Prints the report's path and the
-bpb matrix. The report goes to <base_dir>/reports/<--name or a
-UTC timestamp>/report.md unless --output_dir is given; an existing non-empty directory is refused.
+The folder is <base_dir>/reports/<--name or a UTC timestamp>/ unless --output_dir is given; an
+existing non-empty folder is refused. Evaluations registered in nanochat/research/report.py
+REPORT_SECTIONS appear as sections when a run has them. Prints the report's path and the bpb matrix.
 Named experiments must have a training log (train with --research_log=1); with --all, those
 without one are left out and listed in the report.
 """
@@ -17,12 +15,11 @@ without one are left out and listed in the report.
 import argparse
 import sys
 
-from nanochat.arrow_study import load_study, studies_of, study_section
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.experiment_config import ExperimentConfig
-from nanochat.research_analysis import (BASE_LOG_PHASE, collect_direction_rows, direction_matrix_markdown,
-                                        experiment_metadata)
-from nanochat.research_report import generate_research_report
+from nanochat.research import (BASE_LOG_PHASE, collect_direction_rows, direction_matrix_markdown, experiment_metadata,
+                               generate_research_report)
+from nanochat.research.arrow_study import load_study, studies_of, study_section
 
 
 def build_parser():
@@ -31,7 +28,6 @@ def build_parser():
     add_flag(p, "all", action="store_true", help="every experiment with a training log")
     add_flag(p, "study", default=None, help="the experiments of an arrow-of-time study (scripts.arrow_study)")
     add_flag(p, "output_dir", default=None, help="report directory (default <base_dir>/reports/<name or timestamp>)")
-    add_flag(p, "output", default=None, help="the report's file instead (figures go to <stem>_figures/ beside it)")
     add_flag(p, "name", default=None, help="report directory name under <base_dir>/reports/")
     add_flag(p, "title", default=None, help="report title")
     add_flag(p, "phase", default=BASE_LOG_PHASE, help="research-log phase to plot")
@@ -66,11 +62,11 @@ def select_experiments(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if sum(x is not None for x in (args.output_dir, args.output, args.name)) > 1:
-        raise UserError("pass one of --output_dir, --output or --name")
+    if args.output_dir is not None and args.name is not None:
+        raise UserError("pass one of --output_dir or --name")
     ids, skipped = select_experiments(args)
-    path = generate_research_report(ids, output_path=args.output, output_dir=args.output_dir, title=args.title,
-                                    name=args.name, phase=args.phase, skipped=skipped)
+    path = generate_research_report(ids, output_dir=args.output_dir, title=args.title, name=args.name,
+                                    phase=args.phase, skipped=skipped)
     print(f"report: {path}")
     for study in studies_of(ids):
         print(study_section(study, ExperimentConfig().evaluations_dir, None)[0])

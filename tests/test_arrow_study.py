@@ -7,8 +7,8 @@ import os
 import pytest
 
 from conftest import run_script
-from nanochat.arrow_study import (cell_key, load_study, markdown, mean_interval, plot_gap, studies_of,
-                                  study_results)
+from nanochat.research.arrow_study import (cell_key, load_study, markdown, mean_interval, plot_gap, studies_of,
+                                           study_results)
 from nanochat.common import UserError
 from nanochat.evaluations import record_path
 

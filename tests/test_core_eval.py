@@ -299,10 +299,10 @@ def test_cli_mistakes_are_user_errors(trained, tmp_path, monkeypatch):
 
 
 def test_report_registers_core_rerank_and_consistency_sections(tmp_path):
-    """nanochat/research_report.py renders the three sections when their files exist."""
+    """nanochat/research/report.py renders the three sections when their files exist."""
     from nanochat.consistency import consistency_record, write_consistency
     from nanochat.evaluations import record_path
-    from nanochat.research_report import REPORT_SECTIONS, evaluation_sections
+    from nanochat.research.report import REPORT_SECTIONS, evaluation_sections
     from nanochat.rerank import summarise
     assert {REPORT_SECTIONS[k] for k in ("core", "rerank", "consistency")} == {
         "nanochat.core_eval", "nanochat.rerank", "nanochat.consistency"}

@@ -160,8 +160,8 @@ def plan_style_experiment(tmpdir):
 
 
 def test_plan_research_analysis():
-    from nanochat.research_analysis import (compare_learning_curves, generate_research_report,
-                                            load_experiment_metadata, load_training_losses)
+    from nanochat.research import (compare_learning_curves, generate_research_report, load_experiment_metadata,
+                                   load_training_losses)
 
     tmpdir = tempfile.mkdtemp()
     try:
@@ -179,11 +179,14 @@ def test_plan_research_analysis():
         np.testing.assert_array_equal(steps, np.arange(0, 100, 10))
         np.testing.assert_allclose(losses, 3.0 - np.arange(0, 100, 10) * 0.01)
         assert load_training_losses(exp_dir, "midtraining") == (None, None)
-        with open(os.path.join(tmpdir, "report.md"), encoding="utf-8") as f:
+        # the plan's output_path names the report's folder: report.md and its PNGs, linked by file name
+        with open(os.path.join(tmpdir, "report.md", "report.md"), encoding="utf-8") as f:
             text = f.read()
         assert "final train loss: 2.1000 at step 90" in text
-        for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
-            assert link.startswith("report_figures/") and os.path.isfile(os.path.join(tmpdir, link))
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+        assert "learning_curves.png" in links
+        for link in links:
+            assert "/" not in link and os.path.isfile(os.path.join(tmpdir, "report.md", link))
         with pytest.raises(UserError, match="already exists"):  # never overwritten
             generate_research_report(exp_dir, os.path.join(tmpdir, "report.md"))
     finally:
@@ -192,7 +195,7 @@ def test_plan_research_analysis():
 
 # ---- plan Task 19, steps 5-6, and analyze_direction_transfer on the trained experiment -------------
 def test_plan_end_to_end_analysis(env, tmp_path, monkeypatch):
-    from nanochat.research_analysis import analyze_direction_transfer, compare_learning_curves, generate_research_report
+    from nanochat.research import analyze_direction_transfer, compare_learning_curves, generate_research_report
     monkeypatch.chdir(tmp_path)
     exp_dir = env["experiment_dir"]
     compare_learning_curves([exp_dir], "e2e_comparison.png")
@@ -206,12 +209,13 @@ def test_plan_end_to_end_analysis(env, tmp_path, monkeypatch):
     tasks = read_json(os.path.join(exp_dir, "evaluations", task_file))
     forward_acc = tasks["results"]["forward"]["accuracy"]
     assert tasks["results"]["backward"]["accuracy"] is None  # a forward model does not write backward
-    for name in ("transfer.md", "e2e_report.md"):
+    for name in ("transfer.md", os.path.join("e2e_report.md", "report.md")):
         with open(name, encoding="utf-8") as f:
             text = f.read()
         assert f"| {bpb['forward']['bpb']:.4f} | {bpb['backward']['bpb']:.4f} |" in text
         assert f"{forward_acc:.4f}" in text and "n/a" in text
-    assert "## Task accuracy in each direction" in open("e2e_report.md", encoding="utf-8").read()
+    with open(os.path.join("e2e_report.md", "report.md"), encoding="utf-8") as f:
+        assert "## Task accuracy in each direction" in f.read()
     assert f"| arithmetic | forward | generation | {forward_acc:.4f} | 4 |" in env["direction_eval_stdout"]
     with pytest.raises(UserError, match="already exists"):
         analyze_direction_transfer(exp_dir, "transfer.md")
@@ -235,7 +239,7 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
 
 
 def test_report_sections_extension_point(tmp_path, monkeypatch):
-    from nanochat import research_report
+    from nanochat.research import report as research_report
     from nanochat.experiment_config import ExperimentConfig
     (tmp_path / "fake_section_module.py").write_text(FAKE_SECTION)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -247,11 +251,12 @@ def test_report_sections_extension_point(tmp_path, monkeypatch):
     with open(os.path.join(with_fake, "fake.json"), "w") as f:
         f.write("{}")
 
-    path = research_report.generate_research_report(exp_dir, str(tmp_path / "out" / "r.md"))
+    path = research_report.generate_research_report(exp_dir, str(tmp_path / "out" / "r"))
+    assert path == str(tmp_path / "out" / "r" / "report.md")
     text = open(path, encoding="utf-8").read()
     assert "## Fake evaluation\n\n### test_exp\n\nfake score of test_exp: 0.5" in text
-    assert "![fake](r_figures/fake_test_exp.png)" in text
-    assert os.path.isfile(tmp_path / "out" / "r_figures" / "fake_test_exp.png")
+    assert "![fake](fake_test_exp.png)" in text
+    assert os.path.isfile(tmp_path / "out" / "r" / "fake_test_exp.png")
     assert "absent" not in text  # a module that does not exist is skipped
 
     os.remove(os.path.join(with_fake, "fake.json"))  # the module now returns None: no section

@@ -1,4 +1,4 @@
-"""Tests for nanochat.research_analysis and scripts/report.py on real tiny runs.
+"""Tests for nanochat.research and scripts/report.py on real tiny runs.
 
 One module-scoped fixture trains a depth-2 model in each direction (6 steps, research log on,
 val bpb at steps 3 and 6) and evaluates it with scripts.base_eval; every test reads those runs back.
@@ -16,7 +16,7 @@ import pytest
 from conftest import run_script
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig, format_lineage
-from nanochat.research_analysis import (
+from nanochat.research import (
     PlotResult, analyze_direction_transfer, compare_learning_curves, generate_research_report,
     load_experiment_metadata, load_training_curves, load_training_losses, per_position_loss, plot_direction_matrix,
     plot_per_position_loss, resolve_experiment,
@@ -371,14 +371,15 @@ def test_cli_main_in_process(runs, tmp_path, monkeypatch, capsys):
         assert f.readline() == "# CLI\n"
     with pytest.raises(UserError, match="pass one of --experiments=a,b,c, --all or --study"):
         main([])
-    # --output: the report's own file, its figures in <stem>_figures/ beside it.
-    main(["--experiments=t_forward", f"--output={tmp_path / 'one.md'}"])
-    assert f"report: {tmp_path / 'one.md'}" in capsys.readouterr().out
-    text = (tmp_path / "one.md").read_text(encoding="utf-8")
-    assert "![learning curves](one_figures/learning_curves.png)" in text
-    assert_png(str(tmp_path / "one_figures" / "learning_curves.png"))
-    with pytest.raises(UserError, match="one of --output_dir, --output or --name"):
-        main(["--experiments=t_forward", f"--output={tmp_path / 'two.md'}", "--name=x"])
+    # One output mode: a folder holding report.md and its PNGs, linked by their file names.
+    main(["--experiments=t_forward", f"--output_dir={tmp_path / 'one'}"])
+    assert f"report: {tmp_path / 'one' / 'report.md'}" in capsys.readouterr().out
+    text = (tmp_path / "one" / "report.md").read_text(encoding="utf-8")
+    assert "![learning curves](learning_curves.png)" in text
+    assert_png(str(tmp_path / "one" / "learning_curves.png"))
+    with pytest.raises(UserError, match="one of --output_dir or --name"):
+        main(["--experiments=t_forward", f"--output_dir={tmp_path / 'two'}", "--name=x"])
+    assert not os.path.exists(tmp_path / "two")
 
 
 def test_cli_all_prints_path_matrix_and_leaves_out_experiments_without_logs(runs):

@@ -1,15 +1,9 @@
-"""Figures of experiments, drawn from what nanochat/research_analysis.py computes (the report in
-nanochat/research_report.py embeds them; notebooks call them directly):
+"""Figures of experiments, drawn from what nanochat/research/analysis.py computes; the report
+(nanochat/research/report.py) embeds them and notebooks call them directly.
 
-    compare_learning_curves(["fwd", "bwd"], "curves.png")      # train loss and val bpb curves
-    plot_direction_matrix(matrix, "matrix.png")                # bpb heatmap + cross-direction penalty
-    plot_per_position_loss(per_position_loss("fwd"), "pos.png")
-
-Each returns a PlotResult: the PNG path and the data actually drawn, read back from the lines (so
-tests and notebooks can check a figure's numbers). Figures are drawn on
-`matplotlib.figure.Figure` objects and saved as PNG through the Agg canvas, never through pyplot:
-nothing is displayed, no global backend is switched (a notebook keeps its own), and no figure is
-left open.
+Each function returns a PlotResult: the PNG path and the data actually drawn, read back from the
+lines (so tests can check a figure's numbers). Figures are `matplotlib.figure.Figure` objects saved
+through the Agg canvas, never through pyplot: no global backend is switched and no figure left open.
 """
 
 import math
@@ -19,10 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nanochat.common import UserError
-from nanochat.research_analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, load_training_curves,
-                                        resolve_experiment)
+from nanochat.research.analysis import BASE_LOG_PHASE, EVAL_DIRECTIONS, load_training_curves, resolve_experiment
 
 _LINE_STYLE = {"forward": "-", "backward": "--"}
+
+
 def curve_label(config):
     """"<id> (<direction>, d<depth>)": how one experiment is named in every figure."""
     return f"{config['experiment_id']} ({config.get('direction')}, d{config.get('depth')})"

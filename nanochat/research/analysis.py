@@ -1,27 +1,10 @@
 """Research analysis: read experiments back and compute what compares them (training curves, the
-cross-direction bpb matrix of docs/DESIGN.md §7, task accuracy in each direction, per-position
-loss). The figures are drawn by nanochat/research_plots.py and the Markdown report written by
-nanochat/research_report.py; their public names (compare_learning_curves, plot_*,
-generate_research_report) are re-exported here.
+cross-direction bpb matrix of docs/DESIGN.md §7, task accuracy in each direction, per-position loss).
 
-Meant for notebooks as much as for `python -m scripts.report`, and callable as the original plan
-calls it (docs/PLAN_DIFFERENCES.md):
-
-    from nanochat.research_analysis import *
-    config, parent_link = load_experiment_metadata("base_d4_forward")
-    steps, losses = load_training_losses("base_d4_forward")         # (None, None) without a log
-    curves = load_training_curves("base_d4_forward")               # every logged series (numpy)
-    compare_learning_curves(["fwd", "bwd", "bidi"], "curves.png")
-    matrix = analyze_direction_transfer(["fwd", "bwd", "bidi"]); print(matrix["markdown"])
-    analyze_direction_transfer("experiments/fwd", "transfer.md")   # the same, written to a file
-    generate_research_report("experiments/fwd", "report.md")       # one file + report_figures/
-    generate_research_report(["fwd", "bwd", "bidi"])        # -> <base_dir>/reports/<timestamp>/report.md
-
-Every function takes an experiment as its id (resolved under `base_dir`, default
-$NANOCHAT_BASE_DIR) or as the path of its directory. Paths inside an experiment come from
-ExperimentConfig (the owner of the layout), the research log's file from
-`research_logger.log_path`, checkpoint metadata from `checkpoint_manager`: this module only reads
-(analyze_direction_transfer with an output path writes that one file).
+This module computes only: nanochat/research/plots.py draws, nanochat/research/report.py writes, and
+nanochat/research/__init__.py is the notebook façade (docs/RESEARCH.md). Every function takes an
+experiment as its id (resolved under `base_dir`, default $NANOCHAT_BASE_DIR) or as the path of its
+directory; paths inside an experiment come from ExperimentConfig, the owner of the layout.
 """
 
 import json
@@ -329,7 +312,7 @@ def collect_task_rows(experiment_dirs_or_ids, base_dir=None):
 
 def collect_direction_rows(experiment_dirs_or_ids, base_dir=None):
     """([row], [(experiment_id, what is missing, command producing it)]): the rows of
-    analyze_direction_transfer for the experiments that have an evaluation, and what is missing
+    direction_transfer for the experiments that have an evaluation, and what is missing
     for the others (no evaluation, or one direction not evaluated). Never raises for missing data."""
     rows, missing = [], []
     for experiment in experiment_dirs_or_ids:
@@ -379,46 +362,38 @@ def direction_matrix_markdown(rows):
     return "\n".join(lines)
 
 
-def analyze_direction_transfer(experiment_dirs_or_ids, output_path=None, base_dir=None):
+def direction_transfer(experiment_dirs_or_ids, base_dir=None):
     """The cross-direction bpb matrix (docs/DESIGN.md §7) from each experiment's latest
-    evaluations/bpb_step*.json:
+    evaluations/bpb_step*.json; never raises for missing data:
 
         rows         [{"experiment", "trained_direction", "depth", "step", "bpb": {forward, backward},
                        "gap", "evaluation_path", "details": {direction: base_eval's result}}]
-                     ordered forward, backward, bidirectional (several experiments per direction
-                     allowed: a row is an experiment)
+                     ordered forward, backward, bidirectional (a row is an experiment)
         row_labels   the experiment ids, in row order
         columns      ("forward", "backward"): the evaluated direction
         values       np.ndarray (rows × 2) of bpb, NaN where a direction was not evaluated
         gap          {experiment id: (bpb_bwd − bpb_fwd) / bpb_fwd, or None}
         markdown     the table as Markdown
         tasks        collect_task_rows(): accuracy (and bpb) per task in each evaluated direction
-
-    Without `output_path`, an experiment with no bpb evaluation is a UserError naming it and the
-    base_eval command. With `output_path` (the plan's call: analyze_direction_transfer(
-    experiment_dir, output_path)), the analysis is written there as Markdown (the matrix, the task
-    table, and for what is missing the command producing it: nothing raises for missing data), an
-    existing file is refused, and the result also holds "path" and "missing".
+        missing      [(experiment id, what is missing, the command producing it)]
     """
     if isinstance(experiment_dirs_or_ids, (str, os.PathLike)):
         experiment_dirs_or_ids = [experiment_dirs_or_ids]
     rows, missing = collect_direction_rows(experiment_dirs_or_ids, base_dir)
-    tasks = collect_task_rows(experiment_dirs_or_ids, base_dir)
-    if output_path is not None:
-        from nanochat.research_report import write_transfer_analysis
-        experiments = [resolve_experiment(e, base_dir) for e in experiment_dirs_or_ids]
-        configs = [exps.load_config(i) for exps, i in experiments]
-        matrix = dict(_matrix_from_rows(rows), tasks=tasks, missing=missing)
-        matrix["path"] = write_transfer_analysis(output_path, configs, matrix)
-        return matrix
-    evaluated = {r["experiment"] for r in rows}
-    unevaluated = [m for m in missing if m[0] not in evaluated]
+    return dict(matrix_from_rows(rows), tasks=collect_task_rows(experiment_dirs_or_ids, base_dir), missing=missing)
+
+
+def require_evaluated(matrix):
+    """Raise a UserError naming each experiment of `matrix` without a bpb evaluation and its command."""
+    evaluated = {r["experiment"] for r in matrix["rows"]}
+    unevaluated = [m for m in matrix["missing"] if m[0] not in evaluated]
     if unevaluated:
         raise UserError("; ".join(f"experiment {i!r} has {why}: run `{cmd}`" for i, why, cmd in unevaluated))
-    return dict(_matrix_from_rows(rows), tasks=tasks)
+    return matrix
 
 
-def _matrix_from_rows(rows):
+def matrix_from_rows(rows):
+    """The matrix of collect_direction_rows' rows (see direction_transfer)."""
     return {"rows": rows, "row_labels": [r["experiment"] for r in rows], "columns": EVAL_DIRECTIONS,
             "values": np.array([[r["bpb"][d] for d in EVAL_DIRECTIONS] for r in rows], dtype=np.float64).reshape(
                 len(rows), len(EVAL_DIRECTIONS)),
@@ -471,28 +446,3 @@ def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None
         total = int(counts.sum())
         out[f"mean_{d}"] = float(sums.sum() / total) if total else None
     return out
-
-
-# ---------------------------------------------------------------------------- re-exports
-# The figures (nanochat/research_plots.py) and the report writer (nanochat/research_report.py)
-# import this module; their public names stay importable from here, resolved on first use (PEP 562)
-# so that importing any of the modules first works.
-_PLOT_NAMES = ("PlotResult", "curve_label", "compare_learning_curves", "plot_direction_matrix",
-               "plot_per_position_loss")
-_REPORT_NAMES = ("generate_research_report", "REPORT_NAME", "REPORT_SECTIONS")
-
-__all__ = ["resolve_experiment", "experiment_id_from_dir", "training_log_phase",
-           "load_experiment_metadata", "experiment_metadata", "load_training_losses", "load_training_curves",
-           "load_direction_evaluations", "collect_task_rows", "collect_direction_rows",
-           "direction_matrix_markdown", "analyze_direction_transfer", "per_position_loss", "BASE_LOG_PHASE",
-           "EVAL_DIRECTIONS", "TRAINED_DIRECTIONS", *_PLOT_NAMES, *_REPORT_NAMES]
-
-
-def __getattr__(name):
-    if name in _PLOT_NAMES:
-        from nanochat import research_plots
-        return getattr(research_plots, name)
-    if name in _REPORT_NAMES:
-        from nanochat import research_report
-        return getattr(research_report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,21 +1,11 @@
 """The arrow of time as a study: forward and backward models paired by seed, the gap with an interval.
 
-A study (scripts/arrow_study.py) trains, for every depth and seed, one model per direction on the
-same data through the orchestrator, and scores each on the same held-out documents
-(scripts.base_eval's bits-per-byte matrix). Its record is `<base_dir>/studies/<name>/study.json`:
-
-    {"name": ..., "directions": [...], "seeds": [...], "depths": [...],
-     "experiments": {"d<depth>_s<seed>_<direction>": <experiment id>, ...}, "flags": [...]}
-
-What it measures (docs/DESIGN.md §3, docs/ARROW_OF_TIME.md):
-
     arrow-of-time gap = bpb(backward model, read backward) / bpb(forward model, read forward) - 1
 
-one value per (depth, seed) pair, then the mean over seeds with a 95% Student-t interval. Positive
-means backward is harder. This is a different number from a model's *cross-direction penalty*
-(one model read against its training direction), which the per-model report shows. A
-bidirectional model, when trained, contributes its own within-model gap
-bpb(bidirectional, backward) / bpb(bidirectional, forward) - 1.
+one value per (depth, seed) pair, then the mean over seeds with a 95% Student-t interval; positive
+means backward is harder. scripts/arrow_study.py trains the cells and writes the study's record,
+`<base_dir>/studies/<name>/study.json`; this module reads it back and summarises it (the record's
+fields and what the numbers mean: docs/ARROW_OF_TIME.md).
 """
 
 import json

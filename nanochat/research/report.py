@@ -1,28 +1,12 @@
-"""Research reports: Markdown with PNG figures, from what nanochat/research_analysis.py computes.
+"""Research reports: a folder holding report.md and its PNG figures, written from what
+nanochat/research/analysis.py computes and nanochat/research/plots.py draws.
 
-    generate_research_report(["fwd", "bwd", "bidi"])           # <base_dir>/reports/<timestamp>/report.md
-    generate_research_report(["fwd"], output_dir="/tmp/r")      # /tmp/r/report.md + figures beside it
-    generate_research_report("experiments/fwd", "report.md")    # the plan's call: that file, figures
-                                                                # in report_figures/ beside it
-    compare_learning_curves(["fwd", "bwd"], "curves.png")       # one figure (a PlotResult)
+A report is never overwritten: an existing non-empty folder is refused, and the report is built in a
+hidden folder beside it and renamed at the end, so a failure leaves nothing behind.
 
-A report is never overwritten: an existing file, or a non-empty directory, is refused. It is
-built in a hidden directory and moved into place at the end, so a failure leaves nothing behind.
-
-Evaluation sections (one extension point): REPORT_SECTIONS maps an evaluation kind to the module
-that renders it. Each module exposes
-
-    markdown_section(run_name, evaluations_dir, plots_dir) -> str | None
-
-called once per experiment in the report: `run_name` is the experiment id, `evaluations_dir` its
-evaluations/ directory (read your JSON files there), `plots_dir` the directory the report is
-built in (write PNGs there under names that include run_name, and link them by file name only:
-![...](<file name>)). Return Markdown (headings level 4 or below; the report adds "## <title>" and
-"### <run_name>"), or None when the run has no such evaluation. The module may set SECTION_TITLE.
-Modules are imported when a report is written; a module that does not exist is skipped.
-Register one with `REPORT_SECTIONS["kind"] = "package.module"`.
-
-The figures themselves are nanochat/research_plots.py.
+Evaluation sections plug in through REPORT_SECTIONS (evaluation kind -> module exposing
+`markdown_section(run_name, evaluations_dir, plots_dir) -> str | None`); the contract is in
+docs/RESEARCH.md.
 """
 
 import importlib
@@ -33,13 +17,13 @@ import tempfile
 from datetime import datetime, timezone
 
 from nanochat.common import UserError
-from nanochat.arrow_study import studies_of, study_section
 from nanochat.direction import DIRECTIONS, is_two_way
 from nanochat.experiment_config import ExperimentConfig, format_lineage
-from nanochat.research_analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
-                                        _matrix_from_rows, _require_log, collect_direction_rows,
-                                        experiment_metadata, per_position_loss, resolve_experiment)
-from nanochat.research_plots import compare_learning_curves, plot_direction_matrix, plot_per_position_loss
+from nanochat.research.analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
+                                        _require_log, collect_direction_rows, experiment_metadata,
+                                        matrix_from_rows, per_position_loss, resolve_experiment)
+from nanochat.research.arrow_study import studies_of, study_section
+from nanochat.research.plots import compare_learning_curves, plot_direction_matrix, plot_per_position_loss
 
 # Evaluation kind -> module exposing markdown_section(run_name, evaluations_dir, plots_dir).
 REPORT_SECTIONS = {
@@ -122,21 +106,18 @@ def _rel(path, start):
     return os.path.relpath(path, start).replace(os.sep, "/")
 
 
-def generate_research_report(experiment_ids, output_path=None, base_dir=None, title=None, name=None,
-                             phase=BASE_LOG_PHASE, skipped=None, output_dir=None):
-    """Write a Markdown report comparing experiments, with its figures beside it; return its path.
+def generate_research_report(experiment_ids, output_dir=None, base_dir=None, title=None, name=None,
+                             phase=BASE_LOG_PHASE, skipped=None):
+    """Write a report comparing experiments into a folder (report.md and its PNGs); return report.md's path.
 
-    `output_path` (the plan's second argument) is the report's file: it is written there and its
-    figures go to `<stem>_figures/` beside it. `output_dir` instead names a directory that gets
-    report.md with the figures beside it; with neither, <base_dir>/reports/<name or timestamp>/.
-
-    The report (`report.md`) holds: a summary table, the lineage tree, the learning curves
-    (learning_curves.png), the cross-direction bpb matrix (table + direction_matrix.png),
-    per-position loss from the latest snapshots (per_position_loss.png) and each experiment's
-    config and final numbers. Where data is missing, its section says what and which command
-    produces it. Default directory: <base_dir>/reports/<name or UTC timestamp>/; an existing
-    non-empty directory is refused. Every experiment needs its training log (UserError
-    otherwise). `skipped`: [(id, reason)] for experiments left out by the caller (listed as such).
+    The folder is `output_dir` (the plan's second argument, `output_path`, names it), else
+    <base_dir>/reports/<name or UTC timestamp>/; an existing non-empty folder is refused.
+    report.md holds a summary table, the lineage tree, the learning curves (learning_curves.png),
+    the cross-direction bpb matrix (table + direction_matrix.png), per-position loss from the latest
+    snapshots (per_position_loss.png), the registered evaluation sections and each experiment's
+    config and final numbers; where data is missing, its section names the command producing it.
+    Every experiment needs its training log (UserError otherwise). `skipped`: [(id, reason)] for
+    experiments the caller left out (listed as such).
     """
     if isinstance(experiment_ids, (str, os.PathLike)):
         experiment_ids = [experiment_ids]
@@ -154,11 +135,8 @@ def generate_research_report(experiment_ids, output_path=None, base_dir=None, ti
     for experiments, experiment_id in resolved:
         _require_log(experiments, experiment_id, phase)
         metas[experiment_id] = experiment_metadata(experiments.experiment_dir(experiment_id))
-    if sum(x is not None for x in (output_path, output_dir, name)) > 1:
-        raise UserError("give the report one of output_path, output_dir or name")
-    if output_path is not None:
-        return _write_report_file(os.path.abspath(os.fspath(output_path)), resolved, metas, base_dir, title,
-                                  phase, skipped)
+    if output_dir is not None and name is not None:
+        raise UserError("give the report one of output_dir or name")
     report_dir = _check_report_dir(os.path.abspath(os.fspath(output_dir)) if output_dir is not None
                                    else _default_report_dir(base_dir, name))
     # Build the report in a hidden directory beside its destination and rename it at the end: a
@@ -176,48 +154,6 @@ def generate_research_report(experiment_ids, output_path=None, base_dir=None, ti
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return os.path.join(report_dir, REPORT_NAME)
-
-
-def _write_report_file(report_path, resolved, metas, base_dir, title, phase, skipped):
-    """generate_research_report with an output file: <report_path> and <stem>_figures/ beside it."""
-    if os.path.isdir(report_path):
-        raise UserError(f"{report_path} is a directory: output_path is the report's file (e.g. report.md); "
-                        "pass output_dir= to write report.md into a directory")
-    if os.path.exists(report_path):
-        raise UserError(f"{report_path} already exists; choose another path, or remove it")
-    parent, stem = os.path.dirname(report_path), os.path.splitext(os.path.basename(report_path))[0]
-    figures_dir = os.path.join(parent, f"{stem}_figures")
-    _check_report_dir(figures_dir)
-    os.makedirs(parent, exist_ok=True)
-    work_dir = tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=parent)
-    partial = None
-    try:
-        _write_report(work_dir, parent, resolved, metas, base_dir, title, phase, skipped)
-        with open(os.path.join(work_dir, REPORT_NAME), encoding="utf-8") as f:
-            text = f.read()
-        os.remove(os.path.join(work_dir, REPORT_NAME))
-        figures = sorted(os.listdir(work_dir))
-        for figure in figures:  # the figures were linked by file name: they now live in figures_dir
-            text = text.replace(f"]({figure})", f"]({os.path.basename(figures_dir)}/{figure})")
-        fd, partial = tempfile.mkstemp(prefix=f".{stem}.", suffix=".partial", dir=parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(partial, 0o666 & ~_umask())
-        if figures:
-            os.chmod(work_dir, 0o777 & ~_umask())
-            if os.path.isdir(figures_dir):
-                os.rmdir(figures_dir)  # checked empty above
-            os.rename(work_dir, figures_dir)
-        else:
-            os.rmdir(work_dir)
-        _publish(partial, report_path)
-    except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        raise
-    finally:
-        if partial is not None and os.path.exists(partial):
-            os.remove(partial)
-    return report_path
 
 
 def _publish(partial, path):
@@ -392,7 +328,7 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
     # Direction matrix
     md += ["## Cross-direction bpb", ""]
     if rows:
-        matrix = _matrix_from_rows(rows)
+        matrix = matrix_from_rows(rows)
         figure = plot_direction_matrix(matrix, os.path.join(work_dir, "direction_matrix.png"))
         md += ["Rows: the trained direction (one row per experiment); columns: the evaluated direction, on the "
                "same held-out documents. Cross-direction penalty = (bpb_bwd − bpb_fwd) / bpb_fwd of one model; "
