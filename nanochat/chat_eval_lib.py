@@ -34,7 +34,7 @@ import torch
 from nanochat.loss_eval import token_losses
 from nanochat.common import UserError
 from nanochat.direction import CONCRETE_DIRECTIONS, by_direction
-from nanochat.tokenizer import normalize_messages, turn_content
+from nanochat.conversation import normalize_messages, turn_content
 
 EVAL_DIRECTION_CHOICES = ("auto", "both", "forward", "backward")
 

@@ -20,16 +20,6 @@ import torch
 import torch.distributed as dist
 
 
-def __getattr__(name):
-    """`from nanochat.common import validate_direction, reverse_tokens` (the plan's interface) without
-    an import of nanochat.direction here: this module imports nothing from the package, so every
-    other module can import it (PEP 562 module __getattr__)."""
-    if name in ("validate_direction", "reverse_tokens"):
-        from nanochat import direction
-        return getattr(direction, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class UserError(ValueError):
     """A mistake in the user's input or environment: shown as one line, exit status 2.
 

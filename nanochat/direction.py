@@ -17,6 +17,7 @@ later document's BOS at its end and glue documents together back to front.
 """
 
 from nanochat.common import UserError
+from nanochat.conversation import TRAIN_ON_CHOICES, answer_context, question_context, render_conversation
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
 CONCRETE_DIRECTIONS = ("forward", "backward")
@@ -160,9 +161,7 @@ def document_piece(row, header_len, body_start, context_cap, max_len=None):
     return row[:header_len] + row[start:end], header_len + ctx
 
 
-# ---- conversations (docs/DESIGN.md §4) ------------------------------------------------------------
-TRAIN_ON_CHOICES = ("assistant", "user", "all")
-
+# ---- conversations (docs/DESIGN.md §4; the chat template is nanochat/conversation.py) -------------
 
 def default_train_on(concrete_direction):
     """Forward trains on the assistant (standard SFT); backward on the user: the model reads the
@@ -304,7 +303,7 @@ class DirectionSpec:
             concrete_direction = self.concrete_direction_for(doc_index, epoch)
         policy = train_on or default_train_on(concrete_direction)
         closing = by_direction(concrete_direction, forward="end", backward="start")
-        ids, mask = tokenizer.render_conversation(conversation, train_on=policy, closing=closing)
+        ids, mask = render_conversation(tokenizer, conversation, train_on=policy, closing=closing)
         marker = self.marker_for(concrete_direction) if self.direction == "bidirectional" else None
         ids, mask = orient_conversation(ids, mask, concrete_direction, marker)
         return ids, mask, concrete_direction
@@ -334,25 +333,15 @@ class DirectionSpec:
         <|user_start|>. Turns after the first answer are the later exchanges, so a backward chat
         grows towards its beginning by prepending each new exchange.
         """
-        from nanochat.tokenizer import normalize_messages
         self.generation_direction(concrete_direction)
         bos = tokenizer.get_bos_token_id()
         if concrete_direction == "forward":
-            body = tokenizer.render_for_completion(conversation)[1:]
-            return self.header("forward") + body, [tokenizer.encode_special("<|assistant_end|>"), bos]
-        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-        messages = [dict(m) for m in messages]
-        if messages and messages[0].get("role") == "assistant":
-            messages = [{"role": "user", "content": ""}] + messages  # the slot the model writes
-        messages = normalize_messages(messages)
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise ValueError("a backward chat prompt needs the assistant's answer as the last message")
+            context, stop = answer_context(tokenizer, conversation)
+            return self.header("forward") + context, [stop, bos]
         # Reading order: [BOS] <|user_start|> (written) <|user_end|> later...; the model's row is
         # [BOS] + reversed(everything after BOS), so the prompt is header + reversed(later) + <|user_end|>.
-        later, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": ""}] + messages[1:]})
-        later = later[3:]  # drop BOS, <|user_start|>, <|user_end|> of the empty placeholder turn
-        prompt = self.header("backward") + reverse_tokens(later, keep_bos=False) + [tokenizer.encode_special("<|user_end|>")]
-        return prompt, [tokenizer.encode_special("<|user_start|>"), bos]
+        later, slot_end, slot_start = question_context(tokenizer, conversation)
+        return self.header("backward") + reverse_tokens(later, keep_bos=False) + [slot_end], [slot_start, bos]
 
     # ---- policy: what this model can do, asked here instead of re-derived by callers ----------
     def generation_directions(self):

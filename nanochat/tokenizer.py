@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from nanochat.common import UserError, get_base_dir
+from nanochat import conversation as chat_template
 
 # GPT-4's (cl100k) pre-tokenisation pattern: contractions, words with one optional leading
 # non-letter, numbers of up to three digits, punctuation runs, newlines and other whitespace.
@@ -224,20 +225,14 @@ class Tokenizer:
 
     __call__ = encode
 
-    # ---- conversations (see the section at the end of this module) ---------------------
+    # ---- conversations: the plan's interface to nanochat/conversation.py (the chat template) ----
     def render_conversation(self, conversation, train_on="assistant", closing="end"):
-        """(ids, mask) in reading order; mask 1 on the tokens trained on (train_on's turns).
-        Orient them with nanochat.direction.orient_conversation."""
-        return _render(self, conversation, train_on, closing)
+        """(ids, mask) in reading order: nanochat.conversation.render_conversation."""
+        return chat_template.render_conversation(self, conversation, train_on, closing)
 
     def render_for_completion(self, conversation):
-        """Forward prompt for the last assistant turn: the conversation without it, ending with
-        <|assistant_start|> (the model writes the answer and <|assistant_end|>)."""
-        messages = normalize_messages(conversation)
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        ids, _ = _render(self, {"messages": messages}, "assistant", "end")
-        return ids + [self.encode_special("<|assistant_start|>")]
+        """Forward prompt for the last assistant turn: nanochat.conversation.render_for_completion."""
+        return chat_template.render_for_completion(self, conversation)
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
@@ -254,67 +249,3 @@ def get_token_bytes(device="cpu", base_dir=None):
     if not os.path.exists(path):
         raise UserError(f"no token byte table at {path}: train the tokenizer with `python -m scripts.tok_train`")
     return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64)).to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversations (chat phases). A conversation is {"messages": [{"role", "content"}, ...]} with
-# alternating user/assistant turns; an optional leading system message is merged into the first
-# user turn. Rendered in reading order:
-#     <|bos|> <|user_start|> question <|user_end|> <|assistant_start|> answer <|assistant_end|> ...
-# Orientation (backward, bidirectional) is applied afterwards by nanochat.direction.
-
-TRAIN_ON_CHOICES = ("assistant", "user", "all")
-
-
-def normalize_messages(conversation):
-    """Validated list of {"role", "content"} with the system message merged into the first user turn."""
-    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-    messages = [dict(m) for m in messages]
-    if messages and messages[0]["role"] == "system":
-        if len(messages) < 2 or messages[1]["role"] != "user":
-            raise ValueError("a system message must be followed by a user message")
-        messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-        messages = messages[1:]
-    if not messages:
-        raise ValueError("a conversation needs at least one message")
-    for i, m in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            raise ValueError(f"message {i} has role {m['role']!r}; turns must alternate user/assistant, user first")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"message {i}: content must be a string")
-    return messages
-
-
-def turn_content(conversation, role, which="first"):
-    """Content of the first (or last) turn of `role` in reading order, or None."""
-    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-    turns = [m["content"] for m in messages if m["role"] == role]
-    if not turns:
-        return None
-    return turns[0] if which == "first" else turns[-1]
-
-
-def _render(tokenizer, conversation, train_on, closing):
-    """ids and mask in reading order. `closing` says which delimiter of a trained turn is
-    trained with it: 'end' when the turn is generated left to right (forward), 'start' when it
-    is generated right to left (backward), so the mask always covers what the model writes,
-    including the token that ends its turn in its own orientation."""
-    if train_on not in TRAIN_ON_CHOICES:
-        raise ValueError(f"train_on must be one of {TRAIN_ON_CHOICES}, not {train_on!r}")
-    ids, mask = [tokenizer.get_bos_token_id()], [0]
-    for m in normalize_messages(conversation):
-        role = m["role"]
-        trained = train_on == "all" or train_on == role
-        start, end = tokenizer.encode_special(f"<|{role}_start|>"), tokenizer.encode_special(f"<|{role}_end|>")
-        content = tokenizer.encode(m["content"])
-        ids += [start] + content + [end]
-        if trained:
-            mask += [1 if closing == "start" or train_on == "all" else 0] + [1] * len(content)
-            mask += [1 if closing == "end" or train_on == "all" else 0]
-        else:
-            mask += [0] * (len(content) + 2)
-    return ids, mask
-
-
-

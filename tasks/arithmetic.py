@@ -21,7 +21,7 @@ import random
 import re
 
 from nanochat.common import UserError
-from nanochat.tokenizer import turn_content
+from nanochat.conversation import turn_content
 from tasks.common import Task
 
 SPLITS = ("train", "test")

@@ -57,7 +57,7 @@ class CostModel(torch.nn.Module):
 
 def reading_order_rows(tok, conversation):
     """The conversation rendered (every turn) in reading order, by hand."""
-    from nanochat.tokenizer import normalize_messages
+    from nanochat.conversation import normalize_messages
     ids = [tok.get_bos_token_id()]
     for m in normalize_messages(conversation):
         ids += [tok.encode_special(f"<|{m['role']}_start|>")] + tok.encode(m["content"]) + \
