@@ -15,7 +15,7 @@ the CLI and the web page: forward appends exchanges, backward prepends them.
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import UserError
+from nanochat.common import UserError, check_number
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction, validate_direction
 
 
@@ -100,6 +100,11 @@ class Engine:
     def _steps(self, prompt, num_samples, max_tokens, temperature, top_k, seed, stop_tokens, use_cache):
         """Yield (num_samples, 1) sampled ids, one step at a time, until every row has hit a stop
         token or max_tokens are drawn. The one sampling loop behind generate() and stream()."""
+        # The entry points check their flags before loading (common.check_sampling); this keeps a
+        # library caller's NaN from becoming a torch.multinomial error.
+        check_number("temperature", temperature, low=0.0)
+        if top_k is not None:
+            check_number("top_k", top_k, low=0, integer=True)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stops = torch.tensor(sorted(set(stop_tokens)) or [-1], device=self.device)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)

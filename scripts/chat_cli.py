@@ -23,7 +23,7 @@ import argparse
 import sys
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
-from nanochat.common import UserError, add_flag, compute_init, run_main
+from nanochat.common import UserError, add_flag, check_sampling, compute_init, run_main
 from nanochat.engine import ChatHistory, Engine
 from nanochat.training import autocast_context
 
@@ -198,8 +198,9 @@ def main(argv=None, stdin=None, out=None):
     args = build_parser().parse_args(argv)
     if args.source not in SOURCE_DIRS:
         raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCE_DIRS)}")
-    if args.max_tokens < 1 or not args.temperature >= 0:  # (NaN fails the comparison too)
-        raise UserError("--max_tokens must be positive and --temperature >= 0")
+    if args.max_tokens < 1:
+        raise UserError("--max_tokens must be positive")
+    check_sampling(args.temperature, args.top_k)
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("-p is empty: give a question (forward) or an answer (backward)")
     _, _, _, _, device = compute_init(args.device_type)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from nanochat.chat_eval_lib import (EVAL_DIRECTION_CHOICES, MC_ANSWERS, evaluate_generative, evaluate_multiple_choice,
                                     resolve_eval_directions, example_indices)
 from nanochat.checkpoint_manager import SOURCE_DIRS, artifact_dirs, load_model
-from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
+from nanochat.common import UserError, add_flag, check_sampling, compute_cleanup, compute_init, print0, run_main
 from nanochat.engine import Engine
 from nanochat.evaluations import kind_name, record_path, refuse_existing, write_record
 from nanochat.progress import progress
@@ -74,8 +74,7 @@ def check_args(args):
         raise UserError(f"--max_examples={args.max_examples}: use a positive number, or -1 for all")
     if args.mc_answer not in MC_ANSWERS:
         raise UserError(f"--mc_answer={args.mc_answer!r}: use {' or '.join(MC_ANSWERS)}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature={args.temperature} must be >= 0")
+    check_sampling(args.temperature, args.top_k)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise UserError("--tasks is empty: give a comma list of task names")

@@ -21,7 +21,8 @@ import sys
 
 from nanochat.chat_eval_lib import MC_ANSWERS
 from nanochat.checkpoint_manager import SOURCE_DIRS, artifact_dirs, load_model
-from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, is_ddp_env, print0, run_main
+from nanochat.common import (UserError, add_flag, check_sampling, compute_cleanup, compute_init, is_ddp_env, print0,
+                             run_main)
 from nanochat.direction import parse_directions
 from nanochat.evaluations import kind_name, record_path, refuse_existing
 
@@ -54,8 +55,9 @@ def check_args(args):
         raise UserError(f"--mc_answer={args.mc_answer!r}: use {' or '.join(MC_ANSWERS)}")
     if args.max_examples == 0 or args.max_examples < -1:
         raise UserError(f"--max_examples={args.max_examples}: use a positive number, or -1 for all")
-    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or not args.temperature >= 0:
-        raise UserError("--num_samples, --max_new_tokens and --batch_size must be positive, --temperature >= 0")
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise UserError("--num_samples, --max_new_tokens and --batch_size must be positive")
+    check_sampling(args.temperature, args.top_k)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names or len(set(names)) != len(names):
         raise UserError(f"--tasks={args.tasks!r}: give a comma list of distinct task names")

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
-from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
+from nanochat.common import UserError, add_flag, check_sampling, compute_cleanup, compute_init, print0, run_main
 from nanochat.direction import DirectionSpec
 from nanochat.engine import Engine
 from nanochat.evaluations import record_path, refuse_existing, write_record
@@ -59,8 +59,7 @@ def main(argv=None):
     for name in ("num_questions", "num_samples", "max_new_tokens", "device_batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0")
+    check_sampling(args.temperature, args.top_k)
     if args.num_samples > 1 and args.temperature == 0:
         raise UserError("--temperature=0 gives N identical candidates: use a positive temperature to rerank")
 
