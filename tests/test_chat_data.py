@@ -7,7 +7,6 @@ import torch
 from nanochat.chat_data import ConversationBatches
 from nanochat.common import UserError
 from nanochat.direction import DirectionSpec, orient_conversation, validate_train_on
-from nanochat.tokenizer import get_tokenizer
 from tasks.arithmetic import TwoWayArithmetic
 
 CONV = {"messages": [{"role": "system", "content": "Be brief."},
@@ -15,11 +14,6 @@ CONV = {"messages": [{"role": "system", "content": "Be brief."},
                      {"role": "assistant", "content": "56"},
                      {"role": "user", "content": "And 2*3?"},
                      {"role": "assistant", "content": "6"}]}
-
-
-@pytest.fixture
-def tok(base_dir):
-    return get_tokenizer()
 
 
 def spans(tok, ids, mask):

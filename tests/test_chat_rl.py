@@ -4,33 +4,20 @@ direction, tiny end-to-end runs that save RL checkpoints, and the bad inputs."""
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import assert_one_line_error, run_inprocess, run_script, snapshot, tiny_model
 from nanochat.checkpoint_manager import artifact_dirs, list_steps, load_meta, save_checkpoint
 from nanochat.common import UserError
 from nanochat.direction import DirectionSpec
-from nanochat.gpt import GPT, config_for_depth
 from nanochat.rl import Group, completion_logprobs, group_advantages, pass_at_k, policy_gradient_loss, sample_group
 from nanochat.tokenizer import get_tokenizer
 from scripts.chat_rl import main as chat_rl_main
 from tasks.arithmetic import TwoWayArithmetic
-from test_cli_errors import assert_one_line_error, snapshot
 
 SEQ_LEN = 48
-
-
-def tiny_model(vocab, seed=0):
-    torch.manual_seed(seed)
-    model = GPT.build(config_for_depth(1, vocab, SEQ_LEN), "cpu")
-    with torch.no_grad():  # non-zero output projections: every parameter gets a gradient
-        for block in model.model.layers:
-            block.self_attn.o_proj.weight.normal_(std=0.02)
-            block.mlp.down_proj.weight.normal_(std=0.02)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +27,7 @@ def parents(corpus_template, tmp_path_factory):
     shutil.copytree(corpus_template["dir"], d)
     tok = get_tokenizer(d)
     for tag, direction in (("fwd", "forward"), ("bwd", "backward"), ("bidi", "bidirectional")):
-        model = tiny_model(tok.get_vocab_size())
+        model = tiny_model(tok.get_vocab_size(), SEQ_LEN)
         spec = DirectionSpec.from_tokenizer(direction, tok)
         markers = {"forward": spec.forward_id, "backward": spec.backward_id} if direction == "bidirectional" else None
         meta = {"phase": "base", "direction": direction, "model_tag": tag, "model_config": model.config.to_dict(),
@@ -79,7 +66,7 @@ def test_loss_is_advantage_weighted_log_prob_over_tokens():
 
 def test_completion_logprobs_match_the_model_and_count_the_stop_action():
     vocab = 40
-    model = tiny_model(vocab)
+    model = tiny_model(vocab, SEQ_LEN)
     prompt, completions, stopped, stops = [1, 5, 6], [[7, 8, 9], [10]], [True, False], (2, 3)
     token_logp, mask = completion_logprobs(model, prompt, completions, stopped, stops, "cpu")
     assert mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]  # row 0: 3 tokens + stop; row 1: cut, no stop
@@ -93,7 +80,7 @@ def test_completion_logprobs_match_the_model_and_count_the_stop_action():
 
 def test_a_gradient_step_favours_the_positive_advantage_completion():
     """One SGD step on the loss raises log p of the rewarded completion and lowers the other's."""
-    model = tiny_model(40, seed=1)
+    model = tiny_model(40, SEQ_LEN, seed=1)
     prompt, completions, stopped, stops = [1, 5], [[7, 8], [9, 10]], [True, True], (2,)
 
     def seq_logp():
@@ -144,7 +131,7 @@ def test_backward_prompt_gives_the_answer_and_the_reward_sees_the_question_in_re
     right, wrong = "What is 3*14?", "What is 5*9?"
     # The model writes the question right to left: its tokens come out reversed.
     completions = [tok.encode(right)[::-1], tok.encode(wrong)[::-1][:3]]
-    engine = FakeEngine(tiny_model(tok.get_vocab_size()), tok, completions)
+    engine = FakeEngine(tiny_model(tok.get_vocab_size(), SEQ_LEN), tok, completions)
     task = RecordingArithmetic()
     group = sample_group(engine, spec, task, 0, "backward", num_samples=2, max_new_tokens=len(completions[0]) + 1,
                          temperature=1.0, top_k=None, seed=0)
@@ -163,7 +150,7 @@ def test_backward_prompt_gives_the_answer_and_the_reward_sees_the_question_in_re
 def test_forward_prompt_asks_the_question_and_rewards_the_answer(parents):
     tok = get_tokenizer(parents)
     spec = DirectionSpec.from_tokenizer("forward", tok)
-    engine = FakeEngine(tiny_model(tok.get_vocab_size()), tok, [tok.encode("42"), tok.encode("41")])
+    engine = FakeEngine(tiny_model(tok.get_vocab_size(), SEQ_LEN), tok, [tok.encode("42"), tok.encode("41")])
     task = RecordingArithmetic()
     group = sample_group(engine, spec, task, 0, "forward", num_samples=2, max_new_tokens=2, temperature=1.0,
                          top_k=None, seed=0)
@@ -220,9 +207,7 @@ def test_bad_inputs_exit_with_one_error_line(parents):
         (["--model_tag=bwd", "--task=gsm8k"], ("gsm8k", "cannot be generated backward")),
     ]
     before = snapshot(parents)
-    with ThreadPoolExecutor(len(cases)) as pool:  # three interpreters at once: the slow part is importing torch
-        results = list(pool.map(lambda c: run_script("scripts.chat_rl", *TINY_RL, *c[0], "--output_tag=bad",
-                                                     base_dir=parents, timeout=120), cases))
+    results = [run_inprocess("scripts.chat_rl", *TINY_RL, *c[0], "--output_tag=bad", base_dir=parents) for c in cases]
     for (_, fragments), result in zip(cases, results):
         assert_one_line_error(result, *fragments)
     assert snapshot(parents) == before
@@ -241,6 +226,7 @@ def test_flag_spellings_and_invalid_numbers(parents, monkeypatch):
         check_args(build_parser().parse_args(["--temperature=0"]))
 
 
+@pytest.mark.slow  # torchrun, after a 250-step SFT that makes a parent right now and then
 def test_torchrun_step_equals_the_single_process_step(parents, monkeypatch):
     """Two ranks split the prompts; the loss is normalised by all ranks' tokens and gradients are
     averaged, so the weights after RL under torchrun equal a single process's."""

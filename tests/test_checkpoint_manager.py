@@ -23,14 +23,9 @@ from nanochat.checkpoint_manager import (
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig
 from nanochat.direction import DirectionSpec
-from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer
+from conftest import tiny_model
 
-
-
-def tiny_model(vocab=384, seed=0):
-    torch.manual_seed(seed)
-    return GPT.build(config_for_depth(1, vocab, 32), "cpu")
 
 
 def make_meta(model, tokenizer=None, direction="forward", step=0, **extra):
@@ -43,7 +38,7 @@ def make_meta(model, tokenizer=None, direction="forward", step=0, **extra):
 
 
 def save_tagged(base_dir, tag, direction="forward", step=5, seed=0, tokenizer=None):
-    model = tiny_model(seed=seed)
+    model = tiny_model(384, 32, seed=seed)
     tokenizer = tokenizer or get_tokenizer(base_dir)
     d = os.path.join(base_dir, "base_checkpoints", tag)
     save_checkpoint(d, step, model.state_dict(), None, make_meta(model, tokenizer, direction, step))
@@ -60,7 +55,7 @@ def assert_same_weights(a, b):
 # ---- save / load ----------------------------------------------------------------------------
 
 def test_save_load_round_trip(tmp_path):
-    model = tiny_model()
+    model = tiny_model(384, 32)
     d = str(tmp_path / "ckpt")
     optim_state = {"optimizers": [{"state": {}, "lr": 0.1}], "dataloader": {"next_stream": 1}}
     meta = make_meta(model, direction="backward", step=12, marker_ids=None, user_config={"depth": 1})
@@ -76,9 +71,8 @@ def test_save_load_round_trip(tmp_path):
     assert list_steps(d) == [12]
 
 
-def test_build_model_restores_weights_and_direction(tmp_path, corpus_template):
-    tok = get_tokenizer(corpus_template["dir"])
-    model = tiny_model(seed=3)
+def test_build_model_restores_weights_and_direction(tmp_path, tok):
+    model = tiny_model(384, 32, seed=3)
     d = str(tmp_path / "ckpt")
     save_checkpoint(d, 1, model.state_dict(), None, make_meta(model, tok, "bidirectional", 1))
     loaded, meta = build_model(d, 1, "cpu")
@@ -92,7 +86,7 @@ def test_build_model_restores_weights_and_direction(tmp_path, corpus_template):
 
 
 def test_compiled_prefix_is_accepted(tmp_path):
-    model = tiny_model()
+    model = tiny_model(384, 32)
     d = str(tmp_path / "ckpt")
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
     save_checkpoint(d, 0, state, None, make_meta(model))
@@ -101,7 +95,7 @@ def test_compiled_prefix_is_accepted(tmp_path):
 
 def test_rank_nonzero_writes_only_its_optimizer(tmp_path):
     d = str(tmp_path / "ckpt")
-    model = tiny_model()
+    model = tiny_model(384, 32)
     save_checkpoint(d, 3, model.state_dict(), {"r": 1}, make_meta(model), rank=1)
     assert os.listdir(d) == [os.path.basename(optim_path(d, 3, 1))]
     assert list_steps(d) == []  # no meta: not a complete checkpoint
@@ -109,7 +103,7 @@ def test_rank_nonzero_writes_only_its_optimizer(tmp_path):
 
 def test_failed_write_leaves_no_files(tmp_path):
     d = str(tmp_path / "ckpt")
-    model = tiny_model()
+    model = tiny_model(384, 32)
     with pytest.raises(Exception):
         save_checkpoint(d, 0, model.state_dict(), {"bad": lambda: None}, make_meta(model))  # unpicklable
     assert os.listdir(d) == []
@@ -164,7 +158,7 @@ def test_experiment_owns_its_checkpoints(base_dir):
     ec.create_experiment("base", "forward", 1, experiment_id="exp_a")
     d = checkpoint_dir_for("base", "exp_a")
     assert d == ec.checkpoint_dir("exp_a")
-    model = tiny_model()
+    model = tiny_model(384, 32)
     save_checkpoint(d, 3, model.state_dict(), None, make_meta(model))
     assert "exp_a" in list_tags("base")
     loaded, _, meta = load_model("base", "cpu", model_tag="exp_a")

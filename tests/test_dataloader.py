@@ -22,9 +22,8 @@ B, T = 4, 64
 
 
 @pytest.fixture(scope="module")
-def known(corpus_template):
+def known(corpus_template, tok):
     """Token lists of the training documents, forward and reversed, with prefix sets."""
-    tok = get_tokenizer(corpus_template["dir"])
     docs = [tok.encode(t) for t in corpus_template["train"]]
     fwd = [tuple(d) for d in docs]
     bwd = [tuple(reversed(d)) for d in docs]

@@ -10,15 +10,9 @@ import torch.nn.functional as F
 from nanochat.common import UserError
 from nanochat.loss_eval import arrow_of_time_gap, evaluate_bpb, select_documents
 from nanochat.gpt import GPT, config_for_depth
-from nanochat.tokenizer import get_tokenizer
 
 SEQ = 128
 
-
-
-@pytest.fixture(scope="module")
-def tok(corpus_template):
-    return get_tokenizer(corpus_template["dir"])
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,6 @@ SAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(corpus_template):
-    return get_tokenizer(corpus_template["dir"])
-
-
 @pytest.mark.parametrize("text", SAMPLES)
 def test_encode_decode_round_trip(tok, text):
     ids = tok.encode(text)
@@ -197,14 +192,13 @@ def test_unknown_train_direction_is_user_error():
 
 
 def test_tok_train_cli_records_train_direction(corpus_template, tmp_path):
-    from conftest import run_script
-    from test_cli_errors import assert_one_line_error
+    from conftest import assert_one_line_error, run_inprocess
     base = str(tmp_path / "base")
     shutil.copytree(os.path.join(corpus_template["dir"], "base_data"), os.path.join(base, "base_data"))
-    bad = run_script("scripts.tok_train", "--train_direction=up", "--vocab_size=300", base_dir=base)
+    bad = run_inprocess("scripts.tok_train", "--train_direction=up", "--vocab_size=300", base_dir=base)
     assert_one_line_error(bad, "--train_direction", "backward")
-    result = run_script("scripts.tok_train", "--train-direction=backward", "--vocab_size=300", "--max_chars=20000",
-                        base_dir=base)
+    result = run_inprocess("scripts.tok_train", "--train-direction=backward", "--vocab_size=300", "--max_chars=20000",
+                           base_dir=base)
     assert result.returncode == 0, result.stderr
     assert "on backward text" in result.stdout
     assert get_tokenizer(base).train_direction == "backward"

@@ -7,7 +7,7 @@ import torch
 
 from nanochat.muon import Muon
 from nanochat.common import UserError
-from nanochat.gpt import GPT, config_for_depth
+from conftest import tiny_model
 from nanochat.training import Trainer, grad_accum_steps_for, muon_momentum
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from scripts.base_train import lr_multiplier
@@ -90,16 +90,6 @@ def test_muon_momentum_ramp():
 
 # ---- the Trainer ----------------------------------------------------------------------------
 
-def tiny_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    model = GPT.build(config_for_depth(1, V, T), "cpu").to(dtype)
-    with torch.no_grad():  # give every matrix a gradient from the first step
-        for block in model.model.layers:
-            block.self_attn.o_proj.weight.normal_(std=0.02)
-            block.mlp.down_proj.weight.normal_(std=0.02)
-    return model
-
-
 def data(n_rows, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, V, (n_rows, T + 1), generator=g)
@@ -121,7 +111,7 @@ def test_accumulating_two_micro_batches_equals_one_double_batch():
         xs, ys = x[2 * B * s:2 * B * (s + 1)], y[2 * B * s:2 * B * (s + 1)]
         micro += [(xs[:B], ys[:B]), (xs[B:], ys[B:])]
         whole.append((xs, ys))
-    model_a = tiny_model(dtype=torch.float64)
+    model_a = tiny_model(V, T).to(torch.float64)
     model_b = copy.deepcopy(model_a)
     start = copy.deepcopy(model_a.state_dict())
     ta = make_trainer(model_a, micro, grad_accum_steps=2)
@@ -141,7 +131,7 @@ def test_accumulation_differs_from_a_single_micro_batch():
     # Guard for the test above: using only the first half of the data gives a different update.
     B = 2
     x, y = data(2 * B)
-    model_a = tiny_model(dtype=torch.float64)
+    model_a = tiny_model(V, T).to(torch.float64)
     model_b = copy.deepcopy(model_a)
     make_trainer(model_a, [(x[:B], y[:B]), (x[B:], y[B:])], grad_accum_steps=2).step(0)
     make_trainer(model_b, [(x[:B], y[:B])], grad_accum_steps=1).step(0)
@@ -149,7 +139,7 @@ def test_accumulation_differs_from_a_single_micro_batch():
 
 
 def test_step_metrics_and_loss_decreases():
-    model = tiny_model()
+    model = tiny_model(V, T)
     x, y = data(4)
     trainer = make_trainer(model, [(x, y)] * 10, grad_accum_steps=1)
     first = trainer.step(0, want_layer_grads=True)
@@ -165,7 +155,7 @@ def test_step_metrics_and_loss_decreases():
 
 
 def test_set_lr_applies_schedule_and_init_frac():
-    model = tiny_model()
+    model = tiny_model(V, T)
     trainer = make_trainer(model, [], grad_accum_steps=1, lr_scale=0.5,
                            lr_schedule=lambda step: lr_multiplier(step, 10, 0.0, 0.5, 0.0))
     mult = trainer.set_lr(8)
@@ -179,7 +169,7 @@ def test_set_lr_applies_schedule_and_init_frac():
 
 
 def test_grad_clip_limits_the_norm():
-    model = tiny_model()
+    model = tiny_model(V, T)
     x, y = data(4)
     trainer = make_trainer(model, [(x, y)], grad_accum_steps=1, grad_clip=1e-3)
     metrics = trainer.step(0)
@@ -187,7 +177,7 @@ def test_grad_clip_limits_the_norm():
 
 
 def test_divergence_is_user_error():
-    model = tiny_model()
+    model = tiny_model(V, T)
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     x, y = data(2)
@@ -200,7 +190,7 @@ def test_divergence_is_user_error():
 def test_optimizer_state_round_trip_resumes_identically():
     x, y = data(4)
     batches = [(x, y)] * 6
-    model_a = tiny_model()
+    model_a = tiny_model(V, T)
     model_b = copy.deepcopy(model_a)
     ta = make_trainer(model_a, batches, grad_accum_steps=1)
     for s in range(3):
@@ -218,7 +208,7 @@ def test_optimizer_state_round_trip_resumes_identically():
 
 def test_step_metrics_are_the_loss_and_norm_of_the_batch_exactly():
     # One host transfer per step must report the same numbers as reading each value directly.
-    model = tiny_model()
+    model = tiny_model(V, T)
     reference = copy.deepcopy(model)
     x, y = data(4)
     loss = reference(x, y)
@@ -231,7 +221,7 @@ def test_step_metrics_are_the_loss_and_norm_of_the_batch_exactly():
 
 
 def test_step_timing_splits_dt_into_data_wait_forward_backward_and_optimizer():
-    model = tiny_model()
+    model = tiny_model(V, T)
     x, y = data(4)
     trainer = make_trainer(model, [(x, y)] * 4, grad_accum_steps=2)
     plain = trainer.step(0)
@@ -249,7 +239,7 @@ def test_step_data_wait_measures_a_slow_loader():
         for b in batches:
             time.sleep(seconds)
             yield b
-    model = tiny_model()
+    model = tiny_model(V, T)
     x, y = data(4)
     metrics = make_trainer(model, slow([(x, y)] * 2, 0.05), grad_accum_steps=2).step(0)
     assert metrics["dt_data"] >= 0.1  # two micro-batches, each waited for
