@@ -68,6 +68,9 @@ def check_finite_state(model_state, step):
                                    "that step is not saved")
 
 
+RESUME_HINT = "rerun (resume from the last saved step with --resume_from_step)"
+
+
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, rank=0):
     """Write one step's checkpoint. Rank 0 writes model and meta; every rank its own optimizer
     (and dataloader) state. Meta is written last: its presence marks a complete checkpoint.
@@ -80,17 +83,17 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, r
     try:
         if optimizer_states is not None:
             written.append(optim_path(checkpoint_dir, step, rank))
-            atomic_write(written[-1], lambda p: torch.save(optimizer_states, p))
+            atomic_write(written[-1], lambda p: torch.save(optimizer_states, p), RESUME_HINT)
         if rank == 0:
             written.append(model_path(checkpoint_dir, step))
-            atomic_write(written[-1], lambda p: torch.save(model_state, p))
+            atomic_write(written[-1], lambda p: torch.save(model_state, p), RESUME_HINT)
 
             def write_meta(p):
                 with open(p, "w") as f:
                     json.dump(meta, f, indent=2, default=str)
                     f.flush()
                     os.fsync(f.fileno())
-            atomic_write(meta_path(checkpoint_dir, step), write_meta)
+            atomic_write(meta_path(checkpoint_dir, step), write_meta, RESUME_HINT)
     except BaseException:
         for path in written:  # an incomplete step must not look like a checkpoint (or fill the disk)
             if os.path.exists(path):

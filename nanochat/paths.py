@@ -52,11 +52,13 @@ def is_disk_full(exc):
     return "No space left" in text or "unexpected pos" in text or "file write failed" in text
 
 
-def atomic_write(path, write_fn):
+def atomic_write(path, write_fn, after_full_disk="rerun the command"):
     """Call write_fn(tmp_path), then rename tmp_path to `path` (atomic within a filesystem).
 
     On any failure the temporary file is removed; an OS-level failure (disk full, read-only,
-    permission) becomes one UserError naming the file."""
+    permission) becomes one UserError naming the file. `after_full_disk` says what to do once
+    space is freed: a training checkpoint passes its resume hint; an evaluation, an export or a
+    tokenizer is simply rerun."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write_fn(tmp)
@@ -66,7 +68,7 @@ def atomic_write(path, write_fn):
             raise
         if is_disk_full(e):
             raise UserError(f"no space left on the device while writing {path}; nothing was kept under that "
-                            "name: free some space and rerun (resume from the last saved step)") from None
+                            f"name: free some space and {after_full_disk}") from None
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):

@@ -93,26 +93,41 @@ class Tokenizer:
         return tokenizer
 
     def save(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "ranks.tiktoken.tmp"), "w") as f:
-            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
-                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+        """The three files, each through paths.atomic_write, nested so that every file is written
+        to its temporary name before any is renamed: a full or read-only disk leaves the previous
+        tokenizer (or nothing) and no temporary file. tokenizer.json, renamed last, records the
+        fingerprint the loader checks the other two against."""
+        from nanochat.paths import atomic_write, check_writable
+        check_writable(directory, "the tokenizer directory")
         meta = {"pattern": self.pattern, "special_tokens": self.special_tokens, "vocab_size": self.get_vocab_size(),
-                "train_direction": self.train_direction}
-        with open(os.path.join(directory, "tokenizer.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=2)
-        np.save(os.path.join(directory, "token_bytes.tmp.npy"), self.token_byte_lengths())
-        # Rename last, together, so a crash never leaves a half-written tokenizer behind.
-        os.replace(os.path.join(directory, "ranks.tiktoken.tmp"), os.path.join(directory, "ranks.tiktoken"))
-        os.replace(os.path.join(directory, "token_bytes.tmp.npy"), os.path.join(directory, "token_bytes.npy"))
-        os.replace(os.path.join(directory, "tokenizer.json.tmp"), os.path.join(directory, "tokenizer.json"))
+                "train_direction": self.train_direction, "fingerprint": self.fingerprint()}
+
+        def write_ranks(path):
+            with open(path, "w") as f:
+                for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                    f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+
+        def write_token_bytes(path):
+            with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
+                np.save(f, self.token_byte_lengths())
+            atomic_write(os.path.join(directory, "ranks.tiktoken"), write_ranks)
+
+        def write_meta(path):
+            with open(path, "w") as f:
+                json.dump(meta, f, indent=2)
+            atomic_write(os.path.join(directory, "token_bytes.npy"), write_token_bytes)
+        atomic_write(os.path.join(directory, "tokenizer.json"), write_meta)
 
     @classmethod
     def load(cls, directory):
+        """Read and verify the three files: ranks complete and consistent with tokenizer.json,
+        special ids unique and after the byte/merge ids, token_bytes.npy equal to the lengths
+        the ranks give. Any defect is one UserError naming the file and the rebuild command,
+        here at load time rather than at the first evaluation after training steps ran."""
         meta_path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(meta_path):
             raise UserError(f"no tokenizer in {directory}: train one with `python -m scripts.tok_train`")
-        retrain = "retrain it with `python -m scripts.tok_train --overwrite`"
+        retrain = "rebuild it with `python -m scripts.tok_train --overwrite` (and retrain models that used the old one)"
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
@@ -125,21 +140,28 @@ class Tokenizer:
         ranks_path = os.path.join(directory, "ranks.tiktoken")
         if not os.path.exists(ranks_path):
             raise UserError(f"tokenizer in {directory} is incomplete ({ranks_path} is missing); {retrain}")
-        with open(ranks_path) as f:
+        with open(ranks_path, "rb") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         tok, rank = line.split()
                         ranks[base64.b64decode(tok, validate=True)] = int(rank)
                     except ValueError:
-                        raise UserError(f"tokenizer file {ranks_path} is corrupt at line {number} ({line.strip()[:40]!r}); "
-                                        f"{retrain}") from None
+                        raise UserError(f"tokenizer file {ranks_path} is corrupt at line {number} "
+                                        f"({line.strip()[:40].decode(errors='replace')!r}); {retrain}") from None
+        _check_ids(ranks, specials, meta, meta_path, ranks_path, retrain)
         try:
             tokenizer = cls(ranks, specials, pattern=pattern)
         except Exception as e:  # tiktoken: a bad regex or inconsistent ranks/special ids
             raise UserError(f"tokenizer in {directory} cannot be built ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0]}); {retrain}") from None
         tokenizer.train_direction = meta.get("train_direction", "forward")
+        recorded = meta.get("fingerprint")  # tokenizers saved before it was recorded: the checks above
+        if recorded is not None and recorded != tokenizer.fingerprint():
+            raise UserError(f"tokenizer files in {directory} do not belong together: {ranks_path} and {meta_path} "
+                            f"differ from what was saved (fingerprint {tokenizer.fingerprint()[:12]} != recorded "
+                            f"{str(recorded)[:12]}); {retrain}")
+        load_token_bytes(os.path.join(directory, "token_bytes.npy"), tokenizer, retrain)
         return tokenizer
 
     def fingerprint(self):
@@ -238,6 +260,49 @@ class Tokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
+def _check_ids(ranks, specials, meta, meta_path, ranks_path, retrain):
+    """Ranks 0..n-1 with every single byte among them (byte-level BPE encodes any text), special
+    ids unique and n, n+1, ... (never a byte/merge id), and the vocabulary size tokenizer.json
+    recorded: a truncated ranks file or an edited tokenizer.json is caught here, not in training."""
+    n, ids = len(ranks), list(specials.values())
+    recorded = meta.get("vocab_size")
+    if recorded is not None and recorded != n + len(ids):
+        raise UserError(f"tokenizer files in {os.path.dirname(meta_path)} disagree: {meta_path} records "
+                        f"{recorded} tokens but {ranks_path} has {n} ranks + {len(ids)} special tokens (truncated?); "
+                        f"{retrain}")
+    if sorted(ranks.values()) != list(range(n)):
+        raise UserError(f"tokenizer file {ranks_path} is corrupt: its {n} ranks are not 0..{n - 1} "
+                        f"(duplicated or missing ranks); {retrain}")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise UserError(f"tokenizer file {ranks_path} is corrupt: {len(missing)} of the 256 byte tokens are missing "
+                        f"(the first is byte {missing[0]}); {retrain}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or sorted(ids) != list(range(n, n + len(ids))):
+        raise UserError(f"tokenizer file {meta_path} is corrupt: special token ids {sorted(ids, key=str)} must be unique "
+                        f"and follow the {n} byte/merge ids ({n}..{n + len(ids) - 1}); {retrain}")
+
+
+def load_token_bytes(path, tokenizer, retrain="rebuild it with `python -m scripts.tok_train --overwrite`"):
+    """token_bytes.npy as an int array, verified: a plain (unpickled) integer array with one entry
+    per token id, equal to the byte lengths the tokenizer's ranks give (0 for special tokens)."""
+    if not os.path.exists(path):
+        raise UserError(f"tokenizer file {path} is missing; {retrain}")
+    try:
+        lengths = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # pickled, random bytes, truncated
+        raise UserError(f"tokenizer file {path} is not a valid .npy array ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:80]}); {retrain}") from None
+    expected = tokenizer.token_byte_lengths()
+    if not np.issubdtype(lengths.dtype, np.integer) or lengths.shape != expected.shape:
+        raise UserError(f"tokenizer file {path} holds a {lengths.dtype} array of shape {lengths.shape}; expected "
+                        f"integers of shape {expected.shape} (one per token id); {retrain}")
+    if not np.array_equal(lengths, expected):
+        bad = int(np.flatnonzero(lengths != expected)[0])
+        raise UserError(f"tokenizer file {path} does not match ranks.tiktoken (token {bad}: {int(lengths[bad])} "
+                        f"bytes recorded, {int(expected[bad])} in the ranks); {retrain}")
+    return lengths
+
+
 def get_tokenizer(base_dir=None):
     return Tokenizer.load(tokenizer_dir(base_dir))
 
@@ -248,4 +313,5 @@ def get_token_bytes(device="cpu", base_dir=None):
     path = os.path.join(tokenizer_dir(base_dir), "token_bytes.npy")
     if not os.path.exists(path):
         raise UserError(f"no token byte table at {path}: train the tokenizer with `python -m scripts.tok_train`")
-    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64)).to(device)
+    lengths = load_token_bytes(path, get_tokenizer(base_dir))
+    return torch.from_numpy(lengths.astype(np.int64)).to(device)

@@ -22,6 +22,7 @@ import sys
 import time
 
 from nanochat.common import UserError, add_flag, run_main
+from nanochat.paths import check_writable
 from nanochat.dataset import DocumentSource
 from nanochat.progress import progress
 from nanochat.tokenizer import SPECIAL_TOKENS, TRAIN_DIRECTIONS, Tokenizer, tokenizer_dir
@@ -57,6 +58,7 @@ def main(argv=None):
     if os.path.exists(os.path.join(out, "tokenizer.json")) and not args.overwrite:
         raise UserError(f"a tokenizer already exists in {out}; checkpoints trained with it depend on its ids. "
                         "Pass --overwrite to replace it, or set NANOCHAT_BASE_DIR elsewhere")
+    check_writable(out, "the tokenizer directory")  # before minutes of training, not after
     t0 = time.time()
     tokenizer = Tokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap), args.vocab_size,
                                               train_direction=args.train_direction)

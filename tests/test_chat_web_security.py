@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]'")
 pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install -e '.[web]'")
 
-from test_chat_eval import TAGS  # noqa: E402
+from conftest import TRAINED_TAGS as TAGS  # noqa: E402
 from test_chat_web import models, slots  # noqa: E402,F401  (module fixtures: tiny trained checkpoints)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
