@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import run_script
+from conftest import run_inprocess
 from nanochat.research.arrow_study import (cell_key, load_study, markdown, mean_interval, plot_gap, studies_of,
                                            study_results)
 from nanochat.common import UserError
@@ -64,12 +64,13 @@ def test_partial_study_reports_what_it_has_and_plots_two_depths(tmp_path):
     assert path and os.path.getsize(path) > 1000
 
 
+@pytest.mark.slow  # four orchestrator processes, each training and evaluating
 def test_study_end_to_end(base_dir):
     """Two seeds x forward/backward through the orchestrator on the tiny corpus: the record, the
     table with a real gap, the report section, and a refused change of flags."""
     flags = ["--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=3",
              "--eval_tokens=2000"]
-    r = run_script("scripts.arrow_study", "--name=tiny", "--seeds=1,2", "--depths=1", *flags, base_dir=base_dir)
+    r = run_inprocess("scripts.arrow_study", "--name=tiny", "--seeds=1,2", "--depths=1", *flags, base_dir=base_dir)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     study = load_study("tiny", base_dir)
     assert set(study["experiments"].values()) == {f"tiny_d1_s{s}_{d}" for s in (1, 2) for d in ("fwd", "bwd")}
@@ -86,11 +87,11 @@ def test_study_end_to_end(base_dir):
     for pair in positions.values():  # the buckets hold all the scored bytes, the same in both readings
         assert sum(b["bytes"] for b in pair["forward"]) == sum(b["bytes"] for b in pair["backward"]) > 0
     assert "Where the gap comes from" in text
-    bad = run_script("scripts.arrow_study", "--name=tiny", "--seeds=1", "--depths=1", "--num_iterations=5",
-                     base_dir=base_dir)
+    bad = run_inprocess("scripts.arrow_study", "--name=tiny", "--seeds=1", "--depths=1", "--num_iterations=5",
+                        base_dir=base_dir)
     assert bad.returncode == 2 and "other flags" in bad.stderr
     # the report on the study's experiments opens with the study, the per-model penalty labelled as such
-    r = run_script("scripts.report", "--study=tiny", base_dir=base_dir)
+    r = run_inprocess("scripts.report", "--study=tiny", base_dir=base_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(r.stdout.split("report: ")[1].split()[0]) as f:
         report = f.read()

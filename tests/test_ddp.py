@@ -41,6 +41,7 @@ def ddp_pair(request, corpus_template, tmp_path_factory):
     return direction, base, ddp, single
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_layouts_differ_as_requested(ddp_pair):
     from nanochat.checkpoint_manager import load_meta
     _, base, ddp, single = ddp_pair
@@ -56,6 +57,7 @@ def test_layouts_differ_as_requested(ddp_pair):
     assert {f"optim_{STEPS:06d}_rank0.pt", f"optim_{STEPS:06d}_rank1.pt"} <= set(files)
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_ddp_losses_match_gradient_accumulation(ddp_pair):
     _, _, ddp, single = ddp_pair
     losses_ddp, losses_single = step_losses(ddp.stdout), step_losses(single.stdout)
@@ -68,6 +70,7 @@ def test_ddp_losses_match_gradient_accumulation(ddp_pair):
     assert losses_single[STEPS] < losses_single[1]
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_ddp_weights_match_gradient_accumulation(ddp_pair):
     from nanochat.checkpoint_manager import model_path
     _, base, _, _ = ddp_pair
@@ -90,6 +93,7 @@ def test_evaluation_documents_do_not_depend_on_world_size(corpus_template):
     assert sorted(map(tuple, shares[0] + shares[1])) == sorted(map(tuple, one))
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_ddp_validation_bpb_matches_one_process(ddp_pair):
     # The final evaluation scores the same documents whatever the number of processes.
     from nanochat.checkpoint_manager import load_meta

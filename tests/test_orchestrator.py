@@ -3,8 +3,9 @@
 The orchestrator runs the real scripts in subprocesses on a tiny model (depth 2, 64-token
 context, 4 steps) over the generated corpus of conftest.py: base training and evaluation per
 direction, failure and resume, SIGKILL and SIGTERM mid-run, a base -> mid chain, branching. Input
-errors, which must write nothing, are checked in-process (main() raises UserError) and once from
-the command line (one `error:` line, exit status 2).
+errors, which must write nothing, are checked in-process (main() raises UserError) and as the
+command line runs main (run_main: one `error:` line, exit status 2). The tests that start the
+orchestrator's processes are marked slow.
 """
 
 import json
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 import scripts.run_backward_experiment as orchestrator
-from conftest import REPO, run_script
+from conftest import REPO, run_inprocess, run_script
 from nanochat.checkpoint_manager import list_steps, remove_steps
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig, format_lineage
@@ -80,6 +81,7 @@ def assert_contiguous_steps(path, last=None):
 
 # ------------------------------------------------------------------------ base, per direction
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_base_phase_in_each_direction_trains_logs_and_evaluates(base_dir):
     # The three runs are independent experiments: run them side by side to save wall time.
     directions = ("forward", "backward", "bidirectional")
@@ -113,8 +115,8 @@ def test_base_phase_in_each_direction_trains_logs_and_evaluates(base_dir):
 # ------------------------------------------------------------------------ failure and resume
 
 def test_unknown_passthrough_flag_is_refused_before_anything_runs(base_dir):
-    result = orchestrate(base_dir, "--phase=base", "--direction=forward", "--experiment_id=typo", *TINY,
-                         "--num_iteration=3")
+    result = run_inprocess(ORCHESTRATOR, "--phase=base", "--direction=forward", "--experiment_id=typo", *TINY,
+                           "--num_iteration=3", base_dir=base_dir)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --num_iteration is not a flag of the base script(s); see `python -m <script> --help`"]
@@ -122,6 +124,7 @@ def test_unknown_passthrough_flag_is_refused_before_anything_runs(base_dir):
 
 
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_failed_phase_is_marked_shown_and_retried_without_redoing_completed_work(base_dir):
     ec = ExperimentConfig(base_dir)
     args = ["--phase=base", "--direction=backward", "--experiment-id=flaky", *TINY]  # kebab alias too
@@ -155,6 +158,7 @@ def test_failed_phase_is_marked_shown_and_retried_without_redoing_completed_work
     assert {p: os.stat(p).st_mtime_ns for p in outputs} == before
 
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_rerun_after_training_finished_only_evaluates(base_dir):
     # The orchestrator died between training and evaluation: the experiment is still "running"
     # (its runner is gone) and its final checkpoint exists.
@@ -210,6 +214,7 @@ def last_step_printed(output):
     return int(steps[-1]) if steps else 0
 
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_kill_9_then_rerun_resumes_from_the_last_checkpoint(base_dir, tmp_path):
     ec = ExperimentConfig(base_dir)
     args = ["--phase=base", "--direction=backward", "--experiment_id=killed", "--save_every=20",
@@ -235,6 +240,7 @@ def test_kill_9_then_rerun_resumes_from_the_last_checkpoint(base_dir, tmp_path):
     assert list_steps(ec.checkpoint_dir("killed"))[-1] == 150
 
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_kill_9_before_any_checkpoint_moves_the_log_aside(base_dir, tmp_path):
     ec = ExperimentConfig(base_dir)
     args = ["--phase=base", "--direction=forward", "--experiment_id=early", "--eval_directions=none", *LONG]
@@ -261,6 +267,7 @@ def test_kill_9_before_any_checkpoint_moves_the_log_aside(base_dir, tmp_path):
     assert bpb_evaluations(ec, "early") == []  # --eval_directions=none
 
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_sigterm_to_the_orchestrator_stops_the_phase_and_marks_it_failed(base_dir, tmp_path):
     ec = ExperimentConfig(base_dir)
     args = ["--phase=base", "--direction=forward", "--experiment_id=stopped", *LONG]
@@ -286,6 +293,7 @@ def test_sigterm_to_the_orchestrator_stops_the_phase_and_marks_it_failed(base_di
         os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_kill_9_of_the_orchestrator_alone_takes_its_trainer_down_and_a_rerun_is_alone(base_dir, tmp_path):
     # The orchestrator cannot forward anything when SIGKILLed: its trainer must stop by itself
     # (parent-death signal), and while a trainer of the experiment lives nobody else may start one.
@@ -319,6 +327,7 @@ def test_kill_9_of_the_orchestrator_alone_takes_its_trainer_down_and_a_rerun_is_
 
 # ------------------------------------------------------------------------ chains and branching
 
+@pytest.mark.slow  # the orchestrator starts the phases as processes
 def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
     ec = ExperimentConfig(base_dir)
     args = ["--phase=base,mid", "--direction=backward", "--experiment_id=chain", "--eval_directions=none",
@@ -478,7 +487,7 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(existing_experiments, ar
 def test_bad_input_from_the_command_line_is_one_error_line(existing_experiments):
     base_dir = existing_experiments.base_dir
     before = tree_state(base_dir)
-    r = orchestrate(base_dir, "--phase=base", "--direction=backward", "--experiment-id=fwd")
+    r = run_inprocess(ORCHESTRATOR, "--phase=base", "--direction=backward", "--experiment-id=fwd", base_dir=base_dir)
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr.startswith("error: experiment 'fwd' already exists with a different config")
