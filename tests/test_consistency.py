@@ -16,14 +16,13 @@ from nanochat.consistency import (consistency_record, consistency_stats, markdow
 from nanochat.evaluations import list_family, record_path
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.tokenizer import get_token_bytes
 
 T = 16  # shorter than most documents: several windows per document
 
 
 @pytest.fixture(scope="module")
-def setup(corpus_template):
-    tok = get_tokenizer(corpus_template["dir"])
+def setup(corpus_template, tok):
     docs = tok.encode(corpus_template["val"][:12])
     torch.manual_seed(0)
     model = GPT.build(config_for_depth(1, tok.get_vocab_size(), T), torch.device("cpu"))

@@ -15,22 +15,15 @@ import zipfile
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, copy_base, run_inprocess
 from nanochat.common import UserError
 from nanochat.core_eval import (CoreBenchmark, centered_accuracy, download_bundle, ensure_bundle, evaluate_task,
                                 item_rows, load_items, load_task_list, markdown_section, score_rows,
                                 split_at_delimiter)
 from nanochat.direction import DirectionSpec, orient_text_tokens
 from nanochat.gpt import GPT, config_for_depth
-from nanochat.tokenizer import get_tokenizer
-from test_cli_errors import copy_base
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "eval_bundle")
-
-
-@pytest.fixture(scope="module")
-def tok(corpus_template):
-    return get_tokenizer(corpus_template["dir"])
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +248,7 @@ def trained(corpus_template, tmp_path_factory):
     """A tiny forward model trained with --core_metric_every=2 (the bundle cached in the base dir)."""
     base = copy_base(corpus_template["dir"], tmp_path_factory, "core")
     shutil.copytree(FIXTURE, os.path.join(base, "eval_bundle"))
-    result = run_script("scripts.base_train", *TRAIN, "--core_metric_every=2", base_dir=base)
+    result = run_inprocess("scripts.base_train", *TRAIN, "--core_metric_every=2", base_dir=base)
     assert result.returncode == 0, result.stderr
     return {"base": base, "result": result, "evaluations": os.path.join(base, "base_checkpoints", "core_tiny",
                                                                         "evaluations")}
@@ -273,9 +266,9 @@ def test_base_train_core_metric_every_writes_core_files(trained):
 def test_base_eval_core_and_bpb(trained):
     base = trained["base"]
     os.remove(os.path.join(trained["evaluations"], "core_step000004.json"))
-    result = run_script("scripts.base_eval", "--eval=bpb,core", "--model_tag=core_tiny", "--eval_tokens=256",
-                        "--device_type=cpu", "--device_batch_size=4", f"--bundle_dir={FIXTURE}", "--max_per_task=3",
-                        base_dir=base)
+    result = run_inprocess("scripts.base_eval", "--eval=bpb,core", "--model_tag=core_tiny", "--eval_tokens=256",
+                           "--device_type=cpu", "--device_batch_size=4", f"--bundle_dir={FIXTURE}", "--max_per_task=3",
+                           base_dir=base)
     assert result.returncode == 0, result.stderr
     with open(os.path.join(trained["evaluations"], "core_step000004.json")) as f:
         record = json.load(f)

@@ -22,12 +22,6 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 
 
 @pytest.fixture(scope="module")
-def tok(corpus_template):
-    from nanochat.tokenizer import Tokenizer, tokenizer_dir
-    return Tokenizer.load(tokenizer_dir(corpus_template["dir"]))
-
-
-@pytest.fixture(scope="module")
 def gpt(tok):
     from nanochat.gpt import GPT, config_for_depth
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_inprocess
 from nanochat.common import UserError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tasks")
@@ -35,10 +35,10 @@ def trained(corpus_template, tmp_path_factory):
     ExperimentConfig(base_dir=os.path.join(base, "experiments")).create_experiment(
         phase="base", direction="forward", depth=1, experiment_id=EXPERIMENT)
     # A 160-token context: the ARC fixture's conversations (106-137 tokens) must fit.
-    result = run_script("scripts.base_train", f"--model_tag={EXPERIMENT}", "--direction=forward", "--depth=1",
-                        "--max_seq_len=160", "--device_batch_size=2", "--total_batch_size=320",
-                        f"--num_iterations={STEPS}", "--eval_every=-1", "--eval_tokens=320", "--research_log=1",
-                        "--sample_every=-1", "--device_type=cpu", base_dir=base)
+    result = run_inprocess("scripts.base_train", f"--model_tag={EXPERIMENT}", "--direction=forward", "--depth=1",
+                           "--max_seq_len=160", "--device_batch_size=2", "--total_batch_size=320",
+                           f"--num_iterations={STEPS}", "--eval_every=-1", "--eval_tokens=320", "--research_log=1",
+                           "--sample_every=-1", "--device_type=cpu", base_dir=base)
     assert result.returncode == 0, result.stderr
     # The evaluations run in-process (one interpreter start-up less each).
     from scripts import base_eval, direction_eval

@@ -8,12 +8,11 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_inprocess
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.research import (
@@ -48,15 +47,14 @@ def runs(corpus_template, tmp_path_factory):
     experiments.create_experiment("mid", None, None, parent_experiment="t_forward", experiment_id=NO_LOG_ID)
 
     def train(direction):
-        result = run_script("scripts.base_train", *train_args(direction), base_dir=base)
+        result = run_inprocess("scripts.base_train", *train_args(direction), base_dir=base)
         assert result.returncode == 0, f"base_train {direction} failed:\n{result.stdout}\n{result.stderr}"
         return result.stdout
 
-    with ThreadPoolExecutor(len(DIRECTIONS)) as pool:
-        stdouts = dict(zip(DIRECTIONS, pool.map(train, DIRECTIONS)))
-    # One base_eval for the three models (a comma list): one interpreter start-up, one document pick.
+    stdouts = {d: train(d) for d in DIRECTIONS}
+    # One base_eval for the three models (a comma list): one document pick.
     ids = ",".join(f"t_{d}" for d in DIRECTIONS)
-    evaluation = run_script("scripts.base_eval", f"--model_tag={ids}", "--eval_tokens=2000", base_dir=base)
+    evaluation = run_inprocess("scripts.base_eval", f"--model_tag={ids}", "--eval_tokens=2000", base_dir=base)
     assert evaluation.returncode == 0, f"base_eval failed:\n{evaluation.stdout}\n{evaluation.stderr}"
     return {"base_dir": base, "stdout": stdouts, "ids": [f"t_{d}" for d in DIRECTIONS]}
 
@@ -384,7 +382,7 @@ def test_cli_main_in_process(runs, tmp_path, monkeypatch, capsys):
 
 def test_cli_all_prints_path_matrix_and_leaves_out_experiments_without_logs(runs):
     base = runs["base_dir"]
-    result = run_script("scripts.report", "--all", "--name=everything", base_dir=base)
+    result = run_inprocess("scripts.report", "--all", "--name=everything", base_dir=base)
     assert result.returncode == 0, result.stderr
     path = os.path.join(base, "reports", "everything", "report.md")
     assert f"report: {path}" in result.stdout
@@ -406,9 +404,7 @@ def test_cli_bad_input_is_one_error_line(runs):
         (f"--experiments={NO_LOG_ID}", rf"experiment '{NO_LOG_ID}' has no base_training log.*"
                                        rf"python -m scripts.base_train --model_tag={NO_LOG_ID} --research_log=1"),
     ]
-    with ThreadPoolExecutor(len(cases)) as pool:  # two interpreter start-ups at once
-        results = list(pool.map(lambda case: run_script("scripts.report", case[0], "--name=refused",
-                                                        base_dir=runs["base_dir"]), cases))
+    results = [run_inprocess("scripts.report", case[0], "--name=refused", base_dir=runs["base_dir"]) for case in cases]
     for (_, message), result in zip(cases, results):
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
