@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import UserError, get_base_dir, run_main
-from nanochat.paths import atomic_write
+from nanochat.paths import atomic_write, check_writable
 
 # A public, pre-shuffled FineWeb-Edu release in ~100 MB parquet shards with a `text` column.
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -278,16 +278,21 @@ def write_shards(documents, directory, docs_per_shard, max_docs=None, start_inde
         paths.append(path)
         index += 1
 
-    for doc in documents:
-        batch.append(doc)
-        total += 1
-        if len(batch) == docs_per_shard:
+    try:
+        for doc in documents:
+            batch.append(doc)
+            total += 1
+            if len(batch) == docs_per_shard:
+                flush()
+                batch = []
+            if max_docs is not None and total >= max_docs:
+                break
+        if batch:
             flush()
-            batch = []
-        if max_docs is not None and total >= max_docs:
-            break
-    if batch:
-        flush()
+    except UserError:  # disk full: no partial corpus whose last shard would pass for validation
+        for path in paths:
+            os.remove(path)
+        raise
     return paths
 
 
@@ -363,6 +368,7 @@ def _refuse_existing(directory, overwrite):
     if existing and not overwrite:
         raise UserError(f"{directory} already holds {len(existing)} shard(s); not overwriting. "
                         "Pass --overwrite to replace them, or set NANOCHAT_BASE_DIR elsewhere")
+    check_writable(directory, "the data directory")  # before anything is deleted or written
     for path in existing:
         os.remove(path)
 

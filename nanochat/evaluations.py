@@ -10,7 +10,7 @@ import os
 import re
 
 from nanochat.common import UserError
-from nanochat.paths import atomic_write_json
+from nanochat.paths import atomic_write_json, check_writable
 
 _KIND = re.compile(r"[A-Za-z0-9_.-]+")
 _RECORD = re.compile(r"([A-Za-z0-9_.-]+)_step(\d+)\.json")
@@ -29,10 +29,14 @@ def record_path(evaluations_dir, kind, step):
 
 
 def refuse_existing(paths, overwrite):
-    """Before any work: an existing record is never replaced without --overwrite."""
+    """Before any work: an existing record is never replaced without --overwrite, and the
+    evaluations directory can be written (a read-only or full disk is one line now, not after
+    the whole evaluation ran and its results were lost)."""
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    for directory in sorted({os.path.dirname(p) for p in paths}):
+        check_writable(directory, "the evaluations directory")
 
 
 def write_record(path, record):

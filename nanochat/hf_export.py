@@ -27,7 +27,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.direction import DirectionSpec
-from nanochat.paths import atomic_write, atomic_write_text
+from nanochat.paths import atomic_write, atomic_write_text, check_writable
 from nanochat.phases import CHAT_PHASES
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,14 +273,23 @@ def model_card(model_config, tokenizer, meta, folder):
 
 
 # ---- the export -----------------------------------------------------------------------------------
+def check_out_dir(out_dir, overwrite=False):
+    """Refuse an --out that is a file, lies under a file, cannot be written, or is a non-empty
+    folder (unless overwrite): one clear line, before the model is loaded or anything written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out={out_dir} is a file, not a folder: choose another --out")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} exists and is not empty: choose another --out or pass --overwrite")
+    check_writable(out_dir, "the export folder")
+
+
 def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
-    """Write the folder; refuses a non-empty `out_dir` unless overwrite. Returns the file list."""
+    """Write the folder; refuses a non-empty `out_dir` unless overwrite. Returns the file list.
+    A failed write (disk full) removes the files this export wrote: no half export is left."""
     from safetensors.torch import save_file
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype={dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise UserError(f"{out_dir} exists and is not empty: choose another --out or pass --overwrite")
-    os.makedirs(out_dir, exist_ok=True)
+    check_out_dir(out_dir, overwrite)
     state = {k.removeprefix("_orig_mod."): v.detach().to("cpu", EXPORT_DTYPES[dtype]).contiguous()
              for k, v in model.state_dict().items()}
     cfg = qwen3_config(model.config, tokenizer, meta, dtype)
@@ -305,10 +314,18 @@ def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
         files["tokenizer_config.json"]["chat_template"] = CHAT_TEMPLATE.replace(
             "nanochat_marker is defined and nanochat_marker", "true" if marker else "false")
     written = []
-    for name, content in files.items():
-        atomic_write_text(os.path.join(out_dir, name), json.dumps(content, indent=2, ensure_ascii=False))
-        written.append(name)
-    atomic_write(os.path.join(out_dir, "model.safetensors"),
-                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_text(os.path.join(out_dir, "README.md"), model_card(model.config, tokenizer, meta, out_dir))
-    return written + ["model.safetensors", "README.md"]
+    try:
+        for name, content in files.items():
+            written.append(name)
+            atomic_write_text(os.path.join(out_dir, name), json.dumps(content, indent=2, ensure_ascii=False))
+        written.append("model.safetensors")
+        atomic_write(os.path.join(out_dir, "model.safetensors"),
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        written.append("README.md")
+        atomic_write_text(os.path.join(out_dir, "README.md"), model_card(model.config, tokenizer, meta, out_dir))
+    except BaseException:
+        for name in written:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        raise
+    return written

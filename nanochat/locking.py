@@ -80,6 +80,10 @@ def _lock(path, what, wait_s=0.0):
                 return fd
         except FileNotFoundError:
             pass
+        except OSError as e:  # a full disk (ENOSPC) or a failing filesystem: one line, not a traceback
+            os.close(fd)
+            raise _user_error(f"cannot write the lock file {path}: {e.strerror or e}; free some space (or fix the "
+                              "base dir) and rerun") from None
         os.close(fd)
 
 

@@ -41,6 +41,13 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def plural(unit):
+    """English plural of a unit: batch -> batches, doc -> docs; a unit already plural stays."""
+    if unit.endswith(("ch", "sh", "x", "z")):
+        return unit + "es"
+    return unit if unit.endswith("s") else unit + "s"
+
+
 class Progress:
     """An iterable wrapper and/or a counter with update(n); use as a context manager or close()."""
 
@@ -84,7 +91,7 @@ class Progress:
 
     def line(self):
         elapsed = time.monotonic() - self.start
-        unit = self.unit if self.unit.endswith("s") or (self.total or self.n) == 1 else self.unit + "s"
+        unit = self.unit if (self.total or self.n) == 1 else plural(self.unit)
         text = f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {unit}"
         if self.total:
             text += f" ({100 * self.n / self.total:.0f}%)"

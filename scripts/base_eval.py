@@ -242,7 +242,7 @@ def main(argv=None):
     if args.max_per_task == 0 or args.max_per_task < -1:
         raise UserError("--max_per_task must be positive (or -1 for every item)")
     directions = parse_directions(args.eval_directions)
-    tags = [t.strip() for t in args.model_tag.split(",")] if args.model_tag else [None]
+    tags = [t.strip(" ") for t in args.model_tag.split(",")] if args.model_tag else [None]  # "nl\n" stays refused
     models = [resolve(args, tag) for tag in tags]
     # Every record every evaluation will write, refused before any work if one exists without --overwrite.
     records = {name: EVALUATIONS[name].records(models) for name in names}
@@ -267,7 +267,10 @@ def main(argv=None):
 def resolve(args, tag):
     """A checkpoint to evaluate (metadata only): {tag, step, direction, evaluations}."""
     directory, step, tag = resolve_checkpoint(args.source, tag, args.step)
-    return {"tag": tag, "step": step, "direction": load_meta(directory, step)["direction"],
+    meta = load_meta(directory, step)
+    if "direction" not in meta:  # the message build_model gives the other scripts
+        raise UserError(f"checkpoint metadata in {directory} lacks 'direction'/'model_config': not a nanochat checkpoint")
+    return {"tag": tag, "step": step, "direction": meta["direction"],
             "evaluations": artifact_dirs(args.source, tag)["evaluations"]}
 
 

@@ -143,7 +143,10 @@ def validate_args(args):
                 positive=("init_lr_frac", "target_param_data_ratio", "log_every", "tokenizer_threads",
                           "log_flush_every"),
                 fraction=("warmup_ratio", "warmdown_ratio", "final_lr_frac"),
-                positive_or_off=("eval_every", "eval_tokens", "sample_every", "save_every", "snapshot_every"))
+                positive_or_off=("eval_every", "sample_every", "save_every", "snapshot_every"))
+    if args.eval_tokens != -1 and not args.eval_tokens >= 1:  # -1 is "automatic", not "off"
+        raise UserError(f"--eval_tokens={args.eval_tokens}: give at least 1 validation token, or -1 for the "
+                        "default (20 steps' worth, at most 10,485,760)")
     if args.warmup_ratio + args.warmdown_ratio > 1:
         raise UserError(f"--warmup_ratio={args.warmup_ratio} plus --warmdown_ratio={args.warmdown_ratio} exceed 1: "
                         "the warmup and the warmdown would overlap")

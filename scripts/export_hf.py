@@ -15,7 +15,7 @@ import sys
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
 from nanochat.common import UserError, add_flag, print0, run_main
-from nanochat.hf_export import EXPORT_DTYPES, export
+from nanochat.hf_export import EXPORT_DTYPES, check_out_dir, export
 
 
 def build_parser():
@@ -36,8 +36,7 @@ def main(argv=None):
     if args.dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype={args.dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
     out = os.path.abspath(args.out)
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise UserError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
+    check_out_dir(out, args.overwrite)  # a file, a path under a file, a read-only or non-empty folder
     try:
         import safetensors  # noqa: F401
     except ImportError:

@@ -144,7 +144,7 @@ def test_saving_on_a_full_disk_keeps_the_old_tokenizer_and_no_temporary(saved, t
     with pytest.raises(UserError) as info:
         other.save(tokenizer_dir(saved))
     monkeypatch.undo()
-    assert "no space left" in str(info.value) and victim in str(info.value) and "resume" not in str(info.value)
+    assert "no space left" in str(info.value) and victim in str(info.value) and "resume from" not in str(info.value)
     after = {name: open(path(saved, name), "rb").read() for name in os.listdir(tokenizer_dir(saved))}
     assert after == before  # the same three files, byte for byte, and nothing else
     assert get_tokenizer(saved).fingerprint() == trained.fingerprint()
