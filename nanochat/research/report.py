@@ -46,7 +46,7 @@ def _default_report_dir(base_dir, name=None):
     """<base_dir>/reports/<name or UTC timestamp>; a taken timestamp gets a _2, _3... suffix."""
     reports = os.path.join(base_dir, "reports")
     if name is not None:
-        if not re.match(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$", name):
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):  # fullmatch: "x\n" is no name
             raise UserError(f"report name {name!r}: use letters, digits, '.', '_' and '-'")
         return os.path.join(reports, name)
     stem = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
