@@ -544,7 +544,8 @@ def main(argv=None):
     limits = Limits(max_tokens=args.max_tokens, max_turns=args.max_turns, max_queue=args.max_queue,
                     temperature=args.temperature, top_k=args.top_k)
     if args.host not in LOOPBACK_NAMES:
-        print0(f"warning: --host={args.host} makes the page reachable from other machines; it has no login")
+        print0(f"warning: --host={args.host} makes the page reachable from other machines; it has no login. "
+               "It answers only the addresses it knows: name the one others type with --allowed_hosts")
     if args.allow_any_origin:
         print0("warning: --allow_any_origin: any web page you visit can send requests to this server")
     print0(f"chat page: http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}/")
