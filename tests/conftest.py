@@ -126,6 +126,36 @@ def base_dir(corpus_template, tmp_path, monkeypatch):
     return d
 
 
+# A depth-1 run of a few steps, in-process in the test's base_dir (the safety checks' model).
+TINY_RUN = ["--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--total_batch_size=-1", "--eval_every=-1",
+            "--eval_tokens=128", "--sample_every=-1", "--device_type=cpu", "--prefetch=0"]
+
+
+def train_tiny(*args, tag="run"):
+    """scripts.base_train's main on TINY_RUN (a UserError propagates, as the test wants it)."""
+    from scripts.base_train import main
+    main([*TINY_RUN, f"--model_tag={tag}", *args])
+
+
+def ckpt_dir(base_dir, tag="run"):
+    return os.path.join(base_dir, "base_checkpoints", tag)
+
+
+def steps_of(base_dir, tag="run"):
+    from nanochat.checkpoint_manager import list_steps
+    return list_steps(ckpt_dir(base_dir, tag))
+
+
+def edit_json(path, change):
+    """Rewrite a JSON file through change(obj) (to plant a defect)."""
+    import json
+    with open(path) as f:
+        meta = json.load(f)
+    change(meta)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
 def copy_base(src, tmp_path_factory, name):
     """A copy of a read-only base dir (a module fixture's own place to write)."""
     dst = str(tmp_path_factory.mktemp(name) / "base")

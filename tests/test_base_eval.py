@@ -8,6 +8,8 @@ import os
 import pytest
 
 from conftest import TRAINED_STEPS, TRAINED_TAGS, assert_one_line_error, copy_base, run_inprocess, snapshot
+import shutil
+from conftest import ckpt_dir, train_tiny
 
 STEPS = TRAINED_STEPS
 TAGS = {d: TRAINED_TAGS[d] for d in ("forward", "backward")}
@@ -145,3 +147,31 @@ def test_consistency_of_a_forward_backward_pair(arrow):
     assert "correlation" in result.stdout
     one_way = run_inprocess("scripts.base_eval", "--eval=consistency", f"--model_tag={TAGS['forward']}", base_dir=base)
     assert_one_line_error(one_way, "bidirectional model", "--model_tag")
+
+
+# ---- from the safety review (docs/SAFETY.md): evaluations go where the tag resolves
+
+def test_evaluation_paths_come_from_the_resolved_tag_not_the_metadata(base_dir, tmp_path):
+    from nanochat.checkpoint_manager import load_model, meta_path
+    from scripts.base_eval import main as eval_main
+    train_tiny("--num_iterations=2", tag="A")
+    elsewhere = tmp_path / "elsewhere"
+    path = meta_path(ckpt_dir(base_dir, "A"), 2)
+    with open(path) as f:
+        meta = json.load(f)
+    meta["model_tag"] = str(elsewhere)  # a tampered (or hand-edited) record
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    shutil.copytree(ckpt_dir(base_dir, "A"), ckpt_dir(base_dir, "B"))  # cp -r A B
+
+    _, _, loaded = load_model("base", "cpu", model_tag="B")
+    assert loaded["model_tag"] == "B" and loaded["saved_model_tag"] == str(elsewhere)
+    assert loaded["evaluations_dir"] == os.path.join(ckpt_dir(base_dir, "B"), "evaluations")
+
+    eval_main(["--model_tag=A", "--eval_tokens=128", "--device_type=cpu"])
+    a_record = os.path.join(ckpt_dir(base_dir, "A"), "evaluations", "bpb_step000002.json")
+    before = open(a_record).read()
+    eval_main(["--model_tag=B", "--eval_tokens=128", "--device_type=cpu", "--overwrite"])
+    assert open(a_record).read() == before, "evaluating the copy B replaced A's record"
+    assert os.path.isfile(os.path.join(ckpt_dir(base_dir, "B"), "evaluations", "bpb_step000002.json"))
+    assert not elsewhere.exists()

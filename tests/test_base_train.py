@@ -13,6 +13,8 @@ import torch
 from nanochat.direction import DirectionSpec
 from conftest import (TRAINED_STEPS, TRAINED_TAGS, assert_one_line_error, copy_base, run_inprocess, run_script,
                       snapshot)
+from conftest import ckpt_dir, steps_of, train_tiny
+from nanochat.common import UserError
 
 DIRECTIONS = ["forward", "backward", "bidirectional"]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.]+)", re.M)
@@ -256,3 +258,121 @@ def test_two_runs_started_together_on_one_tag_cannot_both_write(base_dir):
     assert "in use by process" in line or "already holds base checkpoints" in line, line
     from nanochat.checkpoint_manager import list_steps
     assert list_steps(os.path.join(base_dir, "base_checkpoints", "race")) == [200]
+
+
+# ---- from the safety review (docs/SAFETY.md): resume never overwrites a later step, a killed run's leftovers, blow-ups, changed flags, one-line errors
+
+def test_resume_refuses_to_overwrite_a_later_checkpoint_unless_told(base_dir, capsys):
+    from nanochat.checkpoint_manager import model_path
+    train_tiny("--num_iterations=4", "--save_every=2")
+    assert steps_of(base_dir) == [2, 4]
+    evaluations = os.path.join(ckpt_dir(base_dir), "evaluations")
+    os.makedirs(evaluations)
+    for step in (2, 4):
+        with open(os.path.join(evaluations, f"bpb_step{step:06d}.json"), "w") as f:
+            f.write("{}")
+    later = model_path(ckpt_dir(base_dir), 4)
+    stamp = os.stat(later).st_mtime_ns
+    with pytest.raises(UserError, match=r"after step 2 \(steps \[4\]\).*--overwrite"):
+        train_tiny("--num_iterations=6", "--save_every=2", "--resume_from_step=2")
+    assert os.stat(later).st_mtime_ns == stamp
+    capsys.readouterr()
+
+    train_tiny("--num_iterations=3", "--resume_from_step=2", "--overwrite")
+    out = capsys.readouterr().out
+    assert "deleted checkpoint steps [4]" in out and "bpb_step000004.json" in out
+    assert steps_of(base_dir) == [2, 3]
+    assert sorted(os.listdir(evaluations)) == ["bpb_step000002.json"]
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_starts_cleanly(base_dir, capsys):
+    from nanochat.research_logger import ResearchLogger, read_scalar
+    with ResearchLogger(ckpt_dir(base_dir), phase="base_training") as log:  # the killed attempt's log
+        log.log_step(1, {"loss": 9.0})
+    train_tiny("--num_iterations=2", "--research_log=1")
+    assert "moved it aside" in capsys.readouterr().out
+    logs = os.path.join(ckpt_dir(base_dir), "logs")
+    assert sorted(os.listdir(logs)) == ["base_training.attempt1.h5", "base_training.h5"]
+    assert list(read_scalar(os.path.join(logs, "base_training.h5"), "step")) == [1, 2]
+    assert list(read_scalar(os.path.join(logs, "base_training.attempt1.h5"), "step")) == [1]
+
+
+def test_a_blown_up_run_stops_non_zero_and_every_saved_checkpoint_is_finite(base_dir):
+    from nanochat.checkpoint_manager import build_model
+    with pytest.raises(UserError, match="(blew up|diverged|not finite).*(last good checkpoint|no checkpoint)"):
+        train_tiny("--num_iterations=8", "--save_every=1", "--matrix_lr=1e6", "--embedding_lr=1e6",
+              "--unembedding_lr=1e6")
+    for step in steps_of(base_dir):
+        model, _ = build_model(ckpt_dir(base_dir), step, "cpu")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_refuses_changed_model_and_data_flags_naming_them(base_dir):
+    train_tiny("--num_iterations=2")
+    with pytest.raises(UserError, match=r"--depth=2 \(checkpoint: 1\).*--max_seq_len=64 \(checkpoint: 32\)"):
+        train_tiny("--num_iterations=3", "--resume_from_step=2", "--depth=2", "--max_seq_len=64")
+    with pytest.raises(UserError, match="--seed=7"):
+        train_tiny("--num_iterations=3", "--resume_from_step=2", "--seed=7")
+    with pytest.raises(UserError, match=r"--total_batch_size=128 \(checkpoint: -1\)"):
+        train_tiny("--num_iterations=3", "--resume_from_step=2", "--total_batch_size=128")
+    train_tiny("--num_iterations=3", "--resume_from_step=2", "--total_batch_size=64")  # = B*T: the same batch
+    assert steps_of(base_dir) == [2, 3]
+
+
+def test_resume_applies_changed_learning_rates_and_records_them(base_dir):
+    from nanochat.checkpoint_manager import load_meta
+    train_tiny("--num_iterations=2")
+    train_tiny("--num_iterations=3", "--resume_from_step=2", "--matrix_lr=0.05")
+    meta = load_meta(ckpt_dir(base_dir), 3)
+    assert meta["user_config"]["matrix_lr"] == 0.05
+    assert meta["schedule_history"] == [{"from_step": 2, "changed": {"matrix_lr": [0.02, 0.05],
+                                                                      "num_iterations": [2, 3]}}]
+
+
+def test_resume_cross_checks_the_direction_against_the_loader_state(base_dir):
+    from nanochat.checkpoint_manager import optim_path
+    train_tiny("--num_iterations=2", "--direction=backward")
+    path = optim_path(ckpt_dir(base_dir), 2, 0)
+    state = torch.load(path, weights_only=True)
+    state["dataloader"]["direction"] = "forward"
+    torch.save(state, path)
+    with pytest.raises(UserError, match="meta says direction backward but its saved dataloader state is forward"):
+        train_tiny("--num_iterations=3", "--resume_from_step=2")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--log_every=0", "--log_every=0 must be positive"),
+    ("--tokenizer_threads=0", "--tokenizer_threads=0 must be positive"),
+    ("--matrix_lr=nan", "--matrix_lr=nan: must be a finite number"),
+    ("--matrix_lr=-0.1", "--matrix_lr=-0.1 must be >= 0"),
+    ("--warmdown_ratio=1.5", "--warmdown_ratio=1.5 must be between 0 and 1"),
+    ("--warmup_ratio=0.9", "overlap"),
+])
+def test_bad_numeric_flags_are_one_clear_error(flag, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError) as e:
+        train_tiny("--num_iterations=2", flag)
+    assert message in str(e.value)
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_an_unwritable_checkpoint_directory_fails_before_training(base_dir, capsys):
+    with open(os.path.join(base_dir, "base_checkpoints"), "w") as f:
+        f.write("not a directory")
+    with pytest.raises(UserError, match="cannot write to the checkpoint directory"):
+        train_tiny("--num_iterations=2")
+    assert "step 00001" not in capsys.readouterr().out
+
+
+def test_leftovers_of_a_killed_save_are_removed_on_the_next_run(base_dir, capsys):
+    train_tiny("--num_iterations=2")
+    d = ckpt_dir(base_dir)
+    leftovers = ["model_000004.pt.tmp12345", "optim_000004_rank0.pt", "model_000004.pt"]
+    for name in leftovers:
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"x")
+    train_tiny("--num_iterations=3", "--resume_from_step=2")
+    out = capsys.readouterr().out
+    assert all(name in out for name in leftovers)
+    assert not any(os.path.exists(os.path.join(d, name)) for name in leftovers[:2])
+    assert steps_of(base_dir) == [2, 3]

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import TRAINED_SFT_STEPS, copy_base, run_inprocess, run_script
 from nanochat.experiment_config import ExperimentConfig
+from nanochat.common import UserError
 
 
 def assert_one_error_line(result, *fragments):
@@ -101,3 +102,17 @@ def test_orchestrator_runs_the_whole_chain_with_parent_links(base_dir, direction
         chain.append(node["id"])
         node = node["children"][0] if node["children"] else None
     assert chain == ids
+
+
+# ---- from the safety review (docs/SAFETY.md): flags checked before anything runs
+
+def test_chat_phase_flags_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    from scripts.chat_rl import build_parser, check_args
+    from scripts.mid_train import main as mid_main
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="--num_iterations=0 must be positive"):
+        mid_main(["--num_iterations=0"])
+    with pytest.raises(UserError, match="--log_every=0"):
+        mid_main(["--log_every=0"])
+    with pytest.raises(UserError, match="--temperature=nan"):
+        check_args(build_parser().parse_args(["--temperature=nan"]))

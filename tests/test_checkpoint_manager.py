@@ -25,6 +25,7 @@ from nanochat.experiment_config import ExperimentConfig
 from nanochat.direction import DirectionSpec
 from nanochat.tokenizer import get_tokenizer
 from conftest import tiny_model
+from conftest import ckpt_dir, edit_json, train_tiny
 
 
 
@@ -272,3 +273,62 @@ def test_vocab_size_mismatch_is_user_error(base_dir):
     with pytest.raises(UserError) as e:
         check_tokenizer_matches({"direction": "forward", "vocab_size": 500}, tok)
     assert "500" in str(e.value)
+
+
+# ---- from the safety review (docs/SAFETY.md): no poisoned checkpoint, the tokenizer fingerprint, a full disk, absurd configs
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from nanochat.checkpoint_manager import NonFiniteWeights, save_checkpoint
+    state = {"w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(NonFiniteWeights, match="step 5"):
+        save_checkpoint(str(tmp_path), 5, state, {"optimizers": []}, {"direction": "forward"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_changed_tokenizer_of_the_same_size_is_refused(base_dir):
+    from nanochat.checkpoint_manager import load_meta, load_model
+    from nanochat.tokenizer import get_tokenizer, tokenizer_dir
+    train_tiny("--num_iterations=2")
+    assert load_meta(ckpt_dir(base_dir), 2)["tokenizer_fingerprint"] == get_tokenizer().fingerprint()
+    path = os.path.join(tokenizer_dir(), "tokenizer.json")
+    with open(path) as f:
+        meta = json.load(f)
+    specials = meta["special_tokens"]  # same size, same BOS and markers, two chat ids swapped
+    specials["<|user_start|>"], specials["<|user_end|>"] = specials["<|user_end|>"], specials["<|user_start|>"]
+    meta.pop("fingerprint")  # as a retrained tokenizer would be: consistent in itself, not the checkpoint's
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(UserError, match="tokenizer differs"):
+        load_model("base", "cpu", model_tag="run")
+    with pytest.raises(UserError, match="tokenizer differs"):
+        train_tiny("--num_iterations=3", "--resume_from_step=2")
+
+
+def test_disk_full_is_one_message_and_leaves_no_partial_step(tmp_path, monkeypatch):
+    from nanochat.checkpoint_manager import save_checkpoint
+    real_save = torch.save
+
+    def full_disk(obj, path):
+        if "model_" in os.path.basename(path):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1280 vs 1174")
+        real_save(obj, path)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="no space left"):
+        save_checkpoint(str(tmp_path), 3, {"w": torch.ones(2)}, {"optimizers": []}, {"direction": "forward"})
+    assert os.listdir(tmp_path) == [], "no temporary file and no orphan optimizer file may remain"
+
+
+def test_an_absurd_model_config_is_refused_before_allocating(base_dir):
+    from nanochat.checkpoint_manager import build_model, meta_path
+    train_tiny("--num_iterations=1")
+    edit_json(meta_path(ckpt_dir(base_dir), 1), lambda m: m["model_config"].update(n_embd=2_000_000, vocab_size=10**7))
+    with pytest.raises(UserError, match="parameters: the metadata is corrupt"):
+        build_model(ckpt_dir(base_dir), 1, "cpu")
+    edit_json(meta_path(ckpt_dir(base_dir), 1), lambda m: m["model_config"].update(n_embd=128, vocab_size=384))
+    with pytest.raises(UserError, match="does not match the saved weights"):
+        build_model(ckpt_dir(base_dir), 1, "cpu")
+    edit_json(meta_path(ckpt_dir(base_dir), 1), lambda m: m["model_config"].update(n_layer=-3))
+    with pytest.raises(UserError, match="not positive integers"):
+        build_model(ckpt_dir(base_dir), 1, "cpu")

@@ -26,6 +26,7 @@ from nanochat.checkpoint_manager import list_steps, remove_steps
 from nanochat.common import UserError
 from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.research_logger import log_path, read_attrs, read_scalars
+from conftest import train_tiny
 
 ORCHESTRATOR = "scripts.run_backward_experiment"
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
@@ -506,3 +507,38 @@ def test_launcher_multi_node_and_checks(base_dir):
         orchestrator.main(["--phase=base", "--nnodes=2", "--experiment_id=mn"])
     with pytest.raises(UserError, match="node_rank"):
         orchestrator.main(["--phase=base", "--nnodes=2", "--node_rank=2", "--rdzv_endpoint=a:1", "--experiment_id=mn"])
+
+
+# ---- from the safety review (docs/SAFETY.md): children inherit the locks and die with the orchestrator; ids that are tags
+
+def test_orchestrator_children_get_its_locks_and_the_death_signal(base_dir, monkeypatch):
+    import scripts.run_backward_experiment as orch
+    from nanochat.experiment_config import ExperimentConfig
+    from nanochat.locking import ENV_HELD
+    experiments = ExperimentConfig()
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, command, env=None, preexec_fn=None):
+            seen.update(env=env, preexec_fn=preexec_fn)
+
+        def wait(self):
+            return 0
+    experiments.create_experiment("base", "forward", 1, experiment_id="e1")
+    monkeypatch.setattr(orch.subprocess, "Popen", FakePopen)
+    lock = orch.lock_experiment(experiments, "e1")
+    try:
+        orch.run_command(experiments, "e1", "base", [sys.executable, "-c", "pass"])
+    finally:
+        lock.release()
+        orch.HELD_LOCKS.clear()
+    assert lock.path in seen["env"][ENV_HELD].split(os.pathsep)
+    assert seen["preexec_fn"] is not None
+
+
+def test_an_experiment_id_that_is_a_plain_tag_is_refused(base_dir):
+    from scripts.run_backward_experiment import main as orch_main
+    train_tiny("--num_iterations=1", tag="taken")
+    with pytest.raises(UserError, match="'taken' is also the tag of the base run"):
+        orch_main(["--phase=base", "--direction=forward", "--depth=1", "--experiment_id=taken"])
+    assert not os.path.exists(os.path.join(base_dir, "experiments", "taken"))

@@ -99,3 +99,31 @@ def test_resume_refuses_what_would_change_the_run(parents, monkeypatch):
               "--overwrite")
     meta = load_meta(ckpt, 2)
     assert meta["user_config"]["seed"] == 5 and meta["user_config"]["resume_from_step"] == 1
+
+
+# ---- from the safety review (docs/SAFETY.md): a chat phase's output is locked and checked
+
+def test_chat_phase_output_is_locked_checked_and_a_stale_log_moved_aside(base_dir, capsys):
+    from nanochat.phase_run import PhaseRun
+    from nanochat.research_logger import ResearchLogger
+    options = dict(resume_from_step=-1, overwrite=False, research_log=1, wandb_run="dummy", log_flush_every=100)
+    run = PhaseRun("mid", "chat_out", 0, "cpu", **options)
+    dirs = run.dirs
+    with ResearchLogger(dirs["run"], phase="mid_training") as log:  # an attempt killed before saving
+        log.log_step(1, {"loss": 1.0})
+    open(os.path.join(dirs["checkpoints"], "model_000003.pt.tmp999"), "w").close()
+    with run:
+        run.prepare()
+        run.refuse_overwrite()
+        run.clear()
+        out = capsys.readouterr().out
+        assert "moved it aside" in out and "model_000003.pt.tmp999" in out
+        assert sorted(os.listdir(dirs["logs"])) == ["mid_training.attempt1.h5"]
+        with pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
+            PhaseRun("mid", "chat_out", 0, "cpu", **options).__enter__()
+    for name in ("meta_000002.json", "model_000002.pt"):
+        open(os.path.join(dirs["checkpoints"], name), "w").close()
+    with PhaseRun("mid", "chat_out", 0, "cpu", **options) as again:
+        again.prepare()
+        with pytest.raises(UserError, match="already holds mid checkpoints"):
+            again.refuse_overwrite()

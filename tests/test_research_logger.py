@@ -296,3 +296,21 @@ def test_logger_benchmark_reports_time_and_size(capsys):
     for line in lines:
         assert float(line.split(":")[1].split("µs")[0]) > 0
         assert "flush_every=50, 300 steps" in line
+
+
+# ---- from the safety review (docs/SAFETY.md): a resumed log is contiguous
+
+def test_resumed_log_is_contiguous_and_a_hole_is_reported(tmp_path):
+    from nanochat.research_logger import ResearchLogger, read_scalar
+    with ResearchLogger(str(tmp_path)) as log:
+        for s in range(1, 7):
+            log.log_step(s, {"loss": float(s)})
+    with ResearchLogger(str(tmp_path), resume=True, resume_from_step=4) as log:
+        assert log.resume_gap is None
+        for s in range(5, 9):
+            log.log_step(s, {"loss": float(s)})
+    assert list(read_scalar(log.path, "step")) == list(range(1, 9))
+    with ResearchLogger(str(tmp_path), resume=True, resume_from_step=20) as log:
+        assert log.resume_gap == (8, 20)
+    with ResearchLogger(str(tmp_path / "other"), resume=True, resume_from_step=5) as log:
+        assert log.resume_gap == (0, 5)  # no log at all to resume

@@ -9,6 +9,7 @@ import pytest
 
 from nanochat.common import UserError
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_token_bytes, get_tokenizer, tokenizer_dir
+from conftest import edit_json
 
 SAMPLES = [
     "Story 1: alice sends 3 letters. The end.",
@@ -202,3 +203,21 @@ def test_tok_train_cli_records_train_direction(corpus_template, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "on backward text" in result.stdout
     assert get_tokenizer(base).train_direction == "backward"
+
+
+# ---- from the safety review (docs/SAFETY.md): corrupt tokenizer files
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: open(os.path.join(d, "tokenizer.json"), "w").write('{"pattern": "x", "spec'), "tokenizer.json is corrupt"),
+    (lambda d: edit_json(os.path.join(d, "tokenizer.json"), lambda m: m.pop("special_tokens")),
+     "tokenizer.json is corrupt"),
+    (lambda d: open(os.path.join(d, "ranks.tiktoken"), "a").write("not-base64!! x\n"), "ranks.tiktoken is corrupt at line"),
+    (lambda d: edit_json(os.path.join(d, "tokenizer.json"), lambda m: m.update(pattern="(unclosed")),
+     "cannot be built"),
+])
+def test_corrupt_tokenizer_files_are_one_clear_error(base_dir, damage, fragment):
+    from nanochat.tokenizer import get_tokenizer, tokenizer_dir
+    damage(tokenizer_dir())
+    with pytest.raises(UserError, match=fragment) as e:
+        get_tokenizer()
+    assert "tok_train" in str(e.value)

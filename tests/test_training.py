@@ -11,6 +11,8 @@ from conftest import tiny_model
 from nanochat.training import Trainer, grad_accum_steps_for, muon_momentum
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from scripts.base_train import lr_multiplier
+import os
+import signal
 
 V, T = 64, 16
 
@@ -244,3 +246,86 @@ def test_step_data_wait_measures_a_slow_loader():
     metrics = make_trainer(model, slow([(x, y)] * 2, 0.05), grad_accum_steps=2).step(0)
     assert metrics["dt_data"] >= 0.1  # two micro-batches, each waited for
     assert metrics["dt"] >= metrics["dt_data"]
+
+
+# ---- from the safety review (docs/SAFETY.md): SIGTERM and the research log, blow-ups, optimizer state
+
+class FakeTrainer:
+    """Steps return a fixed loss; `on_step(step)` runs inside each step (to send signals, read files)."""
+
+    def __init__(self, on_step=None, losses=None):
+        self.on_step, self.losses = on_step, losses or {}
+
+    def step(self, step, want_layer_grads=False):
+        if self.on_step:
+            self.on_step(step)
+        return {"loss": self.losses.get(step, 2.0), "lr_mult": 1.0, "dt": 0.01, "tok_per_s": 1.0, "grad_norm": 1.0}
+
+
+def test_sigterm_stops_after_the_step_with_the_log_flushed(tmp_path):
+    from nanochat.research_logger import ResearchLogger, read_scalar
+    from nanochat.training import StepLog, StopRequested, run_loop
+    logger = ResearchLogger(str(tmp_path), flush_every=100)
+    trainer = FakeTrainer(on_step=lambda s: s == 4 and os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(StopRequested) as stopped:
+        run_loop(trainer, 0, 50, StepLog(print_fn=lambda *a: None, logger=logger))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list(read_scalar(logger.path, "step")) == [1, 2, 3, 4, 5]  # on disk before close()
+    logger.close()
+
+
+def test_the_log_is_on_disk_up_to_every_checkpoint(tmp_path):
+    # What SIGKILL cannot take away: at any moment the file holds every row up to the last save.
+    from nanochat.research_logger import ResearchLogger, read_scalar
+    from nanochat.training import Every, StepLog, run_loop
+    logger = ResearchLogger(str(tmp_path), flush_every=100)
+    on_disk = {}
+    trainer = FakeTrainer(on_step=lambda s: on_disk.__setitem__(s, list(read_scalar(logger.path, "step"))))
+    run_loop(trainer, 0, 7, StepLog(print_fn=lambda *a: None, logger=logger), save=Every(3, lambda step, last: None))
+    logger.close()
+    assert on_disk[3] == [1, 2, 3] and on_disk[6] == [1, 2, 3, 4, 5, 6]
+
+
+def test_loss_monitor_reports_spikes_and_stops_a_blow_up():
+    from nanochat.training import LossMonitor, TrainingDiverged
+    printed = []
+    monitor = LossMonitor(blowup_loss=60.0)
+    for step in range(1, 11):
+        assert not monitor.update(step, 3.0, printed.append)
+    assert monitor.update(11, 12.0, printed.append) and "loss spike at step 11" in printed[-1]
+    with pytest.raises(TrainingDiverged, match="blew up at step 12"):
+        monitor.update(12, 7e7, printed.append)
+
+
+def test_divergence_names_the_step_as_progress_lines_count_it():
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.training import Trainer
+    model = GPT.build(GPTConfig(vocab_size=64, sequence_len=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=16,
+                                intermediate_size=32), "cpu")
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    x = torch.randint(0, 64, (2, 8))
+    trainer = Trainer(model, model.setup_optimizers(), iter([(x, x)]), 1, 16, torch.device("cpu"))
+    with pytest.raises(UserError, match="diverged at step 4"):
+        trainer.step(3)  # the 0-based loop index of the step printed as "step 00004"
+
+
+def test_a_nan_validation_metric_stops_the_run(tmp_path):
+    from nanochat.training import Every, StepLog, TrainingDiverged, run_loop
+    with pytest.raises(TrainingDiverged, match="val_bpb_forward is not finite at step 2"):
+        run_loop(FakeTrainer(), 0, 5, StepLog(print_fn=lambda *a: None),
+                 evaluate=Every(2, lambda s: {"val_bpb_forward": float("nan")}))
+
+
+def test_loaded_optimizer_state_keeps_this_runs_hyperparameters():
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.training import Trainer
+    config = GPTConfig(vocab_size=64, sequence_len=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=16,
+                       intermediate_size=32)
+    model = GPT.build(config, "cpu")
+    saved = [opt.state_dict() for opt in model.setup_optimizers(matrix_lr=0.02, weight_decay=0.0)]
+    optimizers = model.setup_optimizers(matrix_lr=0.05, weight_decay=0.1)
+    trainer = Trainer(model, optimizers, iter([]), 1, 16, torch.device("cpu"))
+    trainer.load_optimizer_state(saved)
+    muon = optimizers[1].param_groups[0]
+    assert muon["initial_lr"] == 0.05 and muon["weight_decay"] == 0.1
