@@ -5,10 +5,7 @@ flags are checked before anything loads (docs/SAFETY.md, "The chat server")."""
 
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from contextlib import contextmanager
 
@@ -17,10 +14,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]'")
 pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install -e '.[web]'")
 
-from conftest import TRAINED_TAGS as TAGS  # noqa: E402
+from conftest import TRAINED_TAGS as TAGS, run_inprocess  # noqa: E402
 from test_chat_web import models, slots  # noqa: E402,F401  (module fixtures: tiny trained checkpoints)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextmanager
@@ -284,8 +279,6 @@ def test_no_checkpoint_says_what_was_looked_for(models, monkeypatch, tmp_path):
 
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--temperature=nan"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = run_inprocess("scripts.chat_web", "--temperature=nan", base_dir=str(tmp_path))  # as `python -m` runs it
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --temperature must be a finite number, not nan"]

@@ -164,6 +164,7 @@ def test_tensors_are_read_when_logged(tmp_path):
     np.testing.assert_array_equal(scalars["ratio"], [0, 1, 2, 3, 4])
 
 
+@pytest.mark.slow  # kill -9 of a writer process
 def test_killed_writer_leaves_a_readable_file(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO_ROOT, "tests", "_killed_writer.py"), str(tmp_path), "10"],
