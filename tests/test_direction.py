@@ -15,7 +15,6 @@ from nanochat.direction import (
     validate_direction,
     validate_p_backward,
 )
-from nanochat.tokenizer import get_tokenizer
 
 BOS, FWD, BWD = 100, 101, 102
 TEXT = [5, 9, 2, 7, 7, 3]
@@ -23,11 +22,6 @@ TEXT = [5, 9, 2, 7, 7, 3]
 
 def spec_for(direction, **kwargs):
     return DirectionSpec(direction, BOS, FWD, BWD, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(corpus_template):
-    return get_tokenizer(corpus_template["dir"])
 
 
 # ---- orient / restore -----------------------------------------------------------------------
@@ -121,17 +115,17 @@ def test_orient_text_tokens_validates_concrete_direction():
 
 # ---- invariants across directions on real text ------------------------------------------------
 
-def test_token_multiset_and_byte_count_equal_across_directions(tokenizer, corpus_template):
-    spec = DirectionSpec.from_tokenizer("bidirectional", tokenizer, seed=3)
-    one_way = {d: DirectionSpec.from_tokenizer(d, tokenizer) for d in ("forward", "backward")}
-    lengths = tokenizer.token_byte_lengths()
-    specials = set(tokenizer.special_tokens.values())
+def test_token_multiset_and_byte_count_equal_across_directions(tok, corpus_template):
+    spec = DirectionSpec.from_tokenizer("bidirectional", tok, seed=3)
+    one_way = {d: DirectionSpec.from_tokenizer(d, tok) for d in ("forward", "backward")}
+    lengths = tok.token_byte_lengths()
+    specials = set(tok.special_tokens.values())
     for text in corpus_template["train"][:20] + ["héllo wörld — ✓ 日本語", "def f(x):\n    return x[::-1]\n"]:
-        t = tokenizer.encode(text)
+        t = tok.encode(text)
         rows = [one_way["forward"].orient(t)[0], one_way["backward"].orient(t)[0],
                 spec.orient(t, concrete_direction="forward")[0], spec.orient(t, concrete_direction="backward")[0]]
         for row in rows:
-            assert row[0] == tokenizer.get_bos_token_id()  # BOS first in every direction
+            assert row[0] == tok.get_bos_token_id()  # BOS first in every direction
             body = [i for i in row if i not in specials]
             assert sorted(body) == sorted(t)
             assert int(lengths[body].sum()) == len(text.encode("utf-8"))
@@ -322,17 +316,17 @@ def test_by_direction_picks_one_value_and_refuses_anything_else():
     assert DirectionSpec.join_in_reading_order([1], [2], "backward") == [2, 1]
 
 
-def test_for_model_reads_the_checkpoint_spec_or_a_bare_direction(tokenizer):
-    fwd_id, bwd_id = tokenizer.get_marker_ids()
-    bos = tokenizer.get_bos_token_id()
-    assert DirectionSpec.for_model(None, tokenizer).direction == "forward"
-    assert DirectionSpec.for_model({"step": 3}, tokenizer).direction == "forward"
-    bare = DirectionSpec.for_model({"direction": "bidirectional"}, tokenizer)  # user code, tests
+def test_for_model_reads_the_checkpoint_spec_or_a_bare_direction(tok):
+    fwd_id, bwd_id = tok.get_marker_ids()
+    bos = tok.get_bos_token_id()
+    assert DirectionSpec.for_model(None, tok).direction == "forward"
+    assert DirectionSpec.for_model({"step": 3}, tok).direction == "forward"
+    bare = DirectionSpec.for_model({"direction": "bidirectional"}, tok)  # user code, tests
     assert (bare.bos_id, bare.forward_id, bare.backward_id) == (bos, fwd_id, bwd_id)
     # A checkpoint's recorded spec wins over the tokenizer (its seed and p_backward come along).
     recorded = DirectionSpec("bidirectional", bos, fwd_id, bwd_id, seed=5, p_backward=0.25)
-    assert DirectionSpec.for_model({"direction_spec": recorded.to_meta()}, tokenizer).to_meta() == recorded.to_meta()
-    legacy = DirectionSpec.for_model({"direction": "backward", "bos_id": bos}, tokenizer)
+    assert DirectionSpec.for_model({"direction_spec": recorded.to_meta()}, tok).to_meta() == recorded.to_meta()
+    legacy = DirectionSpec.for_model({"direction": "backward", "bos_id": bos}, tok)
     assert legacy.direction == "backward" and legacy.generation_directions() == ["backward"]
     with pytest.raises(UserError, match="unknown direction"):
-        DirectionSpec.for_model({"direction": "sideways"}, tokenizer)
+        DirectionSpec.for_model({"direction": "sideways"}, tok)
