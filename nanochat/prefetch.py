@@ -63,11 +63,15 @@ class Prefetcher:
     def _start(self):
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(self._queue, self._stop),
+        # The worker holds the loader, not the Prefetcher: a dropped Prefetcher is collected, and
+        # __del__ stops its worker (a caller that never closes it, such as base_train, leaks nothing).
+        self._thread = threading.Thread(target=Prefetcher._work,
+                                        args=(self.loader, self.device, self._queue, self._stop),
                                         name="nanochat-prefetch", daemon=True)
         self._thread.start()
 
-    def _put(self, q, stop, item):
+    @staticmethod
+    def _put(q, stop, item):
         """Blocking put that gives up when asked to stop; returns False if it gave up."""
         while not stop.is_set():
             try:
@@ -77,32 +81,34 @@ class Prefetcher:
                 continue
         return False
 
-    def _work(self, q, stop):
-        cuda = self.device is not None and self.device.type == "cuda"
+    @staticmethod
+    def _work(loader, device, q, stop):
+        cuda = device is not None and device.type == "cuda"
+        put = Prefetcher._put
         try:
             if cuda:
-                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+                torch.cuda.set_device(device)  # a new thread starts on device 0
             # Copies (ours, and any the loader makes itself) go on a side stream so they overlap
             # with the step running on the main stream.
-            stream = torch.cuda.Stream(self.device) if cuda else None
+            stream = torch.cuda.Stream(device) if cuda else None
             while not stop.is_set():
                 with torch.cuda.stream(stream) if cuda else _no_stream():
                     try:
-                        batch = next(self.loader)
+                        batch = next(loader)
                     except StopIteration:
-                        self._put(q, stop, ("end",))
+                        put(q, stop, ("end",))
                         return
-                    state = copy.deepcopy(self.loader.state_dict())  # the state right after this batch
+                    state = copy.deepcopy(loader.state_dict())  # the state right after this batch
                     event = None
                     if cuda:
-                        batch = tuple(t.pin_memory().to(self.device, non_blocking=True) if t.device.type == "cpu"
+                        batch = tuple(t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu"
                                       else t for t in batch)
                         event = torch.cuda.Event()
                         event.record(stream)
-                if not self._put(q, stop, ("batch", batch, state, event)):
+                if not put(q, stop, ("batch", batch, state, event)):
                     return
         except BaseException as e:  # handed to the consumer, who re-raises it
-            self._put(q, stop, ("error", e))
+            put(q, stop, ("error", e))
 
     # ---- the consumer ----------------------------------------------------------------------
     def __iter__(self):

@@ -12,6 +12,7 @@ and such tests are marked `slow` (`pytest -m "not slow"` leaves them out).
 """
 
 import contextlib
+import gc
 import hashlib
 import importlib
 import io
@@ -20,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from typing import NamedTuple
@@ -209,6 +211,7 @@ def run_inprocess(module, *args, base_dir=None, env=None):
     main = importlib.import_module(module).main
     out, err = io.StringIO(), io.StringIO()
     code = 0
+    threads_before = set(threading.enumerate())
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         mp.setenv("WANDB_MODE", "disabled")
@@ -229,6 +232,11 @@ def run_inprocess(module, *args, base_dir=None, env=None):
     for w in caught:
         if not issubclass(w.category, HIDDEN_WARNINGS):
             err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+    # The process would end here, and its threads with it (base_train leaves its prefetch worker to
+    # that): collect what the command dropped and let the threads it started finish.
+    gc.collect()
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(timeout=10)
     return Result(code, out.getvalue(), err.getvalue())
 
 
