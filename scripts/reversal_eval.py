@@ -42,6 +42,8 @@ def build_parser():
     add_flag(p, "num_facts", type=int, default=100, help="generated facts, half per subset")
     add_flag(p, "background_docs", type=int, default=0, 
              help="built-in documents mixed in (0 = the facts are the corpus)")
+    add_flag(p, "copies", type=int, default=100, help="times each fact document is written, each copy in a fresh "
+             "seeded order (the loader reads stored order: one repeated order would be memorised as a sequence)")
     add_flag(p, "models", default="forward,backward,bidirectional", help="directions to train (tags reversal_<dir>)")
     add_flag(p, "model_tags", default="", help="evaluate these existing base models in --out_dir instead of training")
     add_flag(p, "k", type=int, default=10, help="candidates per ranking question (chance = 1/K)")
@@ -244,17 +246,18 @@ def format_table(rows, k):
 
 
 # ---- data and models ----------------------------------------------------------------------------
-def write_corpus(out_dir, facts, background_docs, seed):
-    """base_data/: every training phrasing of every fact once (+ built-in documents), shuffled; the
-    last shard (validation, read only for base_train's bpb line) is background text or a copy of facts."""
+def write_corpus(facts, copies, background_docs, seed):
+    """base_data/: every training phrasing of every fact `copies` times, each copy shuffled on its own
+    (+ built-in documents); the last shard (validation, read only for base_train's bpb line) is
+    background text or a copy of facts."""
     from nanochat.dataset import builtin_documents, data_dir, write_shards
-    docs = [fill(t, f) for f in facts for t in f["phrasings"]]
-    val = docs[:max(1, len(docs) // 10)]
+    rng, once = random.Random(seed), [fill(t, f) for f in facts for t in f["phrasings"]]
+    docs, val = [d for _ in range(copies) for d in rng.sample(once, len(once))], once[:max(1, len(once) // 10)]
     if background_docs:
         background = list(builtin_documents())
         random.Random(1234).shuffle(background)
         val, docs = background[:max(1, background_docs // 10)], docs + background[:background_docs]
-    random.Random(seed).shuffle(docs)
+        rng.shuffle(docs)
     write_shards(docs, data_dir(), len(docs))
     write_shards(val, data_dir(), len(val), start_index=1)
 
@@ -279,7 +282,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.k < 2:
         raise UserError(f"--k={args.k}: ranking needs at least 2 candidates (chance = 1/K)")
-    for name in ("num_facts", "depth", "max_seq_len", "device_batch_size", "num_iterations", "vocab_size",
+    for name in ("num_facts", "copies", "depth", "max_seq_len", "device_batch_size", "num_iterations", "vocab_size",
                  "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")
@@ -315,7 +318,7 @@ def run(args, out_dir, facts, directions, saved, facts_text):
     else:
         os.makedirs(out_dir, exist_ok=True)
         if not os.path.isdir(os.path.join(out_dir, "base_data")):
-            write_corpus(out_dir, facts, args.background_docs, args.seed)
+            write_corpus(facts, args.copies, args.background_docs, args.seed)
         with open(saved, "w") as fh:
             fh.write(facts_text)
         if not os.path.exists(os.path.join(out_dir, "tokenizer", "tokenizer.json")):

@@ -66,7 +66,7 @@ def test_tiny_run_table_shape_and_chance(tmp_path):
     facts[0]["phrasings"] = ["{name} is {description}.", "{name}, known as {description}."]
     out = tmp_path / "bench"
     record = rv.main([f"--out_dir={out}", f"--facts_file={_facts_file(tmp_path, facts)}", "--k=2", "--depth=1",
-                      "--max_seq_len=48", "--num_iterations=4", "--vocab_size=300", "--device_type=cpu"])
+                      "--max_seq_len=48", "--num_iterations=4", "--vocab_size=300", "--copies=3", "--device_type=cpu"])
     rows = record["rows"]
     assert len(rows) == 3 * 2 * 2 * 3  # model x query direction x subset x question
     assert record["chance"] == 0.5 and all(r["chance"] == 0.5 for r in rows)
