@@ -318,6 +318,7 @@ def direction_aware_dataloader(B, T, split, direction="forward", tokenizer_threa
                                device="cuda", seed=0, p_backward=0.5, **kwargs):
     """Yields (inputs, targets) of shape (B, T); see DirectionAwareLoader for the extra options
     (tokenizer, rank, world_size, grad_accum_steps, buffer_docs, buffer_tokens, context_tokens, data_dir,
-    resume_state, shuffle, shuffle_window)."""
+    resume_state, shuffle, shuffle_window). `shuffle` is off by default here (a validation loader reads
+    the stored order); base_train's --shuffle turns it on for training (docs/DIRECTIONS.md)."""
     return DirectionAwareLoader(B, T, split, direction, tokenizer_threads, tokenizer_batch_size,
                                 device, seed, p_backward, **kwargs)

@@ -69,6 +69,8 @@ def build_parser():
     add_flag(p, "matrix_lr", type=float, default=0.02, help="Muon learning rate")
     add_flag(p, "matrix_lr_scaling", default=None, choices=MATRIX_LR_SCALINGS,
              help="Muon's adjust_lr_fn: original | match_rms_adamw (see docs/LR_SWEEP.md)")
+    add_flag(p, "shuffle", type=int, default=None, choices=(0, 1),
+             help="1: each epoch reads the documents in a fresh order drawn from --seed (default); 0: storage order")
     add_flag(p, "context_tokens", type=int, default=None,
              help="preceding text a continuation row of a long document carries (-1 = T/8; docs/DIRECTIONS.md)")
     add_flag(p, "weight_decay", type=float, default=0.0)
@@ -109,7 +111,8 @@ def build_parser():
 # run takes the checkpoint's values, and an explicit different value is refused (it would train a
 # different model or read different data while the metadata claimed continuity).
 MODEL_DATA_DEFAULTS = {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
-                       "seed": 42, "p_backward": 0.5, "context_tokens": -1, "matrix_lr_scaling": "original"}
+                       "seed": 42, "p_backward": 0.5, "context_tokens": -1, "matrix_lr_scaling": "original",
+                       "shuffle": 1}
 # Flags of the optimizer and the schedule: on resume they apply from the resume step (the optimizer's
 # saved moments are kept, its hyperparameters are this run's), and the metadata records the change.
 SCHEDULE_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac", "warmup_ratio",
@@ -255,7 +258,8 @@ def train(args, run, rank, world_size, device):
                                         device="cpu" if args.prefetch else device, seed=args.seed,
                                         p_backward=args.p_backward, tokenizer=tokenizer, rank=rank,
                                         world_size=world_size, grad_accum_steps=grad_accum,
-                                        context_tokens=None if args.context_tokens == -1 else args.context_tokens)
+                                        context_tokens=None if args.context_tokens == -1 else args.context_tokens,
+                                        shuffle=args.shuffle)
     loader = prefetching(loader, args.prefetch, device)
     trainer = Trainer(train_model, optimizers, loader, grad_accum, tokens_per_step, device, world_size=world_size,
                       lr_schedule=lambda step: lr_multiplier(step, num_iterations, args.warmup_ratio,

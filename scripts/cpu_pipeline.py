@@ -44,6 +44,8 @@ def main(argv=None):
     add_flag(p, "vocab_size", type=int, default=4096)
     add_flag(p, "tokenizer_chars", type=int, default=20_000_000)
     add_flag(p, "eval_tokens", type=int, default=40_000)
+    add_flag(p, "shuffle", type=int, default=1, choices=(0, 1),
+             help="1: each epoch reads the documents in a fresh seeded order; 0: storage order (runs before it)")
     args = p.parse_args(argv)
     t0 = time.time()
     base = get_base_dir()
@@ -61,7 +63,7 @@ def main(argv=None):
 
     common = [f"--max_seq_len={args.max_seq_len}", f"--device_batch_size={args.device_batch_size}",
               f"--total_batch_size={args.device_batch_size * args.max_seq_len}",
-              f"--num_iterations={args.num_iterations}", f"--eval_every={max(1, args.num_iterations // 3)}",
+              f"--num_iterations={args.num_iterations}", f"--shuffle={args.shuffle}", f"--eval_every={max(1, args.num_iterations // 3)}",
               # a lighter validation during training; the final matrix uses --eval_tokens
               f"--eval_tokens={args.eval_tokens}", f"--base.eval_tokens={max(1, args.eval_tokens // 4)}",
               f"--log_every={max(1, args.num_iterations // 20)}", "--sample_every=-1", "--device_type=cpu"]

@@ -24,7 +24,7 @@ from scripts.phase_flags import (add_conversation_flags, check_conversation_flag
 
 # Flags that define the model or the order of the data (a resumed run keeps the checkpoint's).
 MODEL_DATA_DEFAULTS = {"train_on": "all", "tasks": "default", "max_seq_len": -1, "device_batch_size": 8,
-                       "total_batch_size": -1, "seed": 42}
+                       "total_batch_size": -1, "seed": 42, "shuffle": 1}
 # Optimizer and schedule flags: on resume they apply from the resume step (recorded in the metadata).
 SCHEDULE_FLAGS = ("init_lr_frac", "embedding_lr", "unembedding_lr", "matrix_lr", "warmdown_ratio")
 
@@ -66,7 +66,7 @@ def train(args, run, model, tokenizer, spec, parent, rank, world_size, device):
     val_task = load_tasks(args.tasks, "mid", spec.direction, "test")
     rows = dict(direction=spec.direction, B=B, T=T, mode="pack", train_on=validate_train_on(args.train_on),
                 seed=args.seed, p_backward=args.p_backward, rank=rank, world_size=world_size, device=device)
-    batches = ConversationBatches(train_task, tokenizer, grad_accum_steps=grad_accum, **rows)
+    batches = ConversationBatches(train_task, tokenizer, grad_accum_steps=grad_accum, shuffle=args.shuffle, **rows)
     print0(f"mid: parent {parent['checkpoint_dir']} step {parent['step']} (trained {spec.direction}); "
            f"train_on={args.train_on}; {len(train_task)} train / {len(val_task)} val conversations")
     print0(f"B={B} T={T} grad_accum={grad_accum} tokens/step={tokens_per_step:,} steps={args.num_iterations}; "

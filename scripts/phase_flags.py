@@ -57,6 +57,8 @@ def add_conversation_flags(p, default_source, init_lr_frac):
     add_parent_flags(p, default_source)
     add_flag(p, "train_on", default=None, help="auto | assistant | user | all (default: the phase's)")
     add_flag(p, "tasks", default=None, help="'default' (offline synthetic mixture) or a comma list of task names")
+    add_flag(p, "shuffle", type=int, default=None, choices=(0, 1),
+             help="1: each epoch reads the conversations in a fresh order drawn from --seed (default); 0: task order")
     add_flag(p, "max_seq_len", type=int, default=None, help="-1 = the parent's context length (default)")
     add_flag(p, "device_batch_size", type=int, default=None, help="rows per micro-batch (default 8)")
     add_flag(p, "total_batch_size", type=int, default=None, help="tokens per step (-1 = B*T*world, the default)")
@@ -135,6 +137,8 @@ def flag_values(args, names):
 def resolve_model_data_flags(args, defaults, saved, run, same=None):
     """Set the flags that define the model or the data order: `defaults` where unset (fresh), the
     checkpoint's `saved` values (resuming; an explicit different value is refused)."""
+    if saved is not None and "shuffle" in defaults:
+        saved = {"shuffle": 0, **saved}  # runs saved before --shuffle existed read in stored order
     vars(args).update(resolve_flags(vars(args), defaults, saved, run.resume_step, run.checkpoint_dir, same))
 
 
