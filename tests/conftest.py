@@ -269,6 +269,25 @@ def trained(corpus_template, tmp_path_factory):
     return {"dir": base, "results": results}
 
 
+RANDOM_PARENTS = {"fwd": "forward", "bwd": "backward", "bidi": "bidirectional"}
+
+
+def save_random_parents(base_dir, sequence_len=48, step=3):
+    """One untrained tiny base checkpoint per direction (tags fwd, bwd, bidi) at `step`, with the
+    metadata base_train writes: cheap parents for mid, SFT and RL runs. Returns base_dir."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.direction import DirectionSpec
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer(base_dir)
+    for tag, direction in RANDOM_PARENTS.items():
+        model = tiny_model(tok.get_vocab_size(), sequence_len)
+        meta = {"phase": "base", "direction": direction, "model_tag": tag, "model_config": model.config.to_dict(),
+                "vocab_size": tok.get_vocab_size(), "step": step,
+                "direction_spec": DirectionSpec.from_tokenizer(direction, tok).to_meta()}
+        save_checkpoint(os.path.join(base_dir, "base_checkpoints", tag), step, model.state_dict(), None, meta)
+    return base_dir
+
+
 @pytest.fixture
 def trained_base_dir(trained, tmp_path, monkeypatch):
     """A fresh NANOCHAT_BASE_DIR holding a copy of the trained checkpoints; returns its path."""

@@ -3,13 +3,13 @@ direction, tiny end-to-end runs that save RL checkpoints, and the bad inputs."""
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_inprocess, run_script, snapshot, tiny_model
-from nanochat.checkpoint_manager import artifact_dirs, list_steps, load_meta, save_checkpoint
+from conftest import (assert_one_line_error, copy_base, run_inprocess, run_script, save_random_parents, snapshot,
+                      tiny_model)
+from nanochat.checkpoint_manager import artifact_dirs, list_steps, load_meta
 from nanochat.common import UserError
 from nanochat.direction import DirectionSpec
 from nanochat.rl import Group, completion_logprobs, group_advantages, pass_at_k, policy_gradient_loss, sample_group
@@ -22,19 +22,8 @@ SEQ_LEN = 48
 
 @pytest.fixture(scope="module")
 def parents(corpus_template, tmp_path_factory):
-    """A base dir with one tiny base checkpoint per direction (tags fwd, bwd, bidi)."""
-    d = str(tmp_path_factory.mktemp("rl") / "base")
-    shutil.copytree(corpus_template["dir"], d)
-    tok = get_tokenizer(d)
-    for tag, direction in (("fwd", "forward"), ("bwd", "backward"), ("bidi", "bidirectional")):
-        model = tiny_model(tok.get_vocab_size(), SEQ_LEN)
-        spec = DirectionSpec.from_tokenizer(direction, tok)
-        markers = {"forward": spec.forward_id, "backward": spec.backward_id} if direction == "bidirectional" else None
-        meta = {"phase": "base", "direction": direction, "model_tag": tag, "model_config": model.config.to_dict(),
-                "vocab_size": tok.get_vocab_size(), "bos_id": tok.get_bos_token_id(), "marker_ids": markers,
-                "direction_spec": spec.describe(), "step": 3}
-        save_checkpoint(os.path.join(d, "base_checkpoints", tag), 3, model.state_dict(), None, meta)
-    return d
+    """A base dir with one untrained tiny base checkpoint per direction (tags fwd, bwd, bidi; step 3)."""
+    return save_random_parents(copy_base(corpus_template["dir"], tmp_path_factory, "rl"), SEQ_LEN)
 
 
 # ---- the update rule ------------------------------------------------------------------------

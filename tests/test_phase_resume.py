@@ -5,16 +5,14 @@ refused."""
 
 import importlib
 import os
-import shutil
 
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import list_steps, load_meta, remove_steps, save_checkpoint
+from conftest import copy_base, save_random_parents
+from nanochat.checkpoint_manager import list_steps, load_meta, remove_steps
 from nanochat.common import UserError
 from nanochat.direction import DirectionSpec
-from nanochat.gpt import GPT, config_for_depth
-from nanochat.tokenizer import get_tokenizer
 
 PHASES = {  # script, its checkpoint folder, flags of a tiny run
     "mid": ("scripts.mid_train", "mid_checkpoints",
@@ -29,17 +27,8 @@ PHASES = {  # script, its checkpoint folder, flags of a tiny run
 
 @pytest.fixture(scope="module")
 def parents(corpus_template, tmp_path_factory):
-    """A base dir with one tiny base checkpoint per direction (tags fwd, bwd, bidi)."""
-    d = str(tmp_path_factory.mktemp("resume") / "base")
-    shutil.copytree(corpus_template["dir"], d)
-    tok = get_tokenizer(d)
-    for tag, direction in (("fwd", "forward"), ("bwd", "backward"), ("bidi", "bidirectional")):
-        torch.manual_seed(0)
-        model = GPT.build(config_for_depth(1, tok.get_vocab_size(), 48), "cpu")
-        meta = {"phase": "base", "model_tag": tag, "model_config": model.config.to_dict(), "step": 3,
-                "vocab_size": tok.get_vocab_size(), "direction_spec": DirectionSpec.from_tokenizer(direction, tok).to_meta()}
-        save_checkpoint(os.path.join(d, "base_checkpoints", tag), 3, model.state_dict(), None, meta)
-    return d
+    """A base dir with one untrained tiny base checkpoint per direction (tags fwd, bwd, bidi; step 3)."""
+    return save_random_parents(copy_base(corpus_template["dir"], tmp_path_factory, "resume"))
 
 
 def run_phase(phase, *flags):
