@@ -15,6 +15,7 @@ likelihood). What each method asks, and the measured numbers: docs/EVALUATION.md
 """
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -55,7 +56,7 @@ def build_parser():
     add_flag(p, "max_new_tokens", type=int, default=24, help="greedy generation budget per question")
     add_flag(p, "seed", type=int, default=42, help="facts, candidates and model init")
     add_flag(p, "device_type", default="")
-    add_flag(p, "overwrite", action="store_true", help="retrain models and replace results")
+    add_flag(p, "overwrite", action="store_true", help="replace existing results (models in --out_dir are reused)")
     return p
 
 
@@ -105,15 +106,13 @@ def check_facts(facts, where="facts"):
 
 
 def load_facts(path):
-    facts = []
+    def parse(n, line):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e})")
     with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    facts.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not JSON ({e})")
-    return check_facts(facts, path)
+        return check_facts([parse(n, line) for n, line in enumerate(fh, 1) if line.strip()], path)
 
 
 def fill(text, fact):
@@ -206,22 +205,18 @@ def build_table(per_model, k):
     templates averaged first) or n/a with the reason."""
     rows = []
     for tag, direction, records in per_model:
-        for query in CONCRETE_DIRECTIONS:
-            for subset in SUBSETS:
-                for question in QUESTIONS:
-                    row = {"model": tag, "model_direction": direction, "query_direction": query, "subset": subset,
-                           "question": question, "chance": 1 / k}
-                    for method in METHODS:
-                        by_fact = {}
-                        for r in records:
-                            if r[:4] == (query, subset, question, method):
-                                by_fact.setdefault(r[4], []).append(r[5])
-                        if not by_fact:
-                            row[method] = {"na": f"trained {direction}: it does not read {query}"}
-                            continue
-                        mean, se = mean_and_se([sum(v) / len(v) for v in by_fact.values()])
-                        row[method] = {"mean": mean, "se": se, "facts": len(by_fact)}
-                    rows.append(row)
+        groups = {}
+        for *key, fact, value in records:
+            groups.setdefault(tuple(key), {}).setdefault(fact, []).append(value)
+        for query, subset, question in itertools.product(CONCRETE_DIRECTIONS, SUBSETS, QUESTIONS):
+            row = {"model": tag, "model_direction": direction, "query_direction": query, "subset": subset,
+                   "question": question, "chance": 1 / k}
+            for method in METHODS:
+                by_fact = groups.get((query, subset, question, method))
+                mean, se = mean_and_se([sum(v) / len(v) for v in by_fact.values()]) if by_fact else (0, 0)
+                row[method] = ({"mean": mean, "se": se, "facts": len(by_fact)} if by_fact
+                               else {"na": f"trained {direction}: it does not read {query}"})
+            rows.append(row)
     return rows
 
 
@@ -283,11 +278,9 @@ def main(argv=None):
     if args.k < 2:
         raise UserError(f"--k={args.k}: ranking needs at least 2 candidates (chance = 1/K)")
     for name in ("num_facts", "copies", "depth", "max_seq_len", "device_batch_size", "num_iterations", "vocab_size",
-                 "max_new_tokens"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive")
-    if args.background_docs < 0:
-        raise UserError("--background_docs must be >= 0")
+                 "max_new_tokens", "background_docs"):
+        if getattr(args, name) < (name != "background_docs"):
+            raise UserError(f"--{name} must be {'>= 0' if name == 'background_docs' else 'positive'}")
     from nanochat.common import get_base_dir
     out_dir = os.path.abspath(args.out_dir or os.path.join(get_base_dir(), "reversal"))
     facts = load_facts(args.facts_file) if args.facts_file else check_facts(generate_facts(args.num_facts, args.seed))
