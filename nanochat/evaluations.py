@@ -6,6 +6,7 @@ A kind says what was measured: a plain name (`bpb`, `core`, `consistency`) or a 
 digits, '.', '_' and '-' (a full match), so a record's name is always one file inside evaluations/.
 """
 
+import json
 import os
 import re
 
@@ -13,6 +14,7 @@ from nanochat.common import UserError
 from nanochat.paths import atomic_write_json, check_writable
 
 _KIND = re.compile(r"[A-Za-z0-9_.-]+")
+_SECTION = re.compile(r"(nanochat|tasks|scripts)(\.[A-Za-z_][A-Za-z0-9_]*)+")  # a module of this project
 _RECORD = re.compile(r"([A-Za-z0-9_.-]+)_step(\d+)\.json")
 
 
@@ -39,8 +41,12 @@ def refuse_existing(paths, overwrite):
         check_writable(directory, "the evaluations directory")
 
 
-def write_record(path, record):
-    """The record as JSON at `path` (a record_path), atomically: readers see the old file or the new one."""
+def write_record(path, record, section=None):
+    """The record as JSON at `path` (a record_path), atomically: readers see the old file or the new one.
+    `section` names the module whose markdown_section(run_name, evaluations_dir, plots_dir) shows it in
+    a report (nanochat/research/report.py finds it in the record: a new metric is listed nowhere else)."""
+    if section is not None:
+        record = {**record, "report_section": section}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_json(path, record)
     return path
@@ -79,6 +85,20 @@ def latest_of_each(evaluations_dir, family):
         if detail is not None:
             latest[detail] = (step, path)  # listed by increasing step: the last one wins
     return dict(sorted(latest.items()))
+
+
+def report_sections(evaluations_dir):
+    """The modules the directory's records name as their report section, in record order."""
+    names = []
+    for _, _, path in sorted(_records(evaluations_dir), key=lambda r: os.path.basename(r[2])):
+        try:
+            with open(path, encoding="utf-8") as f:
+                name = json.load(f).get("report_section")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and _SECTION.fullmatch(name) and name not in names:
+            names.append(name)
+    return names
 
 
 def remove_records(evaluations_dir, steps, kinds=None):

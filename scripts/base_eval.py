@@ -69,9 +69,10 @@ class Job:
                           get_token_bytes(self.device))
         return self._docs
 
-    def write(self, path, record):
+    def write(self, path, record, section=None):
+        """Rank 0 writes; `section`: the module that shows the record in a report (its markdown_section)."""
         if self.rank == 0:
-            write_record(path, record)
+            write_record(path, record, section)
             print0(f"wrote {path}")
 
 

@@ -68,3 +68,25 @@ def test_cleanup_removes_only_the_given_steps_and_kinds(tmp_path):
     assert remove_records(d, [5]) == [] and remove_records(str(tmp_path / "absent"), [1]) == []
     assert sorted(os.listdir(d)) == ["bpb_step000001.json", "chat_gsm8k_step000001.json", "consistency_step000002.png",
                                      "core_step000001.json", "notes_step2.txt"]
+
+
+def test_a_record_naming_its_section_appears_in_the_report_without_registration(tmp_path, monkeypatch):
+    """A new metric is its module (which writes records naming itself) and its base_eval row: the
+    report finds the section through the records; a record naming a module outside the project is ignored."""
+    import sys
+    import types
+
+    from nanochat.evaluations import record_path, report_sections, write_record
+    from nanochat.research.report import evaluation_sections
+
+    module = types.ModuleType("nanochat.tiny_metric_for_test")
+    module.SECTION_TITLE = "Tiny metric"
+    module.markdown_section = lambda run, evaluations_dir, plots_dir: f"{run}: 42 parameters"
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    evals = tmp_path / "evaluations"
+    write_record(record_path(str(evals), "tiny", 3), {"value": 42}, section=module.__name__)
+    write_record(record_path(str(evals), "other", 3), {"value": 1}, section="os.path")  # not ours: ignored
+    assert report_sections(str(evals)) == ["nanochat.tiny_metric_for_test"]
+    experiments = types.SimpleNamespace(evaluations_dir=lambda experiment_id: str(evals))
+    sections = evaluation_sections([(experiments, "exp1")], str(tmp_path / "plots"), sections={})
+    assert sections == [("Tiny metric", [("exp1", "exp1: 42 parameters")])]

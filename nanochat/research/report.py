@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 from nanochat.common import UserError
 from nanochat.direction import DIRECTIONS, is_two_way
+from nanochat.evaluations import report_sections
 from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.research.analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
                                         _require_log, collect_direction_rows, experiment_metadata,
@@ -187,10 +188,15 @@ def _section_module(module_path):
 
 
 def evaluation_sections(resolved, plots_dir, sections=None):
-    """[(title, [(experiment_id, markdown)])] of the registered evaluation sections that have
-    something to say for at least one experiment, in REPORT_SECTIONS order."""
-    out = []
-    for kind, module_path in (REPORT_SECTIONS if sections is None else sections).items():
+    """[(title, [(experiment_id, markdown)])] of the evaluation sections that have something to say
+    for at least one experiment: REPORT_SECTIONS in order, then the modules records name themselves
+    (nanochat/evaluations.py write_record(section=))."""
+    out, sections = [], dict(REPORT_SECTIONS if sections is None else sections)
+    for experiments, experiment_id in resolved:
+        for module_path in report_sections(experiments.evaluations_dir(experiment_id)):
+            if module_path not in sections.values():
+                sections[module_path] = module_path
+    for kind, module_path in sections.items():
         module = _section_module(module_path)
         render = getattr(module, "markdown_section", None) if module is not None else None
         if render is None:
