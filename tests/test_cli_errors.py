@@ -175,10 +175,9 @@ def test_corrupt_checkpoint_message_gives_no_pickle_advice(failures):
     assert "weights_only" not in line and "will likely succeed" not in line
 
 
-def test_the_tiny_checkpoint_evaluates(tiny_checkpoint, tmp_path):
+def test_the_tiny_checkpoint_evaluates(trained_base_dir):
     # The control for the base_eval failures: the same command on intact input works.
-    base = str(tmp_path / "base")
-    shutil.copytree(tiny_checkpoint, base)
+    base = trained_base_dir
     result = run_inprocess(EVAL_SCRIPT, f"--model_tag={TINY_TAG}", "--max_seq_len=64", *EVAL, base_dir=base)
     assert result.returncode == 0, result.stderr
     assert os.path.isfile(os.path.join(os.path.dirname(tiny_model_file(base)), "evaluations",
