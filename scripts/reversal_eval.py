@@ -41,8 +41,7 @@ def build_parser():
     add_flag(p, "facts_file", default="", help="jsonl: name, description, subset (name_first | description_first), "
              "optional phrasings and questions with {name}/{description} slots (default: generated facts)")
     add_flag(p, "num_facts", type=int, default=100, help="generated facts, half per subset")
-    add_flag(p, "background_docs", type=int, default=0, 
-             help="built-in documents mixed in (0 = the facts are the corpus)")
+    add_flag(p, "background_docs", type=int, default=0, help="built-in documents mixed in (0: the facts only)")
     add_flag(p, "copies", type=int, default=100, help="times each fact document is written, each copy in a fresh "
              "seeded order (the loader reads stored order: one repeated order would be memorised as a sequence)")
     add_flag(p, "models", default="forward,backward,bidirectional", help="directions to train (tags reversal_<dir>)")
@@ -61,19 +60,14 @@ def build_parser():
 
 
 # ---- facts --------------------------------------------------------------------------------------
-def _word(rng, n):
-    return "".join(rng.choice(SYLLABLES) for _ in range(n)).capitalize()
-
-
 def generate_facts(n, seed):
     """n fictitious facts, alternately name-first and description-first, names and descriptions unique."""
-    rng, names, descriptions = random.Random(f"reversal_eval/{seed}"), [], []
+    rng, names, descriptions = random.Random(f"reversal_eval/{seed}"), {}, {}  # dicts: unique, in order
+    word = lambda syllables: "".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()  # noqa: E731
     while len(names) < n:
-        name = f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}"
-        names += [name] if name not in names else []
+        names[f"{word(2)} {word(rng.choice((2, 3)))}"] = None
     while len(descriptions) < n:
-        d = f"the {rng.choice(ROLES)} of the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-        descriptions += [d] if d not in descriptions else []
+        descriptions[f"the {rng.choice(ROLES)} of the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"] = None
     return [{"name": a, "description": d, "subset": SUBSETS[i % 2]}
             for i, (a, d) in enumerate(zip(names, descriptions))]
 
