@@ -1,19 +1,10 @@
 """Direction: the one home for what forward, backward and bidirectional mean (docs/DESIGN.md §1-2).
 
-Every other module (dataloader, evaluation, later the conversation and chat code) asks this
-module to orient a token sequence and to restore it; nobody else reverses tokens.
-
-A *trained* direction is one of DIRECTIONS. A *concrete* direction (what one row of data, one
-evaluation or one generation uses) is "forward" or "backward"; a bidirectional model picks one
-per document with a marker token right after BOS.
-
-    forward                        [BOS] + t
-    backward                       [BOS] + reversed(t)
-    bidirectional, forward draw    [BOS, <|forward|>] + t
-    bidirectional, backward draw   [BOS, <|backward|>] + reversed(t)
-
-Documents are oriented one by one *before* packing: reversing a packed window would put each
-later document's BOS at its end and glue documents together back to front.
+Every other module asks this one to orient a token sequence (document, conversation, generation)
+and to restore it; nobody else reverses tokens. A *trained* direction is one of DIRECTIONS; a
+*concrete* one (of a row, an evaluation, a generation) is forward or backward, and a bidirectional
+model draws one per document, written as a marker right after BOS. Documents are oriented one by
+one *before* packing (docs/DIRECTIONS.md).
 """
 
 from nanochat.common import UserError
@@ -23,14 +14,10 @@ DIRECTIONS = ("forward", "backward", "bidirectional")
 CONCRETE_DIRECTIONS = ("forward", "backward")
 
 
-def _user_error(msg):
-    return UserError(msg)
-
-
 def validate_direction(direction, allowed=DIRECTIONS):
     """Return `direction` if it is one of `allowed`, else raise a UserError naming them."""
     if direction not in allowed:
-        raise _user_error(f"unknown direction {direction!r}: must be one of {', '.join(allowed)}")
+        raise UserError(f"unknown direction {direction!r}: must be one of {', '.join(allowed)}")
     return direction
 
 
@@ -38,10 +25,10 @@ def validate_p_backward(p_backward):
     try:
         p = float(p_backward)
     except (TypeError, ValueError):
-        raise _user_error(f"--p_backward={p_backward!r} is not a number in [0, 1]")
+        raise UserError(f"--p_backward={p_backward!r} is not a number in [0, 1]")
     if not 0.0 <= p <= 1.0:
-        raise _user_error(f"--p_backward={p_backward} is outside [0, 1]: it is the probability that a "
-                          "bidirectional document is drawn backward")
+        raise UserError(f"--p_backward={p_backward} is outside [0, 1]: it is the probability that a "
+                        "bidirectional document is drawn backward")
     return p
 
 
@@ -49,63 +36,45 @@ def parse_directions(spec, allowed=CONCRETE_DIRECTIONS):
     """'forward,backward' -> ['forward', 'backward'], each validated."""
     names = [s.strip() for s in str(spec).split(",") if s.strip()]
     if not names:
-        raise _user_error(f"no direction given: use a comma list of {', '.join(allowed)}")
+        raise UserError(f"no direction given: use a comma list of {', '.join(allowed)}")
     return [validate_direction(n, allowed) for n in names]
 
 
 def concrete_directions(trained_direction):
-    """The directions a model trained in `trained_direction` generates/evaluates natively.
-
-    The one statement of this policy; DirectionSpec.generation_directions asks it, and callers
-    holding a spec should ask the spec."""
+    """The directions a model trained in `trained_direction` generates and is scored in natively."""
     validate_direction(trained_direction)
     return list(CONCRETE_DIRECTIONS) if trained_direction == "bidirectional" else [trained_direction]
 
 
 def is_two_way(trained_direction):
-    """Whether a model trained in `trained_direction` reads and writes both ways (a marker after
-    BOS says which, and its documents are drawn with p_backward); asked instead of comparing with
-    "bidirectional"."""
+    """Whether the model reads and writes both ways (a marker after BOS, documents drawn with p_backward)."""
     return len(concrete_directions(trained_direction)) > 1
 
 
 def default_generation_direction(trained_direction):
-    """What a model trained in `trained_direction` generates (and is scored in) when no concrete
-    direction is asked for: its own, and forward for a bidirectional model. The one statement of
-    this policy (DirectionSpec.default_generation_direction asks it)."""
+    """The direction generated when none is asked for: the model's own, forward for bidirectional."""
     validate_direction(trained_direction)
     return "forward" if trained_direction == "bidirectional" else trained_direction
 
 
 def by_direction(concrete_direction, forward, backward):
-    """`forward` or `backward`, whichever `concrete_direction` names; any other value is a
-    UserError. Use it instead of `a if d == "forward" else b`, which would silently read a
-    misspelt or new direction as backward."""
+    """`forward` or `backward`, whichever `concrete_direction` names; any other value is a UserError
+    (unlike `a if d == "forward" else b`, which reads a misspelt direction as backward)."""
     return {"forward": forward, "backward": backward}[validate_direction(concrete_direction, CONCRETE_DIRECTIONS)]
 
 
 def reverse_tokens(tokens, keep_bos=True):
-    """Reverse a token sequence (list, tuple, or a tensor/array along its last axis).
-
-    With keep_bos=True the first token (the BOS of an oriented document) stays in front:
-    [BOS, a, b, c] -> [BOS, c, b, a]. Reversal is its own inverse.
-    """
+    """Reverse a list, tuple, tensor or array (along its last axis); keep_bos keeps the first token
+    in front: [BOS, a, b, c] -> [BOS, c, b, a]. Its own inverse."""
+    k = 1 if keep_bos else 0
     if hasattr(tokens, "flip"):  # torch tensor
-        if keep_bos:
-            if tokens.shape[-1] == 0:
-                return tokens.clone()
-            import torch
-            return torch.cat([tokens[..., :1], tokens[..., 1:].flip(-1)], dim=-1)
-        return tokens.flip(-1)
+        import torch
+        return torch.cat([tokens[..., :k], tokens[..., k:].flip(-1)], dim=-1)
     if hasattr(tokens, "ndim"):  # numpy array
         import numpy as np
-        if keep_bos:
-            return np.concatenate([tokens[..., :1], tokens[..., 1:][..., ::-1]], axis=-1)
-        return tokens[..., ::-1].copy()
+        return np.concatenate([tokens[..., :k], tokens[..., k:][..., ::-1]], axis=-1)
     seq = list(tokens)
-    if keep_bos:
-        return seq[:1] + seq[:0:-1]
-    return seq[::-1]
+    return seq[:k] + seq[k:][::-1]
 
 
 def orient_text_tokens(tokens, concrete_direction):
@@ -124,13 +93,9 @@ def _splitmix64(x):
 
 
 def draw_direction(seed, doc_index, p_backward=0.5, epoch=0):
-    """The bidirectional draw: 'backward' with probability p_backward, else 'forward'.
-
-    A pure function of (seed, epoch, global document index): the same document gets the same
-    draw on every rank, in every world size and after a resume, and a fresh draw each epoch, so
-    over several epochs every document is read both ways (docs/DESIGN.md §2). Epoch 0 keeps the
-    draw of (seed, index) alone.
-    """
+    """The bidirectional draw, 'backward' with probability p_backward: a pure function of (seed,
+    epoch, global document index), the same on every rank and after a resume, fresh each epoch
+    (docs/DESIGN.md §2). Epoch 0 keeps the draw of (seed, index) alone."""
     key = _splitmix64(int(seed) & 0xFFFFFFFFFFFFFFFF) ^ (int(doc_index) & 0xFFFFFFFFFFFFFFFF)
     if epoch:
         key = _splitmix64(key) ^ (int(epoch) & 0xFFFFFFFFFFFFFFFF)
@@ -138,19 +103,11 @@ def draw_direction(seed, doc_index, p_backward=0.5, epoch=0):
     return "backward" if (u >> 11) / float(1 << 53) < p_backward else "forward"
 
 
-# ---- long documents: continuation pieces (docs/DESIGN.md §2, docs/DIRECTIONS.md) -------------
 def document_piece(row, header_len, body_start, context_cap, max_len=None):
-    """(tokens, n_masked) of the piece of an oriented document that scores text from `body_start` on.
-
-    `row` is the oriented document: its header (BOS, and the marker of a bidirectional model) of
-    `header_len` tokens, then its text in model orientation (the body). The first piece
-    (body_start 0) is the document itself. A continuation restates the header, then carries up to
-    `context_cap` tokens of the text that precedes `body_start` as context, then the text from
-    `body_start` on, cut to `max_len` tokens when given (context shrinks first so that at least one
-    new token fits). Positions 1 .. n_masked-1 of a piece are never targets: the marker is a control
-    token and the context was scored in an earlier piece. So every text token of a document is a
-    target exactly once, in every direction, and each piece tells the model which way it reads.
-    """
+    """(tokens, n_masked) of the piece of an oriented document `row` that scores its text from
+    `body_start` on: the header, up to `context_cap` tokens of preceding text as context (shrunk so
+    that one new token fits in `max_len`), then the text, cut to `max_len`. Positions 1..n_masked-1
+    are never targets (docs/DIRECTIONS.md, "Long documents")."""
     ctx = max(0, min(int(context_cap), body_start))
     if max_len is not None:
         if max_len <= header_len:
@@ -164,16 +121,15 @@ def document_piece(row, header_len, body_start, context_cap, max_len=None):
 # ---- conversations (docs/DESIGN.md §4; the chat template is nanochat/conversation.py) -------------
 
 def default_train_on(concrete_direction):
-    """Forward trains on the assistant (standard SFT); backward on the user: the model reads the
-    answer and writes the question (instruction backtranslation, p(instruction | response)).
-    Reversed assistant tokens would teach answers conditioned on nothing."""
+    """Forward trains on the assistant; backward on the user (instruction backtranslation):
+    reversed assistant tokens would teach answers conditioned on nothing."""
     return by_direction(concrete_direction, forward="assistant", backward="user")
 
 
 def validate_train_on(train_on):
     if train_on not in (None, "auto") + TRAIN_ON_CHOICES:
-        raise _user_error(f"--train_on={train_on!r}: use auto (assistant forward, user backward), "
-                          f"{', '.join(TRAIN_ON_CHOICES)}")
+        raise UserError(f"--train_on={train_on!r}: use auto (assistant forward, user backward), "
+                        f"{', '.join(TRAIN_ON_CHOICES)}")
     return None if train_on == "auto" else train_on
 
 
@@ -190,11 +146,8 @@ def orient_conversation(ids, mask, concrete_direction, marker_id=None):
 
 
 class DirectionSpec:
-    """Everything needed to orient and restore documents for one trained direction.
-
-    bos_id, forward_id, backward_id come from the tokenizer; the marker ids are only needed
-    (and checked) for bidirectional.
-    """
+    """Everything needed to orient and restore documents for one trained direction; the marker ids
+    (from the tokenizer) are only needed, and checked, for bidirectional."""
 
     def __init__(self, direction, bos_id, forward_id=None, backward_id=None, seed=0, p_backward=0.5):
         self.direction = validate_direction(direction)
@@ -202,8 +155,8 @@ class DirectionSpec:
         self.seed = int(seed)
         self.p_backward = validate_p_backward(p_backward)
         if self.direction == "bidirectional" and (forward_id is None or backward_id is None):
-            raise _user_error("bidirectional training needs a tokenizer with the <|forward|> and <|backward|> "
-                              "marker tokens; retrain it with `python -m scripts.tok_train`")
+            raise UserError("bidirectional training needs a tokenizer with the <|forward|> and <|backward|> "
+                            "marker tokens; retrain it with `python -m scripts.tok_train`")
         self.forward_id = None if forward_id is None else int(forward_id)
         self.backward_id = None if backward_id is None else int(backward_id)
 
@@ -232,43 +185,44 @@ class DirectionSpec:
             return draw_direction(self.seed, doc_index, self.p_backward, epoch=epoch)
         return self.direction
 
+    def _resolve(self, doc_index, concrete_direction, epoch):
+        """The forced concrete direction, else the draw for (doc_index, epoch)."""
+        if concrete_direction is not None:
+            return validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
+        if self.direction == "bidirectional" and doc_index is None:
+            raise ValueError("bidirectional data needs doc_index (or a forced concrete_direction)")
+        return self.concrete_direction_for(doc_index, epoch)
+
     def header(self, concrete_direction):
         if self.direction == "bidirectional":
             return [self.bos_id, self.marker_for(concrete_direction)]
         return [self.bos_id]
 
     def orient(self, tokens, doc_index=None, concrete_direction=None, epoch=0):
-        """Oriented row content for one document's bare text tokens.
+        """(row tokens, concrete direction) of one document's bare text tokens. A bidirectional
+        document takes the draw for (doc_index, epoch) unless `concrete_direction` forces one; a
+        one-way model may be forced the other way (the cross-direction cell): no marker then."""
+        concrete = self._resolve(doc_index, concrete_direction, epoch)
+        return self.header(concrete) + orient_text_tokens(tokens, concrete), concrete
 
-        For bidirectional, the concrete direction is the deterministic draw for (`doc_index`,
-        `epoch`) unless `concrete_direction` forces one (evaluation scores a document both ways).
-        Returns (row_tokens, concrete_direction).
-        """
-        if concrete_direction is None:
-            if self.direction == "bidirectional" and doc_index is None:
-                raise ValueError("bidirectional orientation needs doc_index (or a forced concrete_direction)")
-            concrete_direction = self.concrete_direction_for(doc_index, epoch)
-        # A one-way model may be forced the other way (the cross-direction cell): no marker then.
-        validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
-        return self.header(concrete_direction) + orient_text_tokens(tokens, concrete_direction), concrete_direction
+    def _split_header(self, row):
+        """(concrete direction, row without its marker) of an oriented row."""
+        if not row or row[0] != self.bos_id:
+            raise ValueError("an oriented document must start with BOS")
+        if self.direction != "bidirectional":
+            return self.direction, row
+        if len(row) < 2 or row[1] not in (self.forward_id, self.backward_id):
+            raise ValueError("a bidirectional document must have a direction marker after BOS")
+        return ("forward" if row[1] == self.forward_id else "backward"), row[:1] + row[2:]
 
     def restore(self, row_tokens):
         """Inverse of orient: (bare text tokens in reading order, concrete direction)."""
-        row = list(row_tokens)
-        if not row or row[0] != self.bos_id:
-            raise ValueError("an oriented document must start with BOS")
-        if self.direction == "bidirectional":
-            if len(row) < 2 or row[1] not in (self.forward_id, self.backward_id):
-                raise ValueError("a bidirectional document must have a direction marker after BOS")
-            concrete = "forward" if row[1] == self.forward_id else "backward"
-            body = row[2:]
-        else:
-            concrete, body = self.direction, row[1:]
-        return orient_text_tokens(body, concrete), concrete
+        concrete, row = self._split_header(list(row_tokens))
+        return orient_text_tokens(row[1:], concrete), concrete
 
     def generation_prompt(self, given_tokens, concrete_direction):
-        """The model-side prompt for a generation (docs/DESIGN.md §5): forward continues the given
-        beginning; backward is given an *ending* and writes what precedes it."""
+        """The model-side prompt (docs/DESIGN.md §5): forward continues the given beginning;
+        backward is given an *ending* and writes what precedes it."""
         return self.header(concrete_direction) + orient_text_tokens(given_tokens, concrete_direction)
 
     def restore_generation(self, generated_tokens, concrete_direction):
@@ -295,44 +249,25 @@ class DirectionSpec:
     def conversation_row(self, tokenizer, conversation, doc_index=None, concrete_direction=None, train_on=None,
                          epoch=0):
         """(ids, mask, concrete_direction) of one training conversation in model orientation.
-
         train_on None = the per-direction default (bidirectional: the policy of each draw)."""
-        if concrete_direction is None:
-            if self.direction == "bidirectional" and doc_index is None:
-                raise ValueError("bidirectional conversations need doc_index (or a forced concrete_direction)")
-            concrete_direction = self.concrete_direction_for(doc_index, epoch)
-        policy = train_on or default_train_on(concrete_direction)
-        closing = by_direction(concrete_direction, forward="end", backward="start")
-        ids, mask = render_conversation(tokenizer, conversation, train_on=policy, closing=closing)
-        marker = self.marker_for(concrete_direction) if self.direction == "bidirectional" else None
-        ids, mask = orient_conversation(ids, mask, concrete_direction, marker)
-        return ids, mask, concrete_direction
+        concrete = self._resolve(doc_index, concrete_direction, epoch)
+        closing = by_direction(concrete, forward="end", backward="start")
+        ids, mask = render_conversation(tokenizer, conversation, train_on=train_on or default_train_on(concrete),
+                                        closing=closing)
+        marker = self.marker_for(concrete) if self.direction == "bidirectional" else None
+        return (*orient_conversation(ids, mask, concrete, marker), concrete)
 
     def restore_conversation(self, ids, mask=None):
-        """Inverse of conversation_row: (ids, mask) in reading order without the marker."""
-        ids = list(ids)
+        """Inverse of conversation_row: (ids, mask, concrete) in reading order without the marker."""
         mask = list(mask) if mask is not None else [0] * len(ids)
-        concrete = self.direction
+        concrete, ids = self._split_header(list(ids))
         if self.direction == "bidirectional":
-            concrete = "forward" if ids[1] == self.forward_id else "backward"
-            ids, mask = ids[:1] + ids[2:], mask[:1] + mask[2:]
-        if concrete == "backward":
-            ids, mask = reverse_tokens(ids, keep_bos=True), reverse_tokens(mask, keep_bos=True)
-        return ids, mask, concrete
+            mask = mask[:1] + mask[2:]
+        return (*orient_conversation(ids, mask, concrete), concrete)  # reversal is its own inverse
 
     def chat_prompt(self, tokenizer, conversation, concrete_direction):
-        """(prompt ids, stop ids) for generating one turn of a conversation (docs/DESIGN.md §5).
-
-        forward: `conversation` is the whole history up to the user's latest question (a trailing
-        assistant turn is dropped); the model writes the next answer and stops at
-        <|assistant_end|>. backward: `conversation` is the *later* part of a chat in reading
-        order, starting with the assistant answer whose question the model writes (a leading
-        user turn is the slot being written: its content is ignored, so a single exchange
-        [user "", assistant answer] works as before) and ending with an assistant answer; the
-        model reads it right to left and writes the user turn that precedes it, stopping at
-        <|user_start|>. Turns after the first answer are the later exchanges, so a backward chat
-        grows towards its beginning by prepending each new exchange.
-        """
+        """(prompt ids, stop ids) for generating one turn of a conversation: forward writes the next
+        answer, backward the question before the first answer (docs/DIRECTIONS.md, "Chat")."""
         self.generation_direction(concrete_direction)
         bos = tokenizer.get_bos_token_id()
         if concrete_direction == "forward":
@@ -345,11 +280,9 @@ class DirectionSpec:
 
     # ---- policy: what this model can do, asked here instead of re-derived by callers ----------
     def generation_directions(self):
-        """The concrete directions this model generates and is natively scored in."""
         return concrete_directions(self.direction)
 
     def default_generation_direction(self):
-        """What a generation without an explicit direction uses: a bidirectional model reads forward."""
         return default_generation_direction(self.direction)
 
     def generation_direction(self, requested=None):
@@ -357,45 +290,13 @@ class DirectionSpec:
         concrete = self.default_generation_direction() if requested is None else requested
         validate_direction(concrete, CONCRETE_DIRECTIONS)
         if concrete not in self.generation_directions():
-            raise _user_error(f"this model was trained {self.direction}: it cannot generate {concrete} "
-                              "(only a bidirectional model does both)")
+            raise UserError(f"this model was trained {self.direction}: it cannot generate {concrete} "
+                            "(only a bidirectional model does both)")
         return concrete
 
     # ---- checkpoint metadata: the direction goes in and out as one thing ------------------------
     def to_meta(self):
         """What a checkpoint records about how this model's data was oriented (meta["direction_spec"])."""
-        return self.describe()
-
-    @classmethod
-    def for_model(cls, meta, tokenizer):
-        """The spec of a loaded model: from its checkpoint metadata where that records the spec
-        ("direction_spec", or the older "bos_id"), else from a bare {"direction": name} (user
-        code, tests) and the tokenizer's ids; no metadata, or none naming a direction, is a
-        forward model. An unknown direction name is a UserError."""
-        meta = meta or {}
-        if meta.get("direction_spec") or meta.get("bos_id") is not None:
-            return cls.from_meta(meta)
-        return cls.from_tokenizer(meta.get("direction", "forward"), tokenizer)
-
-    @classmethod
-    def from_meta(cls, meta):
-        """The spec a checkpoint's metadata describes (its "direction_spec", or the older separate
-        "direction" / "bos_id" / "marker_ids" fields)."""
-        spec = meta.get("direction_spec") or {}
-        direction = spec.get("direction", meta.get("direction"))
-        if direction is None:
-            raise _user_error("checkpoint metadata has no direction; it was not written by this project")
-        markers = meta.get("marker_ids") or {}
-        bos = spec.get("bos_id", meta.get("bos_id"))
-        if bos is None:
-            raise _user_error("checkpoint metadata has no BOS id; it was not written by this project")
-        return cls(direction, bos, spec.get("forward_marker_id", markers.get("forward")),
-                   spec.get("backward_marker_id", markers.get("backward")),
-                   seed=spec.get("seed") or 0,
-                   p_backward=spec.get("p_backward") if spec.get("p_backward") is not None else 0.5)
-
-    def describe(self):
-        """What a checkpoint records about how this model's data was oriented."""
         return {
             "direction": self.direction,
             "bos_id": self.bos_id,
@@ -405,12 +306,36 @@ class DirectionSpec:
             "seed": self.seed,
         }
 
+    describe = to_meta
+
+    @classmethod
+    def for_model(cls, meta, tokenizer):
+        """The spec of a loaded model: from the checkpoint metadata that records it, else from a bare
+        {"direction": name} and the tokenizer's ids; no direction at all is a forward model."""
+        meta = meta or {}
+        if meta.get("direction_spec") or meta.get("bos_id") is not None:
+            return cls.from_meta(meta)
+        return cls.from_tokenizer(meta.get("direction", "forward"), tokenizer)
+
+    @classmethod
+    def from_meta(cls, meta):
+        """The spec a checkpoint's metadata describes: its "direction_spec", or the older separate
+        "direction" / "bos_id" / "marker_ids" fields."""
+        spec = meta.get("direction_spec") or {}
+        direction = spec.get("direction", meta.get("direction"))
+        if direction is None:
+            raise UserError("checkpoint metadata has no direction; it was not written by this project")
+        markers = meta.get("marker_ids") or {}
+        bos = spec.get("bos_id", meta.get("bos_id"))
+        if bos is None:
+            raise UserError("checkpoint metadata has no BOS id; it was not written by this project")
+        return cls(direction, bos, spec.get("forward_marker_id", markers.get("forward")),
+                   spec.get("backward_marker_id", markers.get("backward")),
+                   seed=spec.get("seed") or 0,
+                   p_backward=spec.get("p_backward") if spec.get("p_backward") is not None else 0.5)
+
 
 def reverse_text(text):
-    """The characters of `text` in reverse order (Unicode code points; its own inverse).
-
-    Only for the tokenizer control of docs/DESIGN.md §2 (`scripts.tok_train --train_direction`):
-    a tokenizer fitted to reversed text. Models still reverse token ids, never characters. Code
-    points, not grapheme clusters: a combining accent ends up before its letter and "\\r\\n"
-    becomes "\\n\\r", as in any character-reversed corpus."""
+    """The characters (code points) of `text` reversed: only for the tokenizer control of
+    docs/DESIGN.md §2 (`scripts.tok_train --train_direction`); models reverse token ids."""
     return text[::-1]
