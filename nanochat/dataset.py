@@ -1,15 +1,12 @@
-"""Pretraining documents: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/.
-
-The last shard (in sorted name order) is the validation split, every other shard is train.
+"""Pretraining documents: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/;
+the last shard (sorted by name) is validation, the others train.
 
     python -m nanochat.dataset -n 8        # download 8 shards of a public pretraining set (online)
     python -m nanochat.dataset --builtin   # write shards from this Python's standard library (offline)
-    python -m nanochat.dataset --builtin=shakespeare [--text_file=tinyshakespeare.txt]
-                                           # English: Shakespeare's plays cut into dialogue passages
+    python -m nanochat.dataset --builtin=shakespeare [--text_file=tinyshakespeare.txt]   # English plays
 
-Documents have a *global index*: their position in the split (shard order, then row order).
-The bidirectional draw and the dataloader's sharding are functions of that index, so every rank
-and every resumed run agrees on which document is which.
+A document's *global index* is its position in the split (shard order, then row order); the
+bidirectional draw and the sharding over ranks are functions of it.
 """
 
 import argparse
@@ -78,28 +75,18 @@ def _read_texts(path, row_group=None):
     offset = 0 if row_group is None else sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
     texts = []
     for chunk in column.chunks:
-        if pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
-            values = chunk.to_pylist()
-        else:
-            try:
-                values = chunk.to_pylist()
-            except (UnicodeDecodeError, pa.ArrowException) as e:
-                raise UserError(f"shard {path} holds text that is not valid UTF-8 ({e}); fix or remove the shard")
+        try:
+            values = chunk.to_pylist()  # a string column is decoded (and checked) here
+        except (UnicodeDecodeError, pa.ArrowException) as e:
+            raise UserError(f"shard {path} holds text that is not valid UTF-8 ({e}); fix or remove the shard")
         for value in values:
-            row = offset + len(texts)
-            if value is None:
-                value = ""
             if isinstance(value, bytes):
                 try:
                     value = value.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise UserError(f"shard {path}, row {row}: text is not valid UTF-8 ({e}); fix or remove it")
-            else:
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise UserError(f"shard {path}, row {row}: text is not valid UTF-8 ({e}); fix or remove it")
-            texts.append(value)
+                    raise UserError(f"shard {path}, row {offset + len(texts)}: text is not valid UTF-8 ({e}); "
+                                    "fix or remove it")
+            texts.append(value or "")
     return texts
 
 
@@ -155,15 +142,9 @@ class DocumentSource:
 
 
 class DocumentOrder:
-    """The order in which an epoch reads a split's documents: position -> global document index.
-
-    With `shuffle`, epoch e's order is a function of (seed, e) only: the shards in a seeded
-    permutation, taken `window` at a time, and the documents of each window of shards in a seeded
-    permutation of their own. So a run holds at most two windows of shards in memory (the loader's
-    streams may straddle a window boundary) however large the corpus, every document is read once
-    per epoch, and every rank, direction and resumed run sees the same order. Without `shuffle`
-    the order is the storage order, every epoch (docs/DIRECTIONS.md).
-    """
+    """Position in an epoch -> global document index. With `shuffle`, a function of (seed, epoch)
+    only: shards in a seeded permutation, `window` at a time, each window's documents permuted;
+    without it, storage order (docs/DIRECTIONS.md, "The order of documents")."""
 
     def __init__(self, row_counts, seed=0, shuffle=True, window=2):
         if int(window) < 1:
@@ -230,6 +211,18 @@ def _stdlib_files():
 _STATEMENT_START = re.compile(r"\n\n(?=[^\s#]|[ \t]*(?:async def |def |class |@))")
 
 
+def _merge(pieces, max_chars, sep_chars=0):
+    """Consecutive pieces joined by blank lines into documents of up to ~max_chars (blank ones dropped)."""
+    docs, current = [], ""
+    for piece in pieces:
+        if current and len(current) + len(piece) + sep_chars > max_chars:
+            docs.append(current)
+            current = ""
+        current = piece if not current else current + "\n\n" + piece
+    docs.append(current)
+    return [d for d in docs if d.strip()]
+
+
 def _split_source(text, max_chars):
     """Cut a module into documents at statement seams, merged up to ~max_chars (a seamless run
     longer than that is cut at line ends). Whole files would make a small-context model see file
@@ -242,15 +235,7 @@ def _split_source(text, max_chars):
             pieces.append(piece[:cut])
             piece = piece[cut:].lstrip("\n")
         pieces.append(piece)
-    docs, current = [], ""
-    for piece in pieces:
-        if current and len(current) + len(piece) > max_chars:
-            docs.append(current)
-            current = ""
-        current = piece if not current else current + "\n\n" + piece
-    if current.strip():
-        docs.append(current)
-    return [d for d in docs if d.strip()]
+    return _merge(pieces, max_chars)
 
 
 def builtin_documents(max_chars_per_doc=2000):
@@ -319,16 +304,7 @@ def shakespeare_documents(text, max_chars=1500):
     """Cut the plays into documents of consecutive whole speeches (a speech: "NAME:" then its
     lines, speeches separated by blank lines), merged up to ~max_chars: short dialogue passages,
     read in their order. A speech is never split, so each document begins with a speaker."""
-    speeches = [s.strip("\n") for s in re.split(r"\n\s*\n", text) if s.strip()]
-    docs, current = [], ""
-    for speech in speeches:
-        if current and len(current) + len(speech) + 2 > max_chars:
-            docs.append(current)
-            current = ""
-        current = speech if not current else current + "\n\n" + speech
-    if current:
-        docs.append(current)
-    return docs
+    return _merge([s.strip("\n") for s in re.split(r"\n\s*\n", text) if s.strip()], max_chars, sep_chars=2)
 
 
 def read_shakespeare(text_file=None, cache_dir=None, url=SHAKESPEARE_URL, max_attempts=5, backoff_s=2.0):
