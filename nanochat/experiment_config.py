@@ -1,32 +1,11 @@
 """Experiments: the one owner of the `experiments/` directory layout.
 
-An experiment is one training run of one phase (base, mid, sft, rl) in one direction. It lives in
-`<base_dir>/experiments/<id>/`:
-
-    config.json      what was run: phase, direction, depth, every flag, seed, parent id,
-                     code version, timestamps, status (created/running/completed/failed)
-    parent_link.json (children only, the plan's file) the parent as the plan reads it:
-                     parent_experiment(_id), parent_phase, parent_checkpoint_path
-    checkpoints/     its checkpoints (the checkpoint module writes here, asking us for the path)
-    logs/            its metric logs
-    evaluations/     one JSON file per evaluation
-
-A later phase starts from an earlier one, so every non-base experiment names a parent; one parent
-can have many children (e.g. an SFT and an RL branch from the same mid run), which makes the set
-of experiments a forest. The link is written once, in the child, when it is created; a parent's
-children are found by `children(id)` and `lineage()`.
-
-Nobody else joins paths into `experiments/`: scripts ask `checkpoint_dir(id)`, `logs_dir(id)`
-and friends, so the layout can change in this file alone.
-
-`ExperimentConfig(base_dir)` takes the base directory ($NANOCHAT_BASE_DIR) or, as the original
-plan passes it, the experiments folder itself: a path whose last component is `experiments` is
-taken as the folder, so `ExperimentConfig(base / "experiments")` never nests experiments/experiments.
-`create_experiment` returns the experiment's directory as a `pathlib.Path`; its config is read back
-with `load_config(id_or_path)` (docs/PLAN_DIFFERENCES.md).
-
-Writes are atomic (temp file in the same directory, then `os.replace`), so a killed run never
-leaves a half-written config.json. Under torchrun only rank 0 should create or update experiments.
+An experiment is one training run of one phase in one direction, in `<base_dir>/experiments/<id>/`
+(config.json, parent_link.json for a child, checkpoints/, logs/, evaluations/). Every non-base
+experiment names its parent, so experiments form a forest (`children`, `lineage`). Nobody else
+joins paths into `experiments/`: scripts ask `checkpoint_dir(id)`, `logs_dir(id)` and friends.
+Writes are atomic; under torchrun only rank 0 creates or updates experiments. The layout and the
+plan's spellings: docs/EXPERIMENTS.md ("The experiment directory").
 """
 
 import json
@@ -46,9 +25,6 @@ CONFIG_NAME = "config.json"
 PARENT_LINK_NAME = "parent_link.json"
 EXPERIMENTS_DIRNAME = "experiments"
 
-# Ids become directory names and checkpoint tags: nanochat/paths.py validate_name keeps them to
-# characters that are safe in a path on every filesystem (never ".", ".." or a hidden directory).
-
 # Fields that say what an experiment *is*; changing them after creation would break the lineage
 # (a child trained from a forward parent cannot become the child of a backward one).
 _IDENTITY_FIELDS = ("experiment_id", "phase", "direction", "depth", "parent_experiment", "created_at")
@@ -62,12 +38,7 @@ def _utc_now():
 
 
 def _git_code_version():
-    """{"commit": <HEAD hash>, "dirty": bool} for the repo holding this package, or None.
-
-    Run in the package's directory (not the caller's cwd) so the hash describes the code that
-    trains, wherever the script is launched from. Any git failure (no git, not a repo, no commit
-    yet) gives None: recording the version must never stop a run.
-    """
+    """{"commit": <HEAD hash>, "dirty": bool} of the repo holding this package (not the cwd), or None."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True,
@@ -79,6 +50,14 @@ def _git_code_version():
     if not commit:
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def _read_json(path, what=""):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what}{path} is not valid JSON ({e}); fix or remove it") from None
 
 
 class ExperimentConfig:
@@ -149,19 +128,16 @@ class ExperimentConfig:
         experiment_id = self._as_id(experiment_id)
         path = self.config_path(experiment_id)
         if not os.path.isfile(path):
-            known = self.list_experiments()
-            if not known:
-                hint = "there are no experiments yet"
-            elif len(known) <= _MAX_IDS_IN_ERROR:
-                hint = "known experiments: " + ", ".join(known)
-            else:
-                hint = f"{len(known)} experiments exist; list them with list_experiments()"
-            raise UserError(f"no experiment {experiment_id!r} under {self.root} ({hint})")
-        with open(path, encoding="utf-8") as f:
-            try:
-                return json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"experiment config {path} is not valid JSON ({e}); fix or remove it") from None
+            raise UserError(f"no experiment {experiment_id!r} under {self.root} ({self._known_hint()})")
+        return _read_json(path, "experiment config ")
+
+    def _known_hint(self):
+        known = self.list_experiments()
+        if not known:
+            return "there are no experiments yet"
+        if len(known) <= _MAX_IDS_IN_ERROR:
+            return "known experiments: " + ", ".join(known)
+        return f"{len(known)} experiments exist; list them with list_experiments()"
 
     def load_parent_link(self, experiment_id):
         """The child's parent_link.json as a dict ({"parent_experiment", "parent_experiment_id",
@@ -171,11 +147,7 @@ class ExperimentConfig:
         path = self.parent_link_path(experiment_id)
         if not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            try:
-                return json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+        return _read_json(path)
 
     def children(self, experiment_id):
         """Ids of the experiments whose parent is `experiment_id`, oldest first."""
@@ -186,32 +158,23 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ writes
 
-    def _write_config(self, experiment_id, config):
-        atomic_write_json(self.config_path(experiment_id), config)
-
     def update_config(self, experiment_id, **fields):
         """Merge `fields` into the experiment's config (atomically) and return the new config."""
         changed_identity = sorted(k for k in fields if k in _IDENTITY_FIELDS)
         if changed_identity:
             raise UserError(f"cannot change {', '.join(changed_identity)} of experiment {experiment_id!r}: "
                             "they define what it is; create a new experiment instead")
-        if "status" in fields:
-            self._validate_status(fields["status"])
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise UserError(f"unknown experiment status {fields['status']!r}: must be one of {', '.join(STATUSES)}")
         config = self.load_config(experiment_id)
         config.update(fields)
         config["updated_at"] = _utc_now().isoformat(timespec="seconds")
-        self._write_config(experiment_id, config)
+        atomic_write_json(self.config_path(experiment_id), config)
         return config
-
-    @staticmethod
-    def _validate_status(status):
-        if status not in STATUSES:
-            raise UserError(f"unknown experiment status {status!r}: must be one of {', '.join(STATUSES)}")
-        return status
 
     def set_status(self, experiment_id, status):
         # Any status may follow any other: a failed or completed run can be resumed (-> running).
-        return self.update_config(experiment_id, status=self._validate_status(status))
+        return self.update_config(experiment_id, status=status)
 
     def _unique_default_id(self, phase, depth, direction):
         stem = f"{phase}_d{depth}_{direction}_{_utc_now().strftime('%Y%m%d_%H%M%S')}"
@@ -232,13 +195,10 @@ class ExperimentConfig:
 
     def create_experiment(self, phase, direction, depth, parent_experiment=None, experiment_id=None,
                           resume=False, **flags):
-        """Create experiment `<id>` (or, with resume=True, reuse the existing one) with its
-        config.json (and parent_link.json for a child); return its directory as a pathlib.Path.
+        """Create experiment `<id>` (resume=True: reuse it) and return its directory as a pathlib.Path.
 
-        `flags` are the run's training flags, recorded verbatim under "flags" (and "seed").
-        A non-base phase needs a parent; a child inherits the parent's direction and depth when
-        they are None, and contradicting them is an error (a checkpoint's direction is fixed).
-        Read the config back with `load_config(path)` (or `load_config(path.name)`).
+        `flags` (the run's training flags) are recorded verbatim. A child inherits the parent's
+        direction and depth when they are None; contradicting them is an error.
         """
         if phase not in PHASES:
             raise UserError(f"unknown phase {phase!r}: must be one of {', '.join(PHASES)}")
@@ -249,9 +209,8 @@ class ExperimentConfig:
         if parent_experiment is not None:
             self.validate_id(parent_experiment)
             if not self.exists(parent_experiment):
-                known = self.list_experiments()
-                listing = (": known experiments: " + ", ".join(known)) if 0 < len(known) <= _MAX_IDS_IN_ERROR else ""
-                raise UserError(f"parent experiment {parent_experiment!r} does not exist under {self.root}{listing}")
+                raise UserError(f"parent experiment {parent_experiment!r} does not exist under {self.root} "
+                                f"({self._known_hint()})")
             parent = self.load_config(parent_experiment)
             if direction is None:
                 direction = parent["direction"]
@@ -304,7 +263,7 @@ class ExperimentConfig:
         for sub in (self.checkpoint_dir(experiment_id), self.logs_dir(experiment_id),
                     self.evaluations_dir(experiment_id)):
             os.makedirs(sub, exist_ok=True)
-        self._write_config(experiment_id, config)
+        atomic_write_json(self.config_path(experiment_id), config)
         if parent is not None:
             atomic_write_json(self.parent_link_path(experiment_id), {
                 "parent_experiment": parent_experiment,
@@ -316,12 +275,10 @@ class ExperimentConfig:
     # ------------------------------------------------------------------ lineage
 
     def lineage(self, experiment_id=None):
-        """The experiments as a forest: a list of root nodes, each
-        {"id", "phase", "direction", "status", "children": [nodes]}.
+        """The experiments as a forest: [root node], each {"id", "phase", "direction", "status", "children"}.
 
-        With an id, only the tree holding it (rooted at its root ancestor) is returned, as a
-        one-element list. Links come from each child's `parent_experiment`; an experiment whose
-        parent has been deleted becomes a root.
+        With an id, only the tree holding it (from its root ancestor) is returned, as a one-element
+        list. An experiment whose parent has been deleted becomes a root.
         """
         configs = {i: self.load_config(i) for i in self.list_experiments()}
         children_of = {}

@@ -1,31 +1,12 @@
 """Research logs: every step's metrics in one HDF5 file per phase, readable while (or after) a run dies.
 
-A run writes `<experiment_dir>/logs/<phase>.h5`:
-
-    /                             attrs: phase, created_at, metadata (JSON), resumed (JSON list)
-    /scalars/step                 int64 (n,)  the step of every row; the alignment key
-    /scalars/<name>               float64 (n,) one value per row, NaN where the metric was absent
-    /scalars/<group>/<name>       the same for a nested metric, e.g. grad_norm/layer0
-    /snapshots/step_NNNNNN/<name> occasional large arrays (per-token loss, per-layer statistics),
-                                  strings and lists of strings (e.g. the direction of each row)
-
-Why this layout (docs/DESIGN.md §9, measured on this machine): one group per step is ~25x larger
-and ~240x slower to read back than appending to chunked, resizable datasets. Rows are buffered in
-memory and appended as one block every `flush_every` steps, followed by `file.flush()`: with the
-default libver and a flush per block, a file killed with SIGKILL still opened every time, while
-without flushes (or with libver='latest' and no SWMR) it usually did not. So we keep the default
-libver, flush after every block and every snapshot, and extend `/scalars/step` last in a block:
-it acts as the commit marker, and the readers align every other column to its length.
-
-Values: Python and numpy numbers, 0-d arrays and 0-d torch tensors become scalars (stored as
-float64: integers above 2**53 lose precision, and a NaN value reads back like a missing one).
-A 0-d tensor is read when logged (on an accelerator that synchronises: training logs the Python
-floats `Trainer.step` returns). Anything else (arrays of any other shape, strings, lists) passed to
-`log_step` is stored as a snapshot of that step.
-
-Under torchrun only rank 0 should create a logger. A file written by another process can be read
-at any time with the module-level readers (`read_scalars`, `read_snapshot`, ...): they open the
-file read-only without HDF5 file locking and see everything up to the writer's last flush.
+A run writes `<experiment_dir>/logs/<phase>.h5`: `/scalars/step` (int64) is the alignment key and
+the commit marker (extended last in every block), `/scalars/<name>` and `/scalars/<group>/<name>`
+hold one float64 per row (NaN where absent), `/snapshots/step_NNNNNN/<name>` occasional large
+arrays and strings. Rows are buffered and appended as one block every `flush_every` steps, each
+block followed by `file.flush()` so a file killed with SIGKILL still opens. The readers open the
+file read-only without HDF5 locking, even while the writer lives. Layout, measurements and the value
+rules: docs/RESEARCH.md ("Research logs").
 """
 
 import json
@@ -113,15 +94,9 @@ class ResearchLogger:
                 if logger.should_snapshot(step):
                     logger.log_snapshot(step, {"per_token_loss": losses, "direction": dirs})
 
-    An existing file is never overwritten: pass `resume=True` to keep appending to it, and
-    `resume_from_step=N` to first drop whatever was logged after step N (the steps a resumed run
-    is about to redo). Steps must not decrease; logging the same step again (e.g. validation
-    metrics after the training metrics of that step) fills in the same row. Up to `flush_every`
-    buffered rows are lost if the process dies, and all of them if close() is never called:
-    use it as a context manager (close() also runs when the training loop raises). The shared
-    training loop (nanochat.training.run_loop) also flushes after every checkpoint and on
-    SIGTERM/SIGINT, so the rows up to the last checkpoint survive even SIGKILL and a resumed
-    log is contiguous; `resume_gap` reports a hole left by a log that was not flushed that way.
+    An existing file is never overwritten: `resume=True` appends to it, `resume_from_step=N` first
+    drops what was logged after step N. Logging a step again fills in its row. Unflushed rows are
+    lost if the process dies: use it as a context manager (docs/RESEARCH.md, "Research logs").
     """
 
     def __init__(self, experiment_dir, phase="base_training", flush_every=100, snapshot_every=1000,
