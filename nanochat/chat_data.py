@@ -1,20 +1,9 @@
 """Direction-aware conversation batches for midtraining (packed) and SFT (padded).
 
-Each conversation is rendered in reading order with a per-token mask, then oriented by
-nanochat.direction (the mask travels with its token). Targets are the next tokens where the
-next token's mask is 1, else -1. Direction markers always carry mask 0, so they are never
-targets.
-
-Ordering and sharding follow the pretraining loader: with `shuffle` each epoch reads the examples
-in a fresh order drawn from (seed, epoch) (nanochat.dataset.DocumentOrder), without it in the
-task's order; micro-batch slot s of N = world_size x grad_accum streams reads the epoch's
-positions p % N == s, so the global batch does not depend on how it is
-split over processes. The bidirectional draw is a function of (seed, epoch, example index).
-
-Packed rows (midtraining) lose no token: a conversation longer than the room left in a row
-continues at the start of the next row behind its header (BOS, marker) and up to T/8 tokens of
-its preceding text as untrained context, as pretraining rows do (docs/DIRECTIONS.md). Padded
-rows (SFT) hold one conversation each, cut to T+1 tokens.
+Each conversation is rendered with a per-token mask and oriented by nanochat.direction (the mask
+travels with its token; markers have mask 0). Targets are the next tokens where their mask is 1,
+else -1. Order, sharding over ranks and continuation of long conversations follow the pretraining
+loader (docs/DIRECTIONS.md): no token is lost, and the global batch does not depend on the split.
 """
 
 import torch
@@ -92,14 +81,10 @@ def _to_tensors(rows, masks, device):
 
 
 class ConversationBatches:
-    """Iterator of (inputs, targets), (B, T) each, for one rank.
-
-    mode "pack": conversations are concatenated into rows of T+1 (each row starts with a
-    conversation's BOS; the conversation that overflows a row continues in the next row behind
-    its header and `context_tokens` of context, default T/8), as in midtraining.
-    mode "pad": one conversation per row, cropped to T+1 and padded with masked BOS tokens, as
-    in SFT.
-    """
+    """Iterator of (inputs, targets), (B, T) each, for one rank. mode "pack" (midtraining):
+    conversations packed into rows of T+1, an overflowing one continued in the next row behind its
+    header and `context_tokens` (default T/8) of context; "pad" (SFT): one per row, cut to T+1,
+    padded with masked BOS."""
 
     def __init__(self, task, tokenizer, direction, B, T, mode="pad", train_on=None, seed=0, p_backward=0.5,
                  rank=0, world_size=1, grad_accum_steps=1, device="cpu", context_tokens=None, shuffle=False):

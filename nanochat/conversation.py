@@ -1,13 +1,9 @@
-"""Conversations and the chat template: how a conversation becomes token ids, in reading order.
-
-A conversation is {"messages": [{"role", "content"}, ...]} with alternating user/assistant turns; an
-optional leading system message is merged into the first user turn. Rendered in reading order:
+"""The chat template: a conversation {"messages": [{"role", "content"}, ...]} (alternating user and
+assistant turns, a leading system message merged into the first user turn) as token ids in reading order:
 
     <|bos|> <|user_start|> question <|user_end|> <|assistant_start|> answer <|assistant_end|> ...
 
-This module knows the template's token layout and nothing of directions: nanochat.direction orients
-what it renders (backward, bidirectional). `tokenizer` is any object with encode, encode_special and
-get_bos_token_id (nanochat.tokenizer.Tokenizer).
+Nothing here knows directions: nanochat.direction orients what this renders.
 """
 
 TRAIN_ON_CHOICES = ("assistant", "user", "all")
@@ -43,12 +39,9 @@ def turn_content(conversation, role, which="first"):
 
 
 def render_conversation(tokenizer, conversation, train_on="assistant", closing="end"):
-    """(ids, mask) in reading order; mask 1 on the tokens trained on (train_on's turns).
-
-    `closing` says which delimiter of a trained turn is trained with it: 'end' when the turn is
-    generated left to right (forward), 'start' when it is generated right to left (backward), so the
-    mask always covers what the model writes, including the token that ends its turn in its own
-    orientation. Orient the result with nanochat.direction.orient_conversation."""
+    """(ids, mask) in reading order; mask 1 on the tokens of train_on's turns. `closing` is the
+    delimiter trained with a turn: 'end' when it is written left to right (forward), 'start' right
+    to left (backward), so the mask covers the token that ends the turn in the model's orientation."""
     if train_on not in TRAIN_ON_CHOICES:
         raise ValueError(f"train_on must be one of {TRAIN_ON_CHOICES}, not {train_on!r}")
     ids, mask = [tokenizer.get_bos_token_id()], [0]
@@ -83,13 +76,9 @@ def answer_context(tokenizer, conversation):
 
 
 def question_context(tokenizer, conversation):
-    """(later, slot_end, slot_start) for writing a conversation's first user turn from what follows it.
-
-    `conversation` is the later part of a chat in reading order, starting with the assistant answer
-    whose question is written (a leading user turn is that slot: its content is ignored) and ending
-    with an assistant answer. `later` is everything after the slot in reading order (no BOS);
-    `slot_end` (<|user_end|>) and `slot_start` (<|user_start|>) are the slot's delimiters: a model
-    reading right to left is given reversed(later) + [slot_end] and stops at slot_start."""
+    """(later, slot_end, slot_start) for writing a conversation's first user turn from what follows
+    it (the backward chat of docs/DIRECTIONS.md): `later` is everything after that slot in reading
+    order, without BOS; slot_end and slot_start are <|user_end|> and <|user_start|>."""
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
     messages = [dict(m) for m in messages]
     if messages and messages[0].get("role") == "assistant":

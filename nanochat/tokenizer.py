@@ -1,9 +1,8 @@
 """BPE tokenizer: trained with rustbpe, encoded with tiktoken, saved without pickles.
 
-One tokenizer serves all three directions: it is trained on forward text (or, as a control,
-on character-reversed text or both: train_direction, recorded in tokenizer.json) and always holds the
-direction markers <|forward|> and <|backward|> (docs/DESIGN.md §1). Reversal happens on token ids,
-never on characters, so forward and backward rows of a document hold the same tokens.
+One tokenizer serves all three directions: it holds the markers <|forward|> and <|backward|>
+(docs/DESIGN.md §1), and models reverse token ids, never characters. Its merges are fitted to
+forward text, or as a control to reversed text or both (train_direction, kept in tokenizer.json).
 
 On disk ($NANOCHAT_BASE_DIR/tokenizer/):
     tokenizer.json      split pattern, special tokens -> ids, vocab size
@@ -53,25 +52,20 @@ def tokenizer_dir(base_dir=None):
 
 
 class Tokenizer:
-    def __init__(self, mergeable_ranks, special_tokens, pattern=SPLIT_PATTERN, name="nanochat"):
+    def __init__(self, mergeable_ranks, special_tokens, pattern=SPLIT_PATTERN, train_direction="forward"):
         import tiktoken
         self.pattern = pattern
         self.mergeable_ranks = mergeable_ranks
         self.special_tokens = dict(special_tokens)
-        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+        self.train_direction = train_direction  # the text the merges were fitted to (TRAIN_DIRECTIONS)
+        self.enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
-
-    # Which text the merges were fitted to (TRAIN_DIRECTIONS): recorded in tokenizer.json; a
-    # tokenizer saved before this was recorded was trained on forward text.
-    train_direction = "forward"
 
     # ---- training and persistence -------------------------------------------------------
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size, special_tokens=SPECIAL_TOKENS, train_direction="forward"):
-        """Fit the merges to the texts as given (forward), to each text with its characters
-        reversed (backward), or to both versions of every text (both): the tokenizer control of
-        docs/DESIGN.md §2, checking that an arrow-of-time gap is not an artefact of merges fitted
-        to one reading direction. Character reversal is nanochat.direction.reverse_text."""
+        """Fit the merges to the texts (forward), to them with characters reversed (backward), or to
+        both: the tokenizer control of docs/DESIGN.md §2 (docs/EVALUATION.md)."""
         import rustbpe
         if train_direction not in TRAIN_DIRECTIONS:
             raise UserError(f"--train_direction={train_direction!r}: use one of {', '.join(TRAIN_DIRECTIONS)}")
@@ -88,9 +82,7 @@ class Tokenizer:
                   f"non-special tokens; the vocabulary is smaller than --vocab_size", flush=True)
         offset = len(ranks)
         specials = {name: offset + i for i, name in enumerate(special_tokens)}
-        tokenizer = cls(ranks, specials, pattern=bpe.get_pattern())
-        tokenizer.train_direction = train_direction
-        return tokenizer
+        return cls(ranks, specials, pattern=bpe.get_pattern(), train_direction=train_direction)
 
     def save(self, directory):
         """The three files, each through paths.atomic_write, nested so that every file is written
@@ -120,10 +112,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory):
-        """Read and verify the three files: ranks complete and consistent with tokenizer.json,
-        special ids unique and after the byte/merge ids, token_bytes.npy equal to the lengths
-        the ranks give. Any defect is one UserError naming the file and the rebuild command,
-        here at load time rather than at the first evaluation after training steps ran."""
+        """Read and verify the three files (docs/SAFETY.md): any defect is one UserError naming the
+        file and the rebuild command, at load time rather than after training steps ran."""
         meta_path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(meta_path):
             raise UserError(f"no tokenizer in {directory}: train one with `python -m scripts.tok_train`")
@@ -151,24 +141,21 @@ class Tokenizer:
                                         f"({line.strip()[:40].decode(errors='replace')!r}); {retrain}") from None
         _check_ids(ranks, specials, meta, meta_path, ranks_path, retrain)
         try:
-            tokenizer = cls(ranks, specials, pattern=pattern)
+            tokenizer = cls(ranks, specials, pattern=pattern, train_direction=meta.get("train_direction", "forward"))
         except Exception as e:  # tiktoken: a bad regex or inconsistent ranks/special ids
             raise UserError(f"tokenizer in {directory} cannot be built ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0]}); {retrain}") from None
-        tokenizer.train_direction = meta.get("train_direction", "forward")
         recorded = meta.get("fingerprint")  # tokenizers saved before it was recorded: the checks above
         if recorded is not None and recorded != tokenizer.fingerprint():
             raise UserError(f"tokenizer files in {directory} do not belong together: {ranks_path} and {meta_path} "
                             f"differ from what was saved (fingerprint {tokenizer.fingerprint()[:12]} != recorded "
                             f"{str(recorded)[:12]}); {retrain}")
-        load_token_bytes(os.path.join(directory, "token_bytes.npy"), tokenizer, retrain)
+        _check_token_bytes(os.path.join(directory, "token_bytes.npy"), tokenizer, retrain)
         return tokenizer
 
     def fingerprint(self):
-        """sha256 of what defines the token ids: merge ranks, special tokens and split pattern.
-
-        Recorded in every checkpoint's meta and compared on load (nanochat.checkpoint_manager), so
-        a retrained tokenizer of the same size is caught instead of giving silently wrong bpb."""
+        """sha256 of what defines the token ids (merge ranks, special tokens, split pattern): recorded in
+        every checkpoint's meta and compared on load, so a retrained tokenizer of the same size is caught."""
         cached = getattr(self, "_fingerprint", None)
         if cached is None:
             import hashlib
@@ -220,29 +207,15 @@ class Tokenizer:
         return self.encode_special(tok) if isinstance(tok, str) else int(tok)
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """Encode a string (-> list of ids) or a list of strings (-> list of lists).
-
-        Special-token spellings inside the text are encoded as ordinary text. `prepend` /
-        `append` add one special token (its name or id) around each encoded text.
-        """
-        pre = None if prepend is None else self._as_id(prepend)
-        post = None if append is None else self._as_id(append)
+        """Encode a string (-> list of ids) or a list of strings (-> list of lists). Special-token
+        spellings in the text are ordinary text; `prepend` / `append` add one special token (name or id)."""
+        pre = [] if prepend is None else [self._as_id(prepend)]
+        post = [] if append is None else [self._as_id(append)]
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
+            return pre + self.enc.encode_ordinary(text) + post
         if isinstance(text, (list, tuple)):
             batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-            if pre is not None:
-                for ids in batch:
-                    ids.insert(0, pre)
-            if post is not None:
-                for ids in batch:
-                    ids.append(post)
-            return batch
+            return [pre + ids + post for ids in batch] if pre or post else batch
         raise TypeError(f"encode() takes a string or a list of strings, not {type(text).__name__}")
 
     __call__ = encode
@@ -282,9 +255,8 @@ def _check_ids(ranks, specials, meta, meta_path, ranks_path, retrain):
                         f"and follow the {n} byte/merge ids ({n}..{n + len(ids) - 1}); {retrain}")
 
 
-def load_token_bytes(path, tokenizer, retrain="rebuild it with `python -m scripts.tok_train --overwrite`"):
-    """token_bytes.npy as an int array, verified: a plain (unpickled) integer array with one entry
-    per token id, equal to the byte lengths the tokenizer's ranks give (0 for special tokens)."""
+def _check_token_bytes(path, tokenizer, retrain):
+    """token_bytes.npy must be a plain (unpickled) integer array equal to the ranks' byte lengths."""
     if not os.path.exists(path):
         raise UserError(f"tokenizer file {path} is missing; {retrain}")
     try:
@@ -300,7 +272,6 @@ def load_token_bytes(path, tokenizer, retrain="rebuild it with `python -m script
         bad = int(np.flatnonzero(lengths != expected)[0])
         raise UserError(f"tokenizer file {path} does not match ranks.tiktoken (token {bad}: {int(lengths[bad])} "
                         f"bytes recorded, {int(expected[bad])} in the ranks); {retrain}")
-    return lengths
 
 
 def get_tokenizer(base_dir=None):
@@ -308,10 +279,8 @@ def get_tokenizer(base_dir=None):
 
 
 def get_token_bytes(device="cpu", base_dir=None):
-    """Per-token UTF-8 byte lengths as a torch tensor (for bits-per-byte)."""
+    """Per-token UTF-8 byte lengths as a torch tensor (for bits-per-byte); loading the tokenizer
+    verifies that token_bytes.npy holds exactly these."""
     import torch
-    path = os.path.join(tokenizer_dir(base_dir), "token_bytes.npy")
-    if not os.path.exists(path):
-        raise UserError(f"no token byte table at {path}: train the tokenizer with `python -m scripts.tok_train`")
-    lengths = load_token_bytes(path, get_tokenizer(base_dir))
+    lengths = get_tokenizer(base_dir).token_byte_lengths()
     return torch.from_numpy(lengths.astype(np.int64)).to(device)
