@@ -1,32 +1,10 @@
-"""Direction-aware pretraining batches: orient each document, then pack it with no token lost.
-
-Order of operations (docs/DESIGN.md §2, docs/DIRECTIONS.md):
-  0. each epoch reads the split's documents in an order drawn from (seed, epoch) with `shuffle`
-     (nanochat.dataset.DocumentOrder; the same for every direction, rank and resumed run), or in
-     storage order without it,
-  1. read a document, tokenize it (in batches, multi-threaded; a giant document in bounded pieces),
-  2. orient it with nanochat.direction (BOS first; reversed text for backward; a marker after
-     BOS for bidirectional, drawn from (seed, epoch, global document index)),
-  3. pack oriented documents into rows of T+1 tokens, BOS-aligned and best fit: every row starts
-     with a document's BOS and whole documents are placed longest-first into the room left. When
-     no document fits, the one that has waited longest fills the room with its beginning and
-     *continues* at the start of the next row: the continuation restates the document's header
-     (BOS, marker) and carries up to `context_tokens` (default T/8) of the preceding text as
-     context that is not a target (nanochat.direction.document_piece). No token is cropped.
-Targets are the inputs shifted by one; a direction marker or a context token is never a target
-(-1). So per epoch every text token of every document is a target exactly once, in every
-direction: forward and backward models learn from the same text.
-
-Data parallelism. Each optimizer step consumes N = world_size x grad_accum_steps micro-batches.
-Micro-batch slot s (0 <= s < N) is fed by its own *stream*, which reads the documents at the
-epoch's positions congruent to s modulo N. Rank r runs slots r*A .. r*A+A-1 (A = grad_accum_steps).
-So the global batch depends on (total batch, B, T) and not on how it is split over processes:
-two ranks without accumulation see exactly the data of one rank accumulating two micro-batches.
-
-Resuming: `state_dict()` after a batch records each stream's epoch, read position and the pieces
-still waiting in its packing buffer (document index, epoch read, where its untrained text
-starts); `load_state_dict()` re-reads those documents, so a resumed run yields the same batches
-as an uninterrupted one, mid-document included.
+"""Direction-aware pretraining batches: each epoch's documents in a seeded order, each document
+oriented on its own (nanochat.direction), then packed BOS-aligned, best fit, with no token lost: a
+document that does not fit continues in the next row behind its header and up to `context_tokens`
+(T/8) of preceding text that is not a target. Per epoch every text token is a target exactly once,
+in every direction. Micro-batch slot s of world_size x grad_accum streams reads the epoch positions
+p % N == s, so the global batch does not depend on how it is split over processes; the state after a
+batch (epoch, read position, waiting pieces) resumes exactly. Details: docs/DIRECTIONS.md.
 """
 
 import bisect
@@ -225,9 +203,7 @@ class _Stream:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._iter = None
         self.lengths, self.pieces, self.buffered, self.carry = [], [], 0, None
-        # Older states list bare document indices: those documents start afresh in the saved epoch.
-        pending = [(int(p), self.epoch, 0) if isinstance(p, int) else tuple(int(v) for v in p)
-                   for p in state["pending"]]
+        pending = [tuple(int(v) for v in p) for p in state["pending"]]
         for start in range(0, len(pending), self.batch_size):
             part = pending[start:start + self.batch_size]
             self._add_texts([(i, e, self.source.get(i)) for i, e, _ in part], [b for _, _, b in part])
