@@ -34,7 +34,8 @@ NO_LOG_ID = "t_forward_mid"  # a child experiment that was never trained
 def train_args(direction):
     return (f"--model_tag=t_{direction}", f"--direction={direction}", "--depth=2", "--max_seq_len=64",
             "--device_batch_size=2", f"--total_batch_size={TOKENS_PER_STEP}", f"--num_iterations={STEPS}",
-            "--eval_every=3", "--eval_tokens=2000", "--research_log=1")
+            "--eval_every=3", "--eval_tokens=2000", "--research_log=1",
+            "--shuffle=0")  # stored order: the bidirectional model's first batch draws a row each way
 
 
 @pytest.fixture(scope="module")
