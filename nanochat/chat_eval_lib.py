@@ -1,32 +1,11 @@
-"""Chat evaluation in every direction (docs/DESIGN.md §5-7): the library behind scripts/chat_eval.py.
+"""Chat evaluation in every direction: the library behind scripts/chat_eval.py (docs/EVALUATION.md).
 
-Two kinds of task (tasks/common.py):
-
-- Generative (GSM8K, arithmetic, reversal facts): the model generates in a concrete direction
-  through Engine.chat. Forward, it reads the question and writes the answer; backward, it reads
-  the answer and writes the question that precedes it. The generation is restored to reading
-  order and scored by `task.reward(conversation, text, direction)`. A direction the task cannot
-  verify is skipped (tasks.common.check_task_direction says why).
-
-- Multiple choice (ARC, MMLU), direction-fair likelihood scoring: each choice is put in the
-  conversation as the assistant's answer and the *whole* conversation is scored in the evaluated
-  direction,
-
-      score(choice) = sum over positions i >= 1 of the oriented row, except markers,
-                      of log p(row[i] | row[:i])
-
-  where row = the conversation rendered with every turn trained on (train_on="all": BOS and the
-  bidirectional marker are inputs only, never targets) and oriented by DirectionSpec. The choice
-  with the highest score is the prediction. Forward, the question's part of the sum is the same
-  for every choice, so this ranks like log p(choice, <|assistant_end|> | question); backward it
-  is the natural analogue, log p(answer) + log p(question | answer), which no per-choice
-  conditional could give a model that reads the answer first. The sum is not length-normalised
-  (docs/DESIGN.md §7): it is the probability of the whole text. What "the choice as the answer" is:
-  by default the letter the task's assistant writes (tasks/multiple_choice.py: the user turn
-  lists the lettered choices); mc_answer="text" puts the choice's own text there instead.
-
-Examples that do not fit the model's context are skipped and counted, never cropped: cropping
-one side would not be direction-fair.
+Generative tasks: the model generates in a concrete direction through Engine.chat (backward it writes
+the question before a given answer); the text is restored to reading order and scored by task.reward.
+Multiple choice: each choice is put in as the assistant's answer and the choices are ranked by the
+log-likelihood of the *whole* conversation read in the evaluated direction (every position after BOS,
+markers excluded; not length-normalised). Examples that do not fit the context are skipped and counted,
+never cropped: cropping one side would not be direction-fair.
 """
 
 import torch
@@ -40,13 +19,8 @@ EVAL_DIRECTION_CHOICES = ("auto", "both", "forward", "backward")
 
 
 def resolve_eval_directions(spec, requested="auto"):
-    """The concrete directions to evaluate the model of DirectionSpec `spec` in.
-
-    auto = what the model does natively (spec.generation_directions(): both for bidirectional,
-    else its own); both, forward, backward ask explicitly, and a direction the spec cannot
-    generate is an error."""
-    if requested not in EVAL_DIRECTION_CHOICES:
-        raise UserError(f"--eval_direction={requested!r}: use {', '.join(EVAL_DIRECTION_CHOICES)}")
+    """The concrete directions to evaluate the model of DirectionSpec `spec` in: auto = what it
+    generates natively; both, forward, backward ask explicitly (one it cannot generate is an error)."""
     native = spec.generation_directions()
     wanted = native if requested == "auto" else list(CONCRETE_DIRECTIONS) if requested == "both" else [requested]
     missing = [d for d in wanted if d not in native]
@@ -80,12 +54,9 @@ MC_ANSWERS = {"letter": "choices", "text": "choice_texts"}
 
 
 def choice_rows(spec, tokenizer, example, concrete_direction, mc_answer="letter"):
-    """[(ids, mask)] per choice: the whole conversation with that choice as the answer, in model
-    orientation; mask 1 on every position that is scored (all but BOS and the marker).
-
-    mc_answer "letter": the answer is what the task lets the assistant write (example["choices"],
-    the letters in tasks/multiple_choice.py); "text": the choice's own text
-    (example["choice_texts"]), so a backward model reads an answer with content first."""
+    """[(ids, mask)] per choice: the whole conversation with that choice as the answer (mc_answer
+    "letter": example["choices"], what the assistant writes; "text": example["choice_texts"]), in
+    model orientation; mask 1 on every scored position (all but BOS and the marker)."""
     if mc_answer not in MC_ANSWERS:
         raise UserError(f"--mc_answer={mc_answer!r}: use {' or '.join(MC_ANSWERS)}")
     field = MC_ANSWERS[mc_answer]
@@ -175,13 +146,9 @@ def given_and_reference(conversation, concrete_direction):
 
 def evaluate_generative(engine, task, indices, concrete_direction, num_samples=1, max_new_tokens=64,
                         temperature=0.0, top_k=None, seed=42, keep_samples=5):
-    """pass@num_samples of generations in one concrete direction, scored by task.reward (the
-    best of an example's samples counts; with 0/1 rewards, whether any sample is right).
-
-    Forward the model writes the assistant's answer; backward it is given the answer and writes
-    the question (Engine.chat). Returns Tally.as_dict() plus "reward_sum" (of each example's mean
-    reward over samples), "per_example": [(index, best reward)] of every scored example, and
-    "samples": the first `keep_samples` examples, given and generated."""
+    """pass@num_samples of generations in one concrete direction, scored by task.reward (an
+    example's best sample counts). Returns Tally.as_dict() plus "reward_sum" (of each example's mean
+    reward), "per_example": [(index, best reward)] and "samples": the first `keep_samples` examples."""
     limit = engine.model.config.sequence_len
     tally, reward_sum, samples, per_example = Tally(), 0.0, [], []
     for index in indices:

@@ -1,23 +1,10 @@
-"""Factorisation consistency: do the two readings of a text agree on its probability?
+"""Factorisation consistency: do the forward and backward readings of a document agree on its probability?
 
-A language model factorises p(x) left to right, a backward model right to left. For the true
-distribution both give the same number for every document: log p_fwd(x) = log p_bwd(x). For a
-bidirectional model (one network, two factorisations) and for a separately trained forward /
-backward pair, this module measures how far apart the two are, per document:
-
-    bpb_fwd(doc), bpb_bwd(doc)       bits per byte of the same whole document read each way
-                                     (docs/DESIGN.md §3: same tokens, same byte denominator)
-    mean |bpb_fwd - bpb_bwd|         0 for a consistent model
-    mean (bpb_bwd - bpb_fwd)         the average arrow-of-time gap, per document
-    correlation                      Pearson r over documents: do both readings find the same
-                                     documents hard?
-
-Documents are scored with nanochat/loss_eval.py's windows (a long document is scored in windows
-that restate its header, every text token exactly once), one document per row so that each sum
-belongs to one document and no document sees another as context. The byte counts equal
-evaluate_bpb's exactly; the nats differ slightly where evaluate_bpb packs several short documents
-into one row (a later document then attends to earlier ones: about 5e-5 relative on the tests'
-tiny models), and are identical when every document fills its own rows.
+For the true distribution log p_fwd(x) = log p_bwd(x). For a bidirectional model (two readings) or a
+forward/backward pair this module measures, per document, bpb of the same whole document read each way,
+then the mean |difference|, the mean signed difference (the per-document arrow-of-time gap) and the
+Pearson correlation over documents. Documents are scored with nanochat/loss_eval.py's windows, one
+document per row (docs/EVALUATION.md, "Factorisation consistency").
 """
 
 import json
@@ -30,7 +17,7 @@ import torch.distributed as dist
 
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, validate_direction
 from nanochat.evaluations import list_family, write_record
-from nanochat.loss_eval import _pieces, token_losses
+from nanochat.loss_eval import document_windows, token_losses
 
 
 @torch.no_grad()
@@ -46,7 +33,7 @@ def per_document_bpb(model, tokenizer, token_bytes, docs, trained_direction, con
     pieces = []  # (doc index, inputs, targets): one window per row
     for d, tokens in enumerate(docs):
         row, _ = spec.orient(tokens, concrete_direction=concrete_direction)
-        pieces += [(d, inp, tgt) for inp, tgt, _ in _pieces(row, T, spec.header_len)]
+        pieces += [(d, inp, tgt) for inp, tgt, _, _ in document_windows(row, T, spec.header_len)]
     nats = [0.0] * len(docs)
     nbytes = [0] * len(docs)
     for start in range(0, len(pieces), batch_size):

@@ -1,48 +1,12 @@
-"""CORE-style in-context benchmark for base models, in every concrete direction (docs/DESIGN.md §7).
+"""CORE-style few-shot benchmark for base models, scored in every concrete direction (docs/DESIGN.md §7).
 
-The tasks are the usual few-shot ones of the public evaluation bundle (the DCLM "CORE" set that
-nanochat users read for every base model), three kinds:
-
-    multiple_choice     one context, several continuations     {"query", "choices", "gold"}
-    schema              several contexts, one continuation     {"context_options", "continuation", "gold"}
-    language_modeling   one context, one continuation          {"context", "continuation"}
-
-Bundle layout (downloaded once to $NANOCHAT_BASE_DIR/eval_bundle/, or pointed at with
---bundle_dir): `core.yaml` lists the tasks (label, dataset_uri, num_fewshot, icl_task_type,
-continuation_delimiter), `eval_meta_data.csv` gives each task's random baseline in percent
-("Eval Task", "Random baseline"), `eval_data/.../*.jsonl` holds the items. The small fixture in
-tests/fixtures/eval_bundle/ has the same layout and goes through the same code.
-
-Direction-fair scoring. Every item is turned into whole texts, one per option (the item's
-context, the delimiter, the continuation), tokenised once in reading order and oriented by
-nanochat.direction, so the forward and backward readings hold exactly the same tokens.
-
-- Few-shot demonstrations (other items of the task with their right answer, drawn
-  deterministically per item) go where the evaluated reading meets them *first*: before the item
-  in reading order when scoring forward, after it when scoring backward. They are context only,
-  never scored. If a row does not fit the model's context, demonstrations are dropped (the same
-  number in both directions); an item that does not fit without them is skipped and counted.
-- multiple_choice and schema: the option whose whole item text (context + continuation) has the
-  highest log-likelihood in the evaluated direction wins; the sum over the item's tokens is not
-  length-normalised: it is the probability of the complete text, which a perfect model gives
-  identically in both directions. What is shared between options drops out of the ranking in the
-  direction that reads it first: forward multiple choice ranks like log p(choice | context)
-  (summed, not per-token as in nanochat's CORE, so absolute numbers are not comparable with
-  published ones); backward schema ranks like log p(context | continuation).
-- language_modeling: correct iff every target token is the greedy (argmax) prediction given what
-  precedes it in the reading. The target is "the continuation in the evaluated reading": the last
-  k item tokens the reading meets, k = the number of tokens of the task's continuation. Forward,
-  that is the task's continuation given its context (as usual). Backward, the model is given the
-  item's *ending* and must write its first k tokens, i.e. the mirror image of the forward question
-  on the same text with the same number of target tokens (docs/DESIGN.md §5: backward generation
-  writes what precedes a given ending). Tasks built so that their last word needs the whole
-  passage (LAMBADA) ask a different, usually harder question backward: read backward-LM numbers
-  as a mirror probe, not the same probe.
-
-A one-way model is also scored in the other direction (the cross-direction cell, as in the bpb
-matrix): its rows simply carry no marker. Aggregate: per task the centred accuracy
-(accuracy - baseline) / (1 - baseline), baseline = random-guess accuracy; CORE = the mean over
-tasks, per evaluated direction.
+Tasks come from the DCLM "CORE" bundle (core.yaml, eval_meta_data.csv, eval_data/*.jsonl), cached in
+$NANOCHAT_BASE_DIR/eval_bundle/ or given with --bundle_dir; kinds: multiple_choice, schema,
+language_modeling. Each option becomes one whole text, tokenised once in reading order and oriented by
+nanochat.direction, so both readings hold the same tokens; few-shot demonstrations go where the
+evaluated reading meets them first. Options are ranked by the summed (not length-normalised)
+log-likelihood of the whole item text; language modelling asks for the last k item tokens the reading
+meets, greedily. CORE = mean centred accuracy per direction. Why, and the caveats: docs/EVALUATION.md.
 """
 
 import csv
@@ -54,6 +18,7 @@ import shutil
 import time
 import urllib.request
 import zipfile
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -263,10 +228,7 @@ def score_rows(model, rows, target_lens, device, batch_size=16, autocast_ctx=Non
             x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
             y[r, :len(ids) - 1] = torch.tensor(ids[1:])
         x, y = x.to(device), y.to(device)
-        if autocast_ctx is not None:
-            with autocast_ctx:
-                logits = model(x)
-        else:
+        with autocast_ctx if autocast_ctx is not None else nullcontext():
             logits = model(x)
         token_logp = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
                                       reduction="none").view(y.shape).double().cpu()

@@ -1,44 +1,13 @@
 """Task evaluation in several directions: the plan's evaluate_task_multi_direction and
-compute_direction_metrics (docs/DESIGN.md §7), on the chat evaluation of nanochat/chat_eval_lib.py.
+compute_direction_metrics (docs/DESIGN.md §7, docs/EVALUATION.md), on nanochat/chat_eval_lib.py.
 
     results = evaluate_task_multi_direction(task, model, tokenizer, ["forward", "backward"],
                                             engine=Engine(model, tokenizer, meta), max_examples=100)
-    results["backward"]["accuracy"], results["backward"]["per_example"], results["backward"]["total"]
     compute_direction_metrics(results)   # forward_accuracy, backward_accuracy, direction_gap, ...
 
-Any model is scored in any concrete direction: a one-way model in its own direction and in the
-other (the cross-direction transfer, like the bpb matrix), a bidirectional model in each of its
-two (its marker after BOS). The trained direction comes from `engine` (Engine(model, tokenizer,
-meta) knows it from the checkpoint) or `model_direction`; without either the model is read as a
-one-way model, which is right for multiple choice and likelihood whatever way it was trained.
-
-Per direction (the task's view in that direction decides which applies: task.in_direction
-returns a DirectionTaskWrapper of tasks/direction_wrapper.py, so this module asks the task for
-it and does not depend on the tasks package):
-- multiple choice: every choice is put in as the assistant's answer and the choices are ranked
-  by the log-likelihood of the *whole* conversation read in that direction: the sum over every
-  position after BOS (markers excluded) of log p(token | preceding tokens), in nats, with no
-  length normalisation (it is the probability of the whole text). Forward this ranks exactly like
-  log p(answer, <|assistant_end|> | question) because the question's part is the same for every
-  choice; backward it is log p(answer) + log p(question | answer). By default the answer is the
-  choice's letter (one token per choice, so normalising would change nothing); mc_answer="text"
-  scores the choice's own text.
-- generative, in a direction the model generates natively and the task can verify: the model
-  generates (forward the answer, backward the question before the given answer), the text is
-  restored to reading order and checked by the task's reward; accuracy is pass@num_samples.
-- generative otherwise ("likelihood_only"): no accuracy. A one-way model never learned to write in
-  the other direction, and GSM8K cannot check a generated question: an accuracy would be made up.
-  The entry says why (`reason`) with accuracy None, and the likelihood below is the measure.
-
-Every entry also holds `bpb`: bits per byte of the reference conversations' text read in that
-direction (nats over the text tokens' targets / (ln 2 × their UTF-8 bytes); special tokens drop
-out of both sums as in docs/DESIGN.md §3). Every text token is a target in both directions, so
-forward and backward bpb of one task are directly comparable, for any model.
-
-Examples longer than the model's context are skipped and counted (`skipped_too_long`), never
-cropped: cropping one end is not direction-fair. Results are saved as
-evaluations/direction_<task>_step<NNNNNN>.json (save_direction_evaluation) and shown in the report
-by markdown_section (registered in nanochat/research/report.py REPORT_SECTIONS).
+Any model in any concrete direction. What is scored comes from the task's view in that direction
+(task.in_direction: multiple_choice, generation, or likelihood_only with no accuracy and a reason);
+every entry also holds the reference conversations' bits per byte in that direction.
 """
 
 import json
@@ -104,20 +73,8 @@ def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward",
                                   max_examples=None, *, model_direction=None, mc_answer="letter", batch_size=32,
                                   num_samples=1, max_new_tokens=64, temperature=0.0, top_k=None, seed=42,
                                   autocast_ctx=None, verbose=True):
-    """Evaluate `task` in each concrete direction of `directions`; the first `max_examples`
-    examples (None or -1: all). Returns {direction: entry}, each entry:
-
-        accuracy          correct / total (a float), or None where no accuracy applies ("reason")
-        per_example       [bool] one per scored example, in order of "indices"
-        total             examples scored (the accuracy's denominator)
-        indices           the task indices scored
-        correct           sum of the example scores
-        scoring           "multiple_choice" | "generation" | "likelihood_only"
-        reason            why accuracy is None (only then)
-        skipped_too_long  examples left out because they do not fit the model's context
-        bpb, bpb_nats, bpb_bytes, bpb_examples   the reference conversations' bits per byte
-        stderr            binomial standard error of the accuracy (None with no accuracy)
-    """
+    """Evaluate `task` in each concrete direction of `directions`, on the first `max_examples`
+    examples (None or -1: all). Returns {direction: entry}; the entry's keys: docs/EVALUATION.md."""
     if isinstance(directions, str):
         directions = [directions]
     directions = [validate_direction(d, CONCRETE_DIRECTIONS) for d in directions]
@@ -192,18 +149,8 @@ def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward",
 
 
 def compute_direction_metrics(results):
-    """Cross-direction numbers from evaluate_task_multi_direction's results:
-
-        forward_accuracy, backward_accuracy     (None where no accuracy applies)
-        direction_gap       |forward − backward| accuracy (the plan's), None unless both exist
-        signed_gap          forward − backward accuracy
-        average_accuracy    their mean
-        forward_stderr, backward_stderr         binomial standard errors
-        forward_bpb, backward_bpb               reference bits per byte in each direction
-        bpb_gap             (bpb_bwd − bpb_fwd) / bpb_fwd, the arrow-of-time gap (docs/DESIGN.md §3)
-
-    Keys of a direction appear only if that direction was evaluated; the two-direction keys only
-    if both were."""
+    """Cross-direction numbers from evaluate_task_multi_direction's results (keys: docs/EVALUATION.md);
+    a direction's keys only if it was evaluated, the two-direction keys only if both were."""
     metrics = {}
     for d in CONCRETE_DIRECTIONS:
         if d in results:

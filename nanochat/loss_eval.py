@@ -1,19 +1,13 @@
 """Bits per byte on whole validation documents, in any concrete direction (docs/DESIGN.md §3).
 
-    bpb = sum of cross-entropy (nats) over targets that are text tokens
-          / (ln 2 * total UTF-8 bytes of those targets)
-
-Special tokens (BOS, markers) are excluded from both sums. Every document is scored *whole*:
-a document longer than the context is scored in overlapping windows that each start with the
-document's header (BOS, marker) and score only their new tokens, so every text token is a target
-exactly once in every direction, with at least T/2 tokens of context after the first window.
-The byte denominators are therefore identical across directions and forward and backward bpb
-compare like for like. Training rows follow the same convention with less context (T/8): see
-docs/DIRECTIONS.md, "Long documents". `max_tokens` caps what is scored: the last document is cut
-to fit, in reading order.
+Special tokens are excluded from both sums. A document longer than the context is scored in
+overlapping windows that restate its header (BOS, marker) and score only their new tokens, so every
+text token is a target exactly once in every direction and forward and backward bpb share their byte
+denominators (training rows do the same with less context: docs/DIRECTIONS.md, "Long documents").
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -72,17 +66,9 @@ def document_windows(row, T, header_len):
         covered = end
 
 
-def _pieces(row, T, header_len):
-    """(inputs, targets, is_first) windows of one oriented document: see document_windows."""
-    for inputs, targets, is_first, _ in document_windows(row, T, header_len):
-        yield inputs, targets, is_first
-
-
 def token_losses(model, x, y, autocast_ctx=None):
     """Per-position cross-entropy (0 where the target is -1), under `autocast_ctx` when given."""
-    if autocast_ctx is None:
-        return model(x, y, loss_reduction="none")
-    with autocast_ctx:
+    with autocast_ctx if autocast_ctx is not None else nullcontext():
         return model(x, y, loss_reduction="none")
 
 
@@ -93,7 +79,7 @@ def _rows(docs, spec, concrete_direction, T, pad_id):
     cur_in, cur_tgt = [], []
     for tokens in docs:
         row, _ = spec.orient(tokens, concrete_direction=concrete_direction)
-        for inp, tgt, is_first in _pieces(row, T, spec.header_len):
+        for inp, tgt, is_first, _ in document_windows(row, T, spec.header_len):
             if cur_in and (not is_first or len(cur_in) + len(inp) > T):
                 yield cur_in + [pad_id] * (T - len(cur_in)), cur_tgt + [-1] * (T - len(cur_tgt))
                 cur_in, cur_tgt = [], []
@@ -110,7 +96,6 @@ def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direct
     concrete direction. A one-way model scored in the other direction gets rows without a
     marker; a bidirectional model gets the marker of the direction being scored. Sums are
     all-reduced over ranks when a process group is active."""
-    validate_direction(trained_direction)
     spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
     token_bytes = token_bytes.to(device)
     results = {}

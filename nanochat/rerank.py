@@ -1,25 +1,10 @@
-"""Reranking a forward model's answers with a backward model (docs/DESIGN.md §7).
+"""Reranking a forward model's answers with a backward model (docs/DESIGN.md §7, docs/EVALUATION.md).
 
-A forward (or bidirectional) model samples N answers to each question. Each candidate is then
-scored three ways and the top-scored one is the pick:
-
-    forward     log p_fwd(answer | question): the sampler's own likelihood of its answer
-    backward    log p_bwd(question | answer): a backward (or bidirectional) model reads the
-                candidate answer and scores the question it would have to have been asked
-                (the "reverse reward" of instruction backtranslation)
-    sum         forward + backward, i.e. log p_fwd(answer | q) + log p_bwd(q | answer)
-
-Both scores come from the conversation rows of nanochat.direction.DirectionSpec, with the
-candidate as the assistant's turn: forward the mask covers the answer and <|assistant_end|>,
-backward (read right to left, docs/DESIGN.md §4) it covers the question and <|user_start|>, so
-each is a sum of log-probabilities of exactly the tokens named above given everything read
-before them. Sums, not per-token means: they are probabilities of whole turns.
-
-Reported per method: accuracy@1 (a tie shares its credit among the tied candidates: the
-expected accuracy of a random tie-break), against random choice among the N candidates (the
-mean correctness of the candidates: the exact expected accuracy of a random pick) with the
-paired difference, and pass@N (some candidate is right: the ceiling any reranker can reach).
-Standard errors are over questions: std / sqrt(n).
+A forward (or bidirectional) model samples N answers per question; the pick is the candidate with the
+highest score: `forward` log p_fwd(answer | question), `backward` log p_bwd(question | answer) (the
+"reverse reward" of instruction backtranslation) or their `sum`. Scores are sums over the masked tokens
+of DirectionSpec.conversation_row with the candidate as the assistant turn. Reported: accuracy@1 (ties
+share credit), random choice among the candidates, pass@N; standard errors over questions.
 """
 
 import json
