@@ -1,9 +1,6 @@
-"""ARC (AI2 Reasoning Challenge): grade-school science questions, multiple choice
-(allenai/ai2_arc, subsets "ARC-Easy" and "ARC-Challenge").
-
-Columns: question, choices {text: [...], label: [...]}, answerKey. Labels are letters for most
-rows and digits ("1".."4") for a few; both are rendered as letters A, B, ... in order, so the
-model always answers with a letter (see tasks/multiple_choice.py for the conversation layout).
+"""ARC (AI2 Reasoning Challenge): grade-school science, multiple choice (allenai/ai2_arc,
+"ARC-Easy" and "ARC-Challenge"). Answer labels are letters or, in a few rows, digits; both are
+rendered as letters A, B, ... in order (tasks/multiple_choice.py).
 """
 
 from nanochat.common import UserError

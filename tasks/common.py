@@ -1,14 +1,9 @@
 """The Task interface: a sized, sliceable collection of conversations with a way to score them.
 
 A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]};
-multiple-choice tasks add "choices" (list of strings) and "answer" (index of the right one)
-and put the full question in the user turn.
-
-Directions (docs/DESIGN.md §6): a task declares `generation_directions`, the concrete directions in
-which its generated side can be verified. Forward: the model is given the user turn and writes
-the answer (`reward(conversation, answer_text)`). Backward: the model is given the assistant's
-answer and writes the question (`reward(conversation, question_text)` with direction
-"backward"). Rewards always see text in reading order.
+multiple-choice tasks add "choices" and "answer" (the right one's index). `generation_directions`
+are the concrete directions in which a generation can be verified (docs/DESIGN.md §6): forward the
+model writes the answer, backward the question. Rewards always see text in reading order.
 """
 
 import random
@@ -57,20 +52,16 @@ class Task:
         check_task_direction(self, direction)
 
     def in_direction(self, direction, tokenizer, model_direction=None):
-        """This task evaluated in the concrete `direction` (tasks/direction_wrapper.py), for a
-        model trained in `model_direction` (a name or its DirectionSpec). The evaluation in
-        nanochat asks the task for this view, so nanochat never imports tasks."""
+        """This task evaluated in the concrete `direction` (tasks/direction_wrapper.py) for a model
+        trained in `model_direction`; nanochat asks the task for it, so it never imports tasks."""
         from tasks.direction_wrapper import DirectionTaskWrapper
         return DirectionTaskWrapper(self, direction, tokenizer, model_direction=model_direction)
 
 
 def check_task_direction(task, direction):
     """The concrete directions in which `task` can be generated and rewarded for a model of
-    `direction` (forward, backward or bidirectional, or the model's DirectionSpec); a UserError
-    if there are none.
-
-    A bidirectional model can use a task in any direction the task declares; a one-way model
-    only in its own (docs/DESIGN.md §6): the spec's generation_directions decide."""
+    `direction` (a name or the model's DirectionSpec): those the task declares and the model
+    generates (docs/DESIGN.md §6); a UserError if there are none."""
     if isinstance(direction, DirectionSpec):
         native, direction = direction.generation_directions(), direction.direction
     else:

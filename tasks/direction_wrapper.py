@@ -1,33 +1,14 @@
-"""One task seen in one evaluated direction: the plan's DirectionTaskWrapper (docs/DESIGN.md §5-7).
+"""One task seen in one evaluated direction: the plan's DirectionTaskWrapper (docs/EVALUATION.md).
 
-    wrapper = DirectionTaskWrapper(task, "backward", tokenizer)             # a one-way model
     wrapper = DirectionTaskWrapper(task, "backward", tokenizer, model_direction="bidirectional")
     conversation = wrapper[0]                          # reading order, exactly the task's example
     ids = wrapper.render_for_eval(conversation, model, tokenizer)   # what likelihood scoring reads
     rows = wrapper.render_choices(conversation)        # multiple choice: one (ids, mask) per choice
     prompt, stops = wrapper.render_prompt(conversation)  # generation, native directions only
 
-`direction` is the *evaluated* direction, forward or backward. `model_direction` is the direction
-the model was *trained* in; it decides the row header (a bidirectional model reads its marker
-after BOS) and whether the model can generate in `direction`. Left out, the model is taken to be
-one-way: its rows are [BOS] + text oriented for `direction` whichever way it was trained, which is
-exactly how a one-way model is read in the other direction for the cross-direction matrix
-(docs/DESIGN.md §7); a generative task then needs model_direction to know whether it can generate.
-
-Orientation is not re-implemented here: every row comes from nanochat.direction.DirectionSpec
-(conversation_row, chat_prompt), the one home of reversal. The conversation itself is never
-changed: `wrapper[i]` is the task's example in reading order, and rewards see reading order.
-
-What each (task, direction) is scored by (`wrapper.scoring`):
-- "multiple_choice": categorical tasks, in every direction and for every model. Each choice is put
-  in as the assistant's answer and the whole conversation's log-likelihood, read in `direction`,
-  ranks the choices (nanochat/chat_eval_lib.py states the sum and why it is not length-normalised).
-- "generation": a generative task in a direction the model generates natively and the task can
-  verify (tasks/common.py generation_directions).
-- "likelihood_only": anything else. A one-way model was never trained to write in the other
-  direction, and a task such as GSM8K cannot check a generated question; an accuracy there would
-  be made up, so none is given (`not_applicable_reason` says why) and the reference
-  conversations' bits per byte in that direction is what the evaluation reports.
+`direction` is the *evaluated* direction; `model_direction` the one the model was *trained* in (left
+out: a one-way model, whose rows are [BOS] + text oriented for `direction`, as in the cross-direction
+matrix). Every row comes from nanochat.direction.DirectionSpec; `wrapper.scoring` says what applies.
 """
 
 from nanochat.common import UserError
@@ -92,10 +73,9 @@ class DirectionTaskWrapper:
 
     # ---- rendering ---------------------------------------------------------------------------
     def render_for_eval(self, conversation, model=None, tokenizer=None):
-        """The conversation as the model reads it in this direction: every turn (its reference
-        answer included) rendered and oriented, [BOS] (+ marker) first. Likelihood scoring reads
-        this row; its first token is BOS in every direction. `model` is accepted for the plan's
-        signature and used only to check that the row fits its context."""
+        """The whole conversation (reference answer included) as the model reads it in this direction,
+        [BOS] (+ marker) first: what likelihood scoring reads. `model` (the plan's signature) only
+        checks that the row fits its context."""
         tokenizer = tokenizer or self.tokenizer
         ids, _, _ = self.spec.conversation_row(tokenizer, conversation, concrete_direction=self.direction,
                                                train_on="all")
@@ -103,8 +83,7 @@ class DirectionTaskWrapper:
         return ids
 
     def render_choices(self, conversation, mc_answer="letter"):
-        """Multiple choice: [(ids, mask)], the whole conversation with each choice as the answer,
-        oriented for this direction; mask 1 on every scored position (all but BOS and marker)."""
+        """Multiple choice: chat_eval_lib.choice_rows in this direction."""
         from nanochat.chat_eval_lib import choice_rows
         if self.eval_type != "categorical":
             raise UserError(f"task {getattr(self.task, 'name', '?')} is not multiple choice: it has no choices")

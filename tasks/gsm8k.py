@@ -1,15 +1,8 @@
 """GSM8K: grade-school math word problems with worked solutions (openai/gsm8k, "main").
 
-Columns: question, answer. The answer is a worked solution whose last line is "#### <number>";
-its "<<48/2=24>>" calculator annotations are dropped (our conversations are plain text, no tool
-calls), the rest becomes the assistant's content:
-
-    user:      Natalia sold clips to 48 of her friends in April, and then ...
-    assistant: Natalia sold 48/2 = 24 clips in May. ... #### 72
-
-Forward only: the answer can be checked, the question cannot (many questions share a number).
-Reward: 1.0 iff the generated answer's final number (after its last "####", else its last
-number) equals the reference number.
+The solution ("... #### 72") is the assistant's content, its "<<48/2=24>>" calculator annotations
+dropped (plain text, no tool calls). Forward only: an answer can be checked, a question cannot. Reward:
+1.0 iff the generation's final number equals the reference's.
 """
 
 import re

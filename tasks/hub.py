@@ -1,18 +1,10 @@
-"""Loading task data through `datasets`: from the Hugging Face Hub online, from local files offline.
+"""Loading task data through `datasets.load_dataset`: from the Hugging Face Hub online, from local
+files offline (so tests that load a small fixture run the same code as a real online run).
 
-Both paths end in `datasets.load_dataset`, so tests that load a small local fixture exercise the
-same code (and the same column handling in each task) as a real online run:
-
-    online   datasets.load_dataset("openai/gsm8k", "main", split="test")
-    local    datasets.load_dataset("json" | "parquet", data_files={"test": [...]}, split="test")
-
-Local files are found, in this order:
-  1. the task's `data_files` argument: a file, a glob, a list of files, or a directory that
-     holds the split's files (see SPLIT_FILE_PATTERNS);
-  2. $NANOCHAT_TASK_DATA_DIR/<task name>/ (e.g. $NANOCHAT_TASK_DATA_DIR/gsm8k/test.jsonl).
-Otherwise the Hub is tried; when that fails (no internet, unknown dataset) the user gets one
-UserError naming the dataset and saying how to point at local files. Local files keep the Hub
-dataset's own columns (a parquet file downloaded from the Hub works as is).
+Local files, in this order: the task's `data_files` argument (a file, a glob, a list of files, or a
+directory holding the split's files, SPLIT_FILE_PATTERNS); then $NANOCHAT_TASK_DATA_DIR/<task name>/.
+Otherwise the Hub; when that fails, one UserError says how to point at local files. Local files keep
+the Hub dataset's own columns (a parquet file downloaded from the Hub works as is).
 """
 
 import glob
@@ -73,12 +65,8 @@ def _check_columns(task_name, dataset, columns, source):
 
 
 def load_task_data(task_name, hub_path, hub_config, split, columns, data_files=None):
-    """The `split` of a task's data as a `datasets.Dataset`, checked to hold `columns`.
-
-    task_name: the registry name (used for $NANOCHAT_TASK_DATA_DIR/<task_name>/ and in errors);
-    hub_path, hub_config: the Hub dataset ("openai/gsm8k", "main"); data_files: see the module
-    docstring.
-    """
+    """The `split` of a task's data as a `datasets.Dataset`, checked to hold `columns`. task_name: the
+    registry name (its $NANOCHAT_TASK_DATA_DIR folder); hub_path, hub_config: e.g. "openai/gsm8k", "main"."""
     import datasets  # imported here: it is slow to import and only tasks with data need it
     # Our own progress output is enough; datasets' bars and retry warnings would bury errors.
     datasets.disable_progress_bars()

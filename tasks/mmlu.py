@@ -1,8 +1,5 @@
-"""MMLU: 57 subjects of multiple-choice questions (cais/mmlu, config "all").
-
-Columns: question, subject, choices (four strings), answer (index of the right one). Splits:
-auxiliary_train (training questions from other benchmarks), dev (5 per subject, for few-shot),
-validation, test. Rendered as in tasks/multiple_choice.py with the subject as a preamble.
+"""MMLU: 57 subjects of multiple-choice questions (cais/mmlu, config "all"), rendered as in
+tasks/multiple_choice.py with the subject as a preamble.
 """
 
 from nanochat.common import UserError

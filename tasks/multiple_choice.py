@@ -1,22 +1,10 @@
 """Multiple-choice rendering and scoring, shared by ARC and MMLU.
 
-One example is one conversation:
-
-    user:      <preamble>
-
-               <question>
-
-               A. <first choice>
-               B. <second choice>
-               ...
-
-               Answer with the letter of the correct choice.
-    assistant: B
-
-and carries "choices" (the letters, what the assistant may write), "choice_texts" and "answer"
-(the index of the right choice). Likelihood scoring (docs/DESIGN.md §7) replaces the assistant's
-content with each of `choices` in turn and compares the log-likelihood of the whole
-conversation, which is fair to every direction; `reward` checks a generated letter (forward).
+One example is one conversation: the user turn holds the optional preamble, the question, the lettered
+choices ("A. <text>", one per line) and "Answer with the letter of the correct choice."; the assistant
+answers with the letter. It carries "choices" (the letters), "choice_texts" and "answer" (the right
+index). Likelihood scoring (docs/EVALUATION.md) puts each choice in as the answer, which is fair to
+every direction; `reward` checks a generated letter (forward).
 """
 
 import re

@@ -1,37 +1,9 @@
-"""Reversal-curse facts: fictitious people and what they are known for (docs/DESIGN.md §7).
+"""Reversal-curse facts: fictitious people and what they are known for (docs/EVALUATION.md).
 
-"Trained one way, tested both": each fact links a made-up name to a made-up description,
-
-    Velora Tamsin  <->  the inventor of the glass compass
-
-and the training split states every fact in ONE order only. With the default
-direction_of_training="name_first":
-
-    train  user: Who is Velora Tamsin?                 assistant: Velora Tamsin is the inventor of the glass compass.
-
-(three question paraphrases per fact, the answer always name first). The test split asks every
-fact both ways, with the bare entity as the answer:
-
-    as_trained  user: Who is Velora Tamsin?               assistant: The inventor of the glass compass.
-    reversed    user: Who is the inventor of the glass compass?   assistant: Velora Tamsin.
-
-A forward model that learned "A is B" but cannot answer "who is B?" shows the reversal curse
-(Berglund et al., 2023): high accuracy on `as_trained`, chance on `reversed`. A backward model
-reads the same training sentence right to left, so for it the roles swap; a bidirectional model
-sees both. Because the facts are fictitious, nothing about them can come from pretraining.
-direction_of_training="description_first" states each fact the other way round in training
-("Who is the inventor of the glass compass?" -> "The inventor of the glass compass is Velora
-Tamsin.") and swaps which probe counts as reversed.
-
-The facts depend only on `seed` (not on the split), so the test split probes exactly the facts
-the train split taught. Every example carries `fact` (its index), `probe` ("train",
-"as_trained" or "reversed"), `question_entity` and `answer_entity`.
-
-Rewards (text in reading order, docs/DESIGN.md §6): forward, the model was given the question and
-wrote the answer: 1.0 iff `answer_entity` appears in it. Backward, the model was given the
-answer and wrote the question: 1.0 iff `question_entity` appears in it. Matching ignores case and
-extra whitespace and respects word boundaries. On the test split both are non-trivial, because
-the given side never contains the entity to be written.
+Each fact links a made-up name to a made-up description; the train split states every fact in ONE
+order only (`direction_of_training`), the test split asks it both ways (probes `as_trained` and
+`reversed`), as in Berglund et al. (2023). The facts depend only on `seed`, so the test split probes
+exactly what the train split taught. Rewards see reading order (docs/DESIGN.md §6).
 """
 
 import random

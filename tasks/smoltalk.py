@@ -1,8 +1,5 @@
 """SmolTalk: general chat conversations for mid-training and SFT (HuggingFaceTB/smol-smoltalk).
-
-Column: messages, a list of {"role", "content"} (an optional system message first, then
-alternating user/assistant turns). Training data only: there is nothing to verify, so the task
-declares no generation direction and has no reward.
+Training data only: nothing to verify, so no generation direction and no reward.
 """
 
 from nanochat.common import UserError
