@@ -1,27 +1,15 @@
-"""Evaluate base checkpoints, the same way in every direction (docs/DESIGN.md §3, §7).
+"""Evaluate base checkpoints, the same way in every direction (docs/DESIGN.md §3, §7; docs/EVALUATION.md).
 
     python -m scripts.base_eval --eval=bpb --model_tag=d4_backward --eval_directions=forward,backward
     python -m scripts.base_eval --model_tag=fwd,bwd,bidi      # prints the cross-direction bpb matrix
-    python -m scripts.base_eval --eval=core --model_tag=fwd --max_per_task=500
-    python -m scripts.base_eval --eval=bpb,core,consistency --model_tag=fwd,bwd,bidi
+    python -m scripts.base_eval --eval=bpb,core,consistency --model_tag=fwd,bwd,bidi --max_per_task=500
 
---eval is a comma list of:
-  bpb          bits per byte on the validation documents in each requested direction, the same
-               documents for every direction (nanochat/loss_eval.py).
-  core         the CORE-style few-shot benchmark scored by whole-text likelihood in each requested
-               direction, with the centred-accuracy aggregate (nanochat/core_eval.py). The task
-               bundle is downloaded once to $NANOCHAT_BASE_DIR/eval_bundle/ (or --bundle_dir).
-  consistency  per-document bpb forward vs backward (nanochat/consistency.py): a bidirectional
-               model's two readings, and each forward/backward pair among the tags (the i-th
-               forward-trained tag with the i-th backward-trained one).
-
-A one-way model is scored in the other direction too (the cross direction): its rows simply
-carry no marker. Results are printed and written as JSON records (nanochat/evaluations.py) to the
-run's `evaluations/` directory (beside the checkpoints): bpb_step<step>.json, core_step<step>.json,
-consistency_step<step>.json (+ .png), consistency_pair_<backward tag>_step<step>.json (+ .png, in
-the forward model's run). An existing file is never replaced without --overwrite, and every
-output path is checked before any model is evaluated. EVALUATIONS below is the one table of
-what --eval can run: a new metric is its module and a row there.
+--eval is a comma list of bpb (nanochat/loss_eval.py), core (nanochat/core_eval.py) and consistency
+(nanochat/consistency.py: a bidirectional model's two readings, and the i-th forward-trained tag with
+the i-th backward-trained one). A one-way model is scored in the other direction too (no marker).
+Records go to each run's evaluations/ directory (nanochat/evaluations.py); every output path is
+checked before any model is evaluated, and none is replaced without --overwrite. EVALUATIONS below is
+the one table of what --eval can run: a new metric is its module and a row there.
 """
 
 import argparse

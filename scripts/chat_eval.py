@@ -1,22 +1,12 @@
-"""Evaluate chat checkpoints on tasks, in the model's direction(s) (docs/DESIGN.md §5-7).
+"""Evaluate chat checkpoints on tasks, in the model's direction(s) (docs/EVALUATION.md).
 
     python -m scripts.chat_eval --source=sft --model_tag=d4_bidi --tasks=arithmetic,arc_easy --max_examples=100
     python -m scripts.chat_eval --model_tag=d4_bidi --tasks=arithmetic --eval_direction=backward
 
-Generative tasks (gsm8k, arithmetic, reversal): the model generates in each evaluated direction
-(forward writes the answer, backward writes the question before a given answer), the generation
-is restored to reading order and scored by the task's reward. A direction the task cannot verify
-is skipped with a note; a task with no usable direction is skipped, and it is an error if no task
-is left. Multiple-choice tasks (arc_easy, arc_challenge, mmlu): direction-fair whole-text
-likelihood (see nanochat/chat_eval_lib.py); every direction works. --mc_answer=letter (default)
-scores the letter the task's assistant writes as the answer, --mc_answer=text the choice's text.
-
---eval_direction: auto (default: both for a bidirectional model, its own for a one-way model),
-both, forward or backward. --max_examples: the first N examples of the split (-1 = all).
-
-Each task's accuracy is printed and written to the run's evaluations directory (beside the
-checkpoints) as evaluations/chat_<task>_step<step>.json; existing files are kept unless
---overwrite. Under torchrun, examples are split over ranks and the counts summed.
+Generative tasks are generated in each evaluated direction and checked by the task's reward (a
+direction the task cannot verify is skipped with a note); multiple-choice tasks are scored by
+whole-text likelihood in every direction. Writes evaluations/chat_<task>_step<step>.json (kept unless
+--overwrite). Under torchrun, examples are split over ranks and the counts summed.
 """
 
 import argparse

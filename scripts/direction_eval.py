@@ -1,18 +1,10 @@
-"""Score a checkpoint on tasks in BOTH directions, whatever it was trained in (docs/DESIGN.md §7):
-a one-way model in its own direction and the other (cross-direction transfer), a bidirectional
-model in each of its two.
+"""Score a checkpoint on tasks in BOTH directions, whatever it was trained in (docs/EVALUATION.md).
 
     python -m scripts.direction_eval --model_tag=d4_forward --tasks=arc_easy,arithmetic --max_examples=100
     python -m scripts.direction_eval --source=sft --model_tag=d4_bidi --tasks=gsm8k --directions=forward
 
-Multiple choice: each choice ranked by the log-likelihood of the whole conversation read in the
-evaluated direction (no length normalisation). Generative tasks are generated and checked where
-the model generates natively and the task can verify; elsewhere the entry has no accuracy, says
-why, and reports the reference conversations' bits per byte (nanochat/direction_eval.py).
-
-Writes evaluations/direction_<task>_step<step>.json beside the checkpoint (an experiment's own
-evaluations/ directory for an experiment id); existing files are kept unless --overwrite. The
-report (python -m scripts.report) shows them in "Task accuracy in each direction".
+Writes evaluations/direction_<task>_step<step>.json beside the checkpoint (kept unless --overwrite);
+the report shows them in "Task accuracy in each direction".
 """
 
 import argparse

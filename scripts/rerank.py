@@ -1,13 +1,9 @@
-"""Rerank a forward model's sampled answers with a backward model (nanochat/rerank.py).
+"""Rerank a forward model's sampled answers with a backward model (nanochat/rerank.py, docs/EVALUATION.md).
 
     python -m scripts.rerank --forward_tag=fwd --backward_tag=bwd --task=arithmetic --num_samples=8
     python -m scripts.rerank --forward_tag=fwd --backward_tag=bwd --task=gsm8k --data_files=tests/fixtures/tasks/gsm8k
 
-The forward model (trained forward or bidirectional) samples --num_samples answers per question;
-each candidate is picked by the forward model's own log p(answer | question), by the backward
-model's (trained backward or bidirectional) log p(question | answer), and by their sum. Printed:
-accuracy@1 of each with its standard error, random choice among the candidates, pass@N. Written to
-the forward model's evaluations/rerank_<task>_step<step>.json.
+Writes the forward model's evaluations/rerank_<task>_step<step>.json.
 """
 
 import argparse
