@@ -1,15 +1,9 @@
-"""The GPT: a decoder-only transformer with a Qwen3-like layout (docs/DESIGN.md §11).
-
-- token embedding and an *untied* output head
-- pre-norm blocks: RMSNorm (with weight) -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual
-- attention: no biases, grouped-query capable, RMSNorm on q and k over head_dim (QK-norm,
-  which keeps attention logits bounded), rotate-half rotary embeddings, causal SDPA
-- parameter names follow Hugging Face's Qwen3 (model.layers.N.self_attn.q_proj ...), so an
-  export to transformers is a renaming-free state dict copy
+"""The GPT: a decoder-only transformer with a Qwen3-like layout (docs/DESIGN.md §11): untied head,
+pre-norm blocks (RMSNorm with weight), SwiGLU MLP, QK-norm, rotate-half RoPE, causal SDPA, no biases.
+Parameter names follow Hugging Face's Qwen3, so an export to transformers is a plain state dict copy.
 
 The model does not know about directions: a backward model is the same network trained on
-oriented data. The model is built on the meta device and then materialised and initialised,
-so large models never allocate their weights twice.
+oriented data.
 """
 
 import math
@@ -19,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.muon import ADJUST_LR_FNS, Muon
+from nanochat.muon import Muon
 
 
 @dataclass
@@ -143,21 +137,9 @@ def _compute_dtype(device_type, weight):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(x @ weight.T, targets) over rows of x, without the (rows, vocab) logits.
-
-    The plain path materialises fp32 logits for the whole batch and keeps them (and the
-    log-softmax) for backward: rows x vocab x 4 bytes, 8.6 GB at B=32, T=2048, V=32768. Here the
-    rows go through the head `chunk_rows` at a time. Because the loss is reduced to a scalar
-    ("mean" over non-ignored targets, or "sum"), its gradient with respect to the logits is
-    known in the forward pass, (softmax - onehot) / count, up to the scalar that backward
-    multiplies in; so each chunk's gradients for x and weight are computed right away and only
-    they are kept (rows x width and vocab x width): no logits are stored and none are recomputed.
-
-    Numerics follow the plain path: the head matmul runs in the autocast dtype (bf16 on GPU),
-    log-softmax and loss in fp32, the logit gradient is cast back to the matmul dtype. Only the
-    order of the floating-point sums over rows differs (the loss is summed chunk by chunk).
-    Targets equal to -1 are ignored, as in F.cross_entropy(ignore_index=-1).
-    """
+    """cross_entropy(x @ weight.T, targets, ignore_index=-1) over rows of x, `chunk_rows` at a time,
+    without keeping the (rows, vocab) logits: each chunk's gradients are computed in the forward
+    pass, as the loss is a scalar (docs/DESIGN.md §11, "The chunked loss")."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, reduction, chunk_rows):
@@ -202,9 +184,6 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None, None, None)
 
 
-MATRIX_LR_SCALINGS = ADJUST_LR_FNS
-
-
 class GPT(nn.Module):
     # Rows of the batch whose logits are held at once by the training loss (None: as many as
     # keep one chunk's fp32 logits near 1 GB: 8 chunks at B=32, T=2048, V=32768; fewer chunks
@@ -230,17 +209,14 @@ class GPT(nn.Module):
         model.init_weights()
         return model
 
-    def _rotary_tables(self, device):
-        hd = self.config.head_dim
+    @torch.no_grad()
+    def init_rotary(self):
+        hd, device = self.config.head_dim, self.lm_head.weight.device
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
         t = torch.arange(self.config.sequence_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout
-        return emb.cos()[None, None], emb.sin()[None, None]
-
-    @torch.no_grad()
-    def init_rotary(self):
-        self.rope_cos, self.rope_sin = self._rotary_tables(self.lm_head.weight.device)
+        self.rope_cos, self.rope_sin = emb.cos()[None, None], emb.sin()[None, None]
 
     @torch.no_grad()
     def init_weights(self):
@@ -275,14 +251,8 @@ class GPT(nn.Module):
                          weight_decay=0.0, adam_betas=(0.8, 0.95), matrix_lr_scaling="original"):
         """Muon for the 2-D matrices inside blocks, AdamW for embeddings, head and norm weights.
 
-        AdamW learning rates are scaled by 1/sqrt(width/768) so that one setting works across
-        depths (the matrices' Muon update is already scale-free). `matrix_lr_scaling` is
-        torch.optim.Muon's `adjust_lr_fn`: "original" (lr * sqrt(max(1, rows/cols)), the usual Muon
-        recipe) or "match_rms_adamw" (lr * 0.2 * sqrt(max(rows, cols)): AdamW-like update RMS, a 3x
-        to 12x larger step at the same lr for our shapes). Defaults: docs/LR_SWEEP.md.
-        """
-        if matrix_lr_scaling not in MATRIX_LR_SCALINGS:
-            raise ValueError(f"matrix_lr_scaling={matrix_lr_scaling!r}: use one of {', '.join(MATRIX_LR_SCALINGS)}")
+        AdamW rates are scaled by 1/sqrt(width/768), so one setting works across depths (Muon's
+        update is scale-free); `matrix_lr_scaling` is Muon's `adjust_lr_fn` (docs/LR_SWEEP.md)."""
         matrix_params = [p for block in self.model.layers for p in block.parameters() if p.ndim == 2]
         norm_params = [p for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
         scale = (self.config.n_embd / 768) ** -0.5
@@ -306,14 +276,17 @@ class GPT(nn.Module):
         return optimizers
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
-        B, T = idx.shape
-        start = kv_cache.position if kv_cache is not None else 0
+    def _rope(self, start, T):
+        """The rotary tables of positions start .. start+T-1, in the weights' dtype."""
         if start + T > self.rope_cos.size(2):
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's sequence_len "
                              f"{self.config.sequence_len}")
-        cos = self.rope_cos[:, :, start:start + T].to(self.lm_head.weight.dtype)
-        sin = self.rope_sin[:, :, start:start + T].to(self.lm_head.weight.dtype)
+        dtype = self.lm_head.weight.dtype
+        return self.rope_cos[:, :, start:start + T].to(dtype), self.rope_sin[:, :, start:start + T].to(dtype)
+
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
+        T = idx.size(1)
+        cos, sin = self._rope(kv_cache.position if kv_cache is not None else 0, T)
         x = self.model.embed_tokens(idx)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, kv_cache, i)
@@ -325,10 +298,8 @@ class GPT(nn.Module):
         return self.loss(x, targets, loss_reduction)
 
     def loss(self, x, targets, loss_reduction="mean"):
-        """Cross-entropy of the head's logits on the final hidden states x (B, T, d); targets -1
-        are ignored. "mean" and "sum" (the training losses) go through LinearCrossEntropy, which
-        never holds the whole batch's logits; "none" (per-token losses, for evaluation) uses the
-        plain path, whose values the evaluation code was written against."""
+        """Cross-entropy of the head on the final hidden states x (B, T, d), targets -1 ignored:
+        "mean" and "sum" through LinearCrossEntropy, "none" (evaluation) the plain path."""
         B, T, d = x.shape
         head = self.lm_head.weight
         if self.chunked_loss and loss_reduction in ("mean", "sum"):
@@ -341,9 +312,7 @@ class GPT(nn.Module):
 
     def residual_stats(self, idx):
         """Per-layer mean / rms / max|x| of the residual stream for one batch (for research logs)."""
-        B, T = idx.shape
-        cos = self.rope_cos[:, :, :T].to(self.lm_head.weight.dtype)
-        sin = self.rope_sin[:, :, :T].to(self.lm_head.weight.dtype)
+        cos, sin = self._rope(0, idx.size(1))
         x = self.model.embed_tokens(idx)
         stats = {}
         for i, block in enumerate(self.model.layers):

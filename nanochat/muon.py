@@ -1,16 +1,8 @@
-"""Muon: momentum, then an orthogonalised update for 2-D weight matrices.
+"""Muon (Keller Jordan et al., 2024): momentum, then the nearest semi-orthogonal matrix (a quintic
+Newton-Schulz iteration) as the update of each 2-D weight matrix.
 
-Muon (Keller Jordan et al., 2024, "Muon: an optimizer for hidden layers") replaces each matrix's
-momentum by the nearest semi-orthogonal matrix, computed with a few Newton-Schulz iterations of
-the quintic polynomial with coefficients (3.4445, -4.7750, 2.0315). The update rule is that of
-`torch.optim.Muon` (momentum buffer B = mu*B + g, Nesterov g + mu*B, decoupled weight decay, the
-same `adjust_lr_fn` conventions), with two differences that matter for speed:
-
-- matrices of the same shape are orthogonalised together in one batched product, so a model
-  with dozens of identical blocks runs a handful of kernels per step instead of one per matrix;
-- the iteration runs in bfloat16 on CUDA (as usual) but in float32 elsewhere: CPUs without
-  bfloat16 matrix units run bfloat16 products ~50x slower (measured: 935 ms vs ~20 ms per step
-  for a depth-2 model on this project's 2-core reference machine).
+The update rule is `torch.optim.Muon`'s; same-shape matrices are orthogonalised in one batched
+product, and the iteration runs in float32 off CUDA (docs/DESIGN.md §11, "Muon").
 """
 
 from collections import defaultdict
@@ -18,7 +10,9 @@ from collections import defaultdict
 import torch
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-ADJUST_LR_FNS = ("original", "match_rms_adamw")
+# torch.optim.Muon's `adjust_lr_fn` conventions: the step size of a (rows, cols) matrix at rate lr.
+ADJUST_LR_FNS = {"original": lambda lr, rows, cols: lr * max(1.0, rows / cols) ** 0.5,
+                 "match_rms_adamw": lambda lr, rows, cols: lr * 0.2 * max(rows, cols) ** 0.5}
 
 
 def orthogonalize(G, steps=5, eps=1e-7, coefficients=NS_COEFFICIENTS):
@@ -39,12 +33,7 @@ def orthogonalize(G, steps=5, eps=1e-7, coefficients=NS_COEFFICIENTS):
 
 
 def adjusted_lr(lr, shape, adjust_lr_fn):
-    rows, cols = shape[-2], shape[-1]
-    if adjust_lr_fn == "original":
-        return lr * max(1.0, rows / cols) ** 0.5
-    if adjust_lr_fn == "match_rms_adamw":
-        return lr * 0.2 * max(rows, cols) ** 0.5
-    raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}: use one of {', '.join(ADJUST_LR_FNS)}")
+    return ADJUST_LR_FNS[adjust_lr_fn](lr, shape[-2], shape[-1])
 
 
 class Muon(torch.optim.Optimizer):
