@@ -1,22 +1,17 @@
 """What every training phase does around its step loop, written once (the phases: nanochat/phases.py).
 
-    run = PhaseRun("sft", output_tag, rank, device, resume_from_step=..., overwrite=...)
-    with run:                               # writable, locked: one process per run directory
-        run.prepare()                       # leftovers of a killed save removed; the resume step checked
-        resume_meta = run.resume_meta()     # None for a fresh run
-        ... resolve flags (resolve_flags), build the model (from the parent, or from resume_meta) ...
-        run.refuse_overwrite()              # existing checkpoints are never overwritten silently
+    with PhaseRun("sft", output_tag, rank, device, resume_from_step=..., overwrite=...) as run:  # locked
+        run.prepare()                   # leftovers of a killed save removed; the resume step checked
+        ... resolve flags (resolve_flags), build the model (from the parent, or run.resume_meta()) ...
+        run.refuse_overwrite()          # existing checkpoints are never overwritten silently
         ... build the data, the optimizers, the Trainer ...
         start = run.restore(trainer, loader, num_iterations, schedule)   # resume: moments, data position
-        run.clear()                         # --overwrite deletes what it named; a stale log moves aside
+        run.clear()                     # --overwrite deletes what it named; a stale log moves aside
         with run.logs(direction, user_config) as (logger, wandb_run):
             run_loop(..., save=Every(n, lambda step, last: run.save(step, model, ...)))
 
-Base, mid, SFT and RL share this (scripts/base_train.py, mid_train.py, chat_sft.py, chat_rl.py): a
-run is locked, refuses to overwrite, resumes from any saved step, writes its research log and
-wandb run, and records the same checkpoint metadata. A later phase opens its run from its parent
-checkpoint (`open_later_run`, which refuses a --direction that contradicts the parent) and loads
-its model with `model_for_run`. Everything here takes values; the scripts own the flags.
+A later phase opens its run from its parent checkpoint (`open_later_run`) and loads its model with
+`model_for_run`. Everything here takes values; the scripts own the flags (docs/SAFETY.md).
 """
 
 import os
@@ -26,7 +21,7 @@ from datetime import datetime, timezone
 from nanochat import wandb_log
 from nanochat.checkpoint_manager import (artifact_dirs, build_model, check_tokenizer_matches, clean_checkpoint_dir,
                                          list_steps, load_checkpoint, load_meta, load_model, remove_steps,
-                                         resolve_checkpoint, save_checkpoint, tokenizer_fingerprint)
+                                         resolve_checkpoint, save_checkpoint)
 from nanochat.common import UserError, print0
 from nanochat.direction import DirectionSpec
 from nanochat.evaluations import remove_records
@@ -43,8 +38,7 @@ def research_log_on(research_log, wandb_run):
 
 
 def check_direction_flag(requested, trained, where):
-    """A phase after base inherits its direction; --direction is only a check, and a contradiction
-    is an error (the data would be oriented one way while the model was trained the other)."""
+    """A later phase inherits its direction: --direction is only a check, a contradiction an error."""
     if requested is not None and requested != trained:
         raise UserError(f"--direction={requested} contradicts {where}, which was trained {trained}; "
                         "drop --direction to inherit it")
@@ -52,13 +46,10 @@ def check_direction_flag(requested, trained, where):
 
 
 def resolve_flags(given, defaults, saved, resume_step, checkpoint_dir, same=None):
-    """The values of the flags that define the model or the order of the data ({name: value} for
-    the names in `defaults`), from the flags `given` (None = unset).
-
-    A fresh run (saved None) takes `defaults` for the flags left unset. A resumed run takes the
-    checkpoint's values (`saved`), and an explicit different value is refused: it would train a
-    different model or read different data while the metadata claimed continuity. `same(name,
-    given, old, values)` may declare two spellings equal (base: --total_batch_size=-1 and B*T*world)."""
+    """{name: value} of the flags in `defaults` (the model and the data order) from those `given`
+    (None = unset): a fresh run takes `defaults`, a resumed one the checkpoint's `saved` values, and an
+    explicit different value is refused. `same(name, given, old, values)` may declare two spellings
+    equal (base: --total_batch_size=-1 and B*T*world)."""
     saved = saved or {}
     values = {}
     for name, default in defaults.items():
@@ -75,9 +66,8 @@ def resolve_flags(given, defaults, saved, resume_step, checkpoint_dir, same=None
 
 
 def schedule_changes(schedule, num_iterations, meta):
-    """{flag: [checkpoint's value, this run's value]} for the optimizer/schedule flags (`schedule`,
-    {name: this run's value}) that differ on resume: they apply from the resume step, and the
-    metadata keeps the record."""
+    """{flag: [checkpoint's value, this run's value]} for the schedule flags ({name: value}) that
+    differ on resume (they apply from the resume step; the metadata keeps the record)."""
     saved = meta.get("user_config") or {}
     changed = {n: [saved.get(n), v] for n, v in schedule.items() if n in saved and saved[n] != v}
     if meta.get("num_iterations") is not None and meta["num_iterations"] != num_iterations:
@@ -85,25 +75,24 @@ def schedule_changes(schedule, num_iterations, meta):
     return changed
 
 
-def open_later_run(phase, source, model_tag, step, output_tag, direction, rank, device, **run_options):
-    """The PhaseRun of a phase after base, saving under `output_tag`, else the parent's tag
-    (resolved without loading the parent: a resumed run loads its own checkpoint instead). A fresh
-    run refuses a contradicting `direction` before any file is touched. Returns (run, parent
-    checkpoint directory, parent step, parent tag)."""
+def open_later_run(phase, source, model_tag, step, output_tag, direction, rank, device, check_parent=None,
+                   **run_options):
+    """(run, parent dir, parent step, parent tag): the PhaseRun of a phase after base, saving under
+    `output_tag`, else the parent's tag. A fresh run refuses a contradicting `direction`, or one that
+    `check_parent(parent's direction)` refuses, before any file is touched."""
     parent_dir, parent_step, parent_tag = resolve_checkpoint(source, model_tag, step)
     run = PhaseRun(phase, output_tag or parent_tag, rank, device, **run_options)
     if not run.resuming:
-        check_direction_flag(direction, DirectionSpec.from_meta(load_meta(parent_dir, parent_step)).direction,
-                             f"the parent checkpoint ({parent_dir})")
+        trained = DirectionSpec.from_meta(load_meta(parent_dir, parent_step)).direction
+        check_direction_flag(direction, trained, f"the parent checkpoint ({parent_dir})")
+        if check_parent is not None:
+            check_parent(trained)
     return run, parent_dir, parent_step, parent_tag
 
 
 def model_for_run(run, device, source, model_tag, step, direction, parent_dir, parent_experiment=None):
-    """(model, tokenizer, trained direction spec, parent record, resume meta) of a later phase.
-
-    Fresh: the parent checkpoint (`source`, `model_tag`, `step`; its direction was checked by
-    open_later_run). Resuming: this run's own checkpoint, whose recorded parent must be the one
-    named."""
+    """(model, tokenizer, direction spec, parent record, resume meta) of a later phase: the parent's
+    model (fresh), or this run's own checkpoint, whose recorded parent must be the one named."""
     resume_meta = run.resume_meta()
     if resume_meta is None:
         model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag, step=step)
@@ -189,9 +178,8 @@ class PhaseRun:
                         "--overwrite to delete them and start again")
 
     def restore(self, trainer, loader, num_iterations, schedule):
-        """Resume: the saved optimizer moments and data position continue, this run's learning
-        rates and schedule ({flag: value}) apply from the resume step (recorded in
-        schedule_history). Returns the step to start from (0 for a fresh run)."""
+        """The step to start from (0 when fresh). Resuming, the saved moments and data position
+        continue; this run's `schedule` ({flag: value}) applies from the resume step."""
         if not self.resuming:
             return 0
         meta = self.resume_meta()
@@ -215,8 +203,8 @@ class PhaseRun:
         return self.resume_step
 
     def clear(self):
-        """Just before training: delete what --overwrite named, and move aside a research log that
-        has no checkpoint to continue from (a run killed before its first save, or one overwritten)."""
+        """Just before training: delete what --overwrite named; move aside a research log with no
+        checkpoint to continue from."""
         if not self.master:
             return
         if self.later:
@@ -252,13 +240,11 @@ class PhaseRun:
             wb.finish()
 
     def meta(self, spec, model, tokenizer, user_config, parent, **fields):
-        """The metadata every checkpoint of every phase records; `fields` adds the phase's own.
-
-        The direction goes in as one thing, spec.to_meta() under "direction_spec" (read back with
-        DirectionSpec.from_meta)."""
+        """The metadata every checkpoint records (the direction as spec.to_meta() under
+        "direction_spec"); `fields` adds the phase's own."""
         return {"phase": self.phase.name, "direction_spec": spec.to_meta(), "model_tag": self.tag,
                 "model_config": model.config.to_dict(), "vocab_size": tokenizer.get_vocab_size(),
-                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "user_config": user_config,
+                "tokenizer_fingerprint": tokenizer.fingerprint(), "user_config": user_config,
                 "parent": parent, "schedule_history": self.schedule_history, **fields}
 
     def save(self, step, model, optimizer_state, data_state, meta):

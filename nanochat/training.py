@@ -1,10 +1,8 @@
-"""The training step shared by every phase (base, mid, SFT): phases differ in data, not in how
-a step is taken.
+"""The training step and loop shared by every phase: phases differ in data, not in how a step is taken.
 
-One optimizer step = `grad_accum_steps` micro-batches on each of `world_size` ranks. Gradients
-are averaged over ranks with an explicit all-reduce (not the DDP wrapper), which keeps the
-Muon/AdamW pair simple and makes the distributed path and the accumulation path provably the
-same computation: mean over all micro-batches of the global batch.
+One optimizer step = `grad_accum_steps` micro-batches on each of `world_size` ranks. Gradients are
+averaged with an explicit all-reduce (not the DDP wrapper): the distributed path and the
+accumulation path are the same computation, the mean over all micro-batches of the global batch.
 """
 
 import math
@@ -20,6 +18,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import NonFiniteWeights
 from nanochat.common import UserError
+from nanochat.muon import Muon
 
 # Peak dense bf16 throughput used for MFU (per GPU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -56,12 +55,6 @@ def muon_momentum(step, ramp_steps=300):
     """Muon momentum ramps 0.85 -> 0.95 over the first steps (stabler start)."""
     frac = min(step / ramp_steps, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
-
-
-def _is_muon(opt):
-    # torch.optim.Muon or this project's batched Muon (nanochat/muon.py), which is not its subclass.
-    from nanochat.muon import Muon
-    return isinstance(opt, (torch.optim.Muon, Muon))
 
 
 def sync_gradients(params, world_size):
@@ -113,7 +106,7 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * self.lr_scale * mult
-            if _is_muon(opt):
+            if isinstance(opt, Muon):
                 for group in opt.param_groups:
                     group["momentum"] = muon_momentum(step)
         return mult
@@ -185,10 +178,8 @@ class Trainer:
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_optimizer_state(self, states, keep_hyperparameters=True):
-        """Load saved optimizer state (moments, step counts). With keep_hyperparameters (the
-        default) every group keeps the hyperparameters this run was set up with (initial_lr,
-        weight_decay, betas...): the flags of a resumed run apply from the resume step, instead
-        of being silently replaced by the saved ones."""
+        """Load saved moments and step counts; with keep_hyperparameters every group keeps this
+        run's hyperparameters (a resumed run's flags apply from the resume step)."""
         for opt, s in zip(self.optimizers, states):
             fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(s)
@@ -203,13 +194,9 @@ class TrainingDiverged(UserError):
 
 
 class LossMonitor:
-    """Reports loss spikes and stops a run that blew up.
-
-    A spike: a loss above `spike_factor` x the running mean (an exponential moving average,
-    reported after `warmup` steps), printed as a warning. A blow-up: a loss above `blowup_loss`
-    (the scripts pass 10 x ln(vocab size): ten times worse than a uniform guess, which no
-    healthy run reaches): the weights are wrecked even if the loss later settles, so the run
-    stops rather than end with exit 0."""
+    """Warns of a spike (a loss above `spike_factor` x its running mean, after `warmup` steps) and
+    stops a blow-up (a loss above `blowup_loss`, the scripts' 10 x ln(vocab size): the weights are
+    wrecked even if the loss later settles; docs/SAFETY.md)."""
 
     def __init__(self, blowup_loss=None, spike_factor=3.0, beta=0.9, warmup=5):
         self.blowup_loss, self.spike_factor, self.beta, self.warmup = blowup_loss, spike_factor, beta, warmup
@@ -238,9 +225,8 @@ class StopRequested(SystemExit):
 
 @contextmanager
 def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
-    """Within the block, the first SIGTERM/SIGINT only sets `state["signal"]` (the loop finishes
-    its step, flushes the research log and stops); a second one interrupts at once. Outside the
-    main thread signals cannot be handled: the block then does nothing."""
+    """Within the block the first SIGTERM/SIGINT only sets `state["signal"]` (the loop stops after
+    its step); a second one interrupts at once. Off the main thread the block does nothing."""
     state = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield state
@@ -273,9 +259,8 @@ class Every:
 
 
 class StepLog:
-    """Where each step's metrics go: a progress line every `log_every` steps and at the last (with
-    the metrics `show` names, RL: reward), the research log (plus `snapshot(step, layer_grads)`'s
-    large arrays at the steps the log asks for), and wandb."""
+    """Where each step's metrics go: a progress line every `log_every` steps (with the metrics `show`
+    names), the research log (and `snapshot(step, layer_grads)` when it asks), and wandb."""
 
     def __init__(self, print_fn=print, log_every=1, show=(), logger=None, snapshot=None, wandb_run=None):
         self.print_fn, self.log_every, self.show = print_fn, log_every, show
@@ -306,18 +291,10 @@ class StepLog:
 
 
 def run_loop(trainer, start_step, num_iterations, log=None, monitor=None, evaluate=None, save=None, sample=None):
-    """The step loop every phase shares: step, evaluate, log, check, sample, save.
-
-    `evaluate`, `save` and `sample` are Every(steps, fn): evaluate(step) -> metrics, also at the last
-    step; save(step, last), also at the end; sample(step). `log` is a StepLog (default: print), and
-    `monitor` a LossMonitor (default: spike warnings, no blow-up limit). Steps count from 1 in all
-    of these. Returns the last metrics (train loss and the latest evaluation).
-
-    What a killed or diverged run keeps: the research log is flushed after every save, so its
-    rows up to the last checkpoint survive even SIGKILL; SIGTERM/SIGINT stop the loop after the
-    current step with the log flushed (StopRequested, exit status 128 + signal); a non-finite
-    loss, validation metric or weight, or a blow-up (LossMonitor), stops the run with one
-    message naming the last good checkpoint, and non-finite weights are never saved."""
+    """The step loop every phase shares: step, evaluate, log, check, sample, save; returns the last
+    metrics. `evaluate(step)` (also at the last step), `save(step, last)` (also at the end) and
+    `sample(step)` are Every(steps, fn); steps count from 1. What a killed or diverged run keeps
+    (the log flushed at every save, a clean stop on SIGTERM): docs/SAFETY.md."""
     log, monitor = log or StepLog(), monitor or LossMonitor()
     last, saved = {}, start_step if start_step > 0 else None
 
