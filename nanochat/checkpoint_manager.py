@@ -1,25 +1,12 @@
-"""Checkpoints: atomic writes, pickle-free loads, and direction metadata (docs/DESIGN.md §8).
-
-A checkpoint directory holds, per saved step:
-    model_<step>.pt            model state dict (tensors only)
-    meta_<step>.json           direction, marker ids, model config, phase, parent, user config...
+"""Checkpoints: atomic writes, pickle-free loads, and direction metadata (docs/DESIGN.md §8,
+docs/SAFETY.md). A checkpoint directory holds, per saved step:
+    model_<step>.pt            model state dict (tensors only, loaded with weights_only=True)
+    meta_<step>.json           direction, model config, tokenizer fingerprint, phase, parent, user config...
     optim_<step>_rank<r>.pt    each rank's optimizer and dataloader state (for resuming)
 
-Every file is written to a temporary name and renamed (nanochat.paths.atomic_write), so a crash
-mid-save never leaves a half-written checkpoint under a real name; a save that fails (disk full)
-removes what it wrote of that step, and `clean_checkpoint_dir` removes what a killed save left
-(temporary files, model/optimizer files of a step without meta). Loads use
-torch.load(weights_only=True), which refuses to execute pickled code. Weights are checked finite
-before they are saved: a poisoned checkpoint is never written.
-
-Integrity: every checkpoint's meta holds `tokenizer_fingerprint` (a hash of the tokenizer's
-ranks, special tokens and split pattern, nanochat.tokenizer.Tokenizer.fingerprint); loading with
-a different tokenizer is an error, not silently wrong bits per byte.
-
-Where checkpoints live: `source` (base, mid, sft, rl) names a phase directory under the base
-dir, `{base,mid,chatsft,chatrl}_checkpoints/<model_tag>/`. When `<model_tag>` is the id of an
-experiment (nanochat.experiment_config), the experiment's own checkpoint directory is used
-instead: an experiment is the single owner of its checkpoints.
+Where checkpoints live: `source` (base, mid, sft, rl) names a phase directory under the base dir,
+`{base,mid,chatsft,chatrl}_checkpoints/<model_tag>/`; when `<model_tag>` is an experiment id
+(nanochat.experiment_config), the experiment's own checkpoint directory, its single owner.
 """
 
 import glob
@@ -72,11 +59,9 @@ RESUME_HINT = "rerun (resume from the last saved step with --resume_from_step)"
 
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, rank=0):
-    """Write one step's checkpoint. Rank 0 writes model and meta; every rank its own optimizer
-    (and dataloader) state. Meta is written last: its presence marks a complete checkpoint.
-
-    Non-finite weights are refused before anything is written; a failed write (disk full)
-    removes this step's files and raises one UserError."""
+    """Write one step: rank 0 the model and then the meta (whose presence marks a complete
+    checkpoint), every rank its optimizer state. Non-finite weights are refused before anything is
+    written; a failed write (disk full) removes this step's files."""
     check_finite_state(model_state, step)
     os.makedirs(checkpoint_dir, exist_ok=True)
     written = []
@@ -143,9 +128,7 @@ def _safe_load(path, device):
 
 
 def load_meta(checkpoint_dir, step):
-    """A step's metadata. The direction is stored once, as "direction_spec"
-    (DirectionSpec.to_meta); for convenience the loaded dict also carries "direction", its name,
-    derived here (older checkpoints stored the name itself, and are read the same way)."""
+    """A step's metadata, with "direction" (the name) derived from "direction_spec"."""
     path = meta_path(checkpoint_dir, step)
     try:
         with open(path) as f:
@@ -156,12 +139,8 @@ def load_meta(checkpoint_dir, step):
         raise UserError(f"checkpoint metadata {path} is corrupt: {e}")
     if not isinstance(meta, dict):
         raise UserError(f"checkpoint metadata {path} is corrupt: not a JSON object")
-    spec = meta.get("direction_spec") or {}
-    if spec.get("direction") is not None:
-        if meta.get("direction") not in (None, spec["direction"]):
-            raise UserError(f"checkpoint metadata {path} contradicts itself: direction {meta['direction']!r} but "
-                            f"direction_spec {spec['direction']!r}")
-        meta["direction"] = spec["direction"]
+    if (meta.get("direction_spec") or {}).get("direction") is not None:
+        meta["direction"] = meta["direction_spec"]["direction"]
     return meta
 
 
@@ -195,29 +174,27 @@ def _experiments(base_dir=None):
     return ExperimentConfig(base_dir)
 
 
-def checkpoint_dir_for(source, model_tag, base_dir=None):
-    """Where checkpoints of (source, model_tag) are written and read. `model_tag` must be a plain
-    name (nanochat.paths.validate_name): a tag never escapes its phase directory."""
+def _check_source(source):
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}: use one of {', '.join(SOURCE_DIRS)}")
-    validate_name(model_tag, "model tag")
-    experiments = _experiments(base_dir)
-    if model_tag and experiments.find_experiment_for_checkpoint_tag(model_tag):
-        return experiments.checkpoint_dir(model_tag)
-    return os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source], model_tag)
+
+
+def checkpoint_dir_for(source, model_tag, base_dir=None):
+    """Where checkpoints of (source, model_tag) are written and read."""
+    return artifact_dirs(source, model_tag, base_dir)["checkpoints"]
 
 
 def artifact_dirs(source, model_tag, base_dir=None):
-    """Where one run keeps its files: {'run', 'checkpoints', 'logs', 'evaluations'}.
-
-    For an experiment these are the experiment's own directories; for a plain tagged run they
-    sit inside its checkpoint directory."""
+    """Where one run keeps its files: {'run', 'checkpoints', 'logs', 'evaluations'}: an experiment's
+    own directories, or inside a plain run's checkpoint directory. `model_tag` must be a plain name
+    (nanochat.paths.validate_name): a tag never escapes its phase directory."""
+    _check_source(source)
     validate_name(model_tag, "model tag")
     experiments = _experiments(base_dir)
-    if model_tag and experiments.find_experiment_for_checkpoint_tag(model_tag):
+    if experiments.find_experiment_for_checkpoint_tag(model_tag):
         return {"run": experiments.experiment_dir(model_tag), "checkpoints": experiments.checkpoint_dir(model_tag),
                 "logs": experiments.logs_dir(model_tag), "evaluations": experiments.evaluations_dir(model_tag)}
-    ckpt = checkpoint_dir_for(source, model_tag, base_dir)
+    ckpt = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source], model_tag)
     return {"run": ckpt, "checkpoints": ckpt, "logs": os.path.join(ckpt, "logs"),
             "evaluations": os.path.join(ckpt, "evaluations")}
 
@@ -238,10 +215,7 @@ def list_tags(source, base_dir=None):
 
 def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
     """(checkpoint_dir, step, model_tag) for a source, defaulting to the newest tag / last step."""
-    if source not in SOURCE_DIRS:
-        raise UserError(f"unknown checkpoint source {source!r}: use one of {', '.join(SOURCE_DIRS)}")
-    if model_tag is not None:
-        validate_name(model_tag, "model tag")
+    _check_source(source)
     if model_tag is None:
         tags = list_tags(source, base_dir)
         if not tags:
@@ -272,8 +246,6 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
         config = GPTConfig(**meta["model_config"])
     except TypeError as e:
         raise UserError(f"checkpoint metadata in {checkpoint_dir} has a model config this code does not know: {e}")
-    # torch.compile prefixes names with "_orig_mod."; accept checkpoints written either way.
-    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
     _check_config_fits_weights(config, model_state, meta_path(checkpoint_dir, step))
     model = GPT.build(config, device)
     try:
@@ -288,7 +260,7 @@ def _check_config_fits_weights(config, model_state, where):
     """Compare the config's parameter shapes (built on the meta device: nothing is allocated)
     with the saved tensors, so an absurd or tampered config is refused before any allocation."""
     from nanochat.gpt import GPT
-    sizes = {k: getattr(config, k, None) for k in _SIZE_FIELDS if hasattr(config, k)}
+    sizes = {k: getattr(config, k) for k in _SIZE_FIELDS}
     bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
     if bad:
         raise UserError(f"{where}: the model config has sizes that are not positive integers: {bad}")
@@ -309,16 +281,9 @@ def _check_config_fits_weights(config, model_state, where):
                         f"{', ...' if len(differ) > 3 else ''}): the checkpoint is corrupt or was edited")
 
 
-def tokenizer_fingerprint(tokenizer):
-    """The tokenizer's fingerprint, or None for a tokenizer class without one."""
-    fingerprint = getattr(tokenizer, "fingerprint", None)
-    return fingerprint() if callable(fingerprint) else None
-
-
 def check_tokenizer_matches(meta, tokenizer):
-    """A model is only meaningful with the token ids it was trained with: the tokenizer's
-    fingerprint must equal the one recorded at training time (older checkpoints without one are
-    checked by vocabulary size, BOS id and marker ids)."""
+    """A model is only meaningful with the token ids it was trained with: the vocabulary size, the
+    direction's marker and BOS ids and the tokenizer's fingerprint must be the ones recorded."""
     if meta.get("vocab_size") is not None and meta["vocab_size"] != tokenizer.get_vocab_size():
         raise UserError(f"the checkpoint was trained with a {meta['vocab_size']}-token vocabulary but the tokenizer "
                         f"has {tokenizer.get_vocab_size()}: the tokenizer changed since training")
@@ -329,13 +294,12 @@ def check_tokenizer_matches(meta, tokenizer):
             raise UserError(f"the checkpoint's marker ids (forward={spec.forward_id}, backward={spec.backward_id}) "
                             f"differ from the tokenizer's (forward={fwd}, backward={bwd}): the tokenizer changed "
                             "since training")
-    saved = meta.get("tokenizer_fingerprint")
-    current = tokenizer_fingerprint(tokenizer)
-    if saved is not None and current is not None and saved != current:
+    saved, current = meta.get("tokenizer_fingerprint"), tokenizer.fingerprint()
+    if saved is not None and saved != current:
         raise UserError(f"the tokenizer differs from the one this checkpoint was trained with (fingerprint "
                         f"{current[:12]} vs {saved[:12]}): it was retrained or edited since; restore that tokenizer "
                         "or train a new model")
-    bos = (meta.get("direction_spec") or {}).get("bos_id", meta.get("bos_id"))
+    bos = (meta.get("direction_spec") or {}).get("bos_id")
     if bos is not None and bos != tokenizer.get_bos_token_id():
         raise UserError(f"the checkpoint was trained with BOS id {bos} but the tokenizer's is "
                         f"{tokenizer.get_bos_token_id()}: the tokenizer changed since training")
@@ -354,9 +318,7 @@ def load_model(source, device, phase="eval", model_tag=None, step=None, base_dir
     # the recorded one is kept as saved_model_tag).
     if "model_tag" in meta:
         meta["saved_model_tag"] = meta["model_tag"]
-    meta["model_tag"] = model_tag
-    meta["checkpoint_dir"] = directory
-    meta["run_dir"] = artifact_dirs(source, model_tag, base_dir)["run"]
-    meta["evaluations_dir"] = artifact_dirs(source, model_tag, base_dir)["evaluations"]
-    meta["step"] = step
+    dirs = artifact_dirs(source, model_tag, base_dir)
+    meta.update(model_tag=model_tag, checkpoint_dir=directory, run_dir=dirs["run"],
+                evaluations_dir=dirs["evaluations"], step=step)
     return model, tokenizer, meta

@@ -86,10 +86,11 @@ def test_build_model_restores_weights_and_direction(tmp_path, tok):
     assert build_model(d, 1, "cpu", phase="train")[0].training
 
 
-def test_compiled_prefix_is_accepted(tmp_path):
+def test_saved_state_dict_loads_as_written(tmp_path):
+    # Today's save path writes the uncompiled model's state dict: no "_orig_mod." prefix to strip.
     model = tiny_model(384, 32)
     d = str(tmp_path / "ckpt")
-    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    state = model.state_dict()
     save_checkpoint(d, 0, state, None, make_meta(model))
     assert_same_weights(model, build_model(d, 0, "cpu")[0])
 
