@@ -7,22 +7,7 @@
 Every flag has an underscore spelling and a kebab-case alias (--num_iterations / --num-iterations).
 Checkpoints go to base_checkpoints/<model_tag> (default d<depth>, plus _<direction> when not
 forward), or to experiments/<model_tag>/checkpoints when <model_tag> is an experiment id.
-
-Nothing is lost silently:
-- one process per run (an OS lock on the run directory, nanochat.locking); the directory must
-  be writable before training starts; what a killed save left (temporary files, a step without
-  meta) is removed;
-- existing checkpoints are never overwritten: a fresh run on a used tag, or a resume from a step
-  with later checkpoints, is refused unless --overwrite says to delete them (their evaluations go
-  with them, and the deletion is printed);
-- resuming (--resume_from_step) continues the same model on the same data: --depth, --max_seq_len,
-  --device_batch_size, --total_batch_size, --seed, --p_backward and --direction default to the
-  checkpoint's values and a different explicit value is refused; learning-rate and schedule flags
-  (and --num_iterations) apply from the resume step and the metadata records the change
-  (schedule_history); the tokenizer must be the one the checkpoint was trained with (fingerprint);
-- a non-finite loss, validation bpb or weight, or a loss above 10 x ln(vocab size), stops the run
-  (exit 2) naming the last good checkpoint; SIGTERM/SIGINT stop it after the current step with
-  the research log flushed (exit 128 + signal).
+What a run guarantees (lock, no silent overwrite, exact resume, divergence stops): docs/SAFETY.md.
 """
 
 import argparse
@@ -32,19 +17,19 @@ import sys
 
 import torch
 
-from nanochat.checkpoint_manager import check_tokenizer_matches
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.direction import DirectionSpec, by_direction, is_two_way, validate_direction, validate_p_backward
 from nanochat.direction_dataloader import direction_aware_dataloader
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, MATRIX_LR_SCALINGS, config_for_depth
+from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb, select_documents
+from nanochat.muon import ADJUST_LR_FNS
 from nanochat.phase_run import PhaseRun
 from nanochat.prefetch import prefetching
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (Every, LossMonitor, StepLog, Trainer, autocast_context, grad_accum_steps_for,
                                run_loop)
-from scripts.phase_flags import check_flags, flag_values, resolve_model_data_flags, run_options
+from scripts.phase_flags import check_batch_flags, check_flags, flag_values, resolve_model_data_flags, run_options
 
 # Text fragments used for samples: a beginning for forward generation, an ending for backward.
 SAMPLE_BEGINNINGS = ["def ", "import ", "class Parser:\n    def "]
@@ -67,7 +52,7 @@ def build_parser():
     add_flag(p, "embedding_lr", type=float, default=0.2)
     add_flag(p, "unembedding_lr", type=float, default=0.004)
     add_flag(p, "matrix_lr", type=float, default=0.02, help="Muon learning rate")
-    add_flag(p, "matrix_lr_scaling", default=None, choices=MATRIX_LR_SCALINGS,
+    add_flag(p, "matrix_lr_scaling", default=None, choices=ADJUST_LR_FNS,
              help="Muon's adjust_lr_fn: original | match_rms_adamw (see docs/LR_SWEEP.md)")
     add_flag(p, "shuffle", type=int, default=None, choices=(0, 1),
              help="1: each epoch reads the documents in a fresh order drawn from --seed (default); 0: storage order")
@@ -107,14 +92,12 @@ def build_parser():
     return p
 
 
-# Flags that define the model or the order of the data. A fresh run takes these defaults; a resumed
-# run takes the checkpoint's values, and an explicit different value is refused (it would train a
-# different model or read different data while the metadata claimed continuity).
+# Flags that define the model or the order of the data: a fresh run takes these defaults, a resumed
+# run the checkpoint's values (an explicit different value is refused).
 MODEL_DATA_DEFAULTS = {"depth": 20, "max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
                        "seed": 42, "p_backward": 0.5, "context_tokens": -1, "matrix_lr_scaling": "original",
                        "shuffle": 1}
-# Flags of the optimizer and the schedule: on resume they apply from the resume step (the optimizer's
-# saved moments are kept, its hyperparameters are this run's), and the metadata records the change.
+# Optimizer and schedule flags: on resume they apply from the resume step (recorded in the metadata).
 SCHEDULE_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac", "warmup_ratio",
                   "warmdown_ratio", "final_lr_frac", "grad_clip")
 
@@ -128,25 +111,18 @@ def validate_args(args):
         validate_direction(args.direction)
     if args.p_backward is not None:
         validate_p_backward(args.p_backward)
-    if args.core_metric_every == 0 or args.core_metric_every < -1:
-        raise UserError(f"--core_metric_every={args.core_metric_every}: use a positive step count or -1 (off)")
     if args.core_metric_every > 0 and args.eval_every > 0 and args.core_metric_every % args.eval_every:
         raise UserError(f"--core_metric_every={args.core_metric_every} must be a multiple of --eval_every="
                         f"{args.eval_every}: CORE runs at evaluation steps")
-    for name in ("depth", "max_seq_len", "device_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.total_batch_size is not None and args.total_batch_size != -1 and args.total_batch_size <= 0:
-        raise UserError(f"--total_batch_size must be positive (or -1 = B*T*world), got {args.total_batch_size}")
+    check_batch_flags(args)
     if args.num_iterations == 0 or args.num_iterations < -1:
         raise UserError("--num_iterations must be positive (or -1 to derive it from --target_param_data_ratio)")
-    if args.prefetch < 0:
-        raise UserError(f"--prefetch must be >= 0 (0 = off), got {args.prefetch}")
-    check_flags(args, nonnegative=("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"),
-                positive=("init_lr_frac", "target_param_data_ratio", "log_every", "tokenizer_threads",
-                          "log_flush_every"),
+    check_flags(args, nonnegative=("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
+                                   "prefetch"),
+                positive=("depth", "max_seq_len", "init_lr_frac", "target_param_data_ratio", "log_every",
+                          "tokenizer_threads", "log_flush_every"),
                 fraction=("warmup_ratio", "warmdown_ratio", "final_lr_frac"),
-                positive_or_off=("eval_every", "sample_every", "save_every", "snapshot_every"))
+                positive_or_off=("eval_every", "sample_every", "save_every", "snapshot_every", "core_metric_every"))
     if args.eval_tokens != -1 and not args.eval_tokens >= 1:  # -1 is "automatic", not "off"
         raise UserError(f"--eval_tokens={args.eval_tokens}: give at least 1 validation token, or -1 for the "
                         "default (20 steps' worth, at most 10,485,760)")
@@ -220,10 +196,7 @@ def train(args, run, rank, world_size, device):
     token_bytes = get_token_bytes(device)
     checkpoint_dir = run.checkpoint_dir
     run.prepare()
-    resume_meta = run.resume_meta()
-    if resume_meta is not None:
-        check_tokenizer_matches(resume_meta, tokenizer)
-    resolve_base_flags(args, resume_meta, run, world_size)
+    resolve_base_flags(args, run.resume_meta(), run, world_size)
     run.refuse_overwrite()
     B, T = args.device_batch_size, args.max_seq_len
     grad_accum = grad_accum_steps_for(args.total_batch_size, B, T, world_size)

@@ -113,13 +113,19 @@ def check_phase_flags(args):
         validate_p_backward(args.p_backward)
 
 
+def check_batch_flags(args):
+    """--device_batch_size > 0; --total_batch_size > 0 or -1 (= B*T*world)."""
+    check_flags(args, positive=("device_batch_size",))
+    if args.total_batch_size is not None and args.total_batch_size != -1 and args.total_batch_size <= 0:
+        raise UserError(f"--total_batch_size={args.total_batch_size} must be positive (or -1 = B*T*world)")
+
+
 def check_conversation_flags(args):
     validate_train_on(args.train_on)
     check_phase_flags(args)
-    check_flags(args, positive=("num_iterations", "device_batch_size", "eval_batches"),
-                fraction=("warmdown_ratio",), positive_or_off=("eval_every", "max_seq_len"))
-    if args.total_batch_size is not None and args.total_batch_size != -1 and args.total_batch_size <= 0:
-        raise UserError(f"--total_batch_size={args.total_batch_size} must be positive (or -1 = B*T*world)")
+    check_batch_flags(args)
+    check_flags(args, positive=("num_iterations", "eval_batches"), fraction=("warmdown_ratio",),
+                positive_or_off=("eval_every", "max_seq_len"))
 
 
 # ---- from flags to values -----------------------------------------------------------------------
@@ -149,13 +155,10 @@ def later_phase_run(phase, args, defaults, rank, device, check_parent=None):
     this run's own checkpoint) gives the model and its direction; `check_parent(direction)` may
     refuse a fresh run's parent before any file is touched. Unset model/data flags take `defaults`
     (and the parent's p_backward), or the checkpoint's values when resuming."""
+    # args.model_tag: the parent is resolved once, the newest tag not looked up twice
     run, parent_dir, parent_step, args.model_tag = open_later_run(
         phase, args.source, args.model_tag, args.step, args.output_tag, args.direction, rank, device,
-        **run_options(args))  # args.model_tag: the parent is resolved once, the newest tag not looked up twice
-    if check_parent is not None and not run.resuming:
-        from nanochat.checkpoint_manager import load_meta
-        from nanochat.direction import DirectionSpec
-        check_parent(DirectionSpec.from_meta(load_meta(parent_dir, parent_step)).direction)
+        check_parent, **run_options(args))
     with run:
         run.prepare()
         model, tokenizer, spec, parent, resume_meta = model_for_run(run, device, args.source, args.model_tag, args.step,
