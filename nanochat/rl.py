@@ -1,37 +1,12 @@
-"""Reinforcement learning on verifiable tasks, in the parent checkpoint's direction (docs/DESIGN.md §6).
-
-The algorithm is on-policy policy gradient with group-normalised advantages (GRPO-style):
+"""Reinforcement learning on verifiable tasks, in the parent checkpoint's direction: on-policy policy
+gradient with group-normalised advantages (GRPO-style, no KL term, one optimizer step per rollout):
 
     for each prompt, sample G completions from the current model;
     advantage_i = (r_i - mean(r)) / (std(r) + eps)          within the group of G
     loss = -sum_i advantage_i * log p(completion_i) / (tokens generated in the step)
 
-Why this and not PPO with a KL penalty: every step samples fresh completions from the current
-weights and takes exactly one optimizer step on them, so the ratio to the sampling policy is 1
-and PPO's clipping never triggers; the group mean is the baseline, so no value network is
-needed; and we drop the KL term to a reference model (a second model in memory and a second
-forward pass) because a small learning rate, few steps and linear decay to zero keep the policy
-close to its SFT parent in practice. A group whose rewards are all equal (all right or all
-wrong) carries no signal about which completion is better: its advantages are exactly zero.
-
-Directions. Generation runs left to right over the model's own orientation, through the one
-prompt builder (`DirectionSpec.chat_prompt`): forward writes the answer to the user's question;
-backward is given the assistant's answer and writes the question before it. Generated tokens are
-restored to reading order before `task.reward` sees them, so rewards never know the orientation.
-A bidirectional model trains on both: each example's direction is the deterministic draw of
-(seed, example index) with the parent's p_backward, restricted to the directions the task can
-reward (GSM8K: forward only). Evaluation on a bidirectional model reports each direction.
-
-What "log p(completion)" covers: every generated token and the token that ended the turn. A
-turn ends on either of two stop tokens (the turn's closing token or BOS) and both end the text
-the same way, so the stop action's probability is p(any stop token); a completion cut at
---max_new_tokens has no stop term. Log-probabilities are the model's own (temperature 1, no
-top-k), the standard simplification: sampling settings change which completions are seen, not
-what is reinforced.
-
-Distributed: the examples of a step are split over ranks (example i on rank i % world_size), the
-loss is normalised by the tokens generated on all ranks and gradients are averaged with
-`training.sync_gradients`, as in the other phases; a torchrun step is the single-process step.
+Generated tokens are restored to reading order before `task.reward` sees them. Why this algorithm,
+what log p covers (the stop action), directions and the distributed step: docs/DESIGN.md §6.
 """
 
 import math
@@ -52,10 +27,8 @@ ADVANTAGE_EPS = 1e-6
 # ---- the update rule ------------------------------------------------------------------------
 
 def group_advantages(rewards, eps=ADVANTAGE_EPS):
-    """(r - mean) / (std + eps) within each group: the last axis of `rewards` is one group.
-
-    The population std is used (a group's own spread, no Bessel correction). A group whose
-    rewards are all equal gets advantage exactly 0 (r - mean is 0 before the division)."""
+    """(r - mean) / (population std + eps) within each group (the last axis of `rewards`); a group
+    whose rewards are all equal gets exactly 0."""
     r = torch.as_tensor(rewards, dtype=torch.float32)
     mean = r.mean(dim=-1, keepdim=True)
     std = r.std(dim=-1, keepdim=True, correction=0)
@@ -63,11 +36,9 @@ def group_advantages(rewards, eps=ADVANTAGE_EPS):
 
 
 def completion_logprobs(model, prompt, completions, stopped, stop_ids, device):
-    """Log-probabilities (with gradient) of a group of completions of one prompt.
-
-    Returns (per-token log p, mask), both (G, L+1): column j < len(completion) is generated token
-    j, column len(completion) the stop action (if the completion stopped), the rest padding
-    (mask 0). The stop action's probability is p(any of stop_ids)."""
+    """(per-token log p with gradient, mask), both (G, L+1), of a group of completions of one prompt:
+    column j < len(completion) is generated token j, column len(completion) the stop action
+    (p(any of stop_ids), if the completion stopped), the rest padding (mask 0)."""
     P = len(prompt)
     L = max(len(c) for c in completions)
     pad = prompt[0]
@@ -132,8 +103,7 @@ def sample_group(engine, spec, task, example_index, direction, num_samples, max_
 
 
 def example_direction(spec, usable, index):
-    """The concrete direction of training example `index`: the model's (bidirectional: its
-    deterministic draw), or the one direction the task allows."""
+    """Training example `index`'s direction: the one the task allows, else the model's (drawn)."""
     if len(usable) == 1:
         return usable[0]
     return spec.concrete_direction_for(index)
@@ -147,10 +117,8 @@ def sample_seed(seed, index, salt=0):
 @torch.no_grad()
 def evaluate(engine, spec, task, directions, num_examples, k, max_new_tokens, temperature, top_k, seed,
              rank=0, world_size=1, autocast=None):
-    """Per direction: mean reward over all samples, pass@k over prompts, and each prompt's mean
-    reward (for paired comparisons), on the first `num_examples` test examples. Every
-    evaluation uses the same prompts and sampling seeds, so before/after RL differ only in the
-    weights."""
+    """Per direction: mean reward, pass@k over prompts and each prompt's mean reward, on the first
+    `num_examples` test examples, with the same seeds every time (before/after differ in weights only)."""
     device = engine.device
     n = min(num_examples, len(task))
     out = {}
@@ -169,8 +137,8 @@ def evaluate(engine, spec, task, directions, num_examples, k, max_new_tokens, te
 
 
 def paired_change(before, after):
-    """(mean change, its standard error) of the per-prompt mean reward between two evaluations
-    of the same prompts with the same seeds: a paired difference, so prompt difficulty cancels."""
+    """(mean change, standard error) of the per-prompt mean reward between two evaluations of the
+    same prompts: a paired difference, so prompt difficulty cancels."""
     diff = torch.tensor(after["per_prompt_reward"], dtype=torch.float64) - torch.tensor(before["per_prompt_reward"],
                                                                                        dtype=torch.float64)
     se = diff.std(correction=1).item() / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
@@ -186,9 +154,8 @@ def format_eval(results, k):
 
 @dataclass
 class Rollouts:
-    """What one RL step samples: `examples_per_step` prompts of `task` (all ranks together), each
-    in its direction among `directions`, `num_samples` completions per prompt, drawn with these
-    settings (top_k None = the whole vocabulary) and reproducible from `seed`."""
+    """What one RL step samples: `examples_per_step` prompts (all ranks), `num_samples` completions
+    each (top_k None = the whole vocabulary), reproducible from `seed`."""
     task: object
     directions: list
     examples_per_step: int
@@ -204,10 +171,9 @@ class Rollouts:
 
 
 class RLTrainer(Trainer):
-    """One RL step per `step` call, for the loop every phase shares (training.run_loop): rollouts
-    with the current weights, then one optimizer step on them. The examples of step s are
-    step * examples_per_step + j, so the data position after a resume is the step alone.
-    `first_reward` and `last_reward` hold the mean training reward of the first and latest step."""
+    """One RL step per `step` call (for training.run_loop): rollouts with the current weights, then
+    one optimizer step. Step s's examples are s * examples_per_step + j: the step is the data
+    position. `first_reward` / `last_reward`: mean training reward of the first and latest step."""
 
     def __init__(self, model, optimizers, engine, spec, rollouts, world_size, device, autocast, lr_schedule,
                  lr_scale=1.0):
