@@ -1,23 +1,10 @@
 """Export a checkpoint to a Hugging Face folder that `transformers` loads as Qwen3ForCausalLM.
 
-The GPT (nanochat/gpt.py) already has Qwen3's layout and parameter names (docs/DESIGN.md §11):
-RMSNorm with weight (same eps), RMSNorm on q and k over head_dim before rotate-half RoPE (same
-theta, same inverse-frequency formula), SwiGLU MLP, no biases, untied head, attention scaled by
-head_dim ** -0.5. So the state dict is copied as is; only the config has to say the same numbers.
-
-What is written (nothing here needs transformers; the round-trip test does):
-    model.safetensors         the weights, fp32 by default
-    config.json               Qwen3ForCausalLM, plus nanochat_* fields: the training direction,
-                              the marker ids, BOS, the chat tokens, the checkpoint it came from
-    generation_config.json    BOS and the stop tokens
-    tokenizer.json            a byte-level BPE for the `tokenizers` library, built from our
-                              tiktoken ranks (same ids, same split pattern, special tokens kept)
-    tokenizer_config.json, special_tokens_map.json
-    README.md                 a model card: the direction and how to prompt such a model
-
-A backward or bidirectional model is an ordinary causal LM over *oriented* token sequences
-(docs/DESIGN.md §2, §5): the card shows how to build them (reverse the given text's tokens, put BOS
-and the marker in front, reverse what comes out).
+The GPT (nanochat/gpt.py) already has Qwen3's layout and parameter names (docs/DESIGN.md §11), so
+the state dict is copied as is and only the config has to say the same numbers. The folder holds
+model.safetensors, config.json (with nanochat_* fields: direction, marker ids, BOS, chat tokens),
+generation_config.json, a `tokenizers` tokenizer.json with the same ids, and a model card saying
+how to prompt a backward or bidirectional model (docs/QUICKSTART.md, "Export").
 """
 
 import json
@@ -26,7 +13,7 @@ import os
 import torch
 
 from nanochat.common import UserError
-from nanochat.direction import DirectionSpec
+from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec
 from nanochat.paths import atomic_write, atomic_write_text, check_writable
 from nanochat.phases import CHAT_PHASES
 
@@ -38,13 +25,8 @@ def byte_to_unicode():
     """The byte-level alphabet of GPT-2 style BPE: every byte maps to one printable character
     (printable ASCII and Latin-1 map to themselves, the rest to code points from 256 up)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
+    mapping = {b: chr(b) for b in keep}
+    mapping.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in keep)})
     return mapping
 
 
@@ -114,15 +96,8 @@ def stop_token_ids(tokenizer, spec, chat):
 
 
 def qwen3_config(model_config, tokenizer, meta, dtype_name="float32"):
-    c = model_config
-    spec = DirectionSpec.for_model(meta, tokenizer)
-    direction = spec.direction
-    chat = is_chat_model(meta)
-    markers = None
-    if tokenizer.has_direction_markers():
-        fwd, bwd = tokenizer.get_marker_ids()
-        markers = {"forward": fwd, "backward": bwd}
-    stops = stop_token_ids(tokenizer, spec, chat)
+    c, spec, chat = model_config, DirectionSpec.for_model(meta, tokenizer), is_chat_model(meta)
+    markers = dict(zip(CONCRETE_DIRECTIONS, tokenizer.get_marker_ids())) if tokenizer.has_direction_markers() else None
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -149,13 +124,13 @@ def qwen3_config(model_config, tokenizer, meta, dtype_name="float32"):
         "initializer_range": 0.02,
         "use_cache": True,
         "bos_token_id": tokenizer.get_bos_token_id(),
-        "eos_token_id": stops,
+        "eos_token_id": stop_token_ids(tokenizer, spec, chat),
         # No pad id: BOS would be the natural one, but transformers masks pad ids it finds in an
         # unmasked prompt, and every prompt starts with BOS. Pass attention_mask when batching.
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
         # nanochat-direction's own fields (transformers keeps unknown config keys as attributes).
-        "nanochat_direction": direction,
+        "nanochat_direction": spec.direction,
         "nanochat_marker_ids": markers,
         "nanochat_bos_id": tokenizer.get_bos_token_id(),
         "nanochat_chat_token_ids": chat_token_ids(tokenizer),
@@ -273,9 +248,11 @@ def model_card(model_config, tokenizer, meta, folder):
 
 
 # ---- the export -----------------------------------------------------------------------------------
-def check_out_dir(out_dir, overwrite=False):
-    """Refuse an --out that is a file, lies under a file, cannot be written, or is a non-empty
-    folder (unless overwrite): one clear line, before the model is loaded or anything written."""
+def check_export(out_dir, dtype="float32", overwrite=False):
+    """Refuse an unknown --dtype, or an --out that is a file, lies under a file, cannot be written, or
+    is a non-empty folder (unless overwrite): one clear line, before the model is loaded or anything written."""
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype={dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out={out_dir} is a file, not a folder: choose another --out")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -287,25 +264,23 @@ def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
     """Write the folder; refuses a non-empty `out_dir` unless overwrite. Returns the file list.
     A failed write (disk full) removes the files this export wrote: no half export is left."""
     from safetensors.torch import save_file
-    if dtype not in EXPORT_DTYPES:
-        raise UserError(f"--dtype={dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
-    check_out_dir(out_dir, overwrite)
+    check_export(out_dir, dtype, overwrite)
     state = {k.removeprefix("_orig_mod."): v.detach().to("cpu", EXPORT_DTYPES[dtype]).contiguous()
              for k, v in model.state_dict().items()}
     cfg = qwen3_config(model.config, tokenizer, meta, dtype)
     bos = tokenizer.get_bos_token_id()
-    special_names = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    extra_specials = [n for n in sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get) if n != "<|bos|>"]
     files = {
         "config.json": cfg,
         "generation_config.json": {"bos_token_id": bos, "eos_token_id": cfg["eos_token_id"], "do_sample": True, "temperature": 0.8, "top_k": 50},
         "tokenizer.json": tokenizer_json(tokenizer),
         "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
                                   "eos_token": "<|bos|>", "pad_token": "<|bos|>",
-                                  "additional_special_tokens": [n for n in special_names if n != "<|bos|>"],
+                                  "additional_special_tokens": extra_specials,
                                   "model_max_length": model.config.sequence_len, "add_bos_token": False,
                                   "clean_up_tokenization_spaces": False},
         "special_tokens_map.json": {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>",
-                                    "additional_special_tokens": [n for n in special_names if n != "<|bos|>"]},
+                                    "additional_special_tokens": extra_specials},
     }
     spec = DirectionSpec.for_model(meta, tokenizer)
     if is_chat_model(meta) and "forward" in spec.generation_directions():

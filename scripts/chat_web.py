@@ -4,34 +4,11 @@
     python -m scripts.chat_web --source=base --model_tag=d4_bidi      # a base model: completion mode
     python -m scripts.chat_web --source=sft --model_tag=fwd_tag,bwd_tag --port 8080
 
-One small FastAPI app and one static page (nanochat/web/index.html: no build step, nothing
-fetched from elsewhere). Every generation goes through nanochat.engine (ChatHistory + Engine's
-streaming fronts), the same path as scripts/chat_cli.py.
-
-- chat, forward: a multi-turn chat; the model answers the latest question.
-- chat, backward: the user types an answer; the model writes the question before it, shown
-  above it and marked as generated; each next answer is an earlier one of the same conversation.
-- completion (the default for base checkpoints): forward continues the text, backward writes
-  the text that precedes it.
-- side by side: the page sends the same text to two panes (a forward and a backward model, or
-  both directions of one bidirectional model).
-
-API (all errors are JSON {"error": "..."} with a 4xx/5xx status):
-    GET  /health          {"status": "ok", "models": [...], "busy": {...}}
-    GET  /api/models      the loaded models (name, direction, directions, chat, context) and limits
-    POST /api/generate    {"model", "direction", "mode": "chat"|"completion", "text", "history",
-                           "max_tokens", "temperature", "top_k", "seed"} -> text/event-stream of
-                           `data: {json}` events: start, text (the generated text so far, reading
-                           order), done, or error.
-
-The server binds 127.0.0.1 unless --host says otherwise and answers only its own page: a request
-whose Host header is not the address it listens on, or whose Origin is another site's, is refused
-with 403 (so a web page the user visits cannot drive it, even through DNS rebinding); behind a
-reverse proxy, --allowed_hosts names the public host(s). Requests are bounded and validated (body
-size and nesting, field types, finite numbers in range, text length, history turns); each model
-runs one generation at a time (an asyncio lock, so concurrent requests never share a KV cache),
-and at most --max_queue requests wait for it (admitted under the event loop, so a burst never
-exceeds it); more are refused with 503. docs/SAFETY.md says what this does and does not protect.
+One FastAPI app and one static page (nanochat/web/index.html, nothing fetched from elsewhere);
+every generation goes through nanochat.engine, as in scripts/chat_cli.py. The modes (chat,
+completion, side by side) and the API: docs/QUICKSTART.md, "Chat". The server answers only its
+own page (Host and Origin checked: 403 otherwise), bounds and validates every request (all errors
+JSON), runs one generation per model at a time and lets at most --max_queue wait: docs/SAFETY.md.
 """
 
 import argparse
@@ -70,8 +47,7 @@ class Limits:
 
 
 class ModelSlot:
-    """One loaded model, its lock (one generation at a time) and the requests admitted for it
-    (the one generating, if any, and those waiting: at most 1 + max_queue)."""
+    """One loaded model, its lock (one generation at a time) and its admitted requests (<= 1 + max_queue)."""
 
     def __init__(self, name, engine, meta):
         self.name, self.engine, self.meta = name, engine, meta
@@ -83,7 +59,6 @@ class ModelSlot:
 
     @property
     def waiting(self):
-        """Admitted requests not generating yet."""
         return max(0, self.admitted - (1 if self.lock.locked() else 0))
 
     def admit(self, max_queue):
@@ -102,9 +77,8 @@ class ModelSlot:
 
 
 class Ticket:
-    """One admitted request's place; release() (idempotent) gives it back. The response gives it
-    back when it ends, unless a generation thread took it over (that thread gives it back with the
-    model's lock, so a client that hangs up does not free a place while the model still works)."""
+    """One admitted request's place. A generation thread that takes it over gives it back with the
+    model's lock, so a client that hangs up does not free a place while the model still works."""
 
     def __init__(self, slot):
         self.slot, self.released, self.taken_by_worker = slot, False, False
@@ -197,8 +171,8 @@ def parse_request(body, slots, limits):
 
 
 def plan_generation(slot, plan):
-    """(a function that starts the token stream, exchanges dropped to fit the context). Checks
-    the prompt fits here, so an over-long input is a 400, not an error mid-stream."""
+    """(a function that starts the token stream, exchanges dropped to fit the context); an over-long
+    input is refused here, not mid-stream."""
     engine, direction, text, sampling = slot.engine, plan["direction"], plan["text"], plan["sampling"]
     limit = engine.model.config.sequence_len
     room = min(sampling["max_tokens"], 32)
@@ -242,13 +216,9 @@ def _split_host(value, default_port):
 
 
 class HostGuard:
-    """Which Host and Origin headers the server answers.
-
-    A browser sends Host = the address in its URL bar and, on cross-site POSTs, Origin = the page
-    that made the request. Refusing a foreign Host defeats DNS rebinding (evil.example resolving
-    to 127.0.0.1 still says `Host: evil.example`); refusing a foreign Origin stops another site's
-    page from driving the server with a no-preflight `text/plain` POST. `hosts` are (name, port)
-    pairs, port None meaning any port; an Origin is accepted when its host is one of them."""
+    """Which Host and Origin headers the server answers: (name, port) pairs, port None for any.
+    A foreign Host is DNS rebinding (evil.example resolving to 127.0.0.1 still sends its own name);
+    a foreign Origin is another site's page driving the server (even by a no-preflight POST)."""
 
     def __init__(self, hosts, any_origin=False):
         self.hosts, self.any_origin = set(hosts), any_origin
@@ -302,16 +272,14 @@ class OnlyOwnPage:
 
 
 def create_app(slots, limits=None, guard=None):
-    """The FastAPI app over already-loaded models: {name: ModelSlot}. `guard` (a HostGuard) says
-    which Host/Origin it answers; the default is the loopback names on any port (main() passes
-    the exact address it listens on)."""
+    """The FastAPI app over loaded models {name: ModelSlot}; `guard` defaults to the loopback names
+    on any port (main() passes the address it listens on)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
     class GenerationResponse(StreamingResponse):
-        """A stream that gives its admission ticket back however it ends (finished, client gone,
-        never started), unless the generation thread has taken the ticket over."""
+        """A stream that gives its ticket back however it ends, unless the generation thread took it."""
 
         def __init__(self, content, ticket, **kwargs):
             super().__init__(content, **kwargs)
@@ -390,11 +358,9 @@ def create_app(slots, limits=None, guard=None):
 
 
 async def stream_events(slot, plan, start_stream, dropped, ticket):
-    """Hold the model's lock for the whole generation. Tokens are produced in a worker thread
-    (torch releases the GIL) and handed to the event loop through a queue; the worker releases
-    the lock (and the request's admission ticket) when it is done with the model, so a client
-    that goes away mid-generation (which cancels this coroutine) never lets a second generation
-    start on a model still in use."""
+    """Hold the model's lock for the whole generation. A worker thread makes the tokens (torch
+    releases the GIL) and releases the lock and ticket when done with the model, so a client that
+    goes away mid-generation never lets a second generation start on a model still in use."""
     loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
     await slot.lock.acquire()
 
@@ -474,8 +440,6 @@ def load_slots(sources, tags, steps, device):
         source, tag, step = (v[i] if len(v) > 1 else v[0] for v in (sources, tags, steps))
         if source == "auto":
             source = auto_source(tag, step)
-        if source not in SOURCE_DIRS:
-            raise UserError(f"unknown --source {source!r}: use auto or one of {', '.join(SOURCE_DIRS)}")
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=tag, step=step)
         meta["source"] = source
         name = meta["model_tag"] if meta["model_tag"] not in slots else f"{source}:{meta['model_tag']}"
@@ -506,8 +470,7 @@ def build_parser():
 
 
 def check_flags(args):
-    """Every flag checked before anything loads: one clear error (exit status 2), never a server
-    that starts and then blames each request for its own defaults. Returns (sources, tags, steps)."""
+    """Every flag checked before anything loads (one error, exit status 2). Returns (sources, tags, steps)."""
     if args.max_tokens < 1 or args.max_turns < 0 or args.max_queue < 0 or not 0 < args.port < 65536:
         raise UserError("--max_tokens must be >= 1, --max_turns and --max_queue >= 0, --port in 1..65535")
     check_number("--temperature", args.temperature, 0.0, 2.0)  # the range a request may ask for

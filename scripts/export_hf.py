@@ -3,10 +3,7 @@
     python -m scripts.export_hf --source=sft --model_tag=d20_bwd --out=exports/d20_bwd
     python -m scripts.export_hf --source=base --model_tag=d4_bidi --out=/tmp/d4_bidi --dtype=bfloat16
 
-The folder loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` and
-`AutoTokenizer.from_pretrained(out)` (same token ids, special tokens included). config.json holds the
-training direction and the marker ids; README.md says how to prompt a backward or bidirectional
-model. What is exported and why it is exact: nanochat/hf_export.py.
+What is exported and why it is exact: nanochat/hf_export.py and docs/QUICKSTART.md, "Export".
 """
 
 import argparse
@@ -15,7 +12,7 @@ import sys
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
 from nanochat.common import UserError, add_flag, print0, run_main
-from nanochat.hf_export import EXPORT_DTYPES, check_out_dir, export
+from nanochat.hf_export import EXPORT_DTYPES, check_export, export
 
 
 def build_parser():
@@ -33,10 +30,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.source not in SOURCE_DIRS:
         raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCE_DIRS)}")
-    if args.dtype not in EXPORT_DTYPES:
-        raise UserError(f"--dtype={args.dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
     out = os.path.abspath(args.out)
-    check_out_dir(out, args.overwrite)  # a file, a path under a file, a read-only or non-empty folder
+    check_export(out, args.dtype, args.overwrite)  # before the model loads
     try:
         import safetensors  # noqa: F401
     except ImportError:
