@@ -1,16 +1,12 @@
-"""Progress for long steps (downloads, tokenizer input, bpb evaluation, chat evaluation, RL rollouts).
+"""Progress for long steps: a tqdm bar on a terminal, plain lines every `interval_s` elsewhere.
 
     for shard in progress(shards, desc="download", unit="shard"):
         ...
     with progress(total=n_docs, desc="bpb", unit="doc") as bar:
         ...; bar.update(len(batch))
 
-A terminal gets a tqdm bar. Anything else (a log file, CI, a pipe) gets plain lines, at most one
-every `interval_s` seconds plus a final one, so logs stay readable:
-    bpb: 1200/5000 docs (24%) 31s elapsed, 38.7 docs/s, ~98s left
-Steps shorter than `min_time_s` show nothing (no bar, no line): a quick evaluation inside a
-training loop stays quiet. Only rank 0 reports under torchrun. NANOCHAT_PROGRESS=bar|plain|off
-overrides the choice.
+Steps shorter than `min_time_s` show nothing (a quick evaluation inside a training loop stays
+quiet); only rank 0 reports; NANOCHAT_PROGRESS=bar|plain|off overrides (docs/QUICKSTART.md).
 """
 
 import os
@@ -117,7 +113,4 @@ class Progress:
             self._print()
 
 
-def progress(iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, min_time_s=2.0):
-    """See the module docstring; returns a Progress."""
-    return Progress(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s, stream=stream,
-                    min_time_s=min_time_s)
+progress = Progress  # the spelling call sites use (see the module docstring)

@@ -5,15 +5,10 @@
         --num_iterations=300 --max_seq_len=128 --device_batch_size=8 --total_batch_size=1024
     python -m scripts.arrow_study --name=... --directions=forward,backward,bidirectional --depths=2,4
 
-Each cell (depth, seed, direction) is one experiment trained and evaluated by the orchestrator
-(scripts.run_backward_experiment: base_train, then base_eval's bits-per-byte matrix), with id
-`<name>_d<depth>_s<seed>_<fwd|bwd|bidi>`. Every flag this script does not know is passed to the
-orchestrator verbatim (training flags: --num_iterations, --max_seq_len, ...), so all cells share
-them. Rerunning the same command resumes: completed cells are skipped by the orchestrator.
-The study record is <base_dir>/studies/<name>/study.json; the table (gap first, with a 95%
-interval) and, for several depths, a plot of the gap against depth are written to
-<base_dir>/studies/<name>/study.md and printed. `python -m scripts.report --experiments=<the
-cells>` (or `--study=<name>`) shows the same table. See docs/ARROW_OF_TIME.md.
+Each cell (depth, seed, direction) is one experiment `<name>_d<depth>_s<seed>_<fwd|bwd|bidi>`
+run by the orchestrator (scripts.run_backward_experiment), which gets every flag this script does
+not know. Rerunning resumes. The record and table go to <base_dir>/studies/<name>/ (study.json,
+study.md); `python -m scripts.report --study=<name>` shows the same table. See docs/ARROW_OF_TIME.md.
 """
 
 import argparse
@@ -99,11 +94,6 @@ def plan(args):
     return directions, seeds, depths, cells
 
 
-def write_study(path, study):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_json(path, study)
-
-
 def main(argv=None):
     args, passthrough = build_parser().parse_known_args(argv)
     for flag in passthrough:
@@ -127,7 +117,8 @@ def main(argv=None):
         study["seeds"] = sorted(set(old["seeds"]) | set(seeds))
         study["depths"] = sorted(set(old["depths"]) | set(depths))
         study["experiments"] = {**old["experiments"], **cells}
-    write_study(path, study)
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_json(path, study)
     print0(f"study {args.name}: {len(cells)} experiments ({len(depths)} depth(s) x {len(seeds)} seed(s) x "
            f"{len(directions)} direction(s)); record {path}")
     for n, (depth, seed, direction) in enumerate((d, s, x) for d in depths for s in seeds for x in directions):

@@ -2,9 +2,8 @@
 
     python -m scripts.bench_logger --steps=20000 --flush_every=100
 
-Logs a typical base-training scalar set (8 scalars a step) into a temporary HDF5 file, once as
-Python floats and once as 0-d CPU tensors, and prints the time per `log_step` (closing included)
-and the file growth per 1,000 steps.
+Logs 8 scalars a step into a temporary file, as Python floats and as 0-d CPU tensors, and prints
+the time per `log_step` (closing included) and the file growth per 1,000 steps.
 """
 
 import argparse

@@ -3,17 +3,11 @@
     python -m scripts.lr_sweep --depths=2,4 --directions=forward,backward --num_iterations=250
     python -m scripts.lr_sweep --stage=confirm --directions=backward --configs="original:0.04:0.2:0.004"
 
-Each configuration is one real `scripts.base_train` run (a subprocess, so exactly what a user
-runs) on the corpus in $NANOCHAT_BASE_DIR, scored by its final validation bits per byte on the
-same held-out documents. A coordinate sweep, stage by stage at each depth and direction:
-  1. matrix: Muon's lr under both conventions (`--matrix_lr_scaling` original | match_rms_adamw),
-  2. embedding: the AdamW embedding lr, at the best matrix setting,
-  3. unembedding: the AdamW head lr, at the best of the above.
-`--stage=confirm` scores given configurations only (e.g. the winner in the other direction);
-`--stage=table` prints the table of a results file.
-Rows are appended to a JSON-lines file (`--out`, default $NANOCHAT_BASE_DIR/lr_sweep/results.jsonl)
-so an interrupted sweep loses nothing; the table is printed at the end. The sweep's own
-checkpoints are deleted after each run (it keeps numbers only). Results: docs/LR_SWEEP.md.
+Each configuration is one real `scripts.base_train` run in a subprocess, scored by its final
+validation bits per byte on the same held-out documents. A coordinate sweep at each depth and
+direction: Muon's lr under both conventions, then the AdamW embedding lr, then the head lr.
+Rows are appended to `--out` (JSON lines) so an interrupted sweep loses nothing; each run's
+checkpoints are deleted. Method and results: docs/LR_SWEEP.md.
 """
 
 import argparse

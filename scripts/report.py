@@ -5,11 +5,9 @@ cross-direction bpb matrix, per-position loss, lineage, configs and final number
     python -m scripts.report --all --title="Arrow of time, d4" --name=d4_sweep
     python -m scripts.report --experiments=base_fwd --output_dir=/tmp/my_report
 
-The folder is <base_dir>/reports/<--name or a UTC timestamp>/ unless --output_dir is given; an
-existing non-empty folder is refused. Evaluations registered in nanochat/research/report.py
-REPORT_SECTIONS appear as sections when a run has them. Prints the report's path and the bpb matrix.
-Named experiments must have a training log (train with --research_log=1); with --all, those
-without one are left out and listed in the report.
+The folder is <base_dir>/reports/<--name or a UTC timestamp>/ unless --output_dir is given; it is
+never overwritten. Named experiments need a training log (--research_log=1); --all leaves out and
+lists those without one. Prints the report's path and the bpb matrix (docs/RESEARCH.md).
 """
 
 import argparse

@@ -4,12 +4,9 @@
         --experiment_id=bwd_d4 --num_iterations=200 --max_seq_len=128
     python -m scripts.run_backward_experiment --phase=mid,sft --parent_experiment=bwd_d4
 
-Each phase is one experiment (nanochat.experiment_config) trained by its phase's script in a
-subprocess; the orchestrator decides what to run and records the outcome in the experiment's
-config.json (created -> running -> completed | failed). Inputs are validated before anything is
-written; a rerun skips completed phases and resumes the others from their last checkpoint. It holds
-every experiment's run lock (nanochat.locking), and its trainers die with it. Any flag it does not
-know goes to every phase's script (`--<phase>.<flag>=value` to one phase only).
+Each phase is one experiment trained by its phase's script in a subprocess; this script validates
+everything first, records each outcome in config.json, and skips completed phases on a rerun.
+Unknown flags go to every phase's script (`--<phase>.<flag>=value` to one phase only).
 Exit status: 0 all phases completed, 1 a phase failed, 2 bad input. Details: docs/EXPERIMENTS.md.
 """
 
@@ -29,7 +26,7 @@ from datetime import datetime, timezone
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.locking import acquire_run_lock, env_with_locks, parent_death_signal
-from nanochat.paths import move_aside  # noqa: F401  (re-exported: the orchestrator's helper moved there)
+from nanochat.paths import move_aside
 from nanochat.direction import parse_directions, validate_direction
 from nanochat.evaluations import list_records
 from nanochat.experiment_config import PHASES, ExperimentConfig
@@ -390,7 +387,7 @@ def training_command(args, flags, tokens, experiments, step, direction, depth):
     """The training command for this attempt, or None when training already finished."""
     script, can_resume = PHASE_TABLE[step.phase].script, resumable(step.phase)
     checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
-    saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    saved = list_steps(checkpoint_dir)
     log = log_path(experiments.experiment_dir(step.experiment_id), PHASE_TABLE[step.phase].log_name)
     resume = []
     if saved:
@@ -463,7 +460,7 @@ def final_results(experiments, experiment_id, evaluation):
     """(results, seed): the numbers worth seeing in config.json without opening the logs, and the
     seed the script actually used (from the final checkpoint's record of its flags)."""
     checkpoint_dir = experiments.checkpoint_dir(experiment_id)
-    saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    saved = list_steps(checkpoint_dir)
     if not saved:
         return None, None
     meta = load_meta(checkpoint_dir, saved[-1])
@@ -507,7 +504,7 @@ def run_step(args, passthrough, experiments, step, direction, depth):
         eval_directions = parse_eval_directions(args.eval_directions)
         if step.phase == "base" and eval_directions:
             checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
-            saved = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+            saved = list_steps(checkpoint_dir)
             if not saved:
                 raise UserError(f"{step.experiment_id}: training exited cleanly but left no checkpoint in "
                                 f"{checkpoint_dir}")

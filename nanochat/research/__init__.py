@@ -1,16 +1,10 @@
 """Research tools for notebooks and `python -m scripts.report`: the plan's analysis calls in one place.
 
     from nanochat.research import *
-    config, parent_link = load_experiment_metadata("base_d4_forward")
-    steps, losses = load_training_losses("base_d4_forward")        # (None, None) without a log
-    compare_learning_curves(["fwd", "bwd", "bidi"], "curves.png")
     matrix = analyze_direction_transfer(["fwd", "bwd", "bidi"]); print(matrix["markdown"])
-    analyze_direction_transfer("experiments/fwd", "transfer.md")  # the same, written to a file
-    generate_research_report(["fwd", "bwd"], "my_report")         # my_report/report.md + its PNGs
 
 analysis.py computes, plots.py draws, report.py writes, arrow_study.py holds the arrow-of-time study;
-this façade only composes them. The core library (nanochat/) never imports this package.
-More in docs/RESEARCH.md.
+this façade only composes them; the core library never imports it. Examples: docs/RESEARCH.md.
 """
 
 import os
@@ -29,10 +23,8 @@ from nanochat.research.report import REPORT_NAME, REPORT_SECTIONS, generate_rese
 def analyze_direction_transfer(experiment_dirs_or_ids, output_path=None, base_dir=None):
     """The cross-direction bpb matrix of the experiments (analysis.direction_transfer's dict).
 
-    Without `output_path`, an experiment with no bpb evaluation is a UserError naming it and the
-    base_eval command. With it (the plan's call), the analysis is also written there as Markdown:
-    the matrix, the task table, and what is missing with the command producing it (nothing raises
-    for missing data); an existing file is refused and the result also holds "path".
+    Without `output_path`, an experiment with no bpb evaluation is a UserError naming its command.
+    With it, the analysis (missing data included) is also written there and its "path" returned.
     """
     matrix = direction_transfer(experiment_dirs_or_ids, base_dir)
     if output_path is None:

@@ -1,10 +1,8 @@
 """Research analysis: read experiments back and compute what compares them (training curves, the
 cross-direction bpb matrix of docs/DESIGN.md §7, task accuracy in each direction, per-position loss).
 
-This module computes only: nanochat/research/plots.py draws, nanochat/research/report.py writes, and
-nanochat/research/__init__.py is the notebook façade (docs/RESEARCH.md). Every function takes an
-experiment as its id (resolved under `base_dir`, default $NANOCHAT_BASE_DIR) or as the path of its
-directory; paths inside an experiment come from ExperimentConfig, the owner of the layout.
+This module computes only (plots.py draws, report.py writes; docs/RESEARCH.md). Every function takes
+an experiment as its id (under `base_dir`, default $NANOCHAT_BASE_DIR) or its directory's path.
 """
 
 import json
@@ -46,9 +44,8 @@ def _looks_like_path(experiment):
 def resolve_experiment(experiment, base_dir=None):
     """(ExperimentConfig, experiment id) for an id or an experiment directory path.
 
-    An id is looked up under `base_dir` (default $NANOCHAT_BASE_DIR); a path (anything with a
-    separator, or a PathLike) is matched against ExperimentConfig's layout for each of its
-    ancestors, so the layout stays known in one place only. Unknown experiments are a UserError.
+    A path (anything with a separator, or a PathLike) is matched against ExperimentConfig's layout
+    for each of its ancestors, so the layout stays known in one place only.
     """
     if isinstance(experiment, dict) and "experiment_id" in experiment:  # a loaded metadata dict
         experiment = experiment.get("experiment_dir") or experiment["experiment_id"]
@@ -60,8 +57,10 @@ def resolve_experiment(experiment, base_dir=None):
         return experiments, experiment
     path = os.path.normpath(os.path.abspath(os.fspath(experiment)))
     experiment_id = experiment_id_from_dir(path)
-    candidates = [base_dir] if base_dir is not None else _ancestors(path)
-    for candidate in candidates:
+    ancestors = [path]
+    while os.path.dirname(ancestors[-1]) != ancestors[-1]:
+        ancestors.append(os.path.dirname(ancestors[-1]))
+    for candidate in [base_dir] if base_dir is not None else ancestors[1:]:
         experiments = ExperimentConfig(candidate)
         try:
             if os.path.normpath(os.path.abspath(experiments.experiment_dir(experiment_id))) == path:
@@ -71,16 +70,6 @@ def resolve_experiment(experiment, base_dir=None):
             continue
     raise UserError(f"{path} is not an experiment directory (expected <base_dir>/experiments/<id>/ "
                     "with a config.json)")
-
-
-def _ancestors(path):
-    out, current = [], os.path.dirname(path)
-    while True:
-        out.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            return out
-        current = parent
 
 
 def training_log_phase(config):
@@ -119,19 +108,9 @@ def _require_log(experiments, experiment_id, phase):
 def _log_files(experiments, experiment_id):
     """{phase: path} for every research log in the experiment's logs directory."""
     logs_dir = experiments.logs_dir(experiment_id)
-    if not os.path.isdir(logs_dir):
-        return {}
-    out = {}
-    for name in sorted(os.listdir(logs_dir)):
-        phase, ext = os.path.splitext(name)
-        if ext == ".h5" and os.path.isfile(_log_file(experiments, experiment_id, phase)):
-            out[phase] = _log_file(experiments, experiment_id, phase)
-    return out
-
-
-def _evaluation_files(experiments, experiment_id):
-    """[(step, path)] of the experiment's bpb evaluation JSONs, by increasing step."""
-    return list_records(experiments.evaluations_dir(experiment_id), "bpb")
+    names = map(os.path.splitext, sorted(os.listdir(logs_dir)) if os.path.isdir(logs_dir) else [])
+    paths = {phase: _log_file(experiments, experiment_id, phase) for phase, ext in names if ext == ".h5"}
+    return {phase: path for phase, path in paths.items() if os.path.isfile(path)}
 
 
 def _read_json(path):
@@ -150,26 +129,13 @@ def _last_finite(values):
 # ---------------------------------------------------------------------------- metadata and curves
 
 def load_experiment_metadata(experiment_dir_or_id, base_dir=None):
-    """(config, parent_link), as the plan unpacks it: `config` is experiment_metadata()'s dict
-    (config.json plus what its files say), `parent_link` the parent_link.json dict
-    (parent_experiment, parent_phase, parent_checkpoint_path) or None for a root experiment."""
+    """(experiment_metadata()'s dict, parent_link.json's dict or None), as the plan unpacks it."""
     meta = experiment_metadata(experiment_dir_or_id, base_dir)
     return meta, meta["parent_link"]
 
 
 def experiment_metadata(experiment_dir_or_id, base_dir=None):
-    """The experiment's config.json plus what can be read off its files:
-
-        experiment_dir, base_dir
-        logs                {phase: {"path", "num_rows", "last_step", "final_loss"}}
-        training_log_phase  the phase its training writes (base -> "base_training"), or None
-        last_step, final_loss, final_val_bpb {forward|backward: bpb}   from that log (None if absent)
-        log_metadata        the flags the training run recorded in its log (empty if no log)
-        checkpoint_steps, tokens_per_step, tokens_per_step_source
-        evaluations         [paths], oldest first
-        latest_evaluation   the newest evaluation record (with "path"), or None
-        parent_link         ExperimentConfig.load_parent_link (None for a root experiment)
-    """
+    """The experiment's config.json plus what its logs, checkpoints and evaluations say (docs/RESEARCH.md)."""
     experiments, experiment_id = resolve_experiment(experiment_dir_or_id, base_dir)
     meta = dict(experiments.load_config(experiment_id))
     meta["parent_link"] = experiments.load_parent_link(experiment_id)
@@ -188,25 +154,16 @@ def experiment_metadata(experiment_dir_or_id, base_dir=None):
     if phase is None and len(meta["logs"]) == 1:
         phase = next(iter(meta["logs"]))
     meta["training_log_phase"] = phase
-    log = meta["logs"].get(phase)
-    meta["last_step"] = log["last_step"] if log else None
-    meta["num_rows"] = log["num_rows"] if log else 0
-    meta["final_loss"] = log["final_loss"] if log else None
-    meta["final_val_bpb"] = {}
-    meta["log_metadata"] = {}
-    if log:
-        scalars = scalars_of[phase]
-        for d in EVAL_DIRECTIONS:
-            if f"val_bpb_{d}" in scalars:
-                value = _last_finite(scalars[f"val_bpb_{d}"])
-                if value is not None:
-                    meta["final_val_bpb"][d] = value
-        meta["log_metadata"] = read_attrs(log["path"]).get("metadata") or {}
-    checkpoint_dir = experiments.checkpoint_dir(experiment_id)
-    meta["checkpoint_steps"] = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    log = meta["logs"].get(phase) or {"last_step": None, "num_rows": 0, "final_loss": None}
+    meta.update(last_step=log["last_step"], num_rows=log["num_rows"], final_loss=log["final_loss"])
+    scalars = scalars_of.get(phase, {})
+    final = {d: _last_finite(scalars[f"val_bpb_{d}"]) for d in EVAL_DIRECTIONS if f"val_bpb_{d}" in scalars}
+    meta["final_val_bpb"] = {d: value for d, value in final.items() if value is not None}
+    meta["log_metadata"] = (read_attrs(log["path"]).get("metadata") or {}) if "path" in log else {}
+    meta["checkpoint_steps"] = list_steps(experiments.checkpoint_dir(experiment_id))
     meta["tokens_per_step"], meta["tokens_per_step_source"] = _tokens_per_step(
         experiments, experiment_id, meta, meta["checkpoint_steps"])
-    evaluations = _evaluation_files(experiments, experiment_id)
+    evaluations = list_records(experiments.evaluations_dir(experiment_id), "bpb")
     meta["evaluations"] = [p for _, p in evaluations]
     meta["latest_evaluation"] = None
     if evaluations:
@@ -217,9 +174,8 @@ def experiment_metadata(experiment_dir_or_id, base_dir=None):
 def _tokens_per_step(experiments, experiment_id, meta, checkpoint_steps):
     """(tokens per optimizer step, where it was found) or (None, why not).
 
-    The checkpoint metadata records it exactly (base_train's `tokens_per_step`: B·T·world·accum).
-    Without a checkpoint, an explicit --total_batch_size is the same number (the gradient
-    accumulation is derived so that it is); with -1 the world size is not recorded, so it is unknown.
+    A checkpoint records it exactly (B·T·world·accum); an explicit --total_batch_size is the same
+    number (accumulation is derived from it); with -1 the world size is not recorded: unknown.
     """
     if checkpoint_steps:
         ckpt_meta = load_meta(experiments.checkpoint_dir(experiment_id), checkpoint_steps[-1])
@@ -234,10 +190,7 @@ def _tokens_per_step(experiments, experiment_id, meta, checkpoint_steps):
 
 
 def load_training_losses(experiment, phase=BASE_LOG_PHASE, base_dir=None):
-    """(steps, losses) of one training log as the plan reads it: two numpy arrays (int64 steps,
-    float64 train loss in nats per token) over the logged steps that have a loss, or (None, None)
-    when the experiment has no log of `phase`. An unknown experiment is still a UserError: a typo
-    must not look like a run that logged nothing. Every other series: load_training_curves."""
+    """(steps, losses) of one training log as the plan reads it, or (None, None) without the log."""
     experiments, experiment_id = resolve_experiment(experiment, base_dir)
     if not os.path.isfile(_log_file(experiments, experiment_id, phase)):
         return None, None
@@ -249,29 +202,18 @@ def load_training_losses(experiment, phase=BASE_LOG_PHASE, base_dir=None):
 
 
 def load_training_curves(experiment, phase=BASE_LOG_PHASE, base_dir=None):
-    """{name: np.ndarray} of one training log, all aligned on "step":
-
-        step (int64), loss, tokens (step × tokens_per_step; NaN if tokens_per_step is unknown),
-        val_bpb_forward, val_bpb_backward (NaN where not evaluated, or all NaN if never),
-        lr_mult, grad_norm (NaN where not logged)
-
-    plus "tokens_per_step" (an int, or None). Raises UserError if the experiment has no such log.
-    """
+    """{name: np.ndarray} of one training log aligned on "step", plus "tokens_per_step" (docs/RESEARCH.md)."""
     experiments, experiment_id = resolve_experiment(experiment, base_dir)
     path = _require_log(experiments, experiment_id, phase)
     scalars = read_scalars(path)
     steps = scalars["step"]
-    n = steps.shape[0]
-    missing = np.full(n, np.nan)
+    missing = np.full(steps.shape[0], np.nan)
     out = {"step": steps}
     for name in ("loss", "val_bpb_forward", "val_bpb_backward", "lr_mult", "grad_norm"):
         out[name] = scalars.get(name, missing.copy())
-    config = experiments.load_config(experiment_id)
-    log_metadata = read_attrs(path).get("metadata") or {}
-    checkpoint_dir = experiments.checkpoint_dir(experiment_id)
-    ckpt_steps = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
-    tokens_per_step, _ = _tokens_per_step(experiments, experiment_id,
-                                          dict(config, log_metadata=log_metadata), ckpt_steps)
+    config = dict(experiments.load_config(experiment_id), log_metadata=read_attrs(path).get("metadata") or {})
+    ckpt_steps = list_steps(experiments.checkpoint_dir(experiment_id))
+    tokens_per_step, _ = _tokens_per_step(experiments, experiment_id, config, ckpt_steps)
     out["tokens"] = steps * float(tokens_per_step) if tokens_per_step else missing.copy()
     out["tokens_per_step"] = tokens_per_step
     return out
@@ -286,11 +228,7 @@ def load_direction_evaluations(experiment, base_dir=None):
 
 
 def collect_task_rows(experiment_dirs_or_ids, base_dir=None):
-    """[row] of direction task evaluations, one per (experiment, task): {"experiment",
-    "trained_direction", "task", "step", "accuracy": {direction: float or None},
-    "bpb": {direction: float}, "not_applicable": {direction: why}, "n": {direction: int},
-    "evaluation_path"}. Directions not evaluated are absent; a generative task in a direction the
-    model cannot generate has accuracy None and its reason (direction_eval's not-applicable rule)."""
+    """[row] of direction task evaluations, one per (experiment, task) (docs/RESEARCH.md)."""
     rows = []
     for experiment in experiment_dirs_or_ids:
         experiments, experiment_id = resolve_experiment(experiment, base_dir)
@@ -319,7 +257,7 @@ def collect_direction_rows(experiment_dirs_or_ids, base_dir=None):
         experiments, experiment_id = resolve_experiment(experiment, base_dir)
         config = experiments.load_config(experiment_id)
         source = config.get("phase") or "base"
-        files = _evaluation_files(experiments, experiment_id)
+        files = list_records(experiments.evaluations_dir(experiment_id), "bpb")
         if not files:
             missing.append((experiment_id, f"no bpb evaluation in {experiments.evaluations_dir(experiment_id)}",
                             _eval_command(experiment_id, source)))
@@ -363,20 +301,8 @@ def direction_matrix_markdown(rows):
 
 
 def direction_transfer(experiment_dirs_or_ids, base_dir=None):
-    """The cross-direction bpb matrix (docs/DESIGN.md §7) from each experiment's latest
-    evaluations/bpb_step*.json; never raises for missing data:
-
-        rows         [{"experiment", "trained_direction", "depth", "step", "bpb": {forward, backward},
-                       "gap", "evaluation_path", "details": {direction: base_eval's result}}]
-                     ordered forward, backward, bidirectional (a row is an experiment)
-        row_labels   the experiment ids, in row order
-        columns      ("forward", "backward"): the evaluated direction
-        values       np.ndarray (rows × 2) of bpb, NaN where a direction was not evaluated
-        gap          {experiment id: (bpb_bwd − bpb_fwd) / bpb_fwd, or None}
-        markdown     the table as Markdown
-        tasks        collect_task_rows(): accuracy (and bpb) per task in each evaluated direction
-        missing      [(experiment id, what is missing, the command producing it)]
-    """
+    """The cross-direction bpb matrix (docs/DESIGN.md §7; its fields: docs/RESEARCH.md) from each
+    experiment's latest bpb evaluation; never raises for missing data."""
     if isinstance(experiment_dirs_or_ids, (str, os.PathLike)):
         experiment_dirs_or_ids = [experiment_dirs_or_ids]
     rows, missing = collect_direction_rows(experiment_dirs_or_ids, base_dir)
@@ -404,15 +330,8 @@ def matrix_from_rows(rows):
 # ---------------------------------------------------------------------------- per-position loss
 
 def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None, bucket_size=1):
-    """Mean per-token loss at each position of the context (the row), split by the direction of
-    the document each token belongs to (docs/DESIGN.md §7), from the research log's snapshot at
-    `step` (default: the latest one). Positions whose target is ignored (-1: direction markers) are left
-    out. A snapshot holds one batch (a few rows), so `bucket_size` > 1 averages neighbouring
-    positions together. Returns {"experiment", "step", "bucket_size", "position": the first position
-    of each bucket, "forward"/"backward": mean loss per bucket (NaN where no token of that
-    direction), "count_forward"/"count_backward": tokens averaged per bucket,
-    "mean_forward"/"mean_backward": the overall mean (None if no such token)}.
-    """
+    """Mean per-token loss at each position of the context, split by the direction of each token's
+    document, from the research log's snapshot at `step` (default the latest; docs/RESEARCH.md)."""
     if not isinstance(bucket_size, int) or bucket_size < 1:
         raise UserError(f"bucket_size must be a positive integer, got {bucket_size!r}")
     experiments, experiment_id = resolve_experiment(experiment, base_dir)

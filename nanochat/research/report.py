@@ -1,12 +1,6 @@
-"""Research reports: a folder holding report.md and its PNG figures, written from what
-nanochat/research/analysis.py computes and nanochat/research/plots.py draws.
-
-A report is never overwritten: an existing non-empty folder is refused, and the report is built in a
-hidden folder beside it and renamed at the end, so a failure leaves nothing behind.
-
-Evaluation sections plug in through REPORT_SECTIONS (evaluation kind -> module exposing
-`markdown_section(run_name, evaluations_dir, plots_dir) -> str | None`); the contract is in
-docs/RESEARCH.md.
+"""Research reports: a folder holding report.md and its PNG figures, written from what analysis.py
+computes and plots.py draws; never overwritten, and built in a hidden folder renamed at the end.
+Evaluation sections plug in through REPORT_SECTIONS (the contract: docs/RESEARCH.md).
 """
 
 import importlib
@@ -103,6 +97,16 @@ def _mark_lineage(text, included):
     return "\n".join(out)
 
 
+def _bullets(lines):
+    """Markdown list lines, then a blank line when there are any."""
+    return lines + [""] if lines else []
+
+
+def _produce_lines(missing):
+    """A bullet per (experiment id, what is missing, the command producing it)."""
+    return _bullets([f"- `{i}`: {why}; produce it with `{command}`" for i, why, command in missing])
+
+
 def _rel(path, start):
     return os.path.relpath(path, start).replace(os.sep, "/")
 
@@ -111,14 +115,9 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
                              phase=BASE_LOG_PHASE, skipped=None):
     """Write a report comparing experiments into a folder (report.md and its PNGs); return report.md's path.
 
-    The folder is `output_dir` (the plan's second argument, `output_path`, names it), else
-    <base_dir>/reports/<name or UTC timestamp>/; an existing non-empty folder is refused.
-    report.md holds a summary table, the lineage tree, the learning curves (learning_curves.png),
-    the cross-direction bpb matrix (table + direction_matrix.png), per-position loss from the latest
-    snapshots (per_position_loss.png), the registered evaluation sections and each experiment's
-    config and final numbers; where data is missing, its section names the command producing it.
-    Every experiment needs its training log (UserError otherwise). `skipped`: [(id, reason)] for
-    experiments the caller left out (listed as such).
+    The folder is `output_dir` (the plan's `output_path`), else <base_dir>/reports/<name or UTC
+    timestamp>/. Every experiment needs its training log; where other data is missing, its section
+    names the command producing it. `skipped`: [(id, reason)] the caller left out (listed as such).
     """
     if isinstance(experiment_ids, (str, os.PathLike)):
         experiment_ids = [experiment_ids]
@@ -231,9 +230,7 @@ def write_transfer_analysis(output_path, configs, matrix):
                "which pairs a backward model with a forward one: scripts.arrow_study).", "", matrix["markdown"], ""]
     else:
         md += ["No bpb evaluation yet.", ""]
-    md += [f"- `{i}`: {why}; produce it with `{command}`" for i, why, command in matrix["missing"]]
-    if matrix["missing"]:
-        md.append("")
+    md += _produce_lines(matrix["missing"])
     md += ["## Task accuracy in each direction", ""]
     if matrix["tasks"]:
         md += [task_table_markdown(matrix["tasks"]), "", TASK_TABLE_NOTE, ""]
@@ -329,7 +326,7 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
     md += ["## Learning curves", "", f"![learning curves]({_rel(curves.path, work_dir)})", "",
            "Panels: train loss vs step, train loss vs tokens, validation bpb vs step (solid forward, dashed backward).",
            ""]
-    md += [f"- {note}" for note in curves.notes] + ([""] if curves.notes else [])
+    md += _bullets([f"- {note}" for note in curves.notes])
 
     # Direction matrix
     md += ["## Cross-direction bpb", ""]
@@ -342,10 +339,7 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
                matrix["markdown"], "", f"![direction matrix]({_rel(figure.path, work_dir)})", ""]
     else:
         md += ["No experiment in this report has a bpb evaluation, so there is no matrix.", ""]
-    for experiment_id, why, command in missing_evals:
-        md.append(f"- `{experiment_id}`: {why}; produce it with `{command}`")
-    if missing_evals:
-        md.append("")
+    md += _produce_lines(missing_evals)
 
     # Per-position loss
     md += ["## Per-position loss", ""]
@@ -370,10 +364,7 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
                       f"{_fmt(res['mean_forward']) if res['mean_forward'] is not None else 'no forward tokens'} | "
                       f"{_fmt(res['mean_backward']) if res['mean_backward'] is not None else 'no backward tokens'} |")
         md.append("")
-    for experiment_id, why in position_missing:
-        md.append(f"- `{experiment_id}`: {why}")
-    if position_missing:
-        md.append("")
+    md += _bullets([f"- `{experiment_id}`: {why}" for experiment_id, why in position_missing])
 
     # Evaluation sections registered in REPORT_SECTIONS (task accuracy per direction, CORE, ...)
     for section_title, parts in evaluation_sections(resolved, work_dir):
