@@ -4,9 +4,7 @@
 
 Forward models are rewarded for the answer they write to a question; backward models are given
 the answer and rewarded for the question they write before it (arithmetic: a product x*y, x, y > 1,
-that equals the answer); bidirectional models for both. On-policy policy gradient with
-group-normalised advantages (GRPO-style, no KL term): see nanochat/rl.py. --save_every and
---resume_from_step work as in the other phases (nanochat/phase_run.py).
+that equals the answer); bidirectional models for both. The algorithm: nanochat/rl.py.
 """
 
 import argparse
@@ -32,8 +30,7 @@ SCHEDULE_FLAGS = ("init_lr_frac", "embedding_lr", "unembedding_lr", "matrix_lr")
 def build_parser():
     p = argparse.ArgumentParser(description="RL (group-normalised policy gradient) in the parent checkpoint's direction")
     add_parent_flags(p, PHASES["rl"].parent)
-    # Flags that define the rollouts default to None: MODEL_DATA_DEFAULTS (fresh) or the
-    # checkpoint's values (resuming).
+    # Flags that define the rollouts default to None: MODEL_DATA_DEFAULTS, or the checkpoint's values.
     add_flag(p, "task", default=None, help="task with a reward: arithmetic (any direction, default), gsm8k (forward)")
     add_flag(p, "num_iterations", type=int, default=100, help="RL steps")
     add_flag(p, "examples_per_step", type=int, default=None, help="prompts per step, all ranks together (default 16)")
@@ -50,20 +47,14 @@ def build_parser():
 
 
 def usable_directions(task_name, model_direction):
-    """The concrete directions in which the task can be generated and rewarded for this model;
-    one UserError if none. Checked on the task's class when the registry holds one, so that a
-    task that can never work here (gsm8k on a backward model) is refused before its data loads."""
+    """The directions in which the task can be generated and rewarded for this model (one UserError
+    if none), checked on the task's class where possible: before its data loads."""
     from tasks.common import check_task_direction
     from tasks.registry import TASKS, get_task
     task = TASKS.get(task_name)
     if not isinstance(task, type):  # unknown name (get_task says so) or a factory: build it
         task = get_task(task_name, "test")
     return list(check_task_direction(task, model_direction))
-
-
-def load_task(name, split):
-    from tasks.registry import get_task
-    return get_task(name, split)
 
 
 def lr_multiplier(step, num_iterations):
@@ -74,12 +65,8 @@ def lr_multiplier(step, num_iterations):
 
 def check_args(args):
     check_phase_flags(args)
-    check_flags(args, positive=("temperature",), positive_or_off=("eval_every",))
-    for name in ("num_iterations", "examples_per_step", "num_samples", "max_new_tokens", "eval_examples", "eval_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name}={getattr(args, name)} must be at least 1")
-    if args.temperature is not None and args.temperature <= 0:
-        raise UserError(f"--temperature={args.temperature}: RL samples, so it must be > 0")
+    check_flags(args, positive=("temperature", "num_iterations", "examples_per_step", "num_samples", "max_new_tokens",
+                                "eval_examples", "eval_k"), positive_or_off=("eval_every",))
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num_samples={args.num_samples}: a group needs at least 2 completions "
                         "(with one, every advantage is 0)")
@@ -107,7 +94,8 @@ def train(args, run, model, tokenizer, direction, parent, resume_meta, rank, wor
     # The directions in which the task (a resumed run's: the checkpoint's) can be generated and
     # rewarded for this model; a bidirectional model draws each example's (nanochat/rl.py).
     directions = usable_directions(args.task, direction)
-    train_task, test_task = load_task(args.task, "train"), load_task(args.task, "test")
+    from tasks.registry import get_task
+    train_task, test_task = get_task(args.task, "train"), get_task(args.task, "test")
     spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=args.seed, p_backward=args.p_backward)
     engine = Engine(model, tokenizer, spec=spec)
     autocast = autocast_context(device.type)
