@@ -4,20 +4,11 @@
     python -m scripts.bench_direction --depth=20 --max_seq_len=2048 --device_batch_size=32   # one GPU
     bash scripts/gpu_bench.sh       # the GPU table of depth 12 and 20, every direction (see that file)
 
-Needs shards and a tokenizer in $NANOCHAT_BASE_DIR (`python -m nanochat.dataset --builtin`,
-`python -m scripts.tok_train`). For each direction the model trains on batches of the real
-loader (tokenize, orient, pack: nanochat/direction_dataloader.py) behind the prefetcher
-(nanochat/prefetch.py), exactly as scripts.base_train runs it, and the script prints:
-
-- tok/s and MFU (on CUDA) over `--steps` steps timed like training (one sync per step);
-- the step split into data wait / forward+backward / optimizer, from `--split_steps` more steps
-  that synchronise between the phases (Trainer.step(timing=True));
-- peak memory: allocated by tensors on CUDA; the process's peak resident set on CPU (which
-  only grows, so later directions report at least the earlier ones);
-- the loader alone (tok/s), so a data wait can be compared with what the loader can deliver.
-
-Direction should cost nothing in the model: only the data differs. `--out` writes the rows as
-JSON as well.
+Needs shards and a tokenizer. Each direction trains on the real loader behind the prefetcher, as
+scripts.base_train does, and prints tok/s and MFU (`--steps` steps, one sync per step), the step
+split into data wait / forward+backward / optimizer (`--split_steps` more, synchronised between
+phases), peak memory (CUDA tensors; on CPU the process's peak RSS, which only grows), and the
+loader's own tok/s. Direction should cost nothing in the model: only the data differs.
 """
 
 import argparse

@@ -3,20 +3,9 @@
     python -m scripts.chat_cli --model_tag=d4_fwd                 # interactive
     python -m scripts.chat_cli --model_tag=d4_bwd -p "The answer is 56."
 
-- forward model: you type a question, the model writes the assistant's answer.
-- backward model: you type the *ending*, the assistant's answer, and the model writes the
-  *beginning*: the user's question that would lead to it (generated right to left, shown in
-  reading order, labelled as generated and placed before your answer).
-- bidirectional model: starts forward; `/forward` and `/backward` switch.
-
-Commands: /forward, /backward, /clear, /help, /quit (or end of input). The chat is multi-turn
-(nanochat.engine.ChatHistory, the same code path as the web page, scripts/chat_web.py): forward,
-each question is answered with the earlier exchanges as context; backward, each answer you type
-is an *earlier* answer of the same conversation, and its question is written with the later
-exchanges as context (the conversation grows towards its beginning). /clear starts over;
-switching direction starts over too. Exchanges that no longer fit in the model's context are
-dropped from the far end (a note says so). The n-th exchange samples with seed + n, so a
-session is repeatable.
+Forward, you type a question and the model answers; backward, you type the answer and the model
+writes the question before it; a bidirectional model starts forward (/forward, /backward switch).
+Multi-turn, through the same nanochat.engine.ChatHistory as scripts/chat_web.py: docs/QUICKSTART.md, "Chat".
 """
 
 import argparse
@@ -89,8 +78,7 @@ class ChatSession:
                  f"(type {ROLES[direction]['a_typed']})")
 
     def reply(self, text, live=False):
-        """One exchange: generate the other side of `text` (with the conversation so far as
-        context), keep it in the history and return it labelled."""
+        """One exchange: the other side of `text`, kept in the history and returned labelled."""
         room = min(self.args.max_tokens, MIN_ROOM)
         dropped = self.history.fit(self.engine, text, room)
         if dropped:
@@ -153,8 +141,7 @@ class ChatSession:
         return True
 
     def read_line(self, stdin):
-        """The next input line, '' at end of input. A terminal gets input() (line editing and
-        history through readline); a pipe is read line by line, the prompt still shown."""
+        """The next input line, '' at end of input: input() on a terminal (readline editing), else readline()."""
         if stdin is sys.stdin and stdin.isatty():
             try:
                 return input(self.prompt_string()) + "\n"
@@ -186,14 +173,6 @@ class ChatSession:
             self.say("")
 
 
-def initial_direction(spec, requested):
-    """--direction, or the model's default (DirectionSpec.generation_direction decides both)."""
-    try:
-        return spec.generation_direction(requested)
-    except UserError as e:
-        raise UserError(f"--direction={requested}: {e}")
-
-
 def main(argv=None, stdin=None, out=None):
     args = build_parser().parse_args(argv)
     if args.source not in SOURCE_DIRS:
@@ -206,7 +185,11 @@ def main(argv=None, stdin=None, out=None):
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tokenizer, meta)
-    session = ChatSession(engine, initial_direction(engine.spec, args.direction), args, out or sys.stdout)
+    try:
+        direction = engine.spec.generation_direction(args.direction)  # --direction, or the model's default
+    except UserError as e:
+        raise UserError(f"--direction={args.direction}: {e}")
+    session = ChatSession(engine, direction, args, out or sys.stdout)
     if args.prompt is not None:
         session.exchange(args.prompt)
         return

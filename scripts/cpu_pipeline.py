@@ -1,14 +1,11 @@
-"""The whole pipeline on a CPU, offline, in minutes: built-in corpus -> tokenizer -> an
-arrow-of-time study (forward and backward base models for two seeds, through the experiment
-orchestrator) and a bidirectional model -> bits per byte of each in both directions -> a research
-report that opens with the study's gap and its 95% interval.
+"""The whole pipeline on a CPU, offline, in minutes: built-in corpus -> tokenizer -> forward and
+backward base models for two seeds (scripts.arrow_study) and a bidirectional one -> bpb in both
+directions -> a report that opens with the arrow-of-time gap and its 95% interval.
 
     bash runcpu.sh                       # sets up .venv, then runs this
     python -m scripts.cpu_pipeline       # same, in an existing environment
 
-Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat). Rerunning reuses the data,
-the tokenizer and completed experiments (the orchestrator resumes), so an interrupted pipeline
-picks up where it stopped. `--tag` names a fresh set of experiments.
+Rerunning reuses the data, the tokenizer and completed experiments; `--tag` names a fresh set.
 """
 
 import argparse

@@ -3,17 +3,9 @@
     python -m scripts.tok_train --max_chars=2000000000 --vocab_size=65536
     python -m scripts.tok_train --train_direction=both      # the tokenizer control
 
-The tokenizer carries the <|forward|>/<|backward|> markers, and backward models reverse token
-ids, so one tokenizer serves all three directions. By default its merges are fitted to forward
-text. --train_direction is the control of docs/DESIGN.md §2, to check that an arrow-of-time gap
-is not an artefact of merges fitted to one reading direction:
-  backward  merges fitted to each document with its characters reversed
-            (nanochat.direction.reverse_text)
-  both      each document forward and reversed, so neither direction is favoured
-The choice is recorded as "train_direction" in tokenizer.json. The split pattern is the same in
-every case. Models keep reversing token ids: `both` is the drop-in control for the existing
-pipeline; `backward` is the tokenizer a character-reversed pipeline (the published control,
-not yet built here: the dataloader reverses tokens, not characters) would use.
+One tokenizer serves all three directions (it carries the markers; models reverse token ids).
+--train_direction fits the merges to forward text (default), character-reversed text (backward)
+or both: the control of docs/DESIGN.md §2, described in docs/EVALUATION.md.
 """
 
 import argparse
