@@ -1,15 +1,10 @@
 """Inference: KV-cache generation with batched sampling, and a direction-aware front.
 
-The model always generates left to right over its own orientation (docs/DESIGN.md §5). The
-front (`Engine.complete`, `Engine.chat`) turns the user's view into that orientation and back:
-- forward: the given text is a beginning; the model continues it.
-- backward: the given text is an *ending*; the model writes what precedes it, and the result is
-  restored to reading order and placed before the ending.
-- bidirectional: either, chosen per request (the marker after BOS tells the model which).
-
-`stream` / `chat_stream` / `complete_stream` yield as tokens arrive (the web page), drawing the
-same random numbers as `generate`. `ChatHistory` keeps a multi-turn chat in reading order for
-the CLI and the web page: forward appends exchanges, backward prepends them.
+The model always generates left to right over its own orientation; `Engine.complete` and
+`Engine.chat` turn the user's view into that orientation and back (docs/DESIGN.md §5): a backward
+model is given an *ending* and writes what precedes it. The `*_stream` methods yield as tokens
+arrive, drawing the same random numbers as `generate`. `ChatHistory` keeps a multi-turn chat in
+reading order (forward appends exchanges, backward prepends them).
 """
 
 import torch
@@ -20,10 +15,8 @@ from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction,
 
 
 class KVCache:
-    """Keys and values of every layer for a batch, filled left to right.
-
-    The model calls update(layer, k, v) from each attention layer and advance(T) once per
-    forward; `position` is where the next tokens go (and their rotary offset)."""
+    """Keys and values of every layer for a batch, filled left to right: the model calls update()
+    from each attention layer and advance(T) once per forward; `position` is the next tokens' place."""
 
     def __init__(self, n_layers, batch_size, n_kv_head, head_dim, max_len, device, dtype):
         shape = (n_layers, batch_size, n_kv_head, max_len, head_dim)
@@ -73,17 +66,15 @@ def _autocast(device_type):
 
 
 class Engine:
-    """Generation for one model. Its DirectionSpec decides which directions it may generate and
-    what a request without one gets: pass `spec`, or the checkpoint's `meta`
-    (DirectionSpec.for_model: a bare {"direction": name} works too); neither is a forward model."""
+    """Generation for one model, whose DirectionSpec (`spec`, or from the checkpoint's `meta`;
+    neither: forward) decides which directions it may generate and what a request without one gets."""
 
     def __init__(self, model, tokenizer, meta=None, spec=None):
         self.model, self.tokenizer = model, tokenizer
         self.spec = spec if spec is not None else DirectionSpec.for_model(meta, tokenizer)
 
     @property
-    def direction(self):
-        """The direction the model was trained in."""
+    def direction(self):  # the direction the model was trained in
         return self.spec.direction
 
     @property
@@ -98,8 +89,8 @@ class Engine:
         return max_tokens
 
     def _steps(self, prompt, num_samples, max_tokens, temperature, top_k, seed, stop_tokens, use_cache):
-        """Yield (num_samples, 1) sampled ids, one step at a time, until every row has hit a stop
-        token or max_tokens are drawn. The one sampling loop behind generate() and stream()."""
+        """Yield (num_samples, 1) sampled ids until every row has hit a stop token or max_tokens are
+        drawn: the one sampling loop behind generate() and stream()."""
         # The entry points check their flags before loading (common.check_sampling); this keeps a
         # library caller's NaN from becoming a torch.multinomial error.
         check_number("temperature", temperature, low=0.0)
@@ -132,9 +123,8 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
                  stop_tokens=(), use_cache=True):
-        """Sample `num_samples` continuations of one prompt (model orientation). Returns a list of
-        token lists, each without its stop token. Cached and uncached paths draw the same random
-        numbers in the same order, so with the same seed they return the same tokens."""
+        """`num_samples` continuations (token lists without their stop token) of one prompt, in model
+        orientation; the cached and uncached paths return the same tokens for the same seed."""
         prompt = list(prompt)
         max_tokens = self._room(prompt, max_tokens)
         steps = list(self._steps(prompt, num_samples, max_tokens, temperature, top_k, seed, stop_tokens, use_cache))
@@ -147,9 +137,8 @@ class Engine:
         return results
 
     def stream(self, prompt, max_tokens=64, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
-        """One sample, token by token (model orientation): yields each new id, stops before a stop
-        token. Draws the same random numbers as generate(num_samples=1), so the tokens are the
-        same for the same seed (tests/test_engine.py)."""
+        """One sample, token by token (model orientation), stopping before a stop token: the tokens
+        of generate(num_samples=1) for the same seed."""
         prompt = list(prompt)
         max_tokens = self._room(prompt, max_tokens)
         stop_set = set(stop_tokens)
@@ -170,10 +159,8 @@ class Engine:
         return self.spec.generation_direction(direction or None)
 
     def complete(self, given_text, direction=None, **sampling):
-        """Continue a beginning (forward) or write what precedes an ending (backward).
-
-        Returns a list (one per sample) of dicts: 'generated' (the new text, reading order) and
-        'text' (the whole text in reading order)."""
+        """Continue a beginning (forward) or write what precedes an ending (backward): one dict per
+        sample, 'generated' (the new text) and 'text' (the whole text), both in reading order."""
         direction = self._concrete(direction)
         given = self.tokenizer.encode(given_text)
         prompt = self.spec.generation_prompt(given, direction)
@@ -187,9 +174,8 @@ class Engine:
         return results
 
     def chat(self, conversation, direction=None, **sampling):
-        """Forward: write the assistant's answer to the last user turn. Backward: given the
-        assistant's answer (last message), write the user's question. Returns a list of strings
-        (one per sample) in reading order."""
+        """Forward: the assistant's answer to the last user turn; backward: the user's question to
+        the assistant's answer (the last message). One string per sample, in reading order."""
         direction = self._concrete(direction)
         prompt, stops = self.spec.chat_prompt(self.tokenizer, conversation, direction)
         sampling.setdefault("stop_tokens", stops)
@@ -197,8 +183,8 @@ class Engine:
 
     # ---- streaming fronts (the web page and the CLI) -------------------------------------------
     def _stream_text(self, prompt, direction, stops, **sampling):
-        """Yield the generated text so far, in reading order, after every token. Backward text
-        grows at its front (generation runs right to left), so each yield is the whole text."""
+        """The whole generated text so far, in reading order, after every token (backward text
+        grows at its front)."""
         tokens = []
         for token in self.stream(prompt, stop_tokens=stops, **sampling):
             tokens.append(token)
@@ -221,12 +207,9 @@ class Engine:
 
 
 class ChatHistory:
-    """A multi-turn chat in one concrete direction, in reading order (docs/DESIGN.md §5).
-
-    forward: the user types a question, the model answers; exchanges are appended.
-    backward: the user types an *answer*, the model writes the question before it; each new
-    exchange is prepended, so the chat grows towards its beginning. `messages` is always the
-    conversation in reading order. The CLI and the web page both build requests here."""
+    """A multi-turn chat in one concrete direction, `messages` in reading order (docs/DESIGN.md §5):
+    forward, the user asks and exchanges are appended; backward, the user types an *answer*, the model
+    writes the question, and exchanges are prepended. The CLI and the web page build requests here."""
 
     def __init__(self, direction, messages=()):
         self.direction = validate_direction(direction, CONCRETE_DIRECTIONS)
@@ -253,10 +236,8 @@ class ChatHistory:
         return len(self.messages) // 2
 
     def fit(self, engine, text, room, max_exchanges=None):
-        """Drop the exchanges farthest from the new turn (the oldest forward, the latest backward)
-        until the prompt leaves `room` tokens in the model's context and at most max_exchanges
-        earlier exchanges remain. Returns how many were dropped; a new text that does not fit
-        even alone is a UserError."""
+        """Drop the exchanges farthest from the new turn until the prompt leaves `room` tokens in the
+        context and at most max_exchanges remain; returns how many. A text too long alone: UserError."""
         dropped = 0
         limit = engine.model.config.sequence_len
         while True:
