@@ -10,7 +10,7 @@ never cropped: cropping one side would not be direction-fair.
 
 import torch
 
-from nanochat.loss_eval import token_losses
+from nanochat.loss_eval import padded_batch, token_losses
 from nanochat.common import UserError
 from nanochat.direction import CONCRETE_DIRECTIONS, by_direction
 from nanochat.conversation import normalize_messages, turn_content
@@ -32,10 +32,8 @@ def resolve_eval_directions(spec, requested="auto"):
 
 
 def example_indices(n_total, max_examples):
-    """The first `max_examples` indices of a task (all when -1 or more than there are).
-
-    The first N, not a sample: deterministic, and the probes of one reversal fact (as_trained,
-    reversed) stay together. Sorted data sets (MMLU is sorted by subject) need N large enough."""
+    """The first `max_examples` indices of a task (all when -1): deterministic, and a reversal fact's
+    probes stay together (not a sample: sorted data sets such as MMLU need N large enough)."""
     if max_examples is None or max_examples < 0:
         return list(range(n_total))
     return list(range(min(n_total, max_examples)))
@@ -95,13 +93,8 @@ def sequence_logprobs(model, rows, device, batch_size=32, autocast_ctx=None):
     scores = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk) - 1
-        x = torch.zeros((len(chunk), width), dtype=torch.long)
-        y = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for r, (ids, mask) in enumerate(chunk):
-            n = len(ids) - 1
-            x[r, :n] = torch.tensor(ids[:-1])
-            y[r, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        x, y = padded_batch([(ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+                             for ids, mask in chunk], 0)
         x, y = x.to(device), y.to(device)
         loss = token_losses(model, x, y, autocast_ctx)
         # cross_entropy gives 0 at ignored targets, so the row sum is over scored positions only
@@ -111,9 +104,8 @@ def sequence_logprobs(model, rows, device, batch_size=32, autocast_ctx=None):
 
 def evaluate_multiple_choice(model, tokenizer, spec, task, indices, concrete_direction, device,
                              batch_size=32, autocast_ctx=None, mc_answer="letter"):
-    """Whole-text likelihood scoring on task[indices] in one concrete direction.
-
-    Returns Tally.as_dict() plus "predictions": [(index, predicted, answer)]."""
+    """Whole-text likelihood scoring on task[indices] in one concrete direction: Tally.as_dict() plus
+    "predictions": [(index, predicted, answer)]."""
     max_len = model.config.sequence_len + 1  # a row of L tokens feeds L - 1 inputs to the model
     tally, flat, kept = Tally(), [], []
     for index in indices:

@@ -17,16 +17,14 @@ import torch.distributed as dist
 
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, validate_direction
 from nanochat.evaluations import list_family, write_record
-from nanochat.loss_eval import document_windows, token_losses
+from nanochat.loss_eval import document_windows, padded_batch, token_losses
 
 
 @torch.no_grad()
 def per_document_bpb(model, tokenizer, token_bytes, docs, trained_direction, concrete_direction, T, batch_size,
                      device, autocast_ctx=None):
-    """(nats, bytes) per document of `docs` (this rank's share) read in `concrete_direction`.
-
-    Lists in the order of `docs`; under a process group they are gathered from every rank
-    (rank r's documents at positions r, r + world, ..., as select_documents splits them)."""
+    """(nats, bytes) per document of `docs` (this rank's share) read in `concrete_direction`; under a
+    process group, gathered from every rank back into select_documents' global order."""
     validate_direction(concrete_direction, CONCRETE_DIRECTIONS)
     spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
     token_bytes = token_bytes.to(device)
@@ -38,12 +36,7 @@ def per_document_bpb(model, tokenizer, token_bytes, docs, trained_direction, con
     nbytes = [0] * len(docs)
     for start in range(0, len(pieces), batch_size):
         chunk = pieces[start:start + batch_size]
-        width = max(len(inp) for _, inp, _ in chunk)
-        x = torch.full((len(chunk), width), spec.bos_id, dtype=torch.long)
-        y = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for r, (_, inp, tgt) in enumerate(chunk):
-            x[r, :len(inp)] = torch.tensor(inp)
-            y[r, :len(tgt)] = torch.tensor(tgt)
+        x, y = padded_batch([(inp, tgt) for _, inp, tgt in chunk], spec.bos_id)
         x, y = x.to(device), y.to(device)
         loss = token_losses(model, x, y, autocast_ctx)
         nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
@@ -56,12 +49,9 @@ def per_document_bpb(model, tokenizer, token_bytes, docs, trained_direction, con
         world = dist.get_world_size()
         gathered = [None] * world
         dist.all_gather_object(gathered, (nats, nbytes))
-        nats, nbytes = [], []
-        for i in range(max(len(g[0]) for g in gathered)):  # interleave back to global order
-            for g in gathered:
-                if i < len(g[0]):
-                    nats.append(g[0][i])
-                    nbytes.append(g[1][i])
+        # rank r's i-th document is document r + i * world
+        merged = sorted((i * world + r, n, b) for r, g in enumerate(gathered) for i, (n, b) in enumerate(zip(*g)))
+        nats, nbytes = [n for _, n, _ in merged], [b for _, _, b in merged]
     return nats, nbytes
 
 

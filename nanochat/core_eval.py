@@ -28,6 +28,7 @@ from nanochat.common import UserError, get_base_dir, print0
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction, concrete_directions, \
     orient_text_tokens, validate_direction
 from nanochat.evaluations import latest_record, record_path, write_record
+from nanochat.loss_eval import padded_batch
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIRNAME = "eval_bundle"
@@ -46,10 +47,8 @@ def _is_bundle(path):
 
 
 def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=3, backoff_s=1.0, timeout_s=60):
-    """Download the bundle zip (with retries) and unpack it to <base_dir>/eval_bundle/.
-
-    Written under temporary names and renamed at the end, so an interrupted download never
-    leaves a half bundle that looks complete. Raises a one-line UserError when it cannot."""
+    """Download the bundle zip (with retries) and unpack it to <base_dir>/eval_bundle/, through temporary
+    names renamed at the end (never a half bundle that looks complete); a one-line UserError if it cannot."""
     base_dir = base_dir or get_base_dir()
     target = default_bundle_dir(base_dir)
     zip_tmp = os.path.join(base_dir, f"eval_bundle.zip.tmp{os.getpid()}")
@@ -158,8 +157,7 @@ def load_items(task):
 # ---- rows -------------------------------------------------------------------------------------------
 def split_at_delimiter(context, delimiter, continuation):
     """(given text, continuation text) of one option. The delimiter's trailing spaces move to the
-    continuation, so "Answer:" + " Paris" tokenise as in running text (the pre-tokeniser attaches a
-    space to the following word)."""
+    continuation: "Answer:" + " Paris" tokenise as in running text (a space joins the next word)."""
     stripped = delimiter.rstrip(" ")
     return context + stripped, delimiter[len(stripped):] + continuation
 
@@ -172,11 +170,9 @@ def _fewshot_indices(label, index, n_items, num_fewshot):
 
 
 def item_rows(tokenizer, spec, task, items, index, concrete_direction, seq_len):
-    """Oriented rows for every option of items[index], or None if the item cannot fit.
-
-    Returns (rows, n_shots, target_len) where each row is (ids, roles): roles[i] is 'item' for
-    the item's tokens, 'context' for header, demonstrations and separators; target_len is the
-    number of continuation tokens (language_modeling)."""
+    """(rows, n_shots, target_len) for the options of items[index], or None if the item cannot fit. A
+    row is (ids, roles): 'item' for the item's tokens, 'context' for header, demonstrations and
+    separators; target_len: the number of continuation tokens (language_modeling)."""
     enc = tokenizer.encode
     delim = task["delimiter"]
     item = items[index]
@@ -221,12 +217,7 @@ def score_rows(model, rows, target_lens, device, batch_size=16, autocast_ctx=Non
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         lens = target_lens[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk) - 1
-        x = torch.zeros((len(chunk), width), dtype=torch.long)
-        y = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for r, (ids, _) in enumerate(chunk):
-            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[r, :len(ids) - 1] = torch.tensor(ids[1:])
+        x, y = padded_batch([(ids[:-1], ids[1:]) for ids, _ in chunk], 0)
         x, y = x.to(device), y.to(device)
         with autocast_ctx if autocast_ctx is not None else nullcontext():
             logits = model(x)
@@ -319,7 +310,6 @@ class CoreBenchmark:
                  autocast_ctx=None, rank=0, world_size=1, log=print0):
         """{"tasks": {label: {type, shots, random_baseline, items, results: {direction: {accuracy,
         centered, ...}}}}, "core": {direction: mean centred accuracy}}."""
-        validate_direction(trained_direction)
         tasks_out = {}
         for task, items in self.tasks:
             t0 = time.time()
@@ -345,9 +335,8 @@ class CoreBenchmark:
 
     def evaluate_during_training(self, model, tokenizer, trained_direction, device, seq_len, batch_size,
                                  autocast_ctx, step, evaluations_dir, rank=0, world_size=1, meta=None):
-        """CORE in the model's own directions during training: the metrics to log
-        ({"core_<direction>": value}); rank 0 also writes evaluations/core_step<step>.json (a
-        rerun of the same step replaces its own file)."""
+        """CORE in the model's own directions during training: {"core_<direction>": value} to log; rank 0
+        also writes evaluations/core_step<step>.json (a rerun of the same step replaces it)."""
         directions = concrete_directions(trained_direction)
         results = self.evaluate(model, tokenizer, trained_direction, directions, device, seq_len,
                                 batch_size, autocast_ctx, rank, world_size)

@@ -17,10 +17,9 @@ from nanochat.direction import DirectionSpec, validate_direction, CONCRETE_DIREC
 
 
 def select_documents(tokenizer, max_tokens, split="val", rank=0, world_size=1, data_dir=None, threads=4):
-    """The evaluation documents as token lists: the first documents of the split, `max_tokens`
-    text tokens in all (the last one cut to fit, in reading order, so the same text is scored in
-    every direction), then this rank's share (index % world_size == rank). The set does not depend
-    on direction or on the number of processes."""
+    """This rank's share (index % world_size) of the first documents of the split, as token lists,
+    `max_tokens` text tokens in all (the last one cut to fit, in reading order): the same set for
+    every direction and number of processes."""
     from nanochat.direction_dataloader import encode_documents
     source = DocumentSource(split, data_dir)
     docs, total = [], 0
@@ -38,15 +37,11 @@ def select_documents(tokenizer, max_tokens, split="val", rank=0, world_size=1, d
 
 
 def document_windows(row, T, header_len):
-    """(inputs, targets, is_first, offset) windows of one oriented document, each T long at most,
-    that score every target position exactly once; target j of a window is row[offset + j + 1].
-
-    The first window is the document's start. A longer document continues in windows that
-    advance by T/2: each starts with the document's header (BOS, and the marker of a
-    bidirectional model, as every training row starts with BOS) followed by the preceding
-    T - header_len tokens as context; only the new targets are scored (the rest are -1). Without
-    the header a bidirectional model would not know which way it is reading.
-    """
+    """(inputs, targets, is_first, offset) windows of one oriented document, each at most T long, that
+    score every target exactly once; target j of a window is row[offset + j + 1]. After the first
+    window, windows advance by T/2 and restate the document's header (BOS + the marker: without it a
+    bidirectional model would not know which way it reads) before T - header_len context tokens; only
+    their new targets are scored (the rest are -1)."""
     last = len(row) - 1  # index of the last target token
     first = row[:T + 1]
     yield first[:-1], first[1:], True, 0
@@ -66,36 +61,43 @@ def document_windows(row, T, header_len):
         covered = end
 
 
+def padded_batch(pairs, pad_id, width=None):
+    """(x, y) long tensors of (inputs, targets) pairs padded to `width` (default: the longest) with
+    pad_id and -1 (an ignored target)."""
+    width = width or max(len(inputs) for inputs, _ in pairs)
+    x = torch.tensor([list(inputs) + [pad_id] * (width - len(inputs)) for inputs, _ in pairs], dtype=torch.long)
+    y = torch.tensor([list(targets) + [-1] * (width - len(targets)) for _, targets in pairs], dtype=torch.long)
+    return x, y
+
+
 def token_losses(model, x, y, autocast_ctx=None):
     """Per-position cross-entropy (0 where the target is -1), under `autocast_ctx` when given."""
     with autocast_ctx if autocast_ctx is not None else nullcontext():
         return model(x, y, loss_reduction="none")
 
 
-def _rows(docs, spec, concrete_direction, T, pad_id):
-    """Pack scored pieces into rows of T: a document's first piece may follow other documents
-    (it starts with BOS, as in training); a continuation piece starts its own row so that its
-    context is its own document."""
+def _rows(docs, spec, concrete_direction, T):
+    """Pack scored windows into (inputs, targets) rows of at most T: a document's first window may
+    follow other documents (it starts with BOS, as in training); a continuation starts its own row
+    so that its context is its own document."""
     cur_in, cur_tgt = [], []
     for tokens in docs:
         row, _ = spec.orient(tokens, concrete_direction=concrete_direction)
         for inp, tgt, is_first, _ in document_windows(row, T, spec.header_len):
             if cur_in and (not is_first or len(cur_in) + len(inp) > T):
-                yield cur_in + [pad_id] * (T - len(cur_in)), cur_tgt + [-1] * (T - len(cur_tgt))
+                yield cur_in, cur_tgt
                 cur_in, cur_tgt = [], []
             cur_in += inp
             cur_tgt += tgt
     if cur_in:
-        yield cur_in + [pad_id] * (T - len(cur_in)), cur_tgt + [-1] * (T - len(cur_tgt))
+        yield cur_in, cur_tgt
 
 
 @torch.no_grad()
 def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direction, T, batch_size, device,
                  autocast_ctx=None):
-    """{direction: {"bpb", "nats", "bytes", "tokens", "documents"}} on the same `docs` for each
-    concrete direction. A one-way model scored in the other direction gets rows without a
-    marker; a bidirectional model gets the marker of the direction being scored. Sums are
-    all-reduced over ranks when a process group is active."""
+    """{direction: {"bpb", "nats", "bytes", "tokens", "documents"}} on the same `docs` for each concrete
+    direction (a one-way model read the other way gets no marker); sums all-reduced over ranks."""
     spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
     token_bytes = token_bytes.to(device)
     results = {}
@@ -104,12 +106,11 @@ def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direct
         nats = torch.zeros((), dtype=torch.float64, device=device)
         nbytes = torch.zeros((), dtype=torch.float64, device=device)
         ntok = torch.zeros((), dtype=torch.float64, device=device)
-        rows = list(_rows(docs, spec, direction, T, spec.bos_id))
+        rows = list(_rows(docs, spec, direction, T))
         from nanochat.progress import progress  # quiet for quick evaluations (min_time_s)
         for i in progress(range(0, len(rows), batch_size), desc=f"bpb {direction}", unit="batch"):
-            chunk = rows[i:i + batch_size]
-            x = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
-            y = torch.tensor([r[1] for r in chunk], dtype=torch.long, device=device)
+            x, y = padded_batch(rows[i:i + batch_size], spec.bos_id, T)
+            x, y = x.to(device), y.to(device)
             loss = token_losses(model, x, y, autocast_ctx)
             nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
             text = nb > 0
@@ -133,11 +134,10 @@ POSITION_BUCKETS = (0, 4, 16, 64)  # bucket edges; the last two buckets are [64,
 @torch.no_grad()
 def evaluate_bpb_by_position(model, tokenizer, token_bytes, docs, direction, trained_direction, T, batch_size,
                              device, edges=POSITION_BUCKETS, autocast_ctx=None):
-    """Bits per byte of each text token grouped by its position in its document *in the reading
-    direction* (0 = the first text token read): [{"from", "to", "nats", "bytes", "bpb"}], buckets
-    [edges[0], edges[1]), ..., [edges[-1], T), [T, end). Same windows as evaluate_bpb, so the
-    buckets add up to its totals. Shows where a gap between directions comes from: the first
-    tokens of a document (its boundary) or the bulk of the text."""
+    """Bits per byte by a text token's position in its document *in the reading direction* (0 = first
+    read): [{"from", "to", "nats", "bytes", "bpb"}] for [edges[0], edges[1]), ..., [edges[-1], T),
+    [T, end); the buckets add up to evaluate_bpb's totals. Shows whether a gap between directions comes
+    from a document's first tokens (its boundary) or the bulk of the text."""
     validate_direction(direction, CONCRETE_DIRECTIONS)
     spec = DirectionSpec.from_tokenizer(trained_direction, tokenizer)
     bounds = sorted({e for e in edges if e < T} | {T})
@@ -146,9 +146,8 @@ def evaluate_bpb_by_position(model, tokenizer, token_bytes, docs, direction, tra
     pending = []  # (inputs, targets, body position of each target or -1)
 
     def flush():
-        x = torch.tensor([p[0] + [spec.bos_id] * (T - len(p[0])) for p in pending], dtype=torch.long, device=device)
-        y = torch.tensor([p[1] + [-1] * (T - len(p[1])) for p in pending], dtype=torch.long, device=device)
-        loss = token_losses(model, x, y, autocast_ctx)
+        x, y = padded_batch([p[:2] for p in pending], spec.bos_id, T)
+        loss = token_losses(model, x.to(device), y.to(device), autocast_ctx)
         loss = loss.view(len(pending), T).double().cpu().tolist()
         for (_, targets, positions), row_loss in zip(pending, loss):
             for t, pos, l in zip(targets, positions, row_loss):

@@ -64,11 +64,9 @@ def summarise(per_question):
         picks = [q["picks"][method] for q in per_question]
         out["methods"][method] = {"accuracy": mean_and_se(picks),
                                   "vs_random": mean_and_se([p - r for p, r in zip(picks, random_pick)])}
-    if per_question:
-        out["methods"]["sum"]["vs_forward"] = mean_and_se(
-            [q["picks"]["sum"] - q["picks"]["forward"] for q in per_question])
-        out["methods"]["backward"]["vs_forward"] = mean_and_se(
-            [q["picks"]["backward"] - q["picks"]["forward"] for q in per_question])
+    for method in ("sum", "backward") if per_question else ():
+        out["methods"][method]["vs_forward"] = mean_and_se(
+            [q["picks"][method] - q["picks"]["forward"] for q in per_question])
     return out
 
 
