@@ -1,24 +1,9 @@
-"""Batches prepared ahead of the training step, on a background thread.
+"""Batches prepared ahead of the training step, on a background thread (docs/DESIGN.md §10).
 
-Tokenizing, orienting and packing documents (nanochat.direction_dataloader) or rendering
-conversations (nanochat.chat_data) is CPU work. Done inside the step, the accelerator idles
-while it runs. `Prefetcher` wraps any such batch iterator and keeps up to `depth` batches
-ready in a bounded queue, so the step only pays for a queue hand-off.
-
-Exact resume (docs/DESIGN.md §8). The wrapped loader runs ahead of the trainer, so its own
-`state_dict()` describes batches nobody has trained on yet. The worker therefore snapshots
-the loader's state right after producing each batch and queues it with the batch; the
-prefetcher's `state_dict()` is the snapshot that came with the last batch the trainer
-*consumed*. Loading it into a fresh loader (prefetching or not) continues with exactly the
-batch that would have come next.
-
-On CUDA the worker copies each batch through pinned memory on its own stream, with a
-non-blocking copy, and the consumer's stream waits on that copy's event: the copy overlaps
-with the running step. Elsewhere (CPU, MPS) batches are moved, if at all, on the training thread.
-
-A failure in the worker (a missing shard, a bad document) is re-raised in the training thread
-at the `next()` that would have received the batch. The thread is a daemon and polls a stop
-event, so `close()` (or interpreter exit) never hangs on it.
+`Prefetcher` wraps a batch iterator (the document loader, conversation batches) and keeps up to
+`depth` batches ready, so the step pays only for a queue hand-off. Its `state_dict()` is the
+loader's state snapshotted right after the last batch *consumed*, so a resume continues exactly.
+A failure in the worker is re-raised at the `next()` that would have received the batch.
 """
 
 import copy
@@ -34,19 +19,11 @@ _POLL_S = 0.1  # how often a blocked worker checks whether it was asked to stop
 
 
 class Prefetcher:
-    """Iterator over `loader`'s batches (tuples of tensors), produced `depth` batches ahead.
+    """Iterator over `loader`'s batches (tuples of tensors, moved to `device` if given), `depth` ahead.
 
-    loader: an iterator with `state_dict()` / `load_state_dict()` (DirectionAwareLoader,
-        ConversationBatches). Its tensors may be on the CPU; they are moved to `device` here.
-    depth: batches kept ready (>= 1).
-    device: where batches are delivered (default: left where the loader put them).
-
-    `wait_seconds` accumulates the time the consumer spent blocked waiting for a batch (the
-    data wait of the training step); `last_wait_seconds` is that of the latest `next()`.
-    The wrapped loader runs ahead: its attributes that describe "the latest batch" (such as
-    ConversationBatches.last_directions) belong to a batch not yet consumed; only `state_dict()`
-    is kept in step with the consumer.
-    """
+    `loader` has `state_dict()` / `load_state_dict()`; its attributes describing "the latest batch"
+    belong to a batch not yet consumed. `wait_seconds` sums the time next() waited for a batch
+    (`last_wait_seconds`: the latest next()'s)."""
 
     def __init__(self, loader, depth=2, device=None):
         if depth < 1:
