@@ -1,16 +1,8 @@
-"""Runtime shared by every script: the base directory, rank-0 printing, devices and DDP.
+"""Runtime shared by every script: the base directory, rank-0 printing, devices and DDP, flags.
 
-Everything the framework writes lives under one directory, `$NANOCHAT_BASE_DIR`
-(default `~/.cache/nanochat`):
-
-    base_data/            pretraining shards (parquet, `text` column; last shard = validation)
-    tokenizer/            the trained tokenizer and its per-token byte lengths
-    base_checkpoints/<tag>/   checkpoints of base runs not owned by an experiment
-    mid_checkpoints/ chatsft_checkpoints/ chatrl_checkpoints/   the same for later phases
-    experiments/<id>/     experiments (config, checkpoints, logs, evaluations)
-
-User-facing mistakes raise `UserError`; `run_main` turns one into a single clear line on
-stderr and exit status 2, so scripts never dump a traceback for bad input.
+Everything the framework writes lives under `$NANOCHAT_BASE_DIR` (default `~/.cache/nanochat`; its
+layout: README.md). User-facing mistakes raise `UserError`; `run_main` turns one into a single
+line on stderr and exit status 2, so scripts never dump a traceback for bad input.
 """
 
 import os
@@ -21,10 +13,8 @@ import torch.distributed as dist
 
 
 class UserError(ValueError):
-    """A mistake in the user's input or environment: shown as one line, exit status 2.
-
-    A ValueError, so code written against the plain Python contract (`except ValueError`, e.g.
-    around validate_direction) catches it too."""
+    """A mistake in the user's input or environment: one line, exit status 2 (a ValueError, so
+    `except ValueError` around e.g. validate_direction catches it too)."""
 
 
 def run_main(main):
@@ -75,11 +65,8 @@ def is_ddp_env():
 
 
 def compute_init(device_type=""):
-    """Set up the device and, under torchrun, the process group.
-
-    Returns (ddp, rank, local_rank, world_size, device). Uses nccl on CUDA and gloo on CPU, so
-    the distributed path can be tested on a laptop with `torchrun --nproc_per_node=2`.
-    """
+    """(ddp, rank, local_rank, world_size, device): the device and, under torchrun, the process group
+    (nccl on CUDA, gloo on CPU: the distributed path runs on a laptop with --nproc_per_node=2)."""
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "mps", "cpu"):
         raise UserError(f"unknown --device_type {device_type!r}: use cuda, mps or cpu (or leave empty to autodetect)")
@@ -122,13 +109,9 @@ def add_flag(parser, name, **kwargs):
 
 
 def check_number(name, value, low=None, high=None, integer=False, off=None):
-    """`value` if it is a finite number in [low, high] (an integer if `integer`), or the flag's
-    documented "off" sentinel `off` (e.g. -1 for top-k); one UserError naming `name` otherwise.
-
-    The one range check for the numbers that reach sampling: the scripts' flags (rerank,
-    chat_eval, chat_cli, direction_eval, chat_web) call it before any model loads, and the web
-    server calls it for every request field. NaN fails every comparison, so `not low <= v` (never
-    `v < low`) is what refuses it; inf is refused as not finite."""
+    """`value` if it is a finite number in [low, high] (an integer if `integer`), or the flag's "off"
+    sentinel `off` (e.g. -1 for top-k); one UserError naming `name` otherwise (docs/SAFETY.md).
+    NaN fails every comparison, so `not low <= v` (never `v < low`) is what refuses it."""
     import math
     if off is not None and value == off and not isinstance(value, bool):
         return value
@@ -146,8 +129,7 @@ def check_number(name, value, low=None, high=None, integer=False, off=None):
 
 
 def check_sampling(temperature, top_k=None, prefix="--"):
-    """The sampling flags every generating entry point shares: temperature finite and >= 0,
-    top-k >= 0 or -1 (off). Returns (temperature, top_k) unchanged."""
+    """(temperature, top_k) unchanged if temperature is finite and >= 0, top-k >= 0 or -1 (off)."""
     check_number(f"{prefix}temperature", temperature, low=0.0)
     if top_k is not None:
         check_number(f"{prefix}top_k", top_k, low=0, integer=True, off=-1)

@@ -1,18 +1,9 @@
 """Names that become paths, and the few file operations every writer shares (docs/SAFETY.md).
 
-Tags (`--model_tag`, `--output_tag`) and experiment ids become directory names under the base
-dir. `validate_name` is the one gate they all pass (checkpoint_manager.checkpoint_dir_for and
-artifact_dirs, experiment_config.validate_id): a plain name of letters, digits, '.', '_' and
-'-', not starting with '.', at most 128 characters. No separator, no '..', nothing absolute, so
-a tag can never write outside its phase directory.
-
-The file helpers:
-- `atomic_write(path, write_fn)`: write to a temporary name in the same directory, then rename.
-  A failure (disk full included) removes the temporary file and raises one clear UserError.
-- `remove_stale_temporaries(directory)`: the `*.tmp*` files a killed writer left behind.
-- `check_writable(directory)`: create the directory and prove a file can be written there,
-  before hours of training are spent on a run whose first save would fail.
-- `move_aside(path)`: `<name>.h5` -> `<name>.attempt<N>.h5`, never overwriting earlier evidence.
+`validate_name` is the one gate every tag and experiment id passes before it becomes a directory
+name under the base dir (checkpoint_manager.artifact_dirs, experiment_config.validate_id), so a
+tag can never write outside its phase directory. The writers share `atomic_write` (temporary name,
+then rename), `remove_stale_temporaries`, `check_writable` (before the work) and `move_aside`.
 """
 
 import errno
@@ -53,12 +44,9 @@ def is_disk_full(exc):
 
 
 def atomic_write(path, write_fn, after_full_disk="rerun the command"):
-    """Call write_fn(tmp_path), then rename tmp_path to `path` (atomic within a filesystem).
-
-    On any failure the temporary file is removed; an OS-level failure (disk full, read-only,
-    permission) becomes one UserError naming the file. `after_full_disk` says what to do once
-    space is freed: a training checkpoint passes its resume hint; an evaluation, an export or a
-    tokenizer is simply rerun."""
+    """Call write_fn(tmp_path), then rename tmp_path to `path` (atomic within a filesystem). On any
+    failure the temporary file is removed; an OS-level one (disk full, read-only, permission) is
+    one UserError naming the file, ending with `after_full_disk` (a checkpoint's resume hint)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write_fn(tmp)
@@ -91,10 +79,8 @@ def atomic_write_json(path, obj):
 
 
 def remove_stale_temporaries(directory):
-    """Delete the temporary files a killed writer left in `directory`; returns their names.
-
-    Call it only while holding the directory's run lock (nanochat.locking): another live writer's
-    temporary file would otherwise be removed under it."""
+    """Delete (and return the names of) the temporary files a killed writer left in `directory`;
+    only while holding its run lock (nanochat.locking), or a live writer's file goes."""
     if not os.path.isdir(directory):
         return []
     removed = []
@@ -121,9 +107,8 @@ def check_writable(directory, what="the run directory"):
 
 
 def move_aside(path):
-    """<name>.h5 -> <name>.attempt<N>.h5 (a directory: <name>.attempt<N>) with the first free N.
-
-    A restart from scratch must never overwrite what a previous attempt left: it is evidence."""
+    """<name>.h5 -> <name>.attempt<N>.h5 (a directory: <name>.attempt<N>), the first free N: a
+    restart from scratch never overwrites what a previous attempt left (it is evidence)."""
     stem, ext = (path, "") if os.path.isdir(path) else os.path.splitext(path)
     n = 1
     while os.path.exists(f"{stem}.attempt{n}{ext}"):
