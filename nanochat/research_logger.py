@@ -245,27 +245,17 @@ class ResearchLogger:
             self.flush()
 
     def _add_value(self, name, value, row, arrays):
-        """Sort one metric into the scalar row or the snapshot arrays."""
-        kind = type(value)
-        if kind is float or kind is int or kind is bool:
-            row[name] = float(value)
-            return
-        if value is None:
-            return  # recorded as missing (NaN)
-        if isinstance(value, (np.number, np.bool_)):
-            row[name] = float(value)
-            return
+        """Sort one metric into the scalar row or the snapshot arrays (None: missing, NaN)."""
         tensor_type = _torch_tensor_type()
-        if tensor_type is not None and isinstance(value, tensor_type):
-            if value.dim() != 0:
-                arrays[name] = value
-            else:
-                row[name] = float(value.item())
+        if value is None:
             return
-        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
+        if type(value) in (float, int, bool) or isinstance(value, (np.number, np.bool_)) or (
+                isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf"):
             row[name] = float(value)
-            return
-        arrays[name] = value
+        elif tensor_type is not None and isinstance(value, tensor_type) and value.dim() == 0:
+            row[name] = float(value.item())
+        else:
+            arrays[name] = value
 
     def _add_name(self, name):
         parts = name.split("/") if isinstance(name, str) else [name]
@@ -462,13 +452,11 @@ def read_scalars(path):
 def read_scalar(path, name):
     """One scalar column (float64, NaN where absent), or the int64 "step" column."""
     with _open_for_reading(path) as f:
-        scalars = f[SCALARS]
-        steps = scalars[STEP]
-        if name == STEP:
-            return steps[:]
-        columns = _scalar_datasets(scalars)
+        steps = f[SCALARS][STEP]
+        columns = dict(_scalar_datasets(f[SCALARS]), **{STEP: steps})
         if name not in columns:
-            raise UserError(f"no scalar {name!r} in {path}; it has: {', '.join(sorted(columns)) or 'none'}")
+            others = sorted(set(columns) - {STEP})
+            raise UserError(f"no scalar {name!r} in {path}; it has: {', '.join(others) or 'none'}")
         return _aligned(columns[name], steps.shape[0])
 
 

@@ -38,6 +38,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The orchestrator's own training flags: forwarded, when given, to every phase whose script takes
 # them (its build_parser decides; nanochat/phases.py names the script).
 SHARED_FLAGS = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type", "eval_tokens")
+EVAL_MODULE = "scripts.base_eval"
+EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
+DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,12 +53,6 @@ def accepted_flags(phase):
 def shared_flags(phase):
     return [name for name in SHARED_FLAGS if name in accepted_flags(phase)]
 
-
-def resumable(phase):
-    return "resume_from_step" in accepted_flags(phase)
-EVAL_MODULE = "scripts.base_eval"
-EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
-DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact
 
 # Flags that tie a run to its experiments: only the orchestrator sets them.
 MANAGED_FLAGS = ("model_tag", "output_tag", "source", "parent_experiment", "resume_from_step", "research_log")
@@ -234,8 +231,9 @@ def plan_chain(args, passthrough, experiments):
         steps.append(Step(phase, experiment_id, parent, parent_phase))
         parent, parent_phase = experiment_id, phase
 
-    for step in steps:
+    for step in steps:  # checked for the whole chain before anything runs
         if not experiments.exists(step.experiment_id):
+            experiments.refuse_shadowing(step.experiment_id)
             continue
         existing = experiments.load_config(step.experiment_id)
         wanted = {"phase": step.phase, "direction": direction, "depth": depth, "parent_experiment": step.parent}
@@ -244,36 +242,10 @@ def plan_chain(args, passthrough, experiments):
         if differ:
             raise UserError(f"experiment {step.experiment_id!r} already exists with a different config: "
                             f"{', '.join(differ)}; choose another --experiment_id")
-        runner = _live_runner(existing)
-        if existing.get("status") == "running" and runner is not None:
-            raise UserError(f"experiment {step.experiment_id!r} is being run right now by process {runner}; "
-                            "wait for it, or stop that process first")
-
-    for step in steps:  # checked for the whole chain before anything runs
-        if not experiments.exists(step.experiment_id):
-            experiments.refuse_shadowing(step.experiment_id)
-
-    for step in steps:
-        module = PHASE_TABLE[step.phase].script
-        if importlib.util.find_spec(module) is None:
-            # Only the missing script's phase is named: the rest of the chain was valid.
-            raise UserError(f"phase {step.phase!r} is not available yet: {module.replace('.', '/')}.py "
-                            "is not in this checkout")
+    if missing:  # named last: the rest of the chain was valid
+        raise UserError(f"phase {missing[0]!r} is not available yet: "
+                        f"{PHASE_TABLE[missing[0]].script.replace('.', '/')}.py is not in this checkout")
     return steps, direction, depth
-
-
-def _live_runner(config):
-    """The pid of the orchestrator recorded as running this experiment, if it is alive here."""
-    runner = config.get("runner") or {}
-    pid = runner.get("pid")
-    if not pid or runner.get("host") != socket.gethostname() or pid == os.getpid():
-        return None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().decode(errors="replace")
-    except OSError:
-        return None  # no such process (or no /proc: we cannot tell, so we do not refuse)
-    return pid if "run_backward_experiment" in cmdline else None
 
 
 # ---------------------------------------------------------------------------------- running
@@ -385,7 +357,7 @@ def phase_flags(args, passthrough, phase):
 
 def training_command(args, flags, tokens, experiments, step, direction, depth):
     """The training command for this attempt, or None when training already finished."""
-    script, can_resume = PHASE_TABLE[step.phase].script, resumable(step.phase)
+    script, can_resume = PHASE_TABLE[step.phase].script, "resume_from_step" in accepted_flags(step.phase)
     checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
     saved = list_steps(checkpoint_dir)
     log = log_path(experiments.experiment_dir(step.experiment_id), PHASE_TABLE[step.phase].log_name)
