@@ -58,21 +58,23 @@ def split_shards(split, directory=None):
     return shards[-1:] if split == "val" else shards[:-1]
 
 
-def _read_texts(path, row_group=None):
-    """The `text` column of a shard (or one row group) as Python strings, validated as UTF-8."""
+def _open_shard(path):
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:
         raise UserError(f"cannot read shard {path}: {e}. Delete it and re-create the data")
+
+
+def _read_texts(path):
+    """The `text` column of a shard as Python strings, validated as UTF-8."""
+    pf = _open_shard(path)
     if "text" not in pf.schema_arrow.names:
         raise UserError(f"shard {path} has no 'text' column (columns: {pf.schema_arrow.names}); "
                         "pretraining shards need one string column named 'text'")
-    table = pf.read(columns=["text"]) if row_group is None else pf.read_row_group(row_group, columns=["text"])
-    column = table.column("text")
+    column = pf.read(columns=["text"]).column("text")
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
             or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         raise UserError(f"shard {path}: column 'text' has type {column.type}; pretraining shards need a string column")
-    offset = 0 if row_group is None else sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
     texts = []
     for chunk in column.chunks:
         try:
@@ -84,7 +86,7 @@ def _read_texts(path, row_group=None):
                 try:
                     value = value.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise UserError(f"shard {path}, row {offset + len(texts)}: text is not valid UTF-8 ({e}); "
+                    raise UserError(f"shard {path}, row {len(texts)}: text is not valid UTF-8 ({e}); "
                                     "fix or remove it")
             texts.append(value or "")
     return texts
@@ -99,10 +101,7 @@ class DocumentSource:
         self.shards = split_shards(split, directory)
         self.row_counts = []
         for path in self.shards:
-            try:
-                n = pq.ParquetFile(path).metadata.num_rows
-            except Exception as e:
-                raise UserError(f"cannot read shard {path}: {e}. Delete it and re-create the data")
+            n = _open_shard(path).metadata.num_rows
             if n == 0:
                 raise UserError(f"shard {path} is empty (0 rows); delete it or re-create the data")
             self.row_counts.append(n)

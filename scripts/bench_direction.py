@@ -21,7 +21,7 @@ import time
 import torch
 
 from nanochat.common import UserError, add_flag, compute_init, print0, run_main
-from nanochat.direction import DIRECTIONS
+from nanochat.direction import DIRECTIONS, parse_directions
 from nanochat.direction_dataloader import direction_aware_dataloader
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.prefetch import prefetching
@@ -108,9 +108,7 @@ def main(argv=None):
     add_flag(p, "compile", type=int, default=-1, help="torch.compile the model (-1 = on for cuda)")
     add_flag(p, "out", default="", help="also write the rows as JSON to this file")
     args = p.parse_args(argv)
-    directions = [d.strip() for d in args.directions.split(",") if d.strip()]
-    if not directions or any(d not in DIRECTIONS for d in directions):
-        raise UserError(f"--directions={args.directions!r}: use a comma-separated subset of {', '.join(DIRECTIONS)}")
+    directions = parse_directions(args.directions, DIRECTIONS)
     if args.steps < 1 or args.warmup_steps < 0 or args.split_steps < 0 or args.prefetch < 0:
         raise UserError("--steps must be >= 1; --warmup_steps, --split_steps and --prefetch >= 0")
     _, _, _, _, device = compute_init(args.device_type)
