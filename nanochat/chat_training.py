@@ -1,14 +1,5 @@
-"""Midtraining and SFT: what the two conversation phases share beyond the step loop.
-
-The phases themselves are scripts (scripts/mid_train.py, scripts/chat_sft.py), each with its
-defaults, schedule and evaluation: load the parent (or, resuming, this run's own checkpoint), take
-its direction, build direction-aware conversation batches (nanochat/chat_data.py: packed for mid,
-padded for SFT), train with the Trainer/run_loop of every phase, evaluate validation loss on the
-trained tokens, save checkpoints that record direction, phase and parent (nanochat/phase_run.py).
-
-Which tokens are trained on (--train_on, docs/DESIGN.md §4): auto = the assistant's answer forward,
-the user's question backward (the model reads the answer and writes the question), each draw's
-policy for bidirectional; or assistant / user / all explicitly. Midtraining defaults to all.
+"""Midtraining and SFT (scripts/mid_train.py, scripts/chat_sft.py): what the two conversation phases
+share beyond the step loop. Which tokens are trained on (--train_on): docs/DESIGN.md §4.
 """
 
 import torch

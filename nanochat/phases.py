@@ -1,20 +1,9 @@
-"""The training phases, in order: one table every module reads (adding a phase = one row + one script).
-
-    name    parent  checkpoints under <base_dir>/   research log (logs/<log_name>.h5)   script
-    base    -       base_checkpoints                base_training                       scripts.base_train
-    mid     base    mid_checkpoints                 mid_training                        scripts.mid_train
-    sft     mid     chatsft_checkpoints             sft                                 scripts.chat_sft
-    rl      sft     chatrl_checkpoints              rl                                  scripts.chat_rl
+"""The training phases, in order: one table every module reads (adding a phase = one row + one script
+with build_parser() and main(); what a phase does around its loop is nanochat/phase_run.py).
 
 A phase's `name` is also its checkpoint *source* (`--source=mid`), its experiment config's "phase"
-and its `--<phase>.<flag>` scope in the orchestrator. Inside an experiment the checkpoints live in
-experiments/<id>/checkpoints whatever the phase (nanochat/experiment_config.py).
-
-What every phase does around its step loop (parent, --direction check, lock, overwrite guard,
-resume, research log and wandb, checkpoint metadata) is nanochat/phase_run.py; the loop itself is
-nanochat/training.py run_loop. Adding a phase is one row here and one script with build_parser()
-and main(): the orchestrator reads the row and the script's parser (which of its shared flags the
-script takes, whether it resumes), checkpoint sources, tags, experiments and analysis read the row.
+and its `--<phase>.<flag>` scope in the orchestrator; `checkpoint_dir` is under the base dir (inside
+an experiment: experiments/<id>/checkpoints), the research log is logs/<log_name>.h5.
 """
 
 from collections import namedtuple
