@@ -29,8 +29,6 @@ from nanochat.loss_eval import arrow_of_time_gap, evaluate_bpb, select_documents
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import autocast_context
 
-SOURCES = PHASE_NAMES
-
 
 class Evaluation(NamedTuple):
     """One row of EVALUATIONS: the records an evaluation writes and the functions that run it."""
@@ -75,11 +73,12 @@ class Loaded(NamedTuple):
     common: dict    # the fields every record of this model carries
 
 
+def one_per_model(kind):
+    """The records function of an evaluation that writes one `kind` record per model."""
+    return lambda models: {m["tag"]: record_path(m["evaluations"], kind, m["step"]) for m in models}
+
+
 # ---- bpb ----------------------------------------------------------------------------------------------
-def bpb_records(models):
-    return {m["tag"]: record_path(m["evaluations"], "bpb", m["step"]) for m in models}
-
-
 def run_bpb(job, m):
     docs, token_bytes = job.documents(m.tokenizer)
     tag, step, trained = m.meta["model_tag"], m.meta["step"], m.meta["direction"]
@@ -102,10 +101,6 @@ def run_bpb(job, m):
 
 
 # ---- CORE ---------------------------------------------------------------------------------------------
-def core_records(models):
-    return {m["tag"]: record_path(m["evaluations"], "core", m["step"]) for m in models}
-
-
 def prepare_core(args):
     labels = [s.strip() for s in args.core_tasks.split(",") if s.strip()]
     return CoreBenchmark.prepare(args.bundle_dir or None, args.bundle_url, args.max_per_task, labels)
@@ -174,8 +169,8 @@ def pair_consistency(job):
 
 # What --eval can run, in the order it runs for each model.
 EVALUATIONS = {
-    "bpb": Evaluation(records=bpb_records, run=run_bpb),
-    "core": Evaluation(records=core_records, run=run_core, prepare=prepare_core),
+    "bpb": Evaluation(records=one_per_model("bpb"), run=run_bpb),
+    "core": Evaluation(records=one_per_model("core"), run=run_core, prepare=prepare_core),
     "consistency": Evaluation(records=consistency_records, run=run_consistency, finish=pair_consistency),
 }
 
@@ -224,8 +219,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     names = parse_evals(args.eval)
-    if args.source not in SOURCES:
-        raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCES)}")
+    if args.source not in PHASE_NAMES:
+        raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(PHASE_NAMES)}")
     if args.eval_tokens <= 0 or args.device_batch_size <= 0:
         raise UserError("--eval_tokens and --device_batch_size must be positive")
     if args.max_per_task == 0 or args.max_per_task < -1:

@@ -20,8 +20,6 @@ from nanochat.rerank import format_table, rerank_task
 from nanochat.training import autocast_context
 from tasks.registry import get_task
 
-SOURCES = PHASE_NAMES
-
 
 def build_parser():
     p = argparse.ArgumentParser(description="Best-of-N with a backward model: rerank a forward model's answers")
@@ -50,8 +48,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     backward_source = args.backward_source or args.source
     for name, value in (("source", args.source), ("backward_source", backward_source)):
-        if value not in SOURCES:
-            raise UserError(f"--{name}={value!r}: use one of {', '.join(SOURCES)}")
+        if value not in PHASE_NAMES:
+            raise UserError(f"--{name}={value!r}: use one of {', '.join(PHASE_NAMES)}")
     for name in ("num_questions", "num_samples", "max_new_tokens", "device_batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")

@@ -43,9 +43,6 @@ class Task:
         """1.0 if the generated side is right, else 0.0 (generative tasks)."""
         raise NotImplementedError(f"{type(self).__name__} has no reward")
 
-    def supports(self, direction):
-        return direction in self.generation_directions
-
     def check_reward_direction(self, direction):
         """For reward(): `direction` must be concrete (forward/backward) and declared."""
         validate_direction(direction, CONCRETE_DIRECTIONS)

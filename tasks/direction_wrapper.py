@@ -59,7 +59,7 @@ class DirectionTaskWrapper:
         if self.direction not in self.spec.generation_directions():
             return (f"a {self.model_direction} model was never trained to generate {self.direction}: generated "
                     f"text would say nothing about the task, so only likelihood is reported")
-        if not self.task.supports(self.direction):
+        if self.direction not in self.task.generation_directions:
             declared = " and ".join(getattr(self.task, "generation_directions", ())) or "no direction"
             return (f"task {name} can only check generations {declared}: a {self.direction} generation "
                     "(the model writes the question before a given answer) cannot be verified")
@@ -79,7 +79,10 @@ class DirectionTaskWrapper:
         tokenizer = tokenizer or self.tokenizer
         ids, _, _ = self.spec.conversation_row(tokenizer, conversation, concrete_direction=self.direction,
                                                train_on="all")
-        self._check_fits(model, len(ids))
+        limit = getattr(getattr(model, "config", None), "sequence_len", None)
+        if limit is not None and len(ids) > limit + 1:
+            raise UserError(f"the rendered conversation has {len(ids)} tokens: more than the model's "
+                            f"{limit}-token context can score")
         return ids
 
     def render_choices(self, conversation, mc_answer="letter"):
@@ -95,11 +98,3 @@ class DirectionTaskWrapper:
         if self.model_direction is None:
             raise UserError("render_prompt needs model_direction: the prompt of a bidirectional model has a marker")
         return self.spec.chat_prompt(self.tokenizer, conversation, self.direction)
-
-    @staticmethod
-    def _check_fits(model, length):
-        config = getattr(model, "config", None)
-        limit = getattr(config, "sequence_len", None)
-        if limit is not None and length > limit + 1:
-            raise UserError(f"the rendered conversation has {length} tokens: more than the model's "
-                            f"{limit}-token context can score")
