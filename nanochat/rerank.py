@@ -23,9 +23,8 @@ def _conversation(question, answer):
 
 def score_candidates(model, tokenizer, trained_direction, concrete_direction, question, answers, device,
                      batch_size=32, autocast_ctx=None):
-    """Sum of log p over the scored side of each (question, answer) conversation: the answer
-    (concrete_direction forward) or the question (backward), in nats. `trained_direction` is the
-    scoring model's direction name or its DirectionSpec."""
+    """Sum of log p (nats) over the scored side of each (question, answer) conversation: the answer
+    forward, the question backward; `trained_direction`: the scorer's direction name or DirectionSpec."""
     spec = (trained_direction if isinstance(trained_direction, DirectionSpec)
             else DirectionSpec.from_tokenizer(trained_direction, tokenizer))
     train_on = by_direction(concrete_direction, forward="assistant", backward="user")  # the side that is scored
@@ -72,9 +71,8 @@ def summarise(per_question):
 
 def rerank_task(forward_engine, backward_model, backward_direction, task, indices, num_samples, max_new_tokens,
                 temperature, top_k, seed, device, batch_size=32, autocast_ctx=None, log=None, keep=5):
-    """Sample, score and pick for task[indices] (`backward_direction`: the scorer's direction name
-    or DirectionSpec). Returns {"summary", "examples"}: the summary of summarise() and the first
-    `keep` questions with their candidates and scores."""
+    """Sample, score and pick for task[indices]: {"summary": summarise()'s, "examples": the first `keep`
+    questions with their candidates and scores}; `backward_direction`: a direction name or DirectionSpec."""
     tokenizer = forward_engine.tokenizer
     fwd_model, fwd_spec = forward_engine.model, forward_engine.spec
     # A question must leave room for an answer in the sampler's context, and the scored rows

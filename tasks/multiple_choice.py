@@ -37,9 +37,8 @@ def multiple_choice_conversation(question, choice_texts, answer, preamble=None):
 
 
 class MultipleChoiceTask(Task):
-    """Categorical: evaluated by comparing the likelihood of each choice; a generated answer
-    (forward only: the letter comes after the question) is right iff its first standalone
-    letter among the choices' letters is the answer's."""
+    """Categorical (choices compared by likelihood); a generated answer (forward only) is right iff its
+    first standalone letter among the choices' letters is the answer's."""
 
     eval_type = "categorical"
     generation_directions = ("forward",)

@@ -92,9 +92,8 @@ def mentions(text, entity):
 
 
 class ReversalFacts(Task):
-    """`size` fictitious facts; train: each stated one way (3 paraphrased questions per fact,
-    so 3*size examples); test: each probed both ways (2*size examples, as_trained then
-    reversed for each fact)."""
+    """`size` fictitious facts; train: each stated one way (3 paraphrased questions, 3*size examples);
+    test: each probed both ways (as_trained then reversed, 2*size examples)."""
 
     name = "reversal"
     generation_directions = ("forward", "backward")
