@@ -1,21 +1,23 @@
-"""Flags shared by the phase scripts: groups (after base: mid_train, chat_sft, chat_rl), checks,
-and the step from parsed flags to the values the library takes (base_train uses those too).
+"""Flags shared by the phase scripts (groups, checks, the step from parsed flags to the values the
+library takes) and the recipe the two conversation phases share (`train_conversations`).
 
-Not an entry point: each script builds its own parser (build_parser) from these groups and its own
-flags. The library (nanochat/) never sees the namespace: these helpers pass it values.
-
-Flags that define the model or the order of the data default to None here: a fresh run takes the
-phase's defaults (the script's MODEL_DATA_DEFAULTS), a resumed run the checkpoint's values, and an
-explicit value that differs from the checkpoint's is refused (nanochat/phase_run.py resolve_flags).
+Not an entry point: each script builds its own parser from these groups and its own flags; the
+library (nanochat/) never sees the namespace. Flags that define the model or the order of the data
+default to None here: the script's MODEL_DATA_DEFAULTS (fresh) or the checkpoint's values (resuming;
+a different explicit value is refused, nanochat/phase_run.py resolve_flags).
 """
 
+import json
 import math
 from contextlib import contextmanager
 
-from nanochat.common import UserError, add_flag
+from nanochat.chat_data import ConversationBatches
+from nanochat.chat_training import row_length, validation_loss
+from nanochat.common import UserError, add_flag, print0
 from nanochat.direction import validate_direction, validate_p_backward, validate_train_on
 from nanochat.paths import validate_name
 from nanochat.phase_run import model_for_run, open_later_run, resolve_flags
+from nanochat.training import Every, LossMonitor, StepLog, Trainer, autocast_context, grad_accum_steps_for, run_loop
 
 
 def add_parent_flags(p, default_source):
@@ -167,3 +169,55 @@ def later_phase_run(phase, args, defaults, rank, device, check_parent=None):
                                  resume_meta and resume_meta.get("user_config"), run)
         run.refuse_overwrite()
         yield run, model, tokenizer, spec, parent, resume_meta
+
+
+# ---- the conversation phases' recipe (mid_train, chat_sft) -----------------------------------------
+
+def train_conversations(phase, mode, args, run, model, tokenizer, spec, parent, rank, world_size, device,
+                        lr_schedule, schedule_flags):
+    """Train a conversation phase: rows "pack"ed (mid) or one conversation per row, "pad"ded (SFT), in
+    the model's direction; the phase's `lr_schedule(step)` at --init_lr_frac x the base rates; the
+    validation loss on the trained tokens every --eval_every steps and at the end; checkpoints."""
+    # Data: rows of T tokens (the parent's context unless --max_seq_len); --train_on says which
+    # tokens are targets.
+    B, T = args.device_batch_size, row_length(args.max_seq_len, model.config.sequence_len)
+    grad_accum = grad_accum_steps_for(args.total_batch_size, B, T, world_size)
+    tokens_per_step = B * T * world_size * grad_accum
+    train_task = load_tasks(args.tasks, phase, spec.direction, "train")
+    val_task = load_tasks(args.tasks, phase, spec.direction, "test")
+    rows = dict(direction=spec.direction, B=B, T=T, mode=mode, train_on=validate_train_on(args.train_on),
+                seed=args.seed, p_backward=args.p_backward, rank=rank, world_size=world_size, device=device)
+    batches = ConversationBatches(train_task, tokenizer, grad_accum_steps=grad_accum, shuffle=args.shuffle, **rows)
+    print0(f"{phase}: parent {parent['checkpoint_dir']} step {parent['step']} (trained {spec.direction}); "
+           f"train_on={args.train_on}; {len(train_task)} train / {len(val_task)} val conversations")
+    print0(f"B={B} T={T} grad_accum={grad_accum} tokens/step={tokens_per_step:,} steps={args.num_iterations}; "
+           f"saving to {run.checkpoint_dir}")
+
+    # Optimizers as the parent's, at --init_lr_frac x the base rates, following the phase's schedule.
+    optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr)
+    trainer = Trainer(model, optimizers, batches, grad_accum, tokens_per_step, device, world_size=world_size,
+                      lr_schedule=lr_schedule, lr_scale=args.init_lr_frac)
+    start_step = run.restore(trainer, batches, args.num_iterations, flag_values(args, schedule_flags))
+
+    # Evaluation: the loss on the trained tokens of the same validation batches each time.
+    autocast = autocast_context(device.type)
+
+    def evaluate(step):
+        loss = validation_loss(model, ConversationBatches(val_task, tokenizer, **rows), args.eval_batches, autocast)
+        print0(f"step {step:05d} | val loss ({args.train_on} tokens) {loss:.4f}")
+        return {"val_loss": loss}
+
+    user_config = dict(vars(args))
+    meta = run.meta(batches.spec, model, tokenizer, user_config, parent, train_on=args.train_on,
+                    num_iterations=args.num_iterations, tokens_per_step=tokens_per_step, world_size=world_size)
+
+    def save(step, last):
+        run.save(step, model, trainer.optimizer_state(), batches.state_dict(), dict(meta, **last))
+
+    run.clear()
+    with run.logs(spec.direction, user_config) as (logger, wb):
+        last = run_loop(trainer, start_step, args.num_iterations, StepLog(print0, args.log_every, logger=logger,
+                                                                          wandb_run=wb),
+                        LossMonitor(blowup_loss=10 * math.log(tokenizer.get_vocab_size())),
+                        evaluate=Every(args.eval_every, evaluate), save=Every(args.save_every, save))
+        print0("final: " + json.dumps({k: round(v, 4) for k, v in last.items()}))
