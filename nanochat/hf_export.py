@@ -85,9 +85,7 @@ CHAT_STOPS = {"forward": "<|assistant_end|>", "backward": "<|user_start|>"}
 
 
 def stop_token_ids(tokenizer, spec, chat):
-    """Where generation ends in the model's orientation (docs/DESIGN.md §5): BOS always; a chat
-    model also at <|assistant_end|> if it generates forward (the answer is done) and at
-    <|user_start|> if it generates backward (the question, written right to left, is done)."""
+    """Where generation ends in the model's orientation: BOS, and for a chat model CHAT_STOPS."""
     stops = [tokenizer.get_bos_token_id()]
     if chat:
         for concrete in spec.generation_directions():

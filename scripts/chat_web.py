@@ -42,9 +42,6 @@ class Limits:
         self.max_body_bytes, self.max_text_chars, self.max_turns = max_body_bytes, max_text_chars, max_turns
         self.max_tokens, self.max_queue, self.temperature, self.top_k = max_tokens, max_queue, temperature, top_k
 
-    def to_dict(self):
-        return dict(vars(self))
-
 
 class ModelSlot:
     """One loaded model, its lock (one generation at a time) and its admitted requests (<= 1 + max_queue)."""
@@ -323,7 +320,7 @@ def create_app(slots, limits=None, guard=None):
 
     @app.get("/api/models")
     def models():
-        return {"models": [s.describe() for s in slots.values()], "limits": limits.to_dict()}
+        return {"models": [s.describe() for s in slots.values()], "limits": dict(vars(limits))}
 
     @app.post("/api/generate")
     async def generate(request: Request):
