@@ -28,10 +28,7 @@ def gpu_peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
 def autocast_context(device_type):
@@ -80,11 +77,8 @@ def per_layer_grad_norms(model):
 
 
 class Trainer:
-    """Takes optimizer steps; knows nothing about where batches come from, nor which phase it runs.
-
-    `batches` yields (inputs, targets) for this rank, one micro-batch at a time; `lr_schedule(step)`
-    (0-based step) gives the learning-rate multiplier of each step.
-    """
+    """Takes optimizer steps, not knowing which phase it runs: `batches` yields this rank's (inputs,
+    targets) micro-batches; `lr_schedule(step)` (0-based) gives each step's learning-rate multiplier."""
 
     def __init__(self, model, optimizers, batches, grad_accum_steps, tokens_per_step, device, world_size=1,
                  lr_schedule=None, lr_scale=1.0, grad_clip=0.0, flops_per_token=None):
@@ -92,11 +86,10 @@ class Trainer:
         self.grad_accum_steps, self.tokens_per_step = grad_accum_steps, tokens_per_step
         self.device, self.world_size = device, world_size
         self.lr_schedule, self.lr_scale = lr_schedule, lr_scale
-        self.grad_clip = grad_clip
-        self.flops_per_token = flops_per_token
+        self.grad_clip, self.flops_per_token = grad_clip, flops_per_token
         self.peak_flops = gpu_peak_flops(device)
         self.autocast = autocast_context(device.type)
-        self.params = [p for p in model.parameters()]
+        self.params = list(model.parameters())
         self.last_batch = None
 
     def set_lr(self, step):
