@@ -2,8 +2,8 @@
 
     python -m scripts.bench_engine --source=base --model_tag=d4 --max_tokens=100
 
-Uses a checkpoint when --model_tag is given, else a freshly initialised model of --depth (the
-speed does not depend on the weights). Prints one line per (batch, cache) setting.
+A checkpoint with --model_tag, else a fresh model of --depth (the speed does not depend on the
+weights). One line per (batch, cache) setting.
 """
 
 import argparse

@@ -3,17 +3,11 @@
     python -m scripts.rl_demo                                   # forward, backward, bidirectional
     python -m scripts.rl_demo --directions=forward --rl_iterations=80
 
-For each direction, in a fresh base directory (a temporary one unless --base_dir is given):
-a depth-2 base model on the built-in offline corpus -> SFT on two-way arithmetic ("What is 7*8?"
--> "56"; backward models learn to write the question given the answer) -> RL on the same task.
-The SFT budget is kept short on purpose, so the SFT model is right sometimes but far from
-always: RL can only improve a policy that sometimes earns a reward. `chat_rl` evaluates the
-test split before its first step (= the SFT model) and after its last, on the same prompts with
-the same sampling seeds, and records both in the RL checkpoint's metadata; this script reads
-them back and prints one table.
-
-Every stage is an ordinary `python -m scripts.X` command, printed before it runs, so any stage
-can be rerun by hand.
+For each direction, in a fresh base directory (temporary unless --base_dir): a depth-2 base model
+on the built-in corpus -> SFT on two-way arithmetic, kept short on purpose (RL can only improve a
+policy that sometimes earns a reward) -> RL on the same task. The rewards before and after RL are
+read back from the RL checkpoint's metadata into one table. Every stage is an ordinary
+`python -m scripts.X` command, printed before it runs.
 """
 
 import argparse
@@ -101,11 +95,8 @@ def main(argv=None):
         if quiet:  # the evaluation lines are the point of the demo: show them anyway
             print("\n".join(line for line in result.stdout.splitlines() if "| eval" in line), flush=True)
         rl_dir = checkpoint_dir_for("rl", tag, base_dir)
-        meta = load_meta(rl_dir, find_last_step(rl_dir))
-        rewards = meta["rewards"]
-        for concrete, before in rewards["before"].items():
-            after = rewards["after"][concrete]
-            rows.append((direction, concrete, sft_iterations, before, after))
+        rewards = load_meta(rl_dir, find_last_step(rl_dir))["rewards"]
+        rows += [(direction, c, sft_iterations, before, rewards["after"][c]) for c, before in rewards["before"].items()]
 
     k = args.eval_k
     print(f"\nReward on the arithmetic test split (mean over {args.eval_examples} prompts x {k} samples at "
