@@ -193,8 +193,7 @@ class DocumentOrder:
         return [self.index(epoch, p) for p in range(len(self))]
 
 
-# ---------------------------------------------------------------------------------------
-# Offline built-in corpus: this Python's standard library, cut into documents.
+# ---- Offline built-in corpus: this Python's standard library, cut into documents ----
 
 def _stdlib_files():
     root = sysconfig.get_paths()["stdlib"]
@@ -292,8 +291,7 @@ def write_builtin_corpus(directory=None, docs_per_shard=4000, max_docs=None, ove
     return paths
 
 
-# ---------------------------------------------------------------------------------------
-# Built-in English corpus: Shakespeare (public domain), for arrow-of-time studies on English.
+# ---- Built-in English corpus: Shakespeare (public domain), for arrow-of-time studies on English ----
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 BUILTIN_CORPORA = ("stdlib", "shakespeare")
@@ -348,8 +346,7 @@ def _refuse_existing(directory, overwrite):
         os.remove(path)
 
 
-# ---------------------------------------------------------------------------------------
-# Online download with retries.
+# ---- Online download with retries ----
 
 def _fetch(url, path, max_attempts, backoff_s, validate, offline_hint):
     """Download `url` to `path` through a temp file, retrying with exponential backoff; `validate`
