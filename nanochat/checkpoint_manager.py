@@ -9,7 +9,6 @@ Where checkpoints live: `source` (base, mid, sft, rl) names a phase directory un
 (nanochat.experiment_config), the experiment's own checkpoint directory, its single owner.
 """
 
-import glob
 import json
 import math
 import os
@@ -86,28 +85,28 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, r
         raise
 
 
+def _step_files(checkpoint_dir):
+    """[(name, step)] of the checkpoint files in `checkpoint_dir`, meta files first."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    names = sorted(os.listdir(checkpoint_dir), key=lambda n: (not n.startswith("meta_"), n))
+    return [(n, int(m.group(1))) for n in names if (m := _STEP_FILE.fullmatch(n))]
+
+
 def remove_steps(checkpoint_dir, steps):
     """Delete every file of the given steps (meta first, so a step is never half-listed)."""
-    steps = set(steps)
-    if not os.path.isdir(checkpoint_dir):
-        return
-    names = sorted(os.listdir(checkpoint_dir), key=lambda n: not n.startswith("meta_"))
-    for name in names:
-        m = _STEP_FILE.fullmatch(name)
-        if m and int(m.group(1)) in steps:
+    for name, step in _step_files(checkpoint_dir):
+        if step in steps:
             os.remove(os.path.join(checkpoint_dir, name))
 
 
 def clean_checkpoint_dir(checkpoint_dir):
-    """Remove what a killed save left: temporary files, and model/optimizer files of a step that
-    has no meta (never complete). Returns the names removed. Call it holding the run lock."""
+    """Remove (and return the names of) what a killed save left: temporary files, and model/optimizer
+    files of a step without meta (never complete). Call it holding the run lock."""
     removed = remove_stale_temporaries(checkpoint_dir)
-    if not os.path.isdir(checkpoint_dir):
-        return removed
     complete = set(list_steps(checkpoint_dir))
-    for name in sorted(os.listdir(checkpoint_dir)):
-        m = _STEP_FILE.fullmatch(name)
-        if m and not name.startswith("meta_") and int(m.group(1)) not in complete:
+    for name, step in _step_files(checkpoint_dir):
+        if not name.startswith("meta_") and step not in complete:
             os.remove(os.path.join(checkpoint_dir, name))
             removed.append(name)
     return removed
@@ -154,12 +153,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
 
 def list_steps(checkpoint_dir):
     """Steps with a complete checkpoint (meta written), ascending."""
-    steps = []
-    for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json")):
-        m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
-        if m:
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    return sorted(step for name, step in _step_files(checkpoint_dir) if re.fullmatch(r"meta_\d+\.json", name))
 
 
 def find_last_step(checkpoint_dir):
@@ -306,8 +300,7 @@ def check_tokenizer_matches(meta, tokenizer):
 
 
 def load_model(source, device, phase="eval", model_tag=None, step=None, base_dir=None):
-    """(model, tokenizer, meta) for a source ('base', 'mid', 'sft', 'rl'); meta['direction'] is
-    the direction the model was trained in."""
+    """(model, tokenizer, meta) for a source ('base', 'mid', 'sft', 'rl')."""
     from nanochat.tokenizer import get_tokenizer
     directory, step, model_tag = resolve_checkpoint(source, model_tag, step, base_dir)
     model, meta = build_model(directory, step, device, phase)
