@@ -124,11 +124,8 @@ class PhaseRun:
         self.master = rank == 0
         self.dirs = artifact_dirs(phase, output_tag)  # refuses a tag that is not a plain name
         self.checkpoint_dir = self.dirs["checkpoints"]
-        self.resume_step = resume_from_step
-        self.resuming = self.resume_step >= 0
-        self.existing, self.later = [], []
-        self.schedule_history = []
-        self._lock = None
+        self.resume_step, self.resuming = resume_from_step, resume_from_step >= 0
+        self.existing, self.later, self.schedule_history, self._lock = [], [], [], None
 
     # ---- before training ----------------------------------------------------------------------
     def __enter__(self):
@@ -150,7 +147,7 @@ class PhaseRun:
                        + remove_stale_temporaries(self.dirs["logs"]))
             if removed:
                 print0(f"removed what an interrupted save left behind: {', '.join(removed)}")
-        self.existing = list_steps(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else []
+        self.existing = list_steps(self.checkpoint_dir)
         if self.resuming and self.resume_step not in self.existing:
             raise UserError(f"--resume_from_step={self.resume_step}: {self.checkpoint_dir} has checkpoints at steps "
                             f"{self.existing or 'none'}")
@@ -185,11 +182,11 @@ class PhaseRun:
         meta = self.resume_meta()
         _, state, _ = load_checkpoint(self.checkpoint_dir, self.resume_step, self.device, load_optimizer=True,
                                       rank=self.rank)
-        saved_direction = (state.get("dataloader") or {}).get("direction")
-        if saved_direction is not None and saved_direction != DirectionSpec.from_meta(meta).direction:
+        saved_direction, trained = (state.get("dataloader") or {}).get("direction"), meta["direction"]
+        if saved_direction is not None and saved_direction != trained:
             raise UserError(f"checkpoint step {self.resume_step} in {self.checkpoint_dir} is inconsistent: its meta "
-                            f"says direction {DirectionSpec.from_meta(meta).direction} but its saved dataloader state is "
-                            f"{saved_direction}; its files were mixed up or edited: resume from another step")
+                            f"says direction {trained} but its saved dataloader state is {saved_direction}; its "
+                            "files were mixed up or edited: resume from another step")
         trainer.load_optimizer_state(state["optimizers"])
         if loader is not None and state.get("dataloader") is not None:
             loader.load_state_dict(state["dataloader"])
