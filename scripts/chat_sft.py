@@ -3,8 +3,7 @@
     python -m scripts.chat_sft --source=base --model_tag=test_backward --device_batch_size=2 --num_iterations=5
 
 Forward models learn p(answer | question); backward models, by default, p(question | answer):
-they read the answer and write the question (--train_on to change; nanochat/chat_training.py).
---resume_from_step continues a run as in the other phases (nanochat/phase_run.py).
+they read the answer and write the question (--train_on to change; docs/DESIGN.md §4).
 """
 
 import argparse

@@ -3,9 +3,7 @@
     python -m scripts.mid_train --model_tag=test_backward --device_batch_size=2 --num_iterations=5
     python -m scripts.mid_train --model_tag=test_backward --resume_from_step=100 --num_iterations=200
 
-The direction comes from the parent checkpoint; nanochat/chat_training.py says which tokens are
-trained on in each direction (midtraining: all, by default), nanochat/phase_run.py what a run does
-around its loop (lock, overwrite guard, resume, logs).
+The direction comes from the parent checkpoint; --train_on (default: all tokens) is docs/DESIGN.md §4.
 """
 
 import argparse
