@@ -191,10 +191,8 @@ def main(argv=None):
 
 
 def train(args, run, rank, world_size, device):
-    master = rank == 0
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
-    checkpoint_dir = run.checkpoint_dir
     run.prepare()
     resolve_base_flags(args, run.resume_meta(), run, world_size)
     run.refuse_overwrite()
@@ -223,7 +221,7 @@ def train(args, run, rank, world_size, device):
            f"params={num_params:,} flops/token={flops_per_token:.3e}")
     print0(f"B={B} T={T} world={world_size} grad_accum={grad_accum} tokens/step={tokens_per_step:,} "
            f"steps={num_iterations} tokens={tokens_per_step * num_iterations:,} ({tokens_per_step * num_iterations / num_params:.2f}/param)")
-    print0(f"checkpoints: {checkpoint_dir}")
+    print0(f"checkpoints: {run.checkpoint_dir}")
 
     # With --prefetch the loader builds batches on the CPU and the prefetcher moves them (pinned,
     # non-blocking); its state_dict is that of the last batch consumed (nanochat/prefetch.py).
@@ -274,7 +272,7 @@ def train(args, run, rank, world_size, device):
     engine = Engine(model, tokenizer, spec=spec)
 
     def sample(step):
-        if master:
+        if rank == 0:
             model.eval()
             for line in sample_texts(engine):
                 print0(line)
