@@ -29,7 +29,8 @@ def build_parser():
     add_flag(p, "backward_source", default="", help="checkpoint source of the backward model (default: --source)")
     add_flag(p, "forward_step", type=int, default=None)
     add_flag(p, "backward_step", type=int, default=None)
-    add_flag(p, "task", default="arithmetic", help="arithmetic | arithmetic_unseen | gsm8k (any generative task with a forward reward)")
+    add_flag(p, "task", default="arithmetic",
+             help="arithmetic | arithmetic_unseen | gsm8k (any generative task with a forward reward)")
     add_flag(p, "split", default="test")
     add_flag(p, "data_files", default="", help="local task data (file, glob or directory; see tasks/hub.py)")
     add_flag(p, "num_questions", type=int, default=200, help="questions (the first of the split)")
