@@ -3,15 +3,11 @@
     python -m scripts.reversal_eval --out_dir=/tmp/reversal --num_facts=100 --num_iterations=600
     python -m scripts.reversal_eval --out_dir=/tmp/mine --facts_file=facts.jsonl
 
-In a fresh base directory (--out_dir) this writes fictitious facts (seeded made-up names and
-descriptions, or --facts_file) as pretraining documents, each fact stated in one order only: half
-name-first, half description-first. They are the corpus, or are mixed with --background_docs
-built-in documents. A tokenizer and forward, backward and bidirectional base models are trained on
-the same documents (scripts.tok_train, scripts.base_train). Every fact is then asked both ways and
-one table is printed and written to each model's evaluations/reversal_step<N>.json: model x query
-direction x subset x question (same order, reversed, held-in training sentence) x method
-(greedy generation, ranking K candidates by log p(entity | prompt), ranking by whole-text
-likelihood). What each method asks, and the measured numbers: docs/EVALUATION.md.
+In a fresh base directory, fictitious facts (seeded, or --facts_file) become pretraining documents,
+each stated in one order only (half name-first, half description-first); forward, backward and
+bidirectional base models are trained on them through scripts.base_train, and every fact is asked
+both ways. One table (model x query direction x subset x question x method) is printed and written
+to each model's evaluations/reversal_step<N>.json. The questions and methods: docs/EVALUATION.md.
 """
 
 import argparse
@@ -123,10 +119,8 @@ def split_at(template, fact, slot):
 
 # ---- questions ----------------------------------------------------------------------------------
 def questions(facts, k, seed):
-    """Every (fact, template, query direction): the asked slot is the one the query direction writes
-    (forward: the later one, after a given beginning; backward: the earlier one, before a given
-    ending). `same`: the asked entity is the one training put second. Candidates: the right entity
-    and K-1 others of the same subset, the same for every model."""
+    """Every (fact, template, query direction): forward asks the later slot, backward the earlier one;
+    `same` if that is the entity training put second. Candidates: it + K-1 of the subset, fixed."""
     out = []
     for i, f in enumerate(facts):
         trained_second = "{description}" if f["subset"] == "name_first" else "{name}"
@@ -143,8 +137,7 @@ def questions(facts, k, seed):
 
 
 def _rows(tokenizer, spec, template, fact, slot, candidates, reading, whole):
-    """One row per candidate in the slot, oriented for `reading`; the mask covers the candidate
-    (conditional) or every text token (whole text)."""
+    """One row per candidate in `slot`, in `reading`; the mask covers the candidate or (whole) all text."""
     before, entity, after = split_at(template, fact, slot)
     space = entity[:len(entity) - len(entity.lstrip())]
     rows = []
@@ -159,10 +152,7 @@ def _rows(tokenizer, spec, template, fact, slot, candidates, reading, whole):
 
 def evaluate_model(model, tokenizer, spec, facts, qs, device, max_new_tokens, batch_size=64):
     """Records (query direction, subset, question, method, fact, value) in the directions the model
-    reads. generation: the greedy completion contains the entity; rank_conditional: the right
-    candidate has the highest log p(entity | prompt) in the query's reading; rank_whole_text: the
-    highest log p(whole text) of the question as a statement that ends with the answer (the texts of
-    the forward questions), in each reading: backward, the candidate is read first, unconditioned."""
+    reads. Whole text scores the forward questions' texts (the answer last) in every reading."""
     from nanochat.chat_eval_lib import sequence_logprobs
     from nanochat.engine import Engine
     engine, readable = Engine(model, tokenizer, spec=spec), spec.generation_directions()
@@ -236,9 +226,8 @@ def format_table(rows, k):
 
 # ---- data and models ----------------------------------------------------------------------------
 def write_corpus(facts, copies, background_docs, seed):
-    """base_data/: every training phrasing of every fact `copies` times, each copy shuffled on its own
-    (+ built-in documents); the last shard (validation, read only for base_train's bpb line) is
-    background text or a copy of facts."""
+    """base_data/: every phrasing of every fact `copies` times, each copy in its own order (+ built-in
+    documents); the validation shard only feeds base_train's bpb line."""
     from nanochat.dataset import builtin_documents, data_dir, write_shards
     rng, once = random.Random(seed), [fill(t, f) for f in facts for t in f["phrasings"]]
     docs, val = [d for _ in range(copies) for d in rng.sample(once, len(once))], once[:max(1, len(once) // 10)]
@@ -251,6 +240,9 @@ def write_corpus(facts, copies, background_docs, seed):
     write_shards(val, data_dir(), len(val), start_index=1)
 
 
+TRAIN_FLAGS = ("depth", "max_seq_len", "device_batch_size", "num_iterations", "seed", "device_type")
+
+
 def train_models(args, directions):
     from nanochat.checkpoint_manager import list_tags
     from scripts import base_train
@@ -259,12 +251,10 @@ def train_models(args, directions):
         if tag in list_tags("base"):
             print0(f"reusing the existing base model {tag} (a fresh --out_dir trains new ones)")
             continue
-        base_train.main([f"--direction={direction}", f"--depth={args.depth}", f"--max_seq_len={args.max_seq_len}",
-                         f"--device_batch_size={args.device_batch_size}", "--total_batch_size=-1",
-                         f"--num_iterations={args.num_iterations}", "--eval_every=-1",
-                         f"--eval_tokens={args.device_batch_size * args.max_seq_len}", "--sample_every=-1",
-                         f"--log_every={max(1, args.num_iterations // 4)}", f"--device_type={args.device_type}",
-                         f"--model_tag={tag}", f"--seed={args.seed}", "--research_log=0"])
+        flags = dict(direction=direction, model_tag=tag, total_batch_size=-1, eval_every=-1, sample_every=-1,
+                     eval_tokens=args.device_batch_size * args.max_seq_len, log_every=max(1, args.num_iterations // 4),
+                     research_log=0, **{k: getattr(args, k) for k in TRAIN_FLAGS})
+        base_train.main([f"--{k}={v}" for k, v in flags.items()])
 
 
 def main(argv=None):
