@@ -140,6 +140,22 @@ class DocumentSource:
                 yield index, texts[index - first]
 
 
+# Shards totalling up to this many bytes on disk are permuted together (one window of the epoch
+# order): a small corpus (a book, the built-in ones) is fully permuted every epoch, a large one is
+# read window by window with two windows in memory (docs/DIRECTIONS.md).
+SHUFFLE_WINDOW_BYTES = 256 << 20
+
+
+def shuffle_window(shards, budget=SHUFFLE_WINDOW_BYTES):
+    """How many shards one window holds: as many as fit in `budget` bytes (the largest counted), at least one."""
+    total, k = 0, 0
+    for size in sorted((os.path.getsize(p) for p in shards), reverse=True):
+        if k and total + size > budget:
+            break
+        total, k = total + size, k + 1
+    return k
+
+
 class DocumentOrder:
     """Position in an epoch -> global document index. With `shuffle`, a function of (seed, epoch)
     only: shards in a seeded permutation, `window` at a time, each window's documents permuted;

@@ -13,7 +13,7 @@ import os
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataset import DocumentOrder, DocumentSource
+from nanochat.dataset import DocumentOrder, DocumentSource, shuffle_window
 from nanochat.direction import DirectionSpec, document_piece, validate_direction, validate_p_backward
 
 # Texts longer than this are tokenized in pieces cut at line ends, so one giant document does not
@@ -218,7 +218,7 @@ class DirectionAwareLoader:
     def __init__(self, B, T, split, direction="forward", tokenizer_threads=4, tokenizer_batch_size=128,
                  device="cuda", seed=0, p_backward=0.5, tokenizer=None, rank=None, world_size=None,
                  grad_accum_steps=1, buffer_docs=256, buffer_tokens=None, context_tokens=None, data_dir=None,
-                 resume_state=None, shuffle=False, shuffle_window=2):
+                 resume_state=None, shuffle=False, window_shards=None):
         validate_direction(direction)
         validate_p_backward(p_backward)
         if tokenizer is None:
@@ -232,8 +232,10 @@ class DirectionAwareLoader:
         self.spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=seed, p_backward=p_backward)
         # Each epoch reads the documents in a fresh order drawn from (seed, epoch) (DocumentOrder);
         # the streams of a rank share the source, which holds the two windows of shards in use.
-        self.shuffle, self.shuffle_window = bool(shuffle), int(shuffle_window)
-        source = DocumentSource(split, data_dir, cache_shards=2 * self.shuffle_window)
+        source = DocumentSource(split, data_dir)
+        self.shuffle = bool(shuffle)
+        self.shuffle_window = int(window_shards or shuffle_window(source.shards))
+        source.cache_shards = 2 * self.shuffle_window
         # Continuations carry up to T/8 tokens of preceding text (docs/DIRECTIONS.md); the packing
         # buffer is bounded in tokens as well as documents, so one giant document is held once.
         self.context_tokens = T // 8 if context_tokens is None else int(context_tokens)
@@ -282,9 +284,10 @@ class DirectionAwareLoader:
                             "Resume with the same --total_batch_size, --device_batch_size and number of processes")
         # States saved before the shuffle existed read in storage order.
         order = (bool(state.get("shuffle", False)), int(state.get("shuffle_window", self.shuffle_window)))
-        if order != (self.shuffle, self.shuffle_window):
+        if order[0] != self.shuffle or (self.shuffle and order[1] != self.shuffle_window):
             raise UserError(f"dataloader state was saved with shuffle={int(order[0])} (window {order[1]} shards); this run "
-                            f"has shuffle={int(self.shuffle)} (window {self.shuffle_window}). Resume with the same --shuffle")
+                            f"has shuffle={int(self.shuffle)} (window {self.shuffle_window}). Resume with the same "
+                            "--shuffle and the same shards")
         self.next_stream = int(state["next_stream"])
         for stream, s in zip(self.streams, state["streams"]):
             stream.load_state_dict(s)
@@ -294,7 +297,8 @@ def direction_aware_dataloader(B, T, split, direction="forward", tokenizer_threa
                                device="cuda", seed=0, p_backward=0.5, **kwargs):
     """Yields (inputs, targets) of shape (B, T); see DirectionAwareLoader for the extra options
     (tokenizer, rank, world_size, grad_accum_steps, buffer_docs, buffer_tokens, context_tokens, data_dir,
-    resume_state, shuffle, shuffle_window). `shuffle` is off by default here (a validation loader reads
+    resume_state, shuffle, window_shards: shards permuted together, default as many as fit in 256 MB).
+    `shuffle` is off by default here (a validation loader reads
     the stored order); base_train's --shuffle turns it on for training (docs/DIRECTIONS.md)."""
     return DirectionAwareLoader(B, T, split, direction, tokenizer_threads, tokenizer_batch_size,
                                 device, seed, p_backward, **kwargs)

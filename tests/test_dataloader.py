@@ -453,7 +453,7 @@ def test_document_source_holds_a_bounded_number_of_shards(long_docs_dir):
 @pytest.mark.parametrize("direction", ["forward", "backward", "bidirectional"])
 def test_shuffled_epochs_cover_every_token_once(long_known, direction):
     docs = long_known["docs"]
-    loader = make_loader(direction, B=2, grad_accum_steps=2, seed=1, shuffle=True, shuffle_window=1)
+    loader = make_loader(direction, B=2, grad_accum_steps=2, seed=1, shuffle=True, window_shards=1)
     traced = take_traced(loader, int(3.2 * sum(len(t) for t in docs) / (2 * T)))
     trained = check_traced(traced, long_known, direction, seed=1, context_tokens=T // 8)
     check_once_per_epoch(trained, long_known, epochs=(0, 1), n_docs=len(docs))
@@ -485,7 +485,7 @@ def test_shuffled_order_is_the_same_in_every_direction(long_known):
 @pytest.mark.parametrize("direction", ["forward", "bidirectional"])
 def test_shuffled_resume_mid_epoch_gives_identical_batches(long_known, direction):
     opts = dict(B=2, grad_accum_steps=2, buffer_docs=4, tokenizer_batch_size=2, seed=2, shuffle=True,
-                shuffle_window=1)
+                window_shards=1)
     reference = make_loader(direction, **opts)
     take(reference, 9)
     state = reference.state_dict()
@@ -519,3 +519,18 @@ def test_unshuffled_loader_reads_storage_order(long_known):
     order = read_order(take_traced(make_loader("forward", B=2, seed=1, shuffle=False), 30))
     first = [d for e, d in order if e == 0]
     assert first == sorted(first) and len(first) >= 6
+
+
+def test_shuffle_window_holds_the_shards_that_fit_in_the_budget(long_docs_dir):
+    """A small corpus is permuted whole (one window of all its shards); a budget below two shards'
+    size gives windows of one shard, never zero."""
+    from nanochat.dataset import shuffle_window, split_shards
+    d, _ = long_docs_dir
+    shards = split_shards("train", os.path.join(d, "base_data"))
+    assert len(shards) == 2
+    assert shuffle_window(shards) == 2
+    one = os.path.getsize(shards[0])
+    assert shuffle_window(shards, budget=one + os.path.getsize(shards[1]) - 1) == 1
+    assert shuffle_window(shards, budget=1) == 1
+    loader = make_loader("forward", shuffle=True)
+    assert loader.shuffle_window == 2 and loader.streams[0].source.cache_shards == 4
