@@ -1,11 +1,7 @@
-"""The arrow of time as a study: forward and backward models paired by seed, the gap with an interval.
-
-    arrow-of-time gap = bpb(backward model, read backward) / bpb(forward model, read forward) - 1
-
-one value per (depth, seed) pair, then the mean over seeds with a 95% Student-t interval; positive
-means backward is harder. scripts/arrow_study.py trains the cells and writes the study's record,
-`<base_dir>/studies/<name>/study.json`; this module reads it back and summarises it (the record's
-fields and what the numbers mean: docs/ARROW_OF_TIME.md).
+"""The arrow of time as a study: gap = bpb(backward model, read backward) / bpb(forward model, read
+forward) - 1 per (depth, seed) pair, then the mean over seeds with a 95% Student-t interval.
+scripts/arrow_study.py writes `<base_dir>/studies/<name>/study.json`; this module reads and
+summarises it (the record and what the numbers mean: docs/ARROW_OF_TIME.md).
 """
 
 import json
@@ -25,12 +21,8 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.045, 2.042)
 
 
-def studies_dir(base_dir=None):
-    return os.path.join(base_dir or get_base_dir(), "studies")
-
-
 def study_dir(name, base_dir=None):
-    return os.path.join(studies_dir(base_dir), name)
+    return os.path.join(base_dir or get_base_dir(), "studies", name)
 
 
 def cell_key(depth, seed, direction):
@@ -59,13 +51,6 @@ def load_study(name_or_dir, base_dir=None):
         return json.load(f)
 
 
-def list_studies(base_dir=None):
-    root = studies_dir(base_dir)
-    if not os.path.isdir(root):
-        return []
-    return sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, STUDY_FILE)))
-
-
 def final_bpb(evaluations_dir):
     """{concrete direction: bpb} of the latest bpb evaluation in a run's evaluations/, or {}."""
     latest = latest_record(evaluations_dir, "bpb")
@@ -78,12 +63,9 @@ def final_bpb(evaluations_dir):
 
 
 def study_results(study, evaluations_dir_of):
-    """Per depth: the paired cells and the gap statistics.
-
-    `evaluations_dir_of(experiment_id)` gives an experiment's evaluations/ directory. Returns
-    {depth: {"pairs": [{"seed", "forward", "backward", "gap"}], "gap_mean", "gap_ci95",
-    "backward_harder", "bidirectional": [{"seed", "forward", "backward", "gap"}], ...}}.
-    Cells not yet evaluated are left out (a partial study reports what it has)."""
+    """{depth: {"pairs": [{"seed", "forward", "backward", "gap", ...}], "gap_mean", "gap_ci95", "n",
+    "backward_harder", "bidirectional": [...], ...}}; cells not yet evaluated are left out.
+    `evaluations_dir_of(experiment_id)` gives an experiment's evaluations/ directory."""
     out = {}
     for depth in study["depths"]:
         pairs, bidi = [], []
@@ -195,24 +177,17 @@ def plot_gap(results, path):
     depths = [d for d, r in results.items() if r["n"]]
     if len(depths) < 2:
         return None
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    fig = Figure(figsize=(5, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    from nanochat.research.plots import new_figure, save_png
+    fig, (ax,) = new_figure(1, width_per_panel=5, height=3.5)
     means = [100 * results[d]["gap_mean"] for d in depths]
     cis = [0 if results[d]["gap_ci95"] != results[d]["gap_ci95"] else 100 * results[d]["gap_ci95"] for d in depths]
     ax.errorbar(depths, means, yerr=cis, marker="o", capsize=4, label="mean, 95% interval")
     for d in depths:
         ax.scatter([d] * results[d]["n"], [100 * p["gap"] for p in results[d]["pairs"]], s=10, color="gray")
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xlabel("depth")
-    ax.set_ylabel("arrow-of-time gap (%)")
-    ax.set_title("backward vs forward bits per byte")
+    ax.set(xlabel="depth", ylabel="arrow-of-time gap (%)", title="backward vs forward bits per byte")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_png(fig, path)
 
 
 def study_section(study, evaluations_dir_of, plots_dir, base_dir=None):
@@ -224,10 +199,7 @@ def study_section(study, evaluations_dir_of, plots_dir, base_dir=None):
 
 def studies_of(experiment_ids, base_dir=None):
     """The studies any of `experiment_ids` belongs to (for the report)."""
-    ids = set(experiment_ids)
-    found = []
-    for name in list_studies(base_dir):
-        study = load_study(name, base_dir)
-        if ids & set(study["experiments"].values()):
-            found.append(study)
-    return found
+    root = study_dir("", base_dir)
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    studies = [load_study(n, base_dir) for n in names if os.path.exists(os.path.join(root, n, STUDY_FILE))]
+    return [study for study in studies if set(experiment_ids) & set(study["experiments"].values())]

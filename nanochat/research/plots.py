@@ -1,9 +1,6 @@
-"""Figures of experiments, drawn from what nanochat/research/analysis.py computes; the report
-(nanochat/research/report.py) embeds them and notebooks call them directly.
-
-Each function returns a PlotResult: the PNG path and the data actually drawn, read back from the
-lines (so tests can check a figure's numbers). Figures are `matplotlib.figure.Figure` objects saved
-through the Agg canvas, never through pyplot: no global backend is switched and no figure left open.
+"""Figures of experiments, drawn from what analysis.py computes; the report embeds them. Each returns
+a PlotResult: the PNG path and the data drawn, read back from the lines (tests check the numbers).
+Figures are saved through the Agg canvas, never pyplot: no global backend switched, no figure left open.
 """
 
 import math
@@ -25,10 +22,7 @@ def curve_label(config):
 
 @dataclass
 class PlotResult:
-    """A written figure: its PNG `path` and the `series` actually drawn (read back from the lines).
-
-    `os.fspath(result)` is the path, so a PlotResult can be passed wherever a path is expected.
-    """
+    """A written figure: its PNG `path` and the `series` drawn; `os.fspath(result)` is the path."""
     path: str
     series: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
@@ -37,13 +31,13 @@ class PlotResult:
         return self.path
 
 
-def _new_figure(ncols, width_per_panel=5.5, height=4.2):
+def new_figure(ncols, width_per_panel=5.5, height=4.2):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width_per_panel * ncols, height), layout="constrained")
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
-def _save_png(fig, output_path):
+def save_png(fig, output_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     output_path = os.fspath(output_path)
     if os.path.dirname(output_path):
@@ -59,29 +53,19 @@ def _line_data(line):
 
 def compare_learning_curves(experiment_dirs, output_path, phase=BASE_LOG_PHASE, base_dir=None):
     """One PNG, three panels: train loss vs step, train loss vs tokens, val bpb vs step (solid
-    forward, dashed backward). One colour per experiment, labelled "<id> (<direction>, d<depth>)".
-
-    Returns a PlotResult whose `series[<id>]` holds the (x, y) arrays read back from the drawn
-    lines: "loss_vs_step", "loss_vs_tokens" (absent when tokens per step is unknown), and
-    "val_bpb_<direction>" for each evaluated direction. An experiment without the log is an error.
-    """
+    forward, dashed backward), one colour per experiment. `series[<id>]` holds the drawn (x, y) arrays:
+    "loss_vs_step", "loss_vs_tokens" (if tokens per step is known), "val_bpb_<direction>"."""
     if isinstance(experiment_dirs, (str, os.PathLike)):
         experiment_dirs = [experiment_dirs]
     if not experiment_dirs:
         raise UserError("compare_learning_curves needs at least one experiment")
-    loaded = []
-    for experiment in experiment_dirs:
-        experiments, experiment_id = resolve_experiment(experiment, base_dir)
-        config = experiments.load_config(experiment_id)
-        losses = load_training_curves(experiment, phase=phase, base_dir=base_dir)
-        loaded.append((experiment_id, config, losses))
-
-    fig, (ax_step, ax_tokens, ax_bpb) = _new_figure(3)
-    colors = [f"C{i % 10}" for i in range(len(loaded))]
+    fig, (ax_step, ax_tokens, ax_bpb) = new_figure(3)
     drawn, notes = {}, []
     any_bpb = any_tokens = False
-    for (experiment_id, config, losses), color in zip(loaded, colors):
-        label = curve_label(config)
+    for i, experiment in enumerate(experiment_dirs):
+        experiments, experiment_id = resolve_experiment(experiment, base_dir)
+        losses = load_training_curves(experiment, phase=phase, base_dir=base_dir)
+        label, color = curve_label(experiments.load_config(experiment_id)), f"C{i % 10}"
         lines = {}
         finite = np.isfinite(losses["loss"])
         steps = losses["step"][finite]
@@ -117,7 +101,7 @@ def compare_learning_curves(experiment_dirs, output_path, phase=BASE_LOG_PHASE, 
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    return PlotResult(path=_save_png(fig, output_path), series=drawn, notes=notes)
+    return PlotResult(path=save_png(fig, output_path), series=drawn, notes=notes)
 
 
 def plot_direction_matrix(matrix, output_path):
@@ -130,7 +114,7 @@ def plot_direction_matrix(matrix, output_path):
                         "(python -m scripts.base_eval --model_tag=<id>)")
     values = np.asarray(matrix["values"], dtype=np.float64)
     labels = [f"{r['experiment']}\n(trained {r['trained_direction']})" for r in rows]
-    fig, (ax_heat, ax_gap) = _new_figure(2, width_per_panel=5.0, height=1.6 + 0.7 * len(rows))
+    fig, (ax_heat, ax_gap) = new_figure(2, width_per_panel=5.0, height=1.6 + 0.7 * len(rows))
     image = ax_heat.imshow(np.ma.masked_invalid(values), cmap="viridis_r", aspect="auto")
     fig.colorbar(image, ax=ax_heat, label="bits per byte (lower is better)")
     ax_heat.set_xticks(range(len(EVAL_DIRECTIONS)), [f"eval {d}" for d in EVAL_DIRECTIONS])
@@ -157,7 +141,7 @@ def plot_direction_matrix(matrix, output_path):
         ax_gap.text(0, pos, f" {100 * g:+.2f}% " if math.isfinite(g) else " not computable",
                     va="center", ha="left" if not math.isfinite(g) or g < 0 else "right", fontsize="small")
     ax_gap.grid(axis="x", alpha=0.3)
-    return PlotResult(path=_save_png(fig, output_path),
+    return PlotResult(path=save_png(fig, output_path),
                       series={"values": np.asarray(image.get_array().filled(np.nan)), "gap": gaps})
 
 
@@ -166,7 +150,7 @@ def plot_per_position_loss(results, output_path, labels=None):
     dashed backward tokens, one colour per experiment. Returns a PlotResult."""
     if isinstance(results, dict):
         results = [results]
-    fig, (ax,) = _new_figure(1, width_per_panel=7.0)
+    fig, (ax,) = new_figure(1, width_per_panel=7.0)
     drawn = {}
     for i, res in enumerate(results):
         label = (labels[i] if labels else res.get("experiment", f"run {i}"))
@@ -185,4 +169,4 @@ def plot_per_position_loss(results, output_path, labels=None):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
-    return PlotResult(path=_save_png(fig, output_path), series=drawn)
+    return PlotResult(path=save_png(fig, output_path), series=drawn)
