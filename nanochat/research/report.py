@@ -14,6 +14,7 @@ from nanochat.common import UserError
 from nanochat.direction import DIRECTIONS, is_two_way
 from nanochat.evaluations import report_sections
 from nanochat.experiment_config import ExperimentConfig, format_lineage
+from nanochat.paths import atomic_write_text
 from nanochat.research.analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
                                         _require_log, collect_direction_rows, experiment_metadata,
                                         matrix_from_rows, per_position_loss, resolve_experiment)
@@ -156,20 +157,6 @@ def generate_research_report(experiment_ids, output_dir=None, base_dir=None, tit
     return os.path.join(report_dir, REPORT_NAME)
 
 
-def _publish(partial, path):
-    """Give the finished file `partial` its name `path`, never replacing a file that appeared
-    meanwhile: a hard link fails if `path` exists (where hard links are not supported: check, then
-    rename). The caller removes `partial` if it is still there."""
-    try:
-        os.link(partial, path)
-    except FileExistsError:
-        raise UserError(f"{path} already exists; choose another path, or remove it") from None
-    except OSError:
-        if os.path.exists(path):
-            raise UserError(f"{path} already exists; choose another path, or remove it") from None
-        os.replace(partial, path)
-
-
 def _umask():
     umask = os.umask(0)
     os.umask(umask)
@@ -238,16 +225,7 @@ def write_transfer_analysis(output_path, configs, matrix):
         md += ["No task evaluation in any direction yet; produce one with "
                "`python -m scripts.direction_eval --model_tag=<id> --tasks=arithmetic,arc_easy`.", ""]
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(output_path)}.", suffix=".partial",
-                                   dir=os.path.dirname(output_path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(md).rstrip() + "\n")
-        os.chmod(partial, 0o666 & ~_umask())
-        _publish(partial, output_path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    atomic_write_text(output_path, "\n".join(md).rstrip() + "\n")
     return output_path
 
 
@@ -263,14 +241,8 @@ def task_table_markdown(task_rows):
     lines = ["| experiment | trained direction | task | step | acc forward | acc backward | bpb forward | "
              "bpb backward |", "|---|---|---|---|---|---|---|---|"]
     for r in task_rows:
-        cells = []
-        for d in EVAL_DIRECTIONS:
-            if d not in r["accuracy"]:
-                cells.append("not evaluated")
-            elif r["accuracy"][d] is None:
-                cells.append("n/a")
-            else:
-                cells.append(f"{r['accuracy'][d]:.4f} (n={r['n'][d]})")
+        cells = ["not evaluated" if d not in r["accuracy"] else "n/a" if r["accuracy"][d] is None
+                 else f"{r['accuracy'][d]:.4f} (n={r['n'][d]})" for d in EVAL_DIRECTIONS]
         cells += [_fmt(r["bpb"].get(d)) for d in EVAL_DIRECTIONS]
         lines.append(f"| {r['experiment']} | {r['trained_direction']} | {r['task']} | {r['step']} | "
                      + " | ".join(cells) + " |")
@@ -312,14 +284,12 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
            "evaluation; eval bpb is the latest `scripts.base_eval` result (docs/DESIGN.md §3).", ""]
 
     # Lineage
-    trees, roots_seen = [], set()
+    trees = {}  # root id -> tree: experiments of one tree share it
     for experiments, experiment_id in resolved:
-        tree = experiments.lineage(experiment_id)
-        if tree[0]["id"] not in roots_seen:
-            roots_seen.add(tree[0]["id"])
-            trees += tree
+        root = experiments.lineage(experiment_id)[0]
+        trees.setdefault(root["id"], root)
     md += ["## Lineage", "", "Each line: id (phase, direction, status); children branch from their parent.", "",
-           "```", _mark_lineage(format_lineage(trees), set(ids)), "```", ""]
+           "```", _mark_lineage(format_lineage(list(trees.values())), set(ids)), "```", ""]
 
     # Learning curves
     curves = compare_learning_curves(dirs, os.path.join(work_dir, "learning_curves.png"), phase=phase)
