@@ -54,14 +54,11 @@ def _key(depth, direction, cfg, args):
 
 
 def _load(path):
-    rows = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    rows[row["key"]] = row
-    return rows
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {row["key"]: row for row in rows}
 
 
 def run_one(depth, direction, cfg, args, done, out):
