@@ -224,7 +224,7 @@ def test_torchrun_step_equals_the_single_process_step(parents, monkeypatch):
     # A parent that is right now and then, so that some groups have a reward spread (and a gradient).
     chat_sft_main(["--source=base", "--model_tag=fwd", "--output_tag=fwd_sft", "--tasks=arithmetic",
                    "--num_iterations=250", "--init_lr_frac=0.5", "--max_seq_len=32", "--device_batch_size=16",
-                   "--eval_every=-1", "--log_every=1000", "--device_type=cpu"])
+                   "--eval_every=-1", "--log_every=1000", "--device_type=cpu", "--shuffle=0"])
     rl = ["--source=sft", "--model_tag=fwd_sft", "--num_iterations=2", "--examples_per_step=8", "--num_samples=8",
           "--max_new_tokens=4", "--eval_examples=2", "--eval_k=2", "--init_lr_frac=0.5", "--device_type=cpu"]
     result = run_script("scripts.chat_rl", *rl, "--output_tag=rl_ddp", base_dir=parents, torchrun_nproc=2, timeout=180)
