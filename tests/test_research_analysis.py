@@ -278,6 +278,9 @@ def test_report_contains_ids_lineage_values_and_linked_pngs(runs, tmp_path):
     assert any(NO_LOG_ID in l for l in tree_lines)
     for line in tree_lines:
         assert line in text
+    # each experiment's section names its children (the untrained child of t_forward)
+    section = text[text.index("### t_forward"):]
+    assert f"children: {NO_LOG_ID}" in section[:section.index("\n### ", 5) if "\n### " in section[5:] else None]
     for d in DIRECTIONS:
         record = evaluation_record(base, f"t_{d}")
         fwd, bwd = record["results"]["forward"]["bpb"], record["results"]["backward"]["bpb"]

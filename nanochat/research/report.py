@@ -344,8 +344,8 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
 
     # Per-experiment details
     md += ["## Experiments", ""]
-    for i in ids:
-        md += _experiment_section(metas[i], row_of.get(i), report_dir=report_dir)
+    for experiments, i in resolved:
+        md += _experiment_section(dict(metas[i], children=experiments.children(i)), row_of.get(i), report_dir)
 
     with open(os.path.join(work_dir, REPORT_NAME), "w", encoding="utf-8") as f:
         f.write("\n".join(md).rstrip() + "\n")
