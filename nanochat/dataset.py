@@ -337,16 +337,18 @@ def read_shakespeare(text_file=None, cache_dir=None, url=SHAKESPEARE_URL, max_at
         return f.read()
 
 
-def write_shakespeare_corpus(directory=None, text_file=None, docs_per_shard=200, overwrite=False, val_fraction=0.1):
+def write_shakespeare_corpus(directory=None, text_file=None, docs_per_shard=200, overwrite=False, val_fraction=0.1,
+                             keep_order=False):
     """Train shards, then a validation shard holding the *last* 10% of the passages (held-out
     scenes and plays, not passages interleaved with the training text). Train passages are
-    shuffled with a fixed seed."""
+    shuffled with a fixed seed, or kept in the plays' order (`keep_order`: an ordered corpus)."""
     directory = directory or data_dir()
     _refuse_existing(directory, overwrite)
     docs = shakespeare_documents(read_shakespeare(text_file))
     n_val = max(1, int(len(docs) * val_fraction))
     train, val = docs[:-n_val], docs[-n_val:]
-    random.Random(1234).shuffle(train)
+    if not keep_order:
+        random.Random(1234).shuffle(train)
     paths = write_shards(train, directory, docs_per_shard)
     paths += write_shards(val, directory, len(val), start_index=len(paths))
     return paths
@@ -424,6 +426,8 @@ def main(argv=None):
                              "default) or shakespeare (English plays; --text_file or a cached download)")
     parser.add_argument("--text_file", "--text-file", default=None,
                         help="--builtin=shakespeare: a local copy of tinyshakespeare.txt (no download)")
+    parser.add_argument("--keep_order", "--keep-order", action="store_true",
+                        help="--builtin=shakespeare: train passages in the plays' order, not shuffled (an ordered corpus)")
     parser.add_argument("--max_docs", "--max-docs", type=int, default=None, help="cap on built-in documents")
     parser.add_argument("--docs_per_shard", "--docs-per-shard", type=int, default=4000)
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards (built-in only)")
@@ -434,15 +438,15 @@ def main(argv=None):
 
 
 def prepare_data(num_shards=None, builtin=None, text_file=None, max_docs=None, docs_per_shard=4000, overwrite=False,
-                 base_url=DEFAULT_BASE_URL, workers=4, data_dir=None):
+                 base_url=DEFAULT_BASE_URL, workers=4, data_dir=None, keep_order=False):
     """The data command: a built-in corpus written offline, or `num_shards` downloaded shards."""
     if (builtin is not None) == (num_shards is not None):
         raise UserError("give exactly one of --builtin (offline corpus) or -n N (download N shards)")
     t0 = time.time()
-    if text_file and builtin != "shakespeare":
-        raise UserError("--text_file goes with --builtin=shakespeare")
+    if (text_file or keep_order) and builtin != "shakespeare":
+        raise UserError("--text_file and --keep_order go with --builtin=shakespeare")
     if builtin == "shakespeare":
-        paths = write_shakespeare_corpus(data_dir, text_file, overwrite=overwrite)
+        paths = write_shakespeare_corpus(data_dir, text_file, overwrite=overwrite, keep_order=keep_order)
     elif builtin:
         paths = write_builtin_corpus(data_dir, docs_per_shard, max_docs, overwrite)
     else:

@@ -277,6 +277,10 @@ def test_shakespeare_corpus_from_text_file_holds_out_the_last_passages(tmp_path)
     assert sorted(read_all(paths[:-1])) == sorted(docs[:-len(val)])
     with pytest.raises(UserError):  # never overwrite silently
         write_shakespeare_corpus(d, text_file=str(src))
+    assert read_all(paths[:-1]) != docs[:-len(val)]  # shuffled when built, by default
+    ordered = write_shakespeare_corpus(str(tmp_path / "ordered"), text_file=str(src), docs_per_shard=20,
+                                       keep_order=True)
+    assert read_all(ordered[:-1]) == docs[:-len(val)] and read_all(ordered[-1:]) == val  # the plays' order
 
 
 def test_shakespeare_download_path_uses_file_url_and_cache(tmp_path):
