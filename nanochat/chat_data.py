@@ -143,7 +143,8 @@ class ConversationBatches:
 
     def load_state_dict(self, state):
         if bool(state.get("shuffle", False)) != self.shuffle:  # states saved before the shuffle: task order
-            raise UserError(f"the conversation batches' state was saved with shuffle={int(bool(state.get('shuffle')))}; "
+            saved = int(bool(state.get("shuffle")))
+            raise UserError(f"the conversation batches' state was saved with shuffle={saved}; "
                             f"this run has shuffle={int(self.shuffle)}. Resume with the same --shuffle")
         self.next_stream = int(state["next_stream"])
         for s, st in zip(self.streams, state["streams"]):

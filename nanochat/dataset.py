@@ -427,7 +427,7 @@ def main(argv=None):
     parser.add_argument("--text_file", "--text-file", default=None,
                         help="--builtin=shakespeare: a local copy of tinyshakespeare.txt (no download)")
     parser.add_argument("--keep_order", "--keep-order", action="store_true",
-                        help="--builtin=shakespeare: train passages in the plays' order, not shuffled (an ordered corpus)")
+                        help="--builtin=shakespeare: train passages in the plays' order (an ordered corpus)")
     parser.add_argument("--max_docs", "--max-docs", type=int, default=None, help="cap on built-in documents")
     parser.add_argument("--docs_per_shard", "--docs-per-shard", type=int, default=4000)
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards (built-in only)")

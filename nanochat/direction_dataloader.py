@@ -285,8 +285,8 @@ class DirectionAwareLoader:
         # States saved before the shuffle existed read in storage order.
         order = (bool(state.get("shuffle", False)), int(state.get("shuffle_window", self.shuffle_window)))
         if order[0] != self.shuffle or (self.shuffle and order[1] != self.shuffle_window):
-            raise UserError(f"dataloader state was saved with shuffle={int(order[0])} (window {order[1]} shards); this run "
-                            f"has shuffle={int(self.shuffle)} (window {self.shuffle_window}). Resume with the same "
+            raise UserError(f"dataloader state was saved with shuffle={int(order[0])} (window {order[1]} shards); "
+                            f"this run has shuffle={int(self.shuffle)} (window {self.shuffle_window}). Resume with the same "
                             "--shuffle and the same shards")
         self.next_stream = int(state["next_stream"])
         for stream, s in zip(self.streams, state["streams"]):

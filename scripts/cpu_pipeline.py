@@ -60,7 +60,8 @@ def main(argv=None):
 
     common = [f"--max_seq_len={args.max_seq_len}", f"--device_batch_size={args.device_batch_size}",
               f"--total_batch_size={args.device_batch_size * args.max_seq_len}",
-              f"--num_iterations={args.num_iterations}", f"--shuffle={args.shuffle}", f"--eval_every={max(1, args.num_iterations // 3)}",
+              f"--num_iterations={args.num_iterations}", f"--shuffle={args.shuffle}",
+              f"--eval_every={max(1, args.num_iterations // 3)}",
               # a lighter validation during training; the final matrix uses --eval_tokens
               f"--eval_tokens={args.eval_tokens}", f"--base.eval_tokens={max(1, args.eval_tokens // 4)}",
               f"--log_every={max(1, args.num_iterations // 20)}", "--sample_every=-1", "--device_type=cpu"]
