@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_inprocess
 from nanochat.research.arrow_study import (cell_key, load_study, markdown, mean_interval, plot_gap, studies_of,
-                                           study_results)
+                                           study_results, study_section)
 from nanochat.common import UserError
 from nanochat.evaluations import record_path
 
@@ -62,6 +62,19 @@ def test_partial_study_reports_what_it_has_and_plots_two_depths(tmp_path):
     assert results[4]["n"] == 1 and results[2]["n"] == 1
     path = plot_gap(results, str(tmp_path / "gap.png"))
     assert path and os.path.getsize(path) > 1000
+
+
+def test_one_depth_study_draws_its_gap_and_the_section_links_it(tmp_path):
+    bpb = {}
+    for seed, (f, b) in enumerate([(2.0, 2.1), (2.2, 2.2), (1.9, 2.09)]):
+        bpb[(2, seed, "forward")] = {"forward": f}
+        bpb[(2, seed, "backward")] = {"backward": b}
+    study, dirs = fake_study(tmp_path, bpb)
+    text, results = study_section(study, dirs.get, str(tmp_path / "plots"), base_dir=str(tmp_path))
+    png = tmp_path / "plots" / "arrow_of_time_s.png"
+    assert png.stat().st_size > 1000 and results[2]["n"] == 3
+    assert "(arrow_of_time_s.png)" in text
+    assert plot_gap({2: {**results[2], "n": 0}}, str(tmp_path / "none.png")) is None  # no pair: no figure
 
 
 @pytest.mark.slow  # four orchestrator processes, each training and evaluating

@@ -20,6 +20,7 @@ from nanochat.research import (
     load_experiment_metadata, load_training_curves, load_training_losses, per_position_loss, plot_direction_matrix,
     plot_per_position_loss, resolve_experiment,
 )
+from nanochat.research.plots import ema
 from nanochat.research_logger import log_path, read_scalars, read_snapshot
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
@@ -181,6 +182,9 @@ def test_learning_curves_png_plots_the_logged_series(runs, tmp_path):
         x, y = series["loss_vs_step"]
         np.testing.assert_array_equal(x, scalars["step"])
         np.testing.assert_array_equal(y, scalars["loss"])
+        x, y = series["loss_vs_step_ema"]
+        np.testing.assert_array_equal(x, scalars["step"])
+        np.testing.assert_allclose(y, ema(scalars["loss"]))
         x, y = series["loss_vs_tokens"]
         np.testing.assert_array_equal(x, scalars["step"] * TOKENS_PER_STEP)
         np.testing.assert_array_equal(y, scalars["loss"])
@@ -192,6 +196,14 @@ def test_learning_curves_png_plots_the_logged_series(runs, tmp_path):
             np.testing.assert_array_equal(x, [3, 6])
             np.testing.assert_array_equal(y, scalars[f"val_bpb_{e}"][[2, 5]])
     assert result.notes == []
+
+
+def test_ema_is_bias_corrected():
+    # A constant stays itself from the first step (the zero start divided out); a step from 0 to 1
+    # is reached at the rate 1 - 0.9^k, written out by hand.
+    np.testing.assert_allclose(ema([3.0] * 5), [3.0] * 5)
+    expected = [0.0, 0.1 / 0.19, (0.1 * 0.9 + 0.1) / 0.271]
+    np.testing.assert_allclose(ema([0.0, 1.0, 1.0], alpha=0.1), expected)
 
 
 def test_learning_curves_refuse_an_experiment_without_logs(runs, tmp_path):

@@ -173,9 +173,9 @@ def positions_markdown(tables):
 
 
 def plot_gap(results, path):
-    """Gap (mean and 95% interval, and each seed) against depth; written only for 2+ depths."""
+    """Gap (mean and 95% interval, and each seed) at every depth; written when any depth has a pair."""
     depths = [d for d, r in results.items() if r["n"]]
-    if len(depths) < 2:
+    if not depths:
         return None
     from nanochat.research.plots import new_figure, save_png
     fig, (ax,) = new_figure(1, width_per_panel=5, height=3.5)
@@ -183,15 +183,17 @@ def plot_gap(results, path):
     cis = [0 if results[d]["gap_ci95"] != results[d]["gap_ci95"] else 100 * results[d]["gap_ci95"] for d in depths]
     ax.errorbar(depths, means, yerr=cis, marker="o", capsize=4, label="mean, 95% interval")
     for d in depths:
-        ax.scatter([d] * results[d]["n"], [100 * p["gap"] for p in results[d]["pairs"]], s=10, color="gray")
+        ax.scatter([d + 0.1] * results[d]["n"], [100 * p["gap"] for p in results[d]["pairs"]], s=14, color="gray",
+                   zorder=3, label="each seed" if d == depths[0] else None)  # beside the bar, not under it
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set(xlabel="depth", ylabel="arrow-of-time gap (%)", title="backward vs forward bits per byte")
+    ax.set(xlabel="depth", ylabel="arrow-of-time gap (%)", title="backward vs forward bits per byte",
+           xticks=depths, xlim=(min(depths) - 1, max(depths) + 1))
     ax.legend(fontsize=8)
     return save_png(fig, path)
 
 
 def study_section(study, evaluations_dir_of, plots_dir, base_dir=None):
-    """(markdown, results) of one study; the plot goes to plots_dir when there are 2+ depths."""
+    """(markdown, results) of one study; the plot goes to plots_dir when any depth has a pair."""
     results = study_results(study, evaluations_dir_of)
     plot = plot_gap(results, os.path.join(plots_dir, f"arrow_of_time_{study['name']}.png")) if plots_dir else None
     return markdown(study, results, plot) + positions_markdown(load_positions(study, base_dir)), results

@@ -51,10 +51,20 @@ def _line_data(line):
     return (np.asarray(line.get_xdata(), dtype=np.float64), np.asarray(line.get_ydata(), dtype=np.float64))
 
 
+def ema(values, alpha=0.1):
+    """Bias-corrected exponential moving average (Adam's correction: the zero start is divided out)."""
+    smoothed, state = np.empty(len(values)), 0.0
+    for t, value in enumerate(values):
+        state = (1 - alpha) * state + alpha * value
+        smoothed[t] = state / (1 - (1 - alpha) ** (t + 1))
+    return smoothed
+
+
 def compare_learning_curves(experiment_dirs, output_path, phase=BASE_LOG_PHASE, base_dir=None):
-    """One PNG, three panels: train loss vs step, train loss vs tokens, val bpb vs step (solid
-    forward, dashed backward), one colour per experiment. `series[<id>]` holds the drawn (x, y) arrays:
-    "loss_vs_step", "loss_vs_tokens" (if tokens per step is known), "val_bpb_<direction>"."""
+    """One PNG, three panels: train loss vs step, train loss vs tokens (each an EMA, solid, over the faint
+    raw loss), val bpb vs step (solid forward, dashed backward), one colour per experiment. `series[<id>]`
+    holds the drawn (x, y) arrays: "loss_vs_step", "loss_vs_tokens" (raw; if tokens per step is known),
+    "loss_vs_step_ema", "val_bpb_<direction>"."""
     if isinstance(experiment_dirs, (str, os.PathLike)):
         experiment_dirs = [experiment_dirs]
     if not experiment_dirs:
@@ -69,10 +79,12 @@ def compare_learning_curves(experiment_dirs, output_path, phase=BASE_LOG_PHASE, 
         lines = {}
         finite = np.isfinite(losses["loss"])
         steps = losses["step"][finite]
-        (lines["loss_vs_step"],) = ax_step.plot(steps, losses["loss"][finite], color=color, label=label)
+        (lines["loss_vs_step"],) = ax_step.plot(steps, losses["loss"][finite], color=color, alpha=0.25)
+        (lines["loss_vs_step_ema"],) = ax_step.plot(steps, ema(losses["loss"][finite]), color=color, label=label)
         if losses["tokens_per_step"]:
             (lines["loss_vs_tokens"],) = ax_tokens.plot(losses["tokens"][finite], losses["loss"][finite],
-                                                        color=color, label=label)
+                                                        color=color, alpha=0.25)
+            ax_tokens.plot(losses["tokens"][finite], ema(losses["loss"][finite]), color=color, label=label)
             any_tokens = True
         else:
             notes.append(f"{experiment_id}: tokens per step unknown (no checkpoint and no explicit "
@@ -90,9 +102,9 @@ def compare_learning_curves(experiment_dirs, output_path, phase=BASE_LOG_PHASE, 
         drawn[experiment_id] = {"label": label, "color": color,
                                 **{k: _line_data(line) for k, line in lines.items()}}
 
-    ax_step.set(title="train loss vs step", xlabel="step", ylabel="train loss (nats/token)")
+    ax_step.set(title="train loss vs step (EMA 0.1 over raw)", xlabel="step", ylabel="train loss (nats/token)")
     ax_tokens.set(title="train loss vs tokens", xlabel="tokens", ylabel="train loss (nats/token)")
-    ax_bpb.set(title="validation bpb vs step (solid fwd, dashed bwd)", xlabel="step", ylabel="bits per byte")
+    ax_bpb.set(title="val bpb (solid fwd, dashed bwd)", xlabel="step", ylabel="bits per byte")
     for ax, has_data, why in ((ax_tokens, any_tokens, "tokens per step unknown"),
                               (ax_bpb, any_bpb, "no validation bpb logged")):
         if not has_data:
@@ -136,7 +148,7 @@ def plot_direction_matrix(matrix, output_path):
     ax_gap.set_yticks(positions, labels, fontsize="small")
     ax_gap.invert_yaxis()  # the same row order as the heatmap, top to bottom
     ax_gap.axvline(0, color="black", linewidth=0.8)
-    ax_gap.set(title="cross-direction penalty (bwd − fwd) / fwd", xlabel="%")
+    ax_gap.set(title="penalty: (bwd − fwd) / fwd", xlabel="%")
     for pos, g in zip(positions, gaps):
         ax_gap.text(0, pos, f" {100 * g:+.2f}% " if math.isfinite(g) else " not computable",
                     va="center", ha="left" if not math.isfinite(g) or g < 0 else "right", fontsize="small")
