@@ -270,6 +270,9 @@ class DirectionAwareLoader:
                     targets.pin_memory().to(self.device, non_blocking=True))
         return inputs.to(self.device), targets.to(self.device)
 
+    def close(self):
+        """Nothing runs in the background here (nanochat.prefetch.Prefetcher.close stops its worker)."""
+
     def state_dict(self):
         return {"direction": self.direction, "shuffle": self.shuffle, "shuffle_window": self.shuffle_window,
                 "rank": self.rank, "world_size": self.world_size,

@@ -11,6 +11,7 @@ What a run guarantees (lock, no silent overwrite, exact resume, divergence stops
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -279,8 +280,10 @@ def train(args, run, rank, world_size, device):
             model.train()
 
     run.clear()
+    # The prefetch worker is stopped before the process ends: a daemon thread still inside torch
+    # at interpreter exit aborts the process ("terminate called without an active exception").
     with run.logs(args.direction, user_config, wandb_config=dict(user_config, num_params=num_params),
-                  snapshot_every=args.snapshot_every) as (logger, wb):
+                  snapshot_every=args.snapshot_every) as (logger, wb), contextlib.closing(loader):
         log = StepLog(print0, args.log_every, logger=logger, wandb_run=wb,
                       snapshot=lambda step, grads: research_snapshot(model, trainer, spec, grads))
         last = run_loop(trainer, start_step, num_iterations, log,

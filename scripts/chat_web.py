@@ -365,19 +365,25 @@ async def stream_events(slot, plan, start_stream, dropped, ticket):
         slot.lock.release()
         ticket.release()
 
+    def post(fn, *args):
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: the server is shutting down and nothing waits
+            pass
+
     def work():
         n = 0
         try:
             for text in start_stream():
                 n += 1
-                loop.call_soon_threadsafe(queue.put_nowait, ("text", text, n))
+                post(queue.put_nowait, ("text", text, n))
                 if cancel.is_set():
                     break
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None, n))
+            post(queue.put_nowait, ("done", None, n))
         except Exception as e:  # reported to the page; the server keeps serving
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", f"{type(e).__name__}: {e}", n))
+            post(queue.put_nowait, ("error", f"{type(e).__name__}: {e}", n))
         finally:
-            loop.call_soon_threadsafe(release)
+            post(release)
 
     try:
         yield sse({"type": "start", "model": slot.name, "direction": plan["direction"], "mode": plan["mode"],
