@@ -87,5 +87,5 @@ def question_context(tokenizer, conversation):
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
         raise ValueError("a backward chat prompt needs the assistant's answer as the last message")
     later, _ = render_conversation(tokenizer, {"messages": [{"role": "user", "content": ""}] + messages[1:]})
-    later = later[3:]  # drop BOS, <|user_start|>, <|user_end|> of the empty placeholder turn
+    later = later[3:]  # drop BOS, <|user_start|>, <|user_end|>: the empty first turn is the slot the model writes
     return later, tokenizer.encode_special("<|user_end|>"), tokenizer.encode_special("<|user_start|>")
