@@ -14,6 +14,7 @@ import bisect
 import os
 import random
 import re
+import shutil
 import sys
 import sysconfig
 import time
@@ -75,20 +76,18 @@ def _read_texts(path):
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
             or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         raise UserError(f"shard {path}: column 'text' has type {column.type}; pretraining shards need a string column")
+    try:
+        values = column.to_pylist()  # a string column is decoded (and checked) here
+    except (UnicodeDecodeError, pa.ArrowException) as e:
+        raise UserError(f"shard {path} holds text that is not valid UTF-8 ({e}); fix or remove the shard")
     texts = []
-    for chunk in column.chunks:
-        try:
-            values = chunk.to_pylist()  # a string column is decoded (and checked) here
-        except (UnicodeDecodeError, pa.ArrowException) as e:
-            raise UserError(f"shard {path} holds text that is not valid UTF-8 ({e}); fix or remove the shard")
-        for value in values:
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"shard {path}, row {len(texts)}: text is not valid UTF-8 ({e}); "
-                                    "fix or remove it")
-            texts.append(value or "")
+    for row, value in enumerate(values):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"shard {path}, row {row}: text is not valid UTF-8 ({e}); fix or remove it")
+        texts.append(value or "")
     return texts
 
 
@@ -127,17 +126,11 @@ class DocumentSource:
         s = bisect.bisect_right(self.starts, index) - 1
         return self._shard_texts(s)[index - self.starts[s]]
 
-    def iter_from(self, start=0, stride=1, offset=0):
-        """Yield (global_index, text) for indices >= start with index % stride == offset, one pass."""
-        for s, path in enumerate(self.shards):
-            first, n = self.starts[s], self.row_counts[s]
-            if first + n <= start:
-                continue
-            texts = self._shard_texts(s)
-            lo = max(start, first)
-            lo += (offset - lo) % stride
-            for index in range(lo, first + n, stride):
-                yield index, texts[index - first]
+    def iter_from(self):
+        """Yield (global_index, text) of every document in storage order, one pass."""
+        for s, first in enumerate(self.starts):
+            for i, text in enumerate(self._shard_texts(s)):
+                yield first + i, text
 
 
 # Shards totalling up to this many bytes on disk are permuted together (one window of the epoch
@@ -265,29 +258,17 @@ def builtin_documents(max_chars_per_doc=2000):
             yield f"# {rel}\n{doc}"
 
 
-def write_shards(documents, directory, docs_per_shard, max_docs=None, start_index=0):
+def write_shards(documents, directory, docs_per_shard, start_index=0):
     """Write an iterable of strings as parquet shards; returns the paths written."""
     os.makedirs(directory, exist_ok=True)
-    paths, batch, index, total = [], [], start_index, 0
-
-    def flush():
-        nonlocal index
-        path = os.path.join(directory, shard_filename(index))
-        atomic_write(path, lambda tmp: pq.write_table(pa.table({"text": batch}), tmp, row_group_size=1024))
-        paths.append(path)
-        index += 1
-
+    docs = list(documents)
+    paths = []
     try:
-        for doc in documents:
-            batch.append(doc)
-            total += 1
-            if len(batch) == docs_per_shard:
-                flush()
-                batch = []
-            if max_docs is not None and total >= max_docs:
-                break
-        if batch:
-            flush()
+        for k, first in enumerate(range(0, len(docs), docs_per_shard)):
+            path = os.path.join(directory, shard_filename(start_index + k))
+            batch = docs[first:first + docs_per_shard]
+            atomic_write(path, lambda tmp: pq.write_table(pa.table({"text": batch}), tmp, row_group_size=1024))
+            paths.append(path)
     except UserError:  # disk full: no partial corpus whose last shard would pass for validation
         for path in paths:
             os.remove(path)
@@ -301,7 +282,7 @@ def write_builtin_corpus(directory=None, docs_per_shard=4000, max_docs=None, ove
     # A fixed shuffle so the validation shard samples the whole library, not its last modules.
     documents = list(builtin_documents())
     random.Random(1234).shuffle(documents)
-    paths = write_shards(documents, directory, docs_per_shard, max_docs=max_docs)
+    paths = write_shards(documents[:max_docs], directory, docs_per_shard)
     if len(paths) < 2:
         raise UserError("the built-in corpus produced fewer than two shards; lower --docs_per_shard")
     return paths
@@ -373,11 +354,7 @@ def _fetch(url, path, max_attempts, backoff_s, validate, offline_hint):
     for attempt in range(1, max_attempts + 1):
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                while True:
-                    block = response.read(1 << 20)
-                    if not block:
-                        break
-                    f.write(block)
+                shutil.copyfileobj(response, f, 1 << 20)
             validate(tmp)
             os.replace(tmp, path)
             return path
@@ -410,11 +387,8 @@ def download_shards(num_shards, directory=None, base_url=DEFAULT_BASE_URL, worke
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(download_shard, i, directory, base_url, max_attempts, backoff_s) for i in range(n)]
-        paths = []
         from nanochat.progress import progress  # a bar on a terminal, periodic lines in logs
-        for fut in progress(futures, desc="download", unit="shard", min_time_s=0):
-            paths.append(fut.result())
-    return paths
+        return [fut.result() for fut in progress(futures, desc="download", unit="shard", min_time_s=0)]
 
 
 def main(argv=None):

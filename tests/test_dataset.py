@@ -140,23 +140,6 @@ def test_global_index_get_and_iter_from_agree(small_data):
     for i in range(7):
         assert source.get(i) == docs[i]
     assert source.get(7) == docs[0]  # wraps around (epochs)
-    for start in range(8):
-        for stride in (1, 2, 3):
-            for offset in range(stride):
-                got = list(source.iter_from(start, stride, offset))
-                want = [(i, docs[i]) for i in range(7) if i >= start and i % stride == offset]
-                assert got == want, (start, stride, offset)
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_rank_sharding_is_disjoint_and_covering(small_data, world_size):
-    d, docs = small_data
-    source = DocumentSource("train", d)
-    per_rank = [list(source.iter_from(0, world_size, r)) for r in range(world_size)]
-    indices = [i for part in per_rank for i, _ in part]
-    assert sorted(indices) == list(range(7))  # covering, and disjoint (no duplicates)
-    for r, part in enumerate(per_rank):
-        assert all(i % world_size == r and docs[i] == t for i, t in part)
 
 
 # ---- built-in corpus ------------------------------------------------------------------------
