@@ -1,12 +1,7 @@
-"""Progress for long steps: a tqdm bar on a terminal, plain lines every `interval_s` elsewhere.
-
-    for shard in progress(shards, desc="download", unit="shard"):
-        ...
-    with progress(total=n_docs, desc="bpb", unit="doc") as bar:
-        ...; bar.update(len(batch))
-
-Steps shorter than `min_time_s` show nothing (a quick evaluation inside a training loop stays
-quiet); only rank 0 reports; NANOCHAT_PROGRESS=bar|plain|off overrides (docs/QUICKSTART.md).
+"""Progress for long steps: a tqdm bar on a terminal, plain lines every `interval_s` elsewhere, as
+`for shard in progress(shards, desc="download", unit="shard")` or `with progress(total=n) as bar: bar.update(k)`.
+Steps shorter than `min_time_s` show nothing (a quick evaluation inside a training loop stays quiet);
+only rank 0 reports; NANOCHAT_PROGRESS=bar|plain|off overrides (docs/QUICKSTART.md).
 """
 
 import os
@@ -54,7 +49,7 @@ class Progress:
         self.total, self.desc, self.unit, self.interval_s, self.min_time_s = total, desc, unit, interval_s, min_time_s
         self.stream = stream if stream is not None else sys.stdout
         self.mode = _choose_mode(self.stream)
-        self.n, self.closed, self.printed = 0, False, False
+        self.n, self.closed = 0, False
         self.start = self.last_print = time.monotonic()
         self._bar = None
         if self.mode == "bar":
@@ -100,7 +95,7 @@ class Progress:
         return text
 
     def _print(self):
-        self.last_print, self.printed = time.monotonic(), True
+        self.last_print = time.monotonic()
         print(self.line(), file=self.stream, flush=True)
 
     def close(self):
@@ -109,7 +104,7 @@ class Progress:
         self.closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "plain" and (self.printed or time.monotonic() - self.start >= self.min_time_s):
+        elif self.mode == "plain" and time.monotonic() - self.start >= self.min_time_s:
             self._print()
 
 

@@ -1,12 +1,8 @@
 """Research logs: every step's metrics in one HDF5 file per phase, readable while (or after) a run dies.
 
-A run writes `<experiment_dir>/logs/<phase>.h5`: `/scalars/step` (int64) is the alignment key and
-the commit marker (extended last in every block), `/scalars/<name>` and `/scalars/<group>/<name>`
-hold one float64 per row (NaN where absent), `/snapshots/step_NNNNNN/<name>` occasional large
-arrays and strings. Rows are buffered and appended as one block every `flush_every` steps, each
-block followed by `file.flush()` so a file killed with SIGKILL still opens. The readers open the
-file read-only without HDF5 locking, even while the writer lives. Layout, measurements and the value
-rules: docs/RESEARCH.md ("Research logs").
+`/scalars/step` is the alignment key and the commit marker (extended last in every block, each block
+followed by `file.flush()`); other columns are float64, NaN where absent. Layout, measurements and the
+value rules: docs/RESEARCH.md ("Research logs").
 """
 
 import json
@@ -55,17 +51,15 @@ def _check_name(name, where):
         raise UserError(f"{where} name {name!r} is not allowed: use letters, digits and _ . - @ : + =")
 
 
-def _torch_tensor_type():
-    # Tensors can only exist once torch is imported, so a reader that never imports torch pays
-    # nothing for supporting them.
+def _is_tensor(value):
+    # A tensor exists only once torch is imported: a reader that never imports torch pays nothing.
     torch = sys.modules.get("torch")
-    return torch.Tensor if torch is not None else None
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _to_numpy(value):
     """A snapshot value as something h5py can store: ndarray, or str / list of str (as object)."""
-    tensor_type = _torch_tensor_type()
-    if tensor_type is not None and isinstance(value, tensor_type):
+    if _is_tensor(value):
         torch = sys.modules["torch"]
         value = value.detach()
         if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32, torch.float64):
@@ -73,10 +67,8 @@ def _to_numpy(value):
         return value.cpu().numpy()
     if isinstance(value, str):
         return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return np.array(list(value), dtype=object)
     array = np.asarray(value)
-    if array.dtype.kind == "U":
+    if array.dtype.kind == "U":  # a list or array of strings: stored as variable-length UTF-8
         return array.astype(object)
     if array.dtype.kind == "O":
         raise UserError(f"cannot store a value of type {type(value).__name__} (object array); "
@@ -87,16 +79,8 @@ def _to_numpy(value):
 class ResearchLogger:
     """Appends per-step metrics (and occasional large arrays) to `<experiment_dir>/logs/<phase>.h5`.
 
-        with ResearchLogger(exp_dir, phase="base_training", metadata=config) as logger:
-            for step in range(num_steps):
-                ...
-                logger.log_step(step, {"loss": loss, "lr": lr, "grad_norm": {"layer0": g0}})
-                if logger.should_snapshot(step):
-                    logger.log_snapshot(step, {"per_token_loss": losses, "direction": dirs})
-
     An existing file is never overwritten: `resume=True` appends to it, `resume_from_step=N` first
-    drops what was logged after step N. Logging a step again fills in its row. Unflushed rows are
-    lost if the process dies: use it as a context manager (docs/RESEARCH.md, "Research logs").
+    drops what was logged after step N. Use it as a context manager (example: docs/RESEARCH.md).
     """
 
     def __init__(self, experiment_dir, phase="base_training", flush_every=100, snapshot_every=1000,
@@ -111,14 +95,11 @@ class ResearchLogger:
         self.flush_every = int(flush_every)
         self.snapshot_every = int(snapshot_every)
         self.path = log_path(experiment_dir, phase)
-        self._file = None
         self._rows = []              # buffered (step, {name: value}) not yet in the file
         self._datasets = {}          # flat name -> h5py dataset, every column in the file
         self._known_names = set()    # columns in the file or in the buffer
         self._num_rows = 0           # rows in the file
         self._last_flushed_step = None
-        # (last step in the log, resume step) when resuming left a hole in the log, else None.
-        self.resume_gap = None
 
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         exists = os.path.exists(self.path)
@@ -126,9 +107,8 @@ class ResearchLogger:
             raise LogFileExistsError(
                 f"log file {self.path} already exists; pass resume=True (with resume_from_step) "
                 "to continue it, or use a new experiment or phase")
-        # No HDF5 file locking: with it, a notebook (or the readers below, in this very process)
-        # could not open the log while the run is alive, and opening fails on filesystems
-        # without locks (NFS, Lustre). Overwrites are prevented by the existence check instead.
+        # No HDF5 file locking: with it, no reader could open the log while the run is alive, and opening
+        # fails on filesystems without locks (NFS, Lustre). The existence check prevents overwrites.
         try:
             self._file = h5py.File(self.path, "a" if exists else "w-", locking=False)
         except OSError as e:
@@ -138,13 +118,16 @@ class ResearchLogger:
                 self._open_existing(metadata, resume_from_step)
             else:
                 self._create_new(metadata)
-                if resume_from_step:  # resuming a run whose log is gone: it starts with a hole
-                    self.resume_gap = (0, _as_int(resume_from_step))
             self._file.flush()
         except BaseException:
             self._file.close()
             self._file = None
             raise
+        # (last step in the log, resume step) when the rows up to the resume step are gone (the log is
+        # missing, or was not flushed at the checkpoint), else None: the caller warns about the hole.
+        last = self._last_flushed_step
+        hole = resume_from_step is not None and resume_from_step > 0 and (last or 0) < resume_from_step
+        self.resume_gap = (last or 0, _as_int(resume_from_step)) if hole else None
 
     # ---------------------------------------------------------------- setup
 
@@ -182,12 +165,6 @@ class ResearchLogger:
             root.attrs["metadata"] = json.dumps(metadata, default=str)
         if resume_from_step is not None:
             self.truncate_after(resume_from_step)
-            last = self._last_flushed_step
-            if resume_from_step > 0 and (last is None or last < resume_from_step):
-                # The rows between the log's end and the resume step are gone (a run killed
-                # between flushes before flushing at checkpoints): say so instead of silently
-                # continuing with a hole.
-                self.resume_gap = (0 if last is None else last, resume_from_step)
 
     # ---------------------------------------------------------------- writing
 
@@ -246,13 +223,12 @@ class ResearchLogger:
 
     def _add_value(self, name, value, row, arrays):
         """Sort one metric into the scalar row or the snapshot arrays (None: missing, NaN)."""
-        tensor_type = _torch_tensor_type()
         if value is None:
             return
         if type(value) in (float, int, bool) or isinstance(value, (np.number, np.bool_)) or (
                 isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf"):
             row[name] = float(value)
-        elif tensor_type is not None and isinstance(value, tensor_type) and value.dim() == 0:
+        elif _is_tensor(value) and value.dim() == 0:
             row[name] = float(value.item())
         else:
             arrays[name] = value
@@ -287,7 +263,6 @@ class ResearchLogger:
             name, shape=(length,), maxshape=(None,), dtype=np.float64,
             chunks=(CHUNK_ROWS,), fillvalue=np.nan)
         self._datasets[name] = ds
-        return ds
 
     def flush(self):
         """Append the buffered rows as one block and flush the file to disk."""
@@ -315,11 +290,8 @@ class ResearchLogger:
         self._file.flush()
 
     def log_snapshot(self, step, arrays):
-        """Store large arrays (or strings / lists of strings) under /snapshots/step_NNNNNN/.
-
-        `arrays` maps names to values; a value may also be a dict (one level) of such values,
-        stored as a subgroup. Written and flushed at once: snapshots are rare by design.
-        """
+        """Store large arrays (or strings / lists of strings) under /snapshots/step_NNNNNN/, a dict value
+        (one level) as a subgroup. Written and flushed at once: snapshots are rare by design."""
         self._check_open()
         step = _as_int(step)
         if step < 0:
@@ -388,11 +360,8 @@ class ResearchLogger:
 
 
 def _append_block(ds, start, data):
-    """Grow a 1-D dataset to start + len(data) and write data at the end.
-
-    The low-level calls do what `ds.resize(...); ds[start:] = data` does, without the selection
-    machinery of h5py's high-level indexing, which is most of the per-block cost.
-    """
+    """`ds.resize((start + len(data),)); ds[start:] = data` without the selection machinery of h5py's
+    high-level indexing, which is most of the per-block cost."""
     end = start + data.shape[0]
     ds.id.set_extent((end,))
     file_space = ds.id.get_space()
@@ -473,9 +442,7 @@ def read_attrs(path):
 def list_snapshots(path):
     """The steps that have a snapshot, in increasing order."""
     with _open_for_reading(path) as f:
-        if SNAPSHOTS not in f:
-            return []
-        return sorted(_snapshot_step(name) for name in f[SNAPSHOTS])
+        return sorted(_snapshot_step(name) for name in f.get(SNAPSHOTS, {}))
 
 
 def _read_group(group):
@@ -495,7 +462,7 @@ def read_snapshot(path, step):
     """{name: np.ndarray | str | list[str] | nested dict} stored at `step`."""
     with _open_for_reading(path) as f:
         name = snapshot_group_name(_as_int(step))
-        if SNAPSHOTS not in f or name not in f[SNAPSHOTS]:
+        if name not in f.get(SNAPSHOTS, {}):
             available = sorted(_snapshot_step(n) for n in f.get(SNAPSHOTS, {}))
             raise UserError(f"no snapshot at step {step} in {path}; steps with one: {available[:20]}")
         return _read_group(f[SNAPSHOTS][name])

@@ -4,19 +4,15 @@ without a network (upload later with `wandb sync`). Tests never need an account.
 import os
 
 
-class _NoWandb:
-    def log(self, metrics):
-        pass
-
-    def finish(self):
-        pass
-
-
 class _Wandb:
-    def __init__(self, run):
+    """.log(dict) and .finish() on a wandb run; both do nothing without one (run=None)."""
+
+    def __init__(self, run=None):
         self.run = run
 
     def log(self, metrics):
+        if self.run is None:
+            return
         flat = {}
         for k, v in metrics.items():
             if isinstance(v, dict):
@@ -26,12 +22,13 @@ class _Wandb:
         self.run.log(flat)
 
     def finish(self):
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
 
 
 def init(run_name, config, master=True, project="nanochat-direction"):
     """A logger with .log(dict) and .finish(); a no-op unless this is rank 0 of a named run."""
     if not master or not run_name or run_name == "dummy" or os.environ.get("WANDB_MODE") == "disabled":
-        return _NoWandb()
+        return _Wandb()
     import wandb
     return _Wandb(wandb.init(project=project, name=run_name, config=config))
