@@ -19,7 +19,8 @@ import sys
 from datetime import datetime, timezone
 
 from nanochat.paths import atomic_write_json
-from nanochat.research.arrow_study import POSITIONS_FILE, STUDY_FILE, cell_key, study_dir, study_section
+from nanochat.research.arrow_study import (LOG_POSITION_EDGES, POSITIONS_FILE, STUDY_FILE, cell_key, study_dir,
+                                          study_section)
 from nanochat.common import UserError, add_flag, print0, run_main
 from nanochat.direction import DIRECTIONS, parse_directions
 from nanochat.experiment_config import ExperimentConfig
@@ -64,7 +65,8 @@ def position_tables(study, eval_tokens):
                 T = model.config.sequence_len
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
                 pair[direction] = evaluate_bpb_by_position(model, tokenizer, get_token_bytes(device), docs, direction,
-                                                           direction, T, 16, device, autocast_ctx=autocast)
+                                                           direction, T, 16, device, edges=LOG_POSITION_EDGES,
+                                                           autocast_ctx=autocast)
             if len(pair) == 2:
                 tables[f"d{depth}_s{seed}"] = {"depth": depth, "seed": seed, **pair}
     return tables

@@ -7,8 +7,9 @@ import os
 import pytest
 
 from conftest import run_inprocess
-from nanochat.research.arrow_study import (cell_key, load_study, markdown, mean_interval, plot_gap, studies_of,
-                                           study_results, study_section)
+from nanochat.research.arrow_study import (cell_key, coarse_buckets, load_study, markdown, mean_interval, plot_gap,
+                                           plot_positions, positions_markdown, studies_of, study_results,
+                                           study_section)
 from nanochat.common import UserError
 from nanochat.evaluations import record_path
 
@@ -75,6 +76,38 @@ def test_one_depth_study_draws_its_gap_and_the_section_links_it(tmp_path):
     assert png.stat().st_size > 1000 and results[2]["n"] == 3
     assert "(arrow_of_time_s.png)" in text
     assert plot_gap({2: {**results[2], "n": 0}}, str(tmp_path / "none.png")) is None  # no pair: no figure
+
+
+def fake_positions(seeds_bpb, T=64):
+    """positions.json tables at depth 2 with evaluate_bpb_by_position's log-spaced buckets (edges 1, 2, 4, ...
+    below T, then [T, end)): seeds_bpb[seed] = (forward bpb, backward bpb) of every bucket."""
+    bounds = [0, 1, 2, 4, 8, 16, 32, T]
+    tables = {}
+    for seed, (f, b) in seeds_bpb.items():
+        pair = {}
+        for direction, bpb in (("forward", f), ("backward", b)):
+            pair[direction] = [{"from": lo, "to": bounds[i + 1] if i + 1 < len(bounds) else None,
+                                "bytes": 10 * (i + 1), "nats": bpb * math.log(2) * 10 * (i + 1), "bpb": bpb}
+                               for i, lo in enumerate(bounds)]
+        tables[f"d2_s{seed}"] = {"depth": 2, "seed": seed, **pair}
+    return tables
+
+
+def test_positions_table_merges_log_buckets_and_the_figure_draws_seed_means(tmp_path):
+    tables = fake_positions({1: (2.0, 2.2), 2: (3.0, 3.0)})
+    coarse = coarse_buckets(tables["d2_s1"]["forward"])
+    assert [(b["from"], b["to"]) for b in coarse] == [(0, 4), (4, 16), (16, 64), (64, None)]
+    assert [b["bytes"] for b in coarse] == [10 + 20 + 30, 40 + 50, 60 + 70, 80]  # merged buckets add their bytes
+    assert all(b["bpb"] == pytest.approx(2.0) for b in coarse)
+    text = positions_markdown(tables, "x/pos.png")
+    assert text.count("| 2 |") == 4 and "| 2 | 0–3 | 16.7% | 2.5000 | 2.6000 | +5.00% |" in text
+    assert "(pos.png)" in text
+    figure = plot_positions(tables, str(tmp_path / "pos.png"))
+    assert os.path.getsize(figure.path) > 1000
+    drawn = figure.series[2]
+    assert drawn["x"][0] == 1 and drawn["x"][-1] == 128  # bucket [0, 1) at position 1; past the context at 2T
+    assert list(drawn["x"]) == sorted(drawn["x"])
+    assert drawn["forward"] == pytest.approx([2.5] * 8) and drawn["gap"] == pytest.approx([5.0] * 8)
 
 
 @pytest.mark.slow  # four orchestrator processes, each training and evaluating

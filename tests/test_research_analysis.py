@@ -300,7 +300,7 @@ def test_report_contains_ids_lineage_values_and_linked_pngs(runs, tmp_path):
         _, losses = load_training_losses(f"t_{d}", base_dir=base)
         assert f"final train loss: {losses[-1]:.4f} at step {STEPS}" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert sorted(links) == ["direction_matrix.png", "learning_curves.png", "per_position_loss.png"]
+    assert sorted(links) == ["direction_matrix.png", "learning_curves.png"]
     for link in links:
         assert_png(os.path.join(out, link))
     # Links to the evaluation JSONs resolve from the report's directory.

@@ -8,11 +8,17 @@ import json
 import math
 import os
 
+import numpy as np
+
 from nanochat.common import UserError, get_base_dir
 from nanochat.evaluations import latest_record
+from nanochat.loss_eval import POSITION_BUCKETS
 
 STUDY_FILE = "study.json"
 POSITIONS_FILE = "positions.json"  # bits per byte by position in the document, per pair
+# Where scripts.arrow_study cuts the positions: powers of two, so the figure's log axis is evenly sampled;
+# the table merges them into loss_eval.POSITION_BUCKETS (the buckets' nats and bytes add up).
+LOG_POSITION_EDGES = (0,) + tuple(2 ** i for i in range(16))
 SECTION_TITLE = "Arrow of time"
 
 # Two-sided 95% Student-t critical values by degrees of freedom (1..30); 1.96 beyond.
@@ -147,19 +153,35 @@ def load_positions(study, base_dir=None):
         return json.load(f)
 
 
-def positions_markdown(tables):
+def coarse_buckets(buckets, edges=POSITION_BUCKETS):
+    """Merge position buckets into [edges[0], edges[1]), ..., [edges[-1], T), [T, end) (T: where the last
+    bucket, the one without an end, starts), summing nats and bytes."""
+    T = buckets[-1]["from"]
+    bounds = sorted({e for e in edges if e < T} | {T})
+    out = []
+    for i, lo in enumerate(bounds):
+        hi = bounds[i + 1] if i + 1 < len(bounds) else None
+        inside = [b for b in buckets if b["from"] >= lo and (hi is None or b["from"] < hi)]
+        nats, nbytes = sum(b["nats"] for b in inside), sum(b["bytes"] for b in inside)
+        out.append({"from": lo, "to": hi, "nats": nats, "bytes": nbytes,
+                    "bpb": nats / (math.log(2) * nbytes) if nbytes else float("nan")})
+    return out
+
+
+def positions_markdown(tables, plot_file=None):
     """Where the gap comes from: per position bucket (reading direction), the mean over seeds of
     the forward and backward bits per byte and of the gap, with each bucket's share of the text."""
     if not tables:
         return ""
     lines = ["", "Where the gap comes from: bits per byte by the position of a token in its document, counted in "
-             "the reading direction (0 = the first token read: a document's start forward, its end backward). "
-             "A gap confined to the first positions is a document-boundary effect of the corpus, not of the "
-             "direction of the text as a whole.", "",
+             "the reading direction (0 = the first token read: a document's start forward, its end backward), "
+             "over every held-out token. A gap confined to the first positions is a document-boundary effect of "
+             "the corpus, not of the direction of the text as a whole.", "",
              "| depth | positions | share of bytes | forward bpb | backward bpb | gap (mean over seeds) |",
              "|---|---|---|---|---|---|"]
     for depth in sorted({t["depth"] for t in tables.values()}):
-        pairs = [t for t in tables.values() if t["depth"] == depth]
+        pairs = [{d: coarse_buckets(t[d]) for d in ("forward", "backward")}
+                 for t in tables.values() if t["depth"] == depth]
         total = sum(b["bytes"] for b in pairs[0]["forward"])
         for k, bucket in enumerate(pairs[0]["forward"]):
             f = [p["forward"][k]["bpb"] for p in pairs]
@@ -169,7 +191,49 @@ def positions_markdown(tables):
             mean, _ = mean_interval(gaps)
             lines.append(f"| {depth} | {span} | {100 * bucket['bytes'] / max(1, total):.1f}% | {sum(f) / len(f):.4f} | "
                          f"{sum(b) / len(b):.4f} | {_pct(mean)} |")
+    if plot_file:
+        lines += ["", f"![bits per byte by position]({os.path.basename(plot_file)})"]
     return "\n".join(lines) + "\n"
+
+
+def plot_positions(tables, path):
+    """Per depth: bpb by position (log axis; bucket [a, b) drawn at the geometric mean of a+1 and b, the
+    bucket past the context at 2T) of the forward model read forward and the backward model read backward,
+    mean over seeds with the seeds' range as a band; below it the gap by position, likewise. Returns a
+    PlotResult whose series[depth] holds the drawn "x" and the means "forward", "backward" and "gap" (%)."""
+    if not tables:
+        return None
+    from matplotlib.figure import Figure
+    from nanochat.research.plots import PlotResult, save_png
+    depths = sorted({t["depth"] for t in tables.values()})
+    fig = Figure(figsize=(5.5 * len(depths), 6.4), layout="constrained")
+    axes = fig.subplots(2, len(depths), squeeze=False, sharex="col")
+    drawn = {}
+    for col, depth in enumerate(depths):
+        pairs = [t for t in tables.values() if t["depth"] == depth]
+        buckets = pairs[0]["forward"]
+        x = np.array([math.sqrt((b["from"] + 1) * b["to"]) if b["to"] else 2.0 * b["from"] for b in buckets])
+        bpb = {d: np.array([[b["bpb"] for b in p[d]] for p in pairs], dtype=float) for d in ("forward", "backward")}
+        gap = 100 * (bpb["backward"] / bpb["forward"] - 1)
+        drawn[depth] = {"x": x, "gap": np.nanmean(gap, axis=0), **{d: np.nanmean(v, axis=0) for d, v in bpb.items()}}
+        ax, ax_gap = axes[0, col], axes[1, col]
+        for d, style, color in (("forward", "-", "C0"), ("backward", "--", "C3")):
+            ax.plot(x, np.nanmean(bpb[d], axis=0), style, marker="o", markersize=3, color=color,
+                    label=f"{d} model, read {d}")
+            ax.fill_between(x, np.nanmin(bpb[d], axis=0), np.nanmax(bpb[d], axis=0), color=color, alpha=0.2)
+        ax_gap.plot(x, np.nanmean(gap, axis=0), marker="o", markersize=3, color="C2", label="mean over seeds")
+        ax_gap.fill_between(x, np.nanmin(gap, axis=0), np.nanmax(gap, axis=0), color="C2", alpha=0.2,
+                            label=f"range over {len(pairs)} seed(s)")
+        ax_gap.axhline(0, color="black", linewidth=0.6)
+        ax_gap.axvline(buckets[-1]["from"], color="gray", linestyle=":", linewidth=0.8,
+                       label=f"context length {buckets[-1]['from']}")
+        ax.set(xscale="log", title=f"depth {depth}: bits per byte by position", ylabel="bits per byte")
+        ax_gap.set(xscale="log", xlabel="position in the document, reading direction (1 = first token read)",
+                   ylabel="gap (bwd − fwd) / fwd, %")
+        for a in (ax, ax_gap):
+            a.grid(alpha=0.3)
+            a.legend(fontsize="small")
+    return PlotResult(path=save_png(fig, path), series=drawn)
 
 
 def plot_gap(results, path):
@@ -196,7 +260,12 @@ def study_section(study, evaluations_dir_of, plots_dir, base_dir=None):
     """(markdown, results) of one study; the plot goes to plots_dir when any depth has a pair."""
     results = study_results(study, evaluations_dir_of)
     plot = plot_gap(results, os.path.join(plots_dir, f"arrow_of_time_{study['name']}.png")) if plots_dir else None
-    return markdown(study, results, plot) + positions_markdown(load_positions(study, base_dir)), results
+    tables = load_positions(study, base_dir)
+    positions_plot = None
+    if plots_dir and tables:
+        positions_plot = plot_positions(tables, os.path.join(plots_dir, f"arrow_of_time_{study['name']}_positions.png"))
+        positions_plot = positions_plot.path
+    return markdown(study, results, plot) + positions_markdown(tables, positions_plot), results
 
 
 def studies_of(experiment_ids, base_dir=None):

@@ -17,9 +17,9 @@ from nanochat.experiment_config import ExperimentConfig, format_lineage
 from nanochat.paths import atomic_write_text
 from nanochat.research.analysis import (BASE_LOG_PHASE, EVAL_DIRECTIONS, _eval_command, _fmt, _fmt_gap,
                                         _require_log, collect_direction_rows, experiment_metadata,
-                                        matrix_from_rows, per_position_loss, resolve_experiment)
+                                        matrix_from_rows, resolve_experiment)
 from nanochat.research.arrow_study import studies_of, study_section
-from nanochat.research.plots import compare_learning_curves, plot_direction_matrix, plot_per_position_loss
+from nanochat.research.plots import compare_learning_curves, plot_direction_matrix
 
 # Evaluation kind -> module exposing markdown_section(run_name, evaluations_dir, plots_dir).
 REPORT_SECTIONS = {
@@ -61,13 +61,6 @@ def _check_report_dir(report_dir):
             raise UserError(f"report directory {report_dir} already exists and is not empty; "
                             "choose another --output_dir (or --name), or remove it")
     return report_dir
-
-
-def _report_bucket_size(meta):
-    """About 32 buckets over the context: one snapshot batch is too few rows for single positions."""
-    flags, _ = _key_flags(meta)
-    seq_len = flags.get("max_seq_len")
-    return max(1, int(seq_len) // 32) if isinstance(seq_len, int) else 1
 
 
 def _code_version(config):
@@ -310,31 +303,6 @@ def _write_report(work_dir, report_dir, resolved, metas, base_dir, title, phase,
     else:
         md += ["No experiment in this report has a bpb evaluation, so there is no matrix.", ""]
     md += _produce_lines(missing_evals)
-
-    # Per-position loss
-    md += ["## Per-position loss", ""]
-    position_results, position_missing = [], []
-    for experiments, experiment_id in resolved:
-        try:
-            position_results.append(per_position_loss(experiments.experiment_dir(experiment_id), phase=phase,
-                                                      bucket_size=_report_bucket_size(metas[experiment_id])))
-        except UserError as e:
-            position_missing.append((experiment_id, str(e)))
-    if position_results:
-        figure = plot_per_position_loss(position_results, os.path.join(work_dir, "per_position_loss.png"))
-        buckets = sorted({res["bucket_size"] for res in position_results})
-        md += ["Mean training loss at each position of the context, from each run's latest research-log snapshot "
-               "(the rows of one batch, so noisy), split by the direction of the document each token is in; "
-               f"neighbouring positions averaged in buckets of {', '.join(map(str, buckets))}.", "",
-               f"![per-position loss]({_rel(figure.path, work_dir)})", "",
-               "| experiment | snapshot step | mean loss, forward tokens | mean loss, backward tokens |",
-               "|---|---|---|---|"]
-        for res in position_results:
-            md.append(f"| {res['experiment']} | {res['step']} | "
-                      f"{_fmt(res['mean_forward']) if res['mean_forward'] is not None else 'no forward tokens'} | "
-                      f"{_fmt(res['mean_backward']) if res['mean_backward'] is not None else 'no backward tokens'} |")
-        md.append("")
-    md += _bullets([f"- `{experiment_id}`: {why}" for experiment_id, why in position_missing])
 
     # Evaluation sections registered in REPORT_SECTIONS (task accuracy per direction, CORE, ...)
     for section_title, parts in evaluation_sections(resolved, work_dir):
