@@ -11,6 +11,7 @@ import torch
 from nanochat.common import UserError
 from nanochat.dataset import DocumentOrder
 from nanochat.direction import DirectionSpec, document_piece
+from nanochat.direction_dataloader import to_batch
 
 
 class ConversationStream:
@@ -40,10 +41,6 @@ class ConversationStream:
         self.cursor += self.stride
         return index, self.epoch
 
-    def next_example(self):
-        """(ids, mask, concrete_direction) of the next example (model orientation)."""
-        return self._row(*self._advance())
-
     def next_piece(self, room, context_tokens):
         """(ids, mask, concrete) of at most `room` tokens: the rest of a conversation cut at the end
         of the previous row, else the next conversation; what does not fit is carried over."""
@@ -69,15 +66,6 @@ class ConversationStream:
         if state.get("carry"):
             index, epoch, body_start = (int(v) for v in state["carry"])
             self.carry = (index, epoch, *self._row(index, epoch), body_start)
-
-
-def _to_tensors(rows, masks, device):
-    rows = torch.tensor(rows, dtype=torch.long)
-    masks = torch.tensor(masks, dtype=torch.bool)
-    inputs = rows[:, :-1]
-    targets = rows[:, 1:].clone()
-    targets[~masks[:, 1:]] = -1
-    return inputs.to(device), targets.to(device)
 
 
 class ConversationBatches:
@@ -107,7 +95,7 @@ class ConversationBatches:
         return self
 
     def _pad_row(self, stream):
-        ids, mask, concrete = stream.next_example()
+        ids, mask, concrete = stream._row(*stream._advance())
         pad = self.T + 1 - len(ids)
         return ids + [self.pad_id] * pad, mask + [0] * pad, [concrete]
 
@@ -135,7 +123,7 @@ class ConversationBatches:
             rows.append(r)
             masks.append(m)
             self.last_directions.append(d)
-        return _to_tensors(rows, masks, self.device)
+        return to_batch(rows, masks, self.device)
 
     def state_dict(self):
         return {"shuffle": self.shuffle, "next_stream": self.next_stream,

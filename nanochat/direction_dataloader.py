@@ -40,14 +40,21 @@ def encode_documents(tokenizer, texts, num_threads=4, max_chars=MAX_ENCODE_CHARS
         return tokenizer.encode(texts, num_threads=num_threads)
     out = []
     for text in texts:
-        if len(text) <= max_chars:
-            out.extend(tokenizer.encode([text], num_threads=num_threads))
-        else:
-            tokens = []
-            for part in tokenizer.encode(_split_long_text(text, max_chars), num_threads=num_threads):
-                tokens.extend(part)
-            out.append(tokens)
+        parts = tokenizer.encode(_split_long_text(text, max_chars), num_threads=num_threads)
+        out.append([token for part in parts for token in part])
     return out
+
+
+def to_batch(rows, keep, device):
+    """(inputs, targets) on `device` of rows of T+1 tokens: targets are -1 where `keep` is false (markers,
+    context, padding)."""
+    rows = torch.tensor(rows, dtype=torch.long)
+    inputs = rows[:, :-1]
+    targets = rows[:, 1:].clone()
+    targets[~torch.tensor(keep, dtype=torch.bool)[:, 1:]] = -1
+    if device.type == "cuda":
+        return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
+    return inputs.to(device), targets.to(device)
 
 
 class _Piece:
@@ -213,7 +220,9 @@ class _Stream:
 
 
 class DirectionAwareLoader:
-    """Iterator of (inputs, targets), each (B, T) int64 on `device`; see the module docstring."""
+    """Iterator of (inputs, targets), each (B, T) int64 on `device`; see the module docstring.
+    `shuffle` is off by default (a validation loader reads the stored order; base_train's --shuffle turns
+    it on); `window_shards`, the shards permuted together, defaults to as many as fit in 256 MB."""
 
     def __init__(self, B, T, split, direction="forward", tokenizer_threads=4, tokenizer_batch_size=128,
                  device="cuda", seed=0, p_backward=0.5, tokenizer=None, rank=None, world_size=None,
@@ -261,14 +270,7 @@ class DirectionAwareLoader:
         stream = self.streams[self.next_stream]
         self.next_stream = (self.next_stream + 1) % len(self.streams)
         rows, keeps, self.last_placements = zip(*(stream.next_row(self.T + 1) for _ in range(self.B)))
-        rows = torch.tensor(rows, dtype=torch.long)
-        inputs = rows[:, :-1]
-        targets = rows[:, 1:].clone()
-        targets[~torch.tensor(keeps, dtype=torch.bool)[:, 1:]] = -1  # markers and context are not targets
-        if self.device.type == "cuda":
-            return (inputs.pin_memory().to(self.device, non_blocking=True),
-                    targets.pin_memory().to(self.device, non_blocking=True))
-        return inputs.to(self.device), targets.to(self.device)
+        return to_batch(rows, keeps, self.device)
 
     def close(self):
         """Nothing runs in the background here (nanochat.prefetch.Prefetcher.close stops its worker)."""
@@ -296,12 +298,4 @@ class DirectionAwareLoader:
             stream.load_state_dict(s)
 
 
-def direction_aware_dataloader(B, T, split, direction="forward", tokenizer_threads=4, tokenizer_batch_size=128,
-                               device="cuda", seed=0, p_backward=0.5, **kwargs):
-    """Yields (inputs, targets) of shape (B, T); see DirectionAwareLoader for the extra options
-    (tokenizer, rank, world_size, grad_accum_steps, buffer_docs, buffer_tokens, context_tokens, data_dir,
-    resume_state, shuffle, window_shards: shards permuted together, default as many as fit in 256 MB).
-    `shuffle` is off by default here (a validation loader reads
-    the stored order); base_train's --shuffle turns it on for training (docs/DIRECTIONS.md)."""
-    return DirectionAwareLoader(B, T, split, direction, tokenizer_threads, tokenizer_batch_size,
-                                device, seed, p_backward, **kwargs)
+direction_aware_dataloader = DirectionAwareLoader

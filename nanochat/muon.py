@@ -32,10 +32,6 @@ def orthogonalize(G, steps=5, eps=1e-7, coefficients=NS_COEFFICIENTS):
     return X
 
 
-def adjusted_lr(lr, shape, adjust_lr_fn):
-    return ADJUST_LR_FNS[adjust_lr_fn](lr, shape[-2], shape[-1])
-
-
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, eps=1e-7,
                  adjust_lr_fn="original"):
@@ -75,6 +71,6 @@ class Muon(torch.optim.Optimizer):
                 ortho = orthogonalize(torch.stack(updates), group["ns_steps"], group["eps"])
                 if wd:
                     torch._foreach_mul_(params, 1 - lr * wd)
-                step = adjusted_lr(lr, shape, group["adjust_lr_fn"])
+                step = ADJUST_LR_FNS[group["adjust_lr_fn"]](lr, *shape)
                 torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-step)
         return loss

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from nanochat.muon import Muon, adjusted_lr, orthogonalize
+from nanochat.muon import ADJUST_LR_FNS, Muon, orthogonalize
 
 
 def test_orthogonalize_gives_near_orthogonal_rows_and_batches_like_one_by_one():
@@ -46,9 +46,9 @@ def test_steps_match_torch_muon(adjust, nesterov):
 
 
 def test_adjusted_lr_conventions():
-    assert adjusted_lr(0.02, (128, 512), "original") == 0.02
-    assert adjusted_lr(0.02, (512, 128), "original") == pytest.approx(0.04)
-    assert adjusted_lr(0.02, (128, 512), "match_rms_adamw") == pytest.approx(0.02 * 0.2 * 512 ** 0.5)
+    assert ADJUST_LR_FNS["original"](0.02, 128, 512) == 0.02
+    assert ADJUST_LR_FNS["original"](0.02, 512, 128) == pytest.approx(0.04)
+    assert ADJUST_LR_FNS["match_rms_adamw"](0.02, 128, 512) == pytest.approx(0.02 * 0.2 * 512 ** 0.5)
     with pytest.raises(ValueError):
         Muon([torch.nn.Parameter(torch.zeros(2, 2))], adjust_lr_fn="other")
     with pytest.raises(ValueError):
