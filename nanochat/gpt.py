@@ -129,13 +129,6 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
 
 
-def _compute_dtype(device_type, weight):
-    """The matmul dtype the surrounding autocast would use (bf16 on GPU), else the weight's."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """cross_entropy(x @ weight.T, targets, ignore_index=-1) over rows of x, `chunk_rows` at a time,
     without keeping the (rows, vocab) logits: each chunk's gradients are computed in the forward
@@ -144,7 +137,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, reduction, chunk_rows):
         device_type = x.device.type
-        dtype = _compute_dtype(device_type, weight)
+        # the matmul dtype the surrounding autocast would use (bf16 on GPU), else the weight's
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(device_type, enabled=False):
             w = weight.to(dtype)
@@ -155,7 +149,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=x.device)
             dx_parts, dw = [], None
             for start in range(0, x.size(0), chunk_rows):
-                xc, yc, vc = x[start:start + chunk_rows].to(dtype), targets[start:start + chunk_rows], valid[start:start + chunk_rows]
+                rows = slice(start, start + chunk_rows)
+                xc, yc, vc = x[rows].to(dtype), targets[rows], valid[rows]
                 logp = torch.log_softmax(F.linear(xc, w).float(), dim=-1)
                 safe_y = torch.where(vc, yc, 0).unsqueeze(1)
                 total = total + torch.where(vc, -logp.gather(1, safe_y).squeeze(1), 0.0).sum()
@@ -249,10 +244,9 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.02,
                          weight_decay=0.0, adam_betas=(0.8, 0.95), matrix_lr_scaling="original"):
-        """Muon for the 2-D matrices inside blocks, AdamW for embeddings, head and norm weights.
-
-        AdamW rates are scaled by 1/sqrt(width/768), so one setting works across depths (Muon's
-        update is scale-free); `matrix_lr_scaling` is Muon's `adjust_lr_fn` (docs/LR_SWEEP.md)."""
+        """Muon for the 2-D matrices inside blocks, AdamW for embeddings, head and norm weights. AdamW
+        rates are scaled by 1/sqrt(width/768), so one setting works across depths (Muon's update is
+        scale-free); `matrix_lr_scaling` is Muon's `adjust_lr_fn` (docs/LR_SWEEP.md)."""
         matrix_params = [p for block in self.model.layers for p in block.parameters() if p.ndim == 2]
         norm_params = [p for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
         scale = (self.config.n_embd / 768) ** -0.5
