@@ -14,23 +14,18 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nanochat.paths import atomic_write_json
+from nanochat.paths import atomic_write_json, validate_name
 from nanochat.phases import PHASE_NAMES, PHASES as PHASE_TABLE
 from nanochat.common import UserError, get_base_dir
 from nanochat.direction import validate_direction
 
 PHASES = PHASE_NAMES  # nanochat/phases.py
 STATUSES = ("created", "running", "completed", "failed")
-CONFIG_NAME = "config.json"
-PARENT_LINK_NAME = "parent_link.json"
 EXPERIMENTS_DIRNAME = "experiments"
 
 # Fields that say what an experiment *is*; changing them after creation would break the lineage
 # (a child trained from a forward parent cannot become the child of a backward one).
 _IDENTITY_FIELDS = ("experiment_id", "phase", "direction", "depth", "parent_experiment", "created_at")
-
-# load_config lists the known ids in its error only when there are few enough to read.
-_MAX_IDS_IN_ERROR = 10
 
 
 def _utc_now():
@@ -47,9 +42,7 @@ def _git_code_version():
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    if not commit:
-        return None
-    return {"commit": commit, "dirty": bool(status.strip())}
+    return {"commit": commit, "dirty": bool(status.strip())} if commit else None
 
 
 def _read_json(path, what=""):
@@ -77,17 +70,16 @@ class ExperimentConfig:
 
     @staticmethod
     def validate_id(experiment_id):
-        from nanochat.paths import validate_name  # the one gate for names that become paths
         return validate_name(experiment_id, "experiment id")
 
     def experiment_dir(self, experiment_id):
         return os.path.join(self.root, self.validate_id(experiment_id))
 
     def config_path(self, experiment_id):
-        return os.path.join(self.experiment_dir(experiment_id), CONFIG_NAME)
+        return os.path.join(self.experiment_dir(experiment_id), "config.json")
 
     def parent_link_path(self, experiment_id):
-        return os.path.join(self.experiment_dir(experiment_id), PARENT_LINK_NAME)
+        return os.path.join(self.experiment_dir(experiment_id), "parent_link.json")
 
     def checkpoint_dir(self, experiment_id):
         return os.path.join(self.experiment_dir(experiment_id), "checkpoints")
@@ -118,9 +110,7 @@ class ExperimentConfig:
 
     def _as_id(self, experiment):
         """An experiment id, or the directory create_experiment returned (a Path) -> its id."""
-        if isinstance(experiment, os.PathLike):
-            return os.path.basename(os.path.normpath(os.fspath(experiment)))
-        return experiment
+        return Path(experiment).name if isinstance(experiment, os.PathLike) else experiment
 
     def load_config(self, experiment_id):
         """The experiment's config.json as a dict; `experiment_id` may be the id or the Path
@@ -135,7 +125,7 @@ class ExperimentConfig:
         known = self.list_experiments()
         if not known:
             return "there are no experiments yet"
-        if len(known) <= _MAX_IDS_IN_ERROR:
+        if len(known) <= 10:  # few enough to read
             return "known experiments: " + ", ".join(known)
         return f"{len(known)} experiments exist; list them with list_experiments()"
 
@@ -149,12 +139,19 @@ class ExperimentConfig:
             return None
         return _read_json(path)
 
+    def _family(self):
+        """(configs by id, {parent id: [child ids]}), both oldest first; a self-parent is no parent."""
+        configs = {i: self.load_config(i) for i in self.list_experiments()}
+        configs = dict(sorted(configs.items(), key=lambda item: (item[1].get("created_at") or "", item[0])))
+        children_of = {}
+        for i, cfg in configs.items():
+            if cfg.get("parent_experiment") != i:
+                children_of.setdefault(cfg.get("parent_experiment"), []).append(i)
+        return configs, children_of
+
     def children(self, experiment_id):
         """Ids of the experiments whose parent is `experiment_id`, oldest first."""
-        configs = [self.load_config(i) for i in self.list_experiments()]
-        found = [c for c in configs if c.get("parent_experiment") == experiment_id != c["experiment_id"]]
-        found.sort(key=lambda c: (c.get("created_at") or "", c["experiment_id"]))
-        return [c["experiment_id"] for c in found]
+        return self._family()[1].get(experiment_id, [])
 
     # ------------------------------------------------------------------ writes
 
@@ -192,6 +189,15 @@ class ExperimentConfig:
             if os.path.isdir(plain) and any(n.startswith("meta_") and n.endswith(".json") for n in os.listdir(plain)):
                 raise UserError(f"experiment id {experiment_id!r} is also the tag of the {phase.name} run in {plain}: "
                                 "as an experiment it would shadow that run; choose another experiment id")
+
+    def check_same(self, experiment_id, **wanted):
+        """Refuse existing experiment `experiment_id` when a field of its config differs from `wanted`."""
+        existing = self.load_config(experiment_id)
+        differ = [f"{name} {existing.get(name)!r} (not {value!r})" for name, value in wanted.items()
+                  if existing.get(name) != value]
+        if differ:
+            raise UserError(f"experiment {experiment_id!r} already exists with a different config: "
+                            f"{', '.join(differ)}; choose another experiment id")
 
     def create_experiment(self, phase, direction, depth, parent_experiment=None, experiment_id=None,
                           resume=False, **flags):
@@ -232,19 +238,14 @@ class ExperimentConfig:
         if experiment_id == parent_experiment:
             raise UserError(f"experiment {experiment_id!r} cannot be its own parent")
 
-        if not self.exists(experiment_id):
-            self.refuse_shadowing(experiment_id)
         if self.exists(experiment_id):
             if not resume:
                 raise UserError(f"experiment {experiment_id!r} already exists; pass resume to continue it, "
                                 "or choose another id")
-            existing = self.load_config(experiment_id)
-            for name, wanted in (("phase", phase), ("direction", direction),
-                                 ("parent_experiment", parent_experiment)):
-                if existing.get(name) != wanted:
-                    raise UserError(f"cannot resume experiment {experiment_id!r}: its {name} is "
-                                    f"{existing.get(name)!r}, not {wanted!r}")
+            self.check_same(experiment_id, phase=phase, direction=direction, depth=depth,
+                            parent_experiment=parent_experiment)
             return Path(self.experiment_dir(experiment_id))
+        self.refuse_shadowing(experiment_id)
 
         now = _utc_now().isoformat(timespec="seconds")
         config = {
@@ -280,35 +281,22 @@ class ExperimentConfig:
         With an id, only the tree holding it (from its root ancestor) is returned, as a one-element
         list. An experiment whose parent has been deleted becomes a root.
         """
-        configs = {i: self.load_config(i) for i in self.list_experiments()}
-        children_of = {}
-        roots = []
-        for i, cfg in configs.items():
-            parent = cfg.get("parent_experiment")
-            if parent in configs and parent != i:
-                children_of.setdefault(parent, []).append(i)
-            else:
-                roots.append(i)
-
-        def order(ids):
-            return sorted(ids, key=lambda i: (configs[i].get("created_at") or "", i))
+        configs, children_of = self._family()
 
         def node(i, seen):
             seen = seen | {i}  # guards against a hand-edited cycle
             cfg = configs[i]
             return {"id": i, "phase": cfg.get("phase"), "direction": cfg.get("direction"),
                     "status": cfg.get("status"),
-                    "children": [node(c, seen) for c in order(children_of.get(i, [])) if c not in seen]}
+                    "children": [node(c, seen) for c in children_of.get(i, []) if c not in seen]}
 
         if experiment_id is None:
-            return [node(r, frozenset()) for r in order(roots)]
+            return [node(i, frozenset()) for i, cfg in configs.items()
+                    if cfg.get("parent_experiment") not in configs or cfg.get("parent_experiment") == i]
 
         self.load_config(experiment_id)  # clear error if it does not exist
         root, visited = experiment_id, {experiment_id}
-        while True:
-            parent = configs[root].get("parent_experiment")
-            if parent not in configs or parent in visited:
-                break
+        while (parent := configs[root].get("parent_experiment")) in configs and parent not in visited:
             root = parent
             visited.add(root)
         return [node(root, frozenset())]

@@ -26,12 +26,10 @@ from datetime import datetime, timezone
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError, add_flag, run_main
 from nanochat.locking import acquire_run_lock, env_with_locks, parent_death_signal
-from nanochat.paths import move_aside
 from nanochat.direction import parse_directions, validate_direction
-from nanochat.evaluations import list_records
+from nanochat.evaluations import record_path
 from nanochat.experiment_config import PHASES, ExperimentConfig
 from nanochat.phases import PHASES as PHASE_TABLE
-from nanochat.research_logger import log_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,8 +204,7 @@ def plan_chain(args, passthrough, experiments):
         if parent is None:
             raise UserError(f"a chain starting at phase {first!r} continues an earlier experiment: "
                             "pass --parent_experiment=<id>")
-        experiments.validate_id(parent)
-        parent_config = experiments.load_config(parent)  # a clear error when it does not exist
+        parent_config = experiments.load_config(parent)  # a clear error when it does not exist or is no name
         if parent_config.get("phase") not in PHASES[:PHASES.index(first)]:
             raise UserError(f"parent experiment {parent!r} is a {parent_config.get('phase')} experiment: "
                             f"a {first} phase continues from one of {', '.join(PHASES[:PHASES.index(first)])}")
@@ -232,16 +229,11 @@ def plan_chain(args, passthrough, experiments):
         parent, parent_phase = experiment_id, phase
 
     for step in steps:  # checked for the whole chain before anything runs
-        if not experiments.exists(step.experiment_id):
+        if experiments.exists(step.experiment_id):
+            experiments.check_same(step.experiment_id, phase=step.phase, direction=direction, depth=depth,
+                                   parent_experiment=step.parent)
+        else:
             experiments.refuse_shadowing(step.experiment_id)
-            continue
-        existing = experiments.load_config(step.experiment_id)
-        wanted = {"phase": step.phase, "direction": direction, "depth": depth, "parent_experiment": step.parent}
-        differ = [f"{name} {existing.get(name)!r} (not {value!r})" for name, value in wanted.items()
-                  if existing.get(name) != value]
-        if differ:
-            raise UserError(f"experiment {step.experiment_id!r} already exists with a different config: "
-                            f"{', '.join(differ)}; choose another --experiment_id")
     if missing:  # named last: the rest of the chain was valid
         raise UserError(f"phase {missing[0]!r} is not available yet: "
                         f"{PHASE_TABLE[missing[0]].script.replace('.', '/')}.py is not in this checkout")
@@ -251,9 +243,7 @@ def plan_chain(args, passthrough, experiments):
 # ---------------------------------------------------------------------------------- running
 
 class PhaseFailed(Exception):
-    def __init__(self, experiment_id, phase, command, returncode):
-        super().__init__(f"phase {phase} of experiment {experiment_id} failed")
-        self.experiment_id, self.phase, self.command, self.returncode = experiment_id, phase, command, returncode
+    """A phase's script failed: the message says how, and how to retry (exit status 1, not 2)."""
 
 
 def _now():
@@ -264,14 +254,12 @@ def launcher(module, nproc_per_node, nnodes=1, node_rank=0, rdzv_endpoint=""):
     """How to start `module`: plain `python -m`, or one process per GPU under torchrun (one node:
     --standalone; several: the same command on every node, with its --node_rank and node 0's
     rendezvous endpoint)."""
-    if nnodes > 1:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-                "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--nproc_per_node={nproc_per_node}",
-                "-m", module]
-    if nproc_per_node > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc_per_node}", "-m", module]
-    return [sys.executable, "-m", module]
+    if nnodes == 1 and nproc_per_node == 1:
+        return [sys.executable, "-m", module]
+    rendezvous = ["--standalone"] if nnodes == 1 else [f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+                                                       "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc_per_node}",
+            "-m", module]
 
 
 # The experiment locks this process holds (experiment id -> RunLock), named to every child.
@@ -318,8 +306,17 @@ def run_command(experiments, experiment_id, phase, command):
         signal.signal(signal.SIGTERM, previous)
     attempt.update(finished_at=_now(), returncode=returncode)
     experiments.update_config(experiment_id, attempts=attempts + [attempt])
-    if returncode != 0:
-        raise PhaseFailed(experiment_id, phase, text, returncode)
+    if returncode == 0:
+        return
+    if returncode < 0:
+        how = f"signal {-returncode}"
+    elif 128 < returncode < 128 + 65:  # a script that stopped cleanly on a signal
+        how = f"signal {returncode - 128}, exit status {returncode}"
+    else:
+        how = f"exit status {returncode}"
+    raise PhaseFailed(f"phase {phase} of experiment {experiment_id} failed ({how}); the command was:\n  {text}\n"
+                      f"experiment {experiment_id} is marked failed; rerun this orchestrator command to retry it "
+                      "(completed phases are skipped)")
 
 
 def note_flag_changes(experiments, experiment_id, config, flags, will_run):
@@ -356,36 +353,26 @@ def phase_flags(args, passthrough, phase):
 
 
 def training_command(args, flags, tokens, experiments, step, direction, depth):
-    """The training command for this attempt, or None when training already finished."""
-    script, can_resume = PHASE_TABLE[step.phase].script, "resume_from_step" in accepted_flags(step.phase)
+    """The training command for this attempt, or None when training already finished. Every phase
+    script resumes (--resume_from_step) and moves aside a research log it cannot continue."""
     checkpoint_dir = experiments.checkpoint_dir(step.experiment_id)
     saved = list_steps(checkpoint_dir)
-    log = log_path(experiments.experiment_dir(step.experiment_id), PHASE_TABLE[step.phase].log_name)
     resume = []
     if saved:
         last = saved[-1]
         planned = load_meta(checkpoint_dir, last).get("num_iterations")
-        # Asking for more steps than the finished run took continues it (a resumable script).
+        # Asking for more steps than the finished run took continues it.
         wanted = flags.get("num_iterations")
-        wants_more = can_resume and isinstance(wanted, int) and wanted > last
+        wants_more = isinstance(wanted, int) and wanted > last
         if planned is not None and last >= planned and not wants_more:
             print(f"{step.experiment_id}: training finished earlier (checkpoint at step {last} of {planned}); "
                   "not rerunning it", flush=True)
             return None
-        if can_resume:
-            print(f"{step.experiment_id}: resuming {step.phase} training from its checkpoint at step {last}",
-                  flush=True)
-            resume = [f"--resume_from_step={last}"]
-        else:
-            moved = move_aside(checkpoint_dir)
-            print(f"{step.experiment_id}: {script} cannot resume; moved the partial checkpoints "
-                  f"{checkpoint_dir} aside to {moved}", flush=True)
-    if not resume and os.path.exists(log):
-        moved = move_aside(log)
-        print(f"{step.experiment_id}: the previous attempt left a log but no checkpoint to resume from; moved "
-              f"{log} aside to {moved} and starting {step.phase} training again", flush=True)
+        print(f"{step.experiment_id}: resuming {step.phase} training from its checkpoint at step {last}", flush=True)
+        resume = [f"--resume_from_step={last}"]
 
-    command = launcher(script, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    command = launcher(PHASE_TABLE[step.phase].script, args.nproc_per_node, args.nnodes, args.node_rank,
+                       args.rdzv_endpoint)
     if step.phase == "base":
         command += [f"--model_tag={step.experiment_id}", f"--direction={direction}", f"--depth={depth}"]
     else:
@@ -397,18 +384,13 @@ def training_command(args, flags, tokens, experiments, step, direction, depth):
 
 
 def find_bpb_evaluation(experiments, experiment_id, step):
-    """The bpb evaluation record of `step` in the experiment's evaluations/, or None."""
-    for found_step, path in list_records(experiments.evaluations_dir(experiment_id), "bpb"):
-        if found_step != step:
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return None
-        record["file"] = os.path.basename(path)
-        return record
-    return None
+    """The bpb evaluation record of `step` in the experiment's evaluations/ (with its "file" name), or None."""
+    path = record_path(experiments.evaluations_dir(experiment_id), "bpb", step)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f), file=os.path.basename(path))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def evaluate_base(args, experiments, step, eval_directions, last_step):
@@ -510,16 +492,7 @@ def main(argv=None):
             try:
                 run_step(args, passthrough, experiments, step, direction, depth)
             except PhaseFailed as e:
-                if e.returncode < 0:
-                    how = f"signal {-e.returncode}"
-                elif 128 < e.returncode < 128 + 65:  # a script that stopped cleanly on a signal
-                    how = f"signal {e.returncode - 128}, exit status {e.returncode}"
-                else:
-                    how = f"exit status {e.returncode}"
-                print(f"error: phase {e.phase} of experiment {e.experiment_id} failed ({how}); the command was:\n"
-                      f"  {e.command}\n"
-                      f"experiment {e.experiment_id} is marked failed; rerun this orchestrator command to retry it "
-                      "(completed phases are skipped)", file=sys.stderr, flush=True)
+                print(f"error: {e}", file=sys.stderr, flush=True)
                 sys.exit(1)
     finally:
         for lock in HELD_LOCKS.values():

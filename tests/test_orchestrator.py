@@ -258,7 +258,7 @@ def test_kill_9_before_any_checkpoint_moves_the_log_aside(base_dir, tmp_path):
     r = orchestrate(base_dir, *args)
     assert r.returncode == 0, r.stdout + r.stderr
     aside = os.path.join(os.path.dirname(path), "base_training.attempt1.h5")
-    assert f"moved {path} aside to {aside}" in r.stdout
+    assert f"research log {path} without a checkpoint" in r.stdout and f"moved it aside to {aside}" in r.stdout
     kept = read_scalars(aside)  # the killed attempt, intact
     assert set(kept) == set(killed_rows)
     for name in kept:
