@@ -24,12 +24,9 @@ def _choose_mode(stream):
 
 
 def _duration(seconds):
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def plural(unit):
@@ -44,7 +41,7 @@ class Progress:
 
     def __init__(self, iterable=None, total=None, desc="", unit="it", interval_s=15.0, stream=None, min_time_s=2.0):
         self.iterable = iterable
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.desc, self.unit, self.interval_s, self.min_time_s = total, desc, unit, interval_s, min_time_s
         self.stream = stream if stream is not None else sys.stdout

@@ -145,26 +145,27 @@ class ResearchLogger:
         root = self._file
         if SCALARS not in root or STEP not in root[SCALARS]:
             raise UserError(f"{self.path} is not a research log (no /{SCALARS}/{STEP})")
-        root.require_group(SNAPSHOTS)
-        scalars = root[SCALARS]
-        step_ds = scalars[STEP]
-        self._num_rows = step_ds.shape[0]
-        for name, ds in _scalar_datasets(scalars).items():
-            # A writer killed between extending a column and extending /scalars/step leaves a
-            # column longer than step (or a new one shorter): make them agree again.
-            if ds.shape[0] != self._num_rows:
-                ds.resize((self._num_rows,))
+        snapshots = root.require_group(SNAPSHOTS)
+        steps = root[SCALARS][STEP][:]
+        keep = len(steps)
+        if resume_from_step is not None:  # the resumed run redoes the later steps: drop their rows and snapshots
+            keep = int(np.searchsorted(steps, _as_int(resume_from_step), side="right"))
+            for name in [n for n in snapshots if _snapshot_step(n) > resume_from_step]:
+                del snapshots[name]
+        root[SCALARS][STEP].resize((keep,))
+        for name, ds in _scalar_datasets(root[SCALARS]).items():
+            # Also what repairs a writer killed between extending a column and extending /scalars/step
+            # (a column longer than step, or a new one shorter).
+            ds.resize((keep,))
             self._datasets[name] = ds
             self._known_names.add(name)
-        if self._num_rows:
-            self._last_flushed_step = int(step_ds[-1])
+        self._num_rows = keep
+        self._last_flushed_step = int(steps[keep - 1]) if keep else None
         resumed = json.loads(root.attrs.get("resumed", "[]"))
         resumed.append({"at": _utc_now_iso(), "from_step": resume_from_step})
         root.attrs["resumed"] = json.dumps(resumed)
         if metadata is not None:
             root.attrs["metadata"] = json.dumps(metadata, default=str)
-        if resume_from_step is not None:
-            self.truncate_after(resume_from_step)
 
     # ---------------------------------------------------------------- writing
 
@@ -316,26 +317,6 @@ class ResearchLogger:
             del group[name]  # the same step snapshotted twice: the later value wins
         is_text = isinstance(data, str) or data.dtype == object
         group.create_dataset(name, data=data, dtype=_STRING_DTYPE if is_text else None)
-
-    def truncate_after(self, step):
-        """Drop every row and snapshot with a step greater than `step` (for a resumed run)."""
-        self._check_open()
-        step = _as_int(step)
-        self._rows = [(s, row) for s, row in self._rows if s <= step]
-        if self._num_rows:
-            steps = self._file[SCALARS][STEP][:]
-            keep = int(np.searchsorted(steps, step, side="right"))
-            if keep < self._num_rows:
-                self._file[SCALARS][STEP].resize((keep,))
-                for ds in self._datasets.values():
-                    ds.resize((keep,))
-                self._num_rows = keep
-                self._last_flushed_step = int(steps[keep - 1]) if keep else None
-        snapshots = self._file[SNAPSHOTS]
-        for name in list(snapshots):
-            if _snapshot_step(name) > step:
-                del snapshots[name]
-        self._file.flush()
 
     def _check_open(self):
         if self._file is None:
