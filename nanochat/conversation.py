@@ -32,9 +32,7 @@ def normalize_messages(conversation):
 def turn_content(conversation, role, which="first"):
     """Content of the first (or last) turn of `role` in reading order, or None."""
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-    turns = [m["content"] for m in messages if m["role"] == role]
-    if not turns:
-        return None
+    turns = [m["content"] for m in messages if m["role"] == role] or [None]
     return turns[0] if which == "first" else turns[-1]
 
 
@@ -79,8 +77,7 @@ def question_context(tokenizer, conversation):
     """(later, slot_end, slot_start) for writing a conversation's first user turn from what follows
     it (the backward chat of docs/DIRECTIONS.md): `later` is everything after that slot in reading
     order, without BOS; slot_end and slot_start are <|user_end|> and <|user_start|>."""
-    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-    messages = [dict(m) for m in messages]
+    messages = list(conversation["messages"] if isinstance(conversation, dict) else conversation)
     if messages and messages[0].get("role") == "assistant":
         messages = [{"role": "user", "content": ""}] + messages  # the slot the model writes
     messages = normalize_messages(messages)

@@ -162,7 +162,6 @@ class DirectionSpec:
 
     @classmethod
     def from_tokenizer(cls, direction, tokenizer, seed=0, p_backward=0.5):
-        validate_direction(direction)
         fwd = bwd = None
         if direction == "bidirectional":
             fwd, bwd = tokenizer.get_marker_ids()  # raises a UserError if the tokenizer lacks them
@@ -305,8 +304,6 @@ class DirectionSpec:
             "p_backward": self.p_backward if is_two_way(self.direction) else None,
             "seed": self.seed,
         }
-
-    describe = to_meta
 
     @classmethod
     def for_model(cls, meta, tokenizer):

@@ -1,9 +1,7 @@
-"""Batches prepared ahead of the training step, on a background thread (docs/DESIGN.md §10).
-
-`Prefetcher` wraps a batch iterator (the document loader, conversation batches) and keeps up to
-`depth` batches ready, so the step pays only for a queue hand-off. Its `state_dict()` is the
-loader's state snapshotted right after the last batch *consumed*, so a resume continues exactly.
-A failure in the worker is re-raised at the `next()` that would have received the batch.
+"""Batches prepared ahead of the training step on a background thread (docs/DESIGN.md §10,
+"Prefetching"). `state_dict()` is the loader's state right after the last batch *consumed*, so a
+resume continues exactly; a failure in the worker is re-raised at the `next()` that would have
+received the batch.
 """
 
 import copy
@@ -20,7 +18,6 @@ _POLL_S = 0.1  # how often a blocked worker checks whether it was asked to stop
 
 class Prefetcher:
     """Iterator over `loader`'s batches (tuples of tensors, moved to `device` if given), `depth` ahead.
-
     `loader` has `state_dict()` / `load_state_dict()`; its attributes describing "the latest batch"
     belong to a batch not yet consumed. `wait_seconds` sums the time next() waited for a batch
     (`last_wait_seconds`: the latest next()'s)."""
@@ -148,14 +145,8 @@ class Prefetcher:
         thread = self._thread
         if thread is None:
             return
-        self._stop.set()
+        self._stop.set()  # a worker blocked on the full queue sees it within _POLL_S
         self._ran_ahead = True
-        # Unblock a worker waiting on a full queue.
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
         thread.join(timeout)
         if thread.is_alive():
             # The worker is inside next(loader) (e.g. tokenizing). It sees the stop event after

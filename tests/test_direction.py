@@ -224,7 +224,7 @@ def test_header_and_target_mask():
     bidi = spec_for("bidirectional")
     assert bidi.header_len == 2
     assert set(bidi.marker_ids) == {FWD, BWD}  # never targets
-    assert bidi.describe()["direction"] == "bidirectional"
+    assert bidi.to_meta()["direction"] == "bidirectional"
 
 
 # ---- generation -----------------------------------------------------------------------------
