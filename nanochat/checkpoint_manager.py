@@ -20,7 +20,10 @@ import torch
 from nanochat.phases import PHASES
 from nanochat.common import UserError, get_base_dir, print0
 from nanochat.direction import DirectionSpec, is_two_way
+from nanochat.experiment_config import ExperimentConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.paths import atomic_write, remove_stale_temporaries, validate_name
+from nanochat.tokenizer import get_tokenizer
 
 SOURCE_DIRS = {p.name: p.checkpoint_dir for p in PHASES.values()}  # nanochat/phases.py
 # A model config is checked against its weights before anything is allocated; beyond this many
@@ -46,14 +49,6 @@ class NonFiniteWeights(UserError):
     """The weights hold NaN or inf: the step is not saved."""
 
 
-def check_finite_state(model_state, step):
-    """Raise NonFiniteWeights naming the first non-finite tensor of a state dict."""
-    for name, tensor in model_state.items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteWeights(f"the weights are not finite at step {step} ({name} holds NaN or inf): "
-                                   "that step is not saved")
-
-
 RESUME_HINT = "rerun (resume from the last saved step with --resume_from_step)"
 
 
@@ -61,7 +56,10 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, r
     """Write one step: rank 0 the model and then the meta (whose presence marks a complete
     checkpoint), every rank its optimizer state. Non-finite weights are refused before anything is
     written; a failed write (disk full) removes this step's files."""
-    check_finite_state(model_state, step)
+    for name, tensor in model_state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeights(f"the weights are not finite at step {step} ({name} holds NaN or inf): "
+                                   "that step is not saved")
     os.makedirs(checkpoint_dir, exist_ok=True)
     written = []
     try:
@@ -163,11 +161,6 @@ def find_last_step(checkpoint_dir):
     return steps[-1]
 
 
-def _experiments(base_dir=None):
-    from nanochat.experiment_config import ExperimentConfig
-    return ExperimentConfig(base_dir)
-
-
 def _check_source(source):
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r}: use one of {', '.join(SOURCE_DIRS)}")
@@ -184,7 +177,7 @@ def artifact_dirs(source, model_tag, base_dir=None):
     (nanochat.paths.validate_name): a tag never escapes its phase directory."""
     _check_source(source)
     validate_name(model_tag, "model tag")
-    experiments = _experiments(base_dir)
+    experiments = ExperimentConfig(base_dir)
     if experiments.find_experiment_for_checkpoint_tag(model_tag):
         return {"run": experiments.experiment_dir(model_tag), "checkpoints": experiments.checkpoint_dir(model_tag),
                 "logs": experiments.logs_dir(model_tag), "evaluations": experiments.evaluations_dir(model_tag)}
@@ -199,7 +192,7 @@ def list_tags(source, base_dir=None):
     candidates = []
     if os.path.isdir(root):
         candidates += [(t, os.path.join(root, t)) for t in os.listdir(root)]
-    experiments = _experiments(base_dir)
+    experiments = ExperimentConfig(base_dir)
     for exp_id in experiments.list_experiments():  # experiment phases are named like sources
         if experiments.load_config(exp_id).get("phase") == source:
             candidates.append((exp_id, experiments.checkpoint_dir(exp_id)))
@@ -217,20 +210,20 @@ def resolve_checkpoint(source, model_tag=None, step=None, base_dir=None):
         model_tag = tags[0]
         print0(f"no --model_tag given: using the newest {source} checkpoint '{model_tag}'")
     directory = checkpoint_dir_for(source, model_tag, base_dir)
-    if not os.path.isdir(directory) or not list_steps(directory):
+    steps = list_steps(directory)
+    if not steps:
         known = list_tags(source, base_dir)
         hint = f"known {source} tags: {', '.join(known)}" if known else f"there are no {source} checkpoints yet"
         raise UserError(f"no {source} checkpoint with tag '{model_tag}' (looked in {directory}); {hint}")
     if step is None:
-        step = find_last_step(directory)
-    elif step not in list_steps(directory):
-        raise UserError(f"{directory} has no checkpoint at step {step}; steps: {list_steps(directory)}")
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"{directory} has no checkpoint at step {step}; steps: {steps}")
     return directory, step, model_tag
 
 
 def build_model(checkpoint_dir, step, device, phase="eval"):
     """(model, meta) from a checkpoint directory; phase 'eval' or 'train' sets the module mode."""
-    from nanochat.gpt import GPT, GPTConfig
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', not {phase!r}")
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
@@ -253,7 +246,6 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
 def _check_config_fits_weights(config, model_state, where):
     """Compare the config's parameter shapes (built on the meta device: nothing is allocated)
     with the saved tensors, so an absurd or tampered config is refused before any allocation."""
-    from nanochat.gpt import GPT
     sizes = {k: getattr(config, k) for k in _SIZE_FIELDS}
     bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
     if bad:
@@ -301,14 +293,12 @@ def check_tokenizer_matches(meta, tokenizer):
 
 def load_model(source, device, phase="eval", model_tag=None, step=None, base_dir=None):
     """(model, tokenizer, meta) for a source ('base', 'mid', 'sft', 'rl')."""
-    from nanochat.tokenizer import get_tokenizer
     directory, step, model_tag = resolve_checkpoint(source, model_tag, step, base_dir)
     model, meta = build_model(directory, step, device, phase)
     tokenizer = get_tokenizer(base_dir)
     check_tokenizer_matches(meta, tokenizer)
-    # Where this run lives is what was resolved from the tag, never what the metadata says: a
-    # copied or edited meta file must not redirect evaluations (meta["model_tag"] is overwritten;
-    # the recorded one is kept as saved_model_tag).
+    # Where this run lives is what the tag resolved to, never what a (copied, edited) meta file says;
+    # the recorded tag is kept as saved_model_tag.
     if "model_tag" in meta:
         meta["saved_model_tag"] = meta["model_tag"]
     dirs = artifact_dirs(source, model_tag, base_dir)

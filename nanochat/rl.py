@@ -1,12 +1,7 @@
 """Reinforcement learning on verifiable tasks, in the parent checkpoint's direction: on-policy policy
-gradient with group-normalised advantages (GRPO-style, no KL term, one optimizer step per rollout):
-
-    for each prompt, sample G completions from the current model;
-    advantage_i = (r_i - mean(r)) / (std(r) + eps)          within the group of G
-    loss = -sum_i advantage_i * log p(completion_i) / (tokens generated in the step)
-
-Generated tokens are restored to reading order before `task.reward` sees them. Why this algorithm,
-what log p covers (the stop action), directions and the distributed step: docs/DESIGN.md §6.
+gradient with group-normalised advantages (GRPO-style, no KL term, one optimizer step per rollout).
+Generated tokens are restored to reading order before `task.reward` sees them. The algorithm, why
+it, what log p covers (the stop action), directions and the distributed step: docs/DESIGN.md §6.
 """
 
 import math
@@ -102,13 +97,6 @@ def sample_group(engine, spec, task, example_index, direction, num_samples, max_
     return Group(example_index, direction, prompt, tuple(stops), completions, stopped, texts, rewards)
 
 
-def example_direction(spec, usable, index):
-    """Training example `index`'s direction: the one the task allows, else the model's (drawn)."""
-    if len(usable) == 1:
-        return usable[0]
-    return spec.concrete_direction_for(index)
-
-
 def sample_seed(seed, index, salt=0):
     # Distinct, reproducible sampling seeds per example (and per purpose: train vs eval).
     return (int(seed) * 1_000_003 + int(salt) * 7_919 + int(index)) % (2 ** 63)
@@ -180,7 +168,6 @@ class RLTrainer(Trainer):
         super().__init__(model, optimizers, None, 1, 0, device, world_size=world_size, lr_schedule=lr_schedule,
                          lr_scale=lr_scale)
         self.engine, self.spec, self.rollouts = engine, spec, rollouts
-        self.directions = rollouts.directions
         self.autocast = autocast
         self.local_examples = rollouts.examples_per_step // world_size
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -194,7 +181,8 @@ class RLTrainer(Trainer):
         groups = []
         for j in progress(range(self.local_examples), desc=f"step {step} rollouts", unit="prompt", min_time_s=10):
             index = step * ro.examples_per_step + j * world_size + self.rank  # global example index
-            direction = example_direction(self.spec, self.directions, index)
+            # The one direction the task allows, else the model's draw for this example.
+            direction = ro.directions[0] if len(ro.directions) == 1 else self.spec.concrete_direction_for(index)
             with self.autocast:
                 groups.append(sample_group(self.engine, self.spec, ro.task, index % len(ro.task), direction,
                                            ro.num_samples, seed=sample_seed(ro.seed, index), **ro.sampling))
@@ -218,7 +206,7 @@ class RLTrainer(Trainer):
         model.zero_grad(set_to_none=True)
         # Step statistics over all ranks: loss, then reward sum and count overall and per direction.
         stats = [local_loss]
-        for d in [None] + list(self.directions):
+        for d in [None] + list(ro.directions):
             rewards = [r for g in groups if d in (None, g.direction) for r in g.rewards]
             stats += [sum(rewards), len(rewards)]
         stats = _all_reduce_sum(stats, device)
@@ -229,8 +217,8 @@ class RLTrainer(Trainer):
         dt = time.time() - t0
         metrics = {"reward": stats[1] / max(1.0, stats[2]), "loss": stats[0], "lr_mult": mult,
                    "tokens": int(num_tokens), "dt": dt, "tok_per_s": num_tokens / max(dt, 1e-9)}
-        if len(self.directions) > 1:
-            for i, d in enumerate(self.directions):
+        if len(ro.directions) > 1:
+            for i, d in enumerate(ro.directions):
                 reward_sum, count = stats[3 + 2 * i], stats[4 + 2 * i]
                 metrics[f"reward_{d}"] = reward_sum / count if count else float("nan")
         if self.first_reward is None:

@@ -25,9 +25,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
 def gpu_peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""  # no MFU off CUDA
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
@@ -99,22 +97,15 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * self.lr_scale * mult
-            if isinstance(opt, Muon):
-                for group in opt.param_groups:
+                if isinstance(opt, Muon):
                     group["momentum"] = muon_momentum(step)
         return mult
 
     def step(self, step, want_layer_grads=False, timing=False):
-        """One optimizer step; returns a dict of scalar metrics (and per-layer grad norms).
-
-        The device is synchronised once per step, at its end: the loss and the gradient norm
-        come back to the host in one transfer, which queues behind the optimizer's kernels and so
-        also marks the end of the step for `dt` (the sync at the start is free after the previous
-        step). `dt_data` is the time spent waiting in next() for batches (~0 with a Prefetcher
-        that keeps up, nanochat/prefetch.py). With timing=True two more synchronisations split
-        the step into `dt_fwd_bwd` (forward + backward, data wait excluded) and `dt_optim`
-        (gradient sync, norm, optimizers): for benchmarks, not for training.
-        """
+        """One optimizer step; returns a dict of scalar metrics (and per-layer grad norms). One host
+        sync, at the end: loss and grad norm come back in one transfer, queued behind the optimizer,
+        so it also ends `dt`. `dt_data`: time waiting for batches. timing=True (benchmarks) adds two
+        syncs to split off `dt_fwd_bwd` (data wait excluded) and `dt_optim` (sync, norm, optimizers)."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -170,15 +161,14 @@ class Trainer:
     def optimizer_state(self):
         return [opt.state_dict() for opt in self.optimizers]
 
-    def load_optimizer_state(self, states, keep_hyperparameters=True):
-        """Load saved moments and step counts; with keep_hyperparameters every group keeps this
-        run's hyperparameters (a resumed run's flags apply from the resume step)."""
+    def load_optimizer_state(self, states):
+        """Load saved moments and step counts; every group keeps this run's hyperparameters (a
+        resumed run's flags apply from the resume step)."""
         for opt, s in zip(self.optimizers, states):
             fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(s)
             for group, wanted in zip(opt.param_groups, fresh):
-                if keep_hyperparameters:
-                    group.update(wanted)
+                group.update(wanted)
                 group.setdefault("initial_lr", group["lr"])  # the schedule is re-applied from the step
 
 
@@ -217,7 +207,7 @@ class StopRequested(SystemExit):
 
 
 @contextmanager
-def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
+def stop_on_signals():
     """Within the block the first SIGTERM/SIGINT only sets `state["signal"]` (the loop stops after
     its step); a second one interrupts at once. Off the main thread the block does nothing."""
     state = {"signal": None}
@@ -233,7 +223,7 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
                 return
             raise KeyboardInterrupt(f"second signal {signum}")
         state["signal"], state["at"] = signum, time.monotonic()
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield state
     finally:
@@ -275,9 +265,6 @@ class StepLog:
         if self.wandb_run is not None:
             self.wandb_run.log(dict(metrics, step=step))
 
-    def write_snapshot(self, step, layer_grads):
-        self.logger.log_snapshot(step, self.snapshot(step, layer_grads))
-
     def flush(self):
         if self.logger is not None and not self.logger.closed:
             self.logger.flush()
@@ -311,7 +298,7 @@ def run_loop(trainer, start_step, num_iterations, log=None, monitor=None, evalua
                     last.update(val)
                 log.write(done, num_iterations, metrics)
                 if want_snapshot:
-                    log.write_snapshot(done, layer_grads)
+                    log.logger.log_snapshot(done, log.snapshot(done, layer_grads))
                 bad = sorted(k for k, v in last.items() if isinstance(v, float) and not math.isfinite(v))
                 if bad:
                     raise TrainingDiverged(f"{', '.join(bad)} is not finite at step {done} ({last[bad[0]]})")

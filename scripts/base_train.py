@@ -103,10 +103,6 @@ SCHEDULE_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
                   "warmdown_ratio", "final_lr_frac", "grad_clip")
 
 
-def default_model_tag(depth, direction):
-    return f"d{depth}" if direction == "forward" else f"d{depth}_{direction}"
-
-
 def validate_args(args):
     if args.direction is not None:
         validate_direction(args.direction)
@@ -167,24 +163,13 @@ def resolve_base_flags(args, meta, run, world_size=1):
     resolve_model_data_flags(args, defaults, saved, run, same)
 
 
-def sample_texts(engine, max_tokens=48):
-    """A few greedy generations in each direction the model generates, shown in reading order."""
-    lines = []
-    for direction in engine.spec.generation_directions():
-        prompts = by_direction(direction, forward=SAMPLE_BEGINNINGS, backward=SAMPLE_ENDINGS)
-        for text in prompts:
-            out = engine.complete(text, direction, max_tokens=max_tokens, temperature=0.0)[0]
-            lines.append(f"[{direction}] {out['text']!r}")
-    return lines
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     validate_args(args)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
-        model_tag = args.model_tag or default_model_tag(args.depth or MODEL_DATA_DEFAULTS["depth"],
-                                                        args.direction or "forward")
+        depth, direction = args.depth or MODEL_DATA_DEFAULTS["depth"], args.direction or "forward"
+        model_tag = args.model_tag or (f"d{depth}" if direction == "forward" else f"d{depth}_{direction}")
         with PhaseRun("base", model_tag, rank, device, **run_options(args)) as run:
             train(args, run, rank, world_size, device)
     finally:
@@ -250,15 +235,13 @@ def train(args, run, rank, world_size, device):
     def evaluate(step):
         model.eval()
         res = evaluate_bpb(model, tokenizer, token_bytes, eval_docs, eval_directions, args.direction, T, B, device, autocast)
-        model.train()
         print0(f"step {step:05d} | " + " | ".join(f"val bpb {d}: {r['bpb']:.4f}" for d, r in res.items()))
         metrics = {f"val_bpb_{d}": r["bpb"] for d, r in res.items()}
         if core is not None and (step % args.core_metric_every == 0 or step == num_iterations):
-            model.eval()
             metrics.update(core.evaluate_during_training(model, tokenizer, args.direction, device, T, B, autocast, step,
                                                          run.dirs["evaluations"], rank, world_size,
                                                          {"model_tag": run.tag}))
-            model.train()
+        model.train()
         return metrics
 
     user_config = dict(vars(args))
@@ -272,11 +255,13 @@ def train(args, run, rank, world_size, device):
 
     engine = Engine(model, tokenizer, spec=spec)
 
-    def sample(step):
+    def sample(step):  # a few greedy generations in each direction, shown in reading order
         if rank == 0:
             model.eval()
-            for line in sample_texts(engine):
-                print0(line)
+            for direction in eval_directions:
+                for text in by_direction(direction, forward=SAMPLE_BEGINNINGS, backward=SAMPLE_ENDINGS):
+                    out = engine.complete(text, direction, max_tokens=48, temperature=0.0)[0]
+                    print0(f"[{direction}] {out['text']!r}")
             model.train()
 
     run.clear()

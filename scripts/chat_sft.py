@@ -42,8 +42,6 @@ def main(argv=None):
     try:
         with later_phase_run("sft", args, MODEL_DATA_DEFAULTS, rank, device) as (run, model, tokenizer, spec,
                                                                                 parent, _):
-            # One conversation per row, padded to T, in the model's direction; the loop, evaluation and
-            # checkpoints of both conversation phases (scripts/phase_flags.py).
             train_conversations("sft", "pad", args, run, model, tokenizer, spec, parent, rank, world_size, device,
                                 lambda step: lr_multiplier(step, args.num_iterations, args.warmdown_ratio),
                                 SCHEDULE_FLAGS)

@@ -3,11 +3,9 @@
     python -m scripts.lr_sweep --depths=2,4 --directions=forward,backward --num_iterations=250
     python -m scripts.lr_sweep --stage=confirm --directions=backward --configs="original:0.04:0.2:0.004"
 
-Each configuration is one real `scripts.base_train` run in a subprocess, scored by its final
-validation bits per byte on the same held-out documents. A coordinate sweep at each depth and
-direction: Muon's lr under both conventions, then the AdamW embedding lr, then the head lr.
-Rows are appended to `--out` (JSON lines) so an interrupted sweep loses nothing; each run's
-checkpoints are deleted. Method and results: docs/LR_SWEEP.md.
+Each configuration is one real `scripts.base_train` run, scored by its final validation bpb; rows
+are appended to `--out` (JSON lines), so an interrupted sweep loses nothing. Method (a coordinate
+sweep: Muon, then embedding, then head lr) and results: docs/LR_SWEEP.md.
 """
 
 import argparse
@@ -47,12 +45,6 @@ def build_parser():
     return p
 
 
-def _key(depth, direction, cfg, args):
-    return json.dumps([depth, direction, cfg["matrix_lr_scaling"], cfg["matrix_lr"], cfg["embedding_lr"],
-                       cfg["unembedding_lr"], args.num_iterations, args.max_seq_len, args.total_batch_size,
-                       args.seed])
-
-
 def _load(path):
     if not os.path.exists(path):
         return {}
@@ -63,19 +55,18 @@ def _load(path):
 
 def run_one(depth, direction, cfg, args, done, out):
     """Final validation bpb of one base_train run (cached in `out` by configuration)."""
-    key = _key(depth, direction, cfg, args)
+    key = json.dumps([depth, direction, cfg["matrix_lr_scaling"], cfg["matrix_lr"], cfg["embedding_lr"],
+                      cfg["unembedding_lr"], args.num_iterations, args.max_seq_len, args.total_batch_size, args.seed])
     if key in done:
         return done[key]["bpb"]
-    tag = f"lrsweep_{os.getpid()}_{len(done)}_{int(time.time())}"
-    cmd = [sys.executable, "-m", "scripts.base_train", f"--direction={direction}", f"--depth={depth}",
-           f"--max_seq_len={args.max_seq_len}", f"--device_batch_size={args.device_batch_size}",
-           f"--total_batch_size={args.total_batch_size}", f"--num_iterations={args.num_iterations}",
-           f"--matrix_lr_scaling={cfg['matrix_lr_scaling']}", f"--matrix_lr={cfg['matrix_lr']}",
-           f"--embedding_lr={cfg['embedding_lr']}", f"--unembedding_lr={cfg['unembedding_lr']}",
-           f"--seed={args.seed}", f"--eval_tokens={args.eval_tokens}", "--eval_every=-1", "--sample_every=-1",
-           "--log_every=50", f"--model_tag={tag}", "--research_log=0"]
+    tag = f"lrsweep_{os.getpid()}_{len(done)}_{int(time.time())}"  # its checkpoints are deleted after the run
+    flags = dict(direction=direction, depth=depth, max_seq_len=args.max_seq_len,
+                 device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
+                 num_iterations=args.num_iterations, **cfg, seed=args.seed, eval_tokens=args.eval_tokens,
+                 eval_every=-1, sample_every=-1, log_every=50, model_tag=tag, research_log=0)
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run([sys.executable, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in flags.items())],
+                          capture_output=True, text=True, timeout=args.timeout)
     shutil.rmtree(os.path.join(get_base_dir(), "base_checkpoints", tag), ignore_errors=True)
     final = [line for line in proc.stdout.splitlines() if line.startswith("final: ")]
     if proc.returncode != 0 or not final:
@@ -94,13 +85,6 @@ def run_one(depth, direction, cfg, args, done, out):
     return bpb
 
 
-def _best(scored):
-    finite = [(b, c) for c, b in scored if b == b]
-    if not finite:
-        raise UserError("every run of this stage failed; see the messages above")
-    return min(finite, key=lambda t: t[0])[1]
-
-
 def _floats(spec, name):
     try:
         return [float(x) for x in spec.split(",") if x.strip()]
@@ -109,20 +93,22 @@ def _floats(spec, name):
 
 
 def sweep(depth, direction, args, done, out):
+    def best(configs):  # the lowest final bpb; a failed run (NaN) is skipped
+        scored = [(run_one(depth, direction, c, args, done, out), c) for c in configs]
+        finite = [(bpb, c) for bpb, c in scored if bpb == bpb]
+        if not finite:
+            raise UserError("every run of this stage failed; see the messages above")
+        return min(finite, key=lambda t: t[0])[1]
+
     cfg = dict(DEFAULTS)
     stages = ("matrix", "embedding", "unembedding") if args.stage == "all" else (args.stage,)
     if "matrix" in stages:
-        scored = []
-        for pair in args.matrix_grid.split(","):
-            scaling, _, lr = pair.partition(":")
-            c = dict(cfg, matrix_lr_scaling=scaling, matrix_lr=float(lr))
-            scored.append((c, run_one(depth, direction, c, args, done, out)))
-        cfg = _best(scored)
+        pairs = [pair.partition(":") for pair in args.matrix_grid.split(",")]
+        cfg = best([dict(cfg, matrix_lr_scaling=scaling, matrix_lr=float(lr)) for scaling, _, lr in pairs])
     for stage, name in (("embedding", "embedding_lr"), ("unembedding", "unembedding_lr")):
         if stage in stages:
             grid = sorted(set(_floats(getattr(args, f"{stage}_grid"), f"{stage}_grid") + [cfg[name]]))
-            cfg = _best([(dict(cfg, **{name: v}), run_one(depth, direction, dict(cfg, **{name: v}), args, done, out))
-                         for v in grid])
+            cfg = best([dict(cfg, **{name: v}) for v in grid])
     return cfg
 
 

@@ -42,8 +42,6 @@ def main(argv=None):
     try:
         with later_phase_run("mid", args, MODEL_DATA_DEFAULTS, rank, device) as (run, model, tokenizer, spec,
                                                                                 parent, _):
-            # Conversations packed into rows of T tokens, in the model's direction; the loop, evaluation and
-            # checkpoints of both conversation phases (scripts/phase_flags.py).
             train_conversations("mid", "pack", args, run, model, tokenizer, spec, parent, rank, world_size, device,
                                 lambda step: lr_multiplier(step, args.num_iterations, args.warmdown_ratio),
                                 SCHEDULE_FLAGS)

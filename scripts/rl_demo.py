@@ -3,11 +3,10 @@
     python -m scripts.rl_demo                                   # forward, backward, bidirectional
     python -m scripts.rl_demo --directions=forward --rl_iterations=80
 
-For each direction, in a fresh base directory (temporary unless --base_dir): a depth-2 base model
-on the built-in corpus -> SFT on two-way arithmetic, kept short on purpose (RL can only improve a
-policy that sometimes earns a reward) -> RL on the same task. The rewards before and after RL are
-read back from the RL checkpoint's metadata into one table. Every stage is an ordinary
-`python -m scripts.X` command, printed before it runs.
+For each direction, in a fresh base directory (temporary unless --base_dir): a depth-2 base model on
+the built-in corpus -> a short SFT on two-way arithmetic (RL can only improve a policy that sometimes
+earns a reward) -> RL on the same task; one table of the rewards the RL checkpoints recorded. Each
+stage is an ordinary `python -m scripts.X` command, printed before it runs.
 """
 
 import argparse
@@ -30,11 +29,10 @@ SFT_ITERATIONS = {"forward": 100, "backward": 200, "bidirectional": 250}
 
 
 def run(stage, args, base_dir, quiet):
-    cmd = [sys.executable, "-m", *args]
     print(f"\n=== {stage}: NANOCHAT_BASE_DIR={base_dir} python -m {' '.join(args)}", flush=True)
-    env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir)
     t0 = time.time()
-    result = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
+    result = subprocess.run([sys.executable, "-m", *args], env=dict(os.environ, NANOCHAT_BASE_DIR=base_dir),
+                            capture_output=quiet, text=True)
     if result.returncode != 0:
         if quiet:
             sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
@@ -85,13 +83,12 @@ def main(argv=None):
             f"--num_iterations={sft_iterations}", f"--init_lr_frac={args.sft_lr_frac}", "--max_seq_len=32",
             "--device_batch_size=16", "--eval_every=-1", f"--log_every={sft_iterations}", "--device_type=cpu",
             f"--seed={args.seed}"], base_dir, quiet)
-        rl_args = [
+        result = run(f"rl {direction}", [
             "scripts.chat_rl", "--source=sft", f"--model_tag={tag}", "--task=arithmetic",
             f"--num_iterations={args.rl_iterations}", f"--examples_per_step={args.examples_per_step}",
             f"--num_samples={args.num_samples}", "--max_new_tokens=16", f"--init_lr_frac={args.rl_lr_frac}",
-            f"--eval_examples={args.eval_examples}", f"--eval_k={args.eval_k}", "--eval_every=-1",
-            f"--log_every={max(1, args.rl_iterations // 10)}", "--device_type=cpu", f"--seed={args.seed}"]
-        result = run(f"rl {direction}", rl_args, base_dir, quiet)
+            f"--eval_examples={args.eval_examples}", f"--eval_k={args.eval_k}", "--eval_every=-1", "--device_type=cpu",
+            f"--log_every={max(1, args.rl_iterations // 10)}", f"--seed={args.seed}"], base_dir, quiet)
         if quiet:  # the evaluation lines are the point of the demo: show them anyway
             print("\n".join(line for line in result.stdout.splitlines() if "| eval" in line), flush=True)
         rl_dir = checkpoint_dir_for("rl", tag, base_dir)
