@@ -7,6 +7,8 @@ arrive, drawing the same random numbers as `generate`. `ChatHistory` keeps a mul
 reading order (forward appends exchanges, backward prepends them).
 """
 
+from itertools import takewhile
+
 import torch
 import torch.nn.functional as F
 
@@ -58,11 +60,6 @@ def sample_next(logits, generator, temperature=1.0, top_k=None):
         logits = logits.masked_fill(logits < values[:, -1:], float("-inf"))
     probs = F.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
-
-
-def _autocast(device_type):
-    from nanochat.training import autocast_context  # lazy: training imports more than the engine needs
-    return autocast_context(device_type)
 
 
 class Engine:
@@ -129,23 +126,20 @@ class Engine:
         max_tokens = self._room(prompt, max_tokens)
         steps = list(self._steps(prompt, num_samples, max_tokens, temperature, top_k, seed, stop_tokens, use_cache))
         out = torch.cat(steps, dim=1) if steps else torch.empty((num_samples, 0), dtype=torch.long)
-        results = []
         stop_set = set(stop_tokens)
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
-            results.append(row[:cut])
-        return results
+        return [list(takewhile(lambda t: t not in stop_set, row)) for row in out.tolist()]
 
     def stream(self, prompt, max_tokens=64, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
         """One sample, token by token (model orientation), stopping before a stop token: the tokens
         of generate(num_samples=1) for the same seed."""
+        from nanochat.training import autocast_context  # lazy: training imports more than the engine needs
         prompt = list(prompt)
         max_tokens = self._room(prompt, max_tokens)
         stop_set = set(stop_tokens)
         steps = self._steps(prompt, 1, max_tokens, temperature, top_k, seed, stop_tokens, True)
         while True:
             # Contexts per step: the consumer (the web server) may resume us from another thread.
-            with torch.inference_mode(), _autocast(self.device.type):
+            with torch.inference_mode(), autocast_context(self.device.type):
                 next_ids = next(steps, None)
             if next_ids is None:
                 return
@@ -221,28 +215,19 @@ class ChatHistory:
                             backward={"messages": [{"role": "assistant", "content": text}] + self.messages})
 
     def record(self, text, generated):
-        """Keep the finished exchange: the user's text and the model's turn."""
-        # forward: the user asked `text`, the model answered; backward: the user gave the answer
-        # `text`, the model wrote the question. Either way the exchange is user then assistant.
+        """Keep the finished exchange, user then assistant: forward, the user asked `text` and the model
+        answered; backward, the user gave the answer `text` and the model wrote the question."""
         asked = [{"role": "user", "content": text}, {"role": "assistant", "content": generated}]
         answered = [{"role": "user", "content": generated}, {"role": "assistant", "content": text}]
         self.messages = by_direction(self.direction, forward=self.messages + asked, backward=answered + self.messages)
 
-    def clear(self):
-        self.messages = []
-
-    @property
-    def exchanges(self):
-        return len(self.messages) // 2
-
-    def fit(self, engine, text, room, max_exchanges=None):
+    def fit(self, engine, text, room):
         """Drop the exchanges farthest from the new turn until the prompt leaves `room` tokens in the
-        context and at most max_exchanges remain; returns how many. A text too long alone: UserError."""
+        context; returns how many. A text too long alone: UserError."""
         dropped = 0
         limit = engine.model.config.sequence_len
         while True:
-            too_many = max_exchanges is not None and self.exchanges > max_exchanges
-            if not too_many and engine.chat_prompt_len(self.request(text), self.direction) + room <= limit:
+            if engine.chat_prompt_len(self.request(text), self.direction) + room <= limit:
                 return dropped
             if not self.messages:
                 raise UserError(f"the message is too long for the model's {limit}-token context "

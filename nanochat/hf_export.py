@@ -71,15 +71,6 @@ def tokenizer_json(tokenizer):
 
 
 # ---- config ---------------------------------------------------------------------------------------
-def is_chat_model(meta):
-    return meta.get("phase") in CHAT_PHASES  # nanochat/phases.py
-
-
-def chat_token_ids(tokenizer):
-    return {name: tokenizer.special_tokens[name] for name in tokenizer.special_tokens
-            if name not in ("<|bos|>", "<|forward|>", "<|backward|>")}
-
-
 # Where a chat turn written in each concrete direction ends (docs/DESIGN.md §5).
 CHAT_STOPS = {"forward": "<|assistant_end|>", "backward": "<|user_start|>"}
 
@@ -94,8 +85,10 @@ def stop_token_ids(tokenizer, spec, chat):
 
 
 def qwen3_config(model_config, tokenizer, meta, dtype_name="float32"):
-    c, spec, chat = model_config, DirectionSpec.for_model(meta, tokenizer), is_chat_model(meta)
+    c, spec, chat = model_config, DirectionSpec.for_model(meta, tokenizer), meta.get("phase") in CHAT_PHASES
     markers = dict(zip(CONCRETE_DIRECTIONS, tokenizer.get_marker_ids())) if tokenizer.has_direction_markers() else None
+    chat_ids = {name: i for name, i in tokenizer.special_tokens.items()
+                if name not in ("<|bos|>", "<|forward|>", "<|backward|>")}
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -131,7 +124,7 @@ def qwen3_config(model_config, tokenizer, meta, dtype_name="float32"):
         "nanochat_direction": spec.direction,
         "nanochat_marker_ids": markers,
         "nanochat_bos_id": tokenizer.get_bos_token_id(),
-        "nanochat_chat_token_ids": chat_token_ids(tokenizer),
+        "nanochat_chat_token_ids": chat_ids,
         "nanochat_chat_model": chat,
         "nanochat_checkpoint": {"phase": meta.get("phase"), "model_tag": meta.get("model_tag"), "step": meta.get("step")},
     }
@@ -153,10 +146,8 @@ CHAT_TEMPLATE = (
 
 
 # ---- model card -----------------------------------------------------------------------------------
-# The card's `generate` is code for a user of the exported model, who has transformers but not this
-# package, so it spells out the reversal that DirectionSpec.generation_prompt / restore_generation do
-# here. It is documentation, not a second implementation: tests/test_export_hf.py runs it as printed
-# and checks that it generates exactly what our Engine does, forward and backward.
+# The card's `generate` spells out DirectionSpec's reversal for a user who has transformers but not
+# this package; tests/test_export_hf.py runs it as printed and checks it generates what our Engine does.
 CARD = """---
 library_name: transformers
 tags: [nanochat-direction, {direction}]
@@ -235,7 +226,7 @@ there (nanochat encodes them as plain text).
 
 def model_card(model_config, tokenizer, meta, folder):
     direction = DirectionSpec.for_model(meta, tokenizer).direction
-    chat = is_chat_model(meta)
+    chat = meta.get("phase") in CHAT_PHASES
     return CARD.format(
         name=meta.get("model_tag") or "nanochat-direction model", direction=direction, phase=meta.get("phase"),
         step=meta.get("step"), n_layer=model_config.n_layer, n_embd=model_config.n_embd,
@@ -267,21 +258,20 @@ def export(model, tokenizer, meta, out_dir, dtype="float32", overwrite=False):
              for k, v in model.state_dict().items()}
     cfg = qwen3_config(model.config, tokenizer, meta, dtype)
     bos = tokenizer.get_bos_token_id()
-    extra_specials = [n for n in sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get) if n != "<|bos|>"]
+    specials = {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>", "additional_special_tokens":
+                [n for n in sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get) if n != "<|bos|>"]}
     files = {
         "config.json": cfg,
-        "generation_config.json": {"bos_token_id": bos, "eos_token_id": cfg["eos_token_id"], "do_sample": True, "temperature": 0.8, "top_k": 50},
+        "generation_config.json": {"bos_token_id": bos, "eos_token_id": cfg["eos_token_id"], "do_sample": True,
+                                   "temperature": 0.8, "top_k": 50},
         "tokenizer.json": tokenizer_json(tokenizer),
-        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
-                                  "eos_token": "<|bos|>", "pad_token": "<|bos|>",
-                                  "additional_special_tokens": extra_specials,
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
                                   "model_max_length": model.config.sequence_len, "add_bos_token": False,
                                   "clean_up_tokenization_spaces": False},
-        "special_tokens_map.json": {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>",
-                                    "additional_special_tokens": extra_specials},
+        "special_tokens_map.json": specials,
     }
     spec = DirectionSpec.for_model(meta, tokenizer)
-    if is_chat_model(meta) and "forward" in spec.generation_directions():
+    if meta.get("phase") in CHAT_PHASES and "forward" in spec.generation_directions():
         # The template writes BOS, then <|forward|> exactly when the spec's forward header has a marker.
         marker = len(spec.header("forward")) > 1
         files["tokenizer_config.json"]["chat_template"] = CHAT_TEMPLATE.replace(

@@ -11,6 +11,7 @@ On disk ($NANOCHAT_BASE_DIR/tokenizer/):
 """
 
 import base64
+import hashlib
 import json
 import os
 
@@ -58,6 +59,7 @@ class Tokenizer:
         self.mergeable_ranks = mergeable_ranks
         self.special_tokens = dict(special_tokens)
         self.train_direction = train_direction  # the text the merges were fitted to (TRAIN_DIRECTIONS)
+        self._fingerprint = None
         self.enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
 
@@ -156,17 +158,14 @@ class Tokenizer:
     def fingerprint(self):
         """sha256 of what defines the token ids (merge ranks, special tokens, split pattern): recorded in
         every checkpoint's meta and compared on load, so a retrained tokenizer of the same size is caught."""
-        cached = getattr(self, "_fingerprint", None)
-        if cached is None:
-            import hashlib
-            h = hashlib.sha256()
-            h.update(self.pattern.encode())
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.pattern.encode())
             for name, token_id in sorted(self.special_tokens.items()):
                 h.update(f"\0{name}\0{token_id}".encode())
             for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
                 h.update(b"\0" + base64.b64encode(token) + f" {rank}".encode())
-            cached = self._fingerprint = h.hexdigest()
-        return cached
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     # ---- vocabulary ----------------------------------------------------------------------
     def get_vocab_size(self):
@@ -217,8 +216,6 @@ class Tokenizer:
             batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
             return [pre + ids + post for ids in batch] if pre or post else batch
         raise TypeError(f"encode() takes a string or a list of strings, not {type(text).__name__}")
-
-    __call__ = encode
 
     # ---- conversations: the plan's interface to nanochat/conversation.py (the chat template) ----
     def render_conversation(self, conversation, train_on="assistant", closing="end"):

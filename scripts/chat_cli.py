@@ -11,10 +11,9 @@ Multi-turn, through the same nanochat.engine.ChatHistory as scripts/chat_web.py:
 import argparse
 import sys
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import UserError, add_flag, check_sampling, compute_init, run_main
 from nanochat.engine import ChatHistory, Engine
-from nanochat.training import autocast_context
 
 # Per concrete direction: what the user types, what the model writes, which exchanges
 # ChatHistory.fit drops first (the farthest from the new turn), and whether the reply can be shown
@@ -77,43 +76,28 @@ class ChatSession:
         self.say(f"mode: {direction}{' (conversation cleared)' if had_history else ''} "
                  f"(type {ROLES[direction]['a_typed']})")
 
-    def reply(self, text, live=False):
-        """One exchange: the other side of `text`, kept in the history and returned labelled."""
-        room = min(self.args.max_tokens, MIN_ROOM)
-        dropped = self.history.fit(self.engine, text, room)
+    def exchange(self, text):
+        """Print the other side of `text`, labelled, and keep the exchange in the history. On a terminal
+        a forward answer appears as it is written; a backward question is written right to left, so it
+        is printed when complete (the same tokens: Engine.chat_stream draws as Engine.chat does)."""
+        dropped = self.history.fit(self.engine, text, min(self.args.max_tokens, MIN_ROOM))
         if dropped:
             self.say(f"(dropped the {ROLES[self.direction]['dropped']} {dropped} exchange(s): the conversation no "
                      "longer fits the context)")
-        label = ROLES[self.direction]["label"]
+        live = ROLES[self.direction]["live"] and getattr(self.out, "isatty", lambda: False)()
         sampling = dict(max_tokens=self.args.max_tokens, temperature=self.args.temperature,
                         top_k=None if self.args.top_k < 0 else self.args.top_k, seed=self.args.seed + self.exchanges)
-        if live:
-            # The same tokens as engine.chat (Engine.stream draws the same random numbers).
-            self.out.write(f"{label}: ")
-            shown = generated = ""
-            for generated in self.engine.chat_stream(self.history.request(text), self.direction, **sampling):
-                visible = generated.lstrip()
-                if visible.startswith(shown) and not visible.endswith("\ufffd"):  # whole characters only
-                    self.out.write(visible[len(shown):])
-                    self.out.flush()
-                    shown = visible
-            self.out.write(generated.strip()[len(shown):] + "\n")
-            self.out.flush()
-        else:
-            with autocast_context(self.engine.device.type):
-                generated = self.engine.chat(self.history.request(text), direction=self.direction, num_samples=1,
-                                             **sampling)[0]
+        self.out.write(f"{ROLES[self.direction]['label']}: ")
+        shown = generated = ""
+        for generated in self.engine.chat_stream(self.history.request(text), self.direction, **sampling):
+            visible = generated.lstrip()
+            if live and visible.startswith(shown) and not visible.endswith("\ufffd"):  # whole characters only
+                self.out.write(visible[len(shown):])
+                self.out.flush()
+                shown = visible
+        self.say(generated.strip()[len(shown):])
         self.exchanges += 1
         self.history.record(text, generated.strip())
-        return f"{label}: {generated.strip()}"
-
-    def exchange(self, text):
-        """Reply to `text` and print it. On a terminal a forward answer appears as it is written;
-        a backward question is written right to left, so it is printed when complete."""
-        if ROLES[self.direction]["live"] and getattr(self.out, "isatty", lambda: False)():
-            self.reply(text, live=True)
-        else:
-            self.say(self.reply(text))
 
     def handle(self, line):
         """Process one input line; False when the session should end."""
@@ -127,7 +111,7 @@ class ChatSession:
             if command in ("/forward", "/backward"):
                 self.switch(command[1:])
             elif command == "/clear":
-                self.history.clear()
+                self.history = ChatHistory(self.direction)
                 self.say("cleared: the conversation starts over")
             elif command == "/help":
                 self.say(HELP)
@@ -175,8 +159,6 @@ class ChatSession:
 
 def main(argv=None, stdin=None, out=None):
     args = build_parser().parse_args(argv)
-    if args.source not in SOURCE_DIRS:
-        raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCE_DIRS)}")
     if args.max_tokens < 1:
         raise UserError("--max_tokens must be positive")
     check_sampling(args.temperature, args.top_k)

@@ -21,17 +21,10 @@ import threading
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
 from nanochat.common import UserError, add_flag, check_number, compute_init, get_base_dir, print0, run_main
-from nanochat.direction import CONCRETE_DIRECTIONS
 from nanochat.engine import ChatHistory, Engine
 from nanochat.paths import validate_name
 
 MODES = ("chat", "completion")
-
-
-def page_path():
-    """The page ships inside the nanochat package (see pyproject's package-data)."""
-    import nanochat
-    return os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "web", "index.html")
 
 
 class Limits:
@@ -126,11 +119,8 @@ def parse_request(body, slots, limits):
     if name not in slots:
         raise BadRequest(f"unknown model {name!r}: loaded models are {', '.join(slots)}", status=404)
     slot = slots[name]
-    requested = _string(body, "direction")  # none: the model's default (forward for bidirectional)
-    if requested is not None and requested not in CONCRETE_DIRECTIONS:
-        raise BadRequest(f"'direction' must be forward or backward, not {requested!r}")
-    try:
-        direction = slot.engine.spec.generation_direction(requested)
+    try:  # no direction: the model's default (forward for bidirectional)
+        direction = slot.engine.spec.generation_direction(_string(body, "direction"))
     except UserError as e:
         raise BadRequest(f"model {name!r}: {e}")
     mode = _string(body, "mode") or ("chat" if slot.chat else "completion")
@@ -310,7 +300,8 @@ def create_app(slots, limits=None, guard=None):
 
     @app.get("/", response_class=HTMLResponse)
     def index():
-        with open(page_path(), encoding="utf-8") as f:
+        import nanochat  # the page ships inside the package (pyproject's package-data)
+        with open(os.path.join(os.path.dirname(nanochat.__file__), "web", "index.html"), encoding="utf-8") as f:
             return HTMLResponse(f.read())
 
     @app.get("/health")

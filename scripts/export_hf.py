@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from nanochat.checkpoint_manager import SOURCE_DIRS, load_model
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import UserError, add_flag, print0, run_main
 from nanochat.hf_export import EXPORT_DTYPES, check_export, export
 
@@ -28,8 +28,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.source not in SOURCE_DIRS:
-        raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCE_DIRS)}")
     out = os.path.abspath(args.out)
     check_export(out, args.dtype, args.overwrite)  # before the model loads
     try:

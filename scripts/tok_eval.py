@@ -11,12 +11,6 @@ from nanochat.dataset import DocumentSource
 from nanochat.tokenizer import get_tokenizer
 
 
-def compression(tokenizer, texts):
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    n_tokens = sum(len(ids) for ids in tokenizer.encode(texts))
-    return n_bytes, n_tokens
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print the tokenizer's compression (bytes per token)")
     add_flag(parser, "max_docs", type=int, default=2000, help="documents per split to measure")
@@ -26,7 +20,8 @@ def main(argv=None):
     print(f"{'split':<6} {'docs':>6} {'bytes':>12} {'tokens':>10} {'bytes/token':>12}")
     for split in ("train", "val"):
         texts = [t for _, t in zip(range(args.max_docs), (text for _, text in DocumentSource(split).iter_from()))]
-        n_bytes, n_tokens = compression(tokenizer, texts)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        n_tokens = sum(len(ids) for ids in tokenizer.encode(texts))
         print(f"{split:<6} {len(texts):>6} {n_bytes:>12} {n_tokens:>10} {n_bytes / max(1, n_tokens):>12.3f}")
 
 

@@ -17,7 +17,7 @@ from nanochat.common import UserError, add_flag, run_main
 from nanochat.paths import check_writable
 from nanochat.dataset import DocumentSource
 from nanochat.progress import progress
-from nanochat.tokenizer import SPECIAL_TOKENS, TRAIN_DIRECTIONS, Tokenizer, tokenizer_dir
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
 
 
 def text_iterator(max_chars, doc_cap, data_dir=None):
@@ -42,8 +42,6 @@ def main(argv=None):
              help="text the merges are fitted to: forward, backward (characters reversed) or both")
     add_flag(parser, "overwrite", action="store_true", help="replace an existing tokenizer")
     args = parser.parse_args(argv)
-    if args.train_direction not in TRAIN_DIRECTIONS:
-        raise UserError(f"--train_direction={args.train_direction!r}: use one of {', '.join(TRAIN_DIRECTIONS)}")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         raise UserError("--max_chars and --doc_cap must be positive")
     out = tokenizer_dir()
@@ -56,11 +54,8 @@ def main(argv=None):
                                               train_direction=args.train_direction)
     train_s = time.time() - t0
     tokenizer.save(out)
-    # Sanity: a round trip and the special tokens every direction relies on.
     sample = "def add(a, b):\n    return a + b  # héllo wörld 123\n"
-    assert tokenizer.decode(tokenizer.encode(sample)) == sample
-    for name in SPECIAL_TOKENS:
-        tokenizer.encode_special(name)
+    assert tokenizer.decode(tokenizer.encode(sample)) == sample, "the tokenizer does not round-trip text"
     lengths = tokenizer.token_byte_lengths()
     print(f"trained a {tokenizer.get_vocab_size()}-token vocabulary on {args.train_direction} text in {train_s:.1f}s; "
           f"saved to {out}")

@@ -85,14 +85,14 @@ def test_bad_inputs_exit_with_one_error_line(env):
 
 # ---- multi-turn (nanochat.engine.ChatHistory, the path the web page uses too) ------------------
 def spy_prompts(monkeypatch):
-    """Record every prompt the engine is asked to continue."""
+    """Record every prompt the engine is asked to continue (the CLI streams every reply)."""
     from nanochat.engine import Engine
-    prompts, original = [], Engine.generate
+    prompts, original = [], Engine.stream
 
     def spy(self, prompt, *a, **kw):
         prompts.append(list(prompt))
         return original(self, prompt, *a, **kw)
-    monkeypatch.setattr(Engine, "generate", spy)
+    monkeypatch.setattr(Engine, "stream", spy)
     return prompts
 
 

@@ -111,7 +111,7 @@ def test_stream_draws_the_same_tokens_as_generate(slots):
     ("not json", 400, "not valid JSON"),
     ({"model": "nope", "text": "hi"}, 404, "unknown model"),
     ({"model": TAGS["forward"], "direction": "backward", "text": "hi"}, 400, "cannot generate backward"),
-    ({"model": TAGS["forward"], "direction": "sideways", "text": "hi"}, 400, "forward or backward"),
+    ({"model": TAGS["forward"], "direction": "sideways", "text": "hi"}, 400, "one of forward, backward"),
     ({"model": TAGS["forward"], "text": "  "}, 400, "non-empty"),
     ({"model": TAGS["forward"], "text": "hi", "max_tokens": 10_000}, 400, "max_tokens"),
     ({"model": TAGS["forward"], "text": "hi", "temperature": "hot"}, 400, "temperature"),
