@@ -4,7 +4,6 @@ rendered as letters A, B, ... in order (tasks/multiple_choice.py).
 """
 
 from nanochat.common import UserError
-from tasks.hub import load_task_data
 from tasks.multiple_choice import MultipleChoiceTask, multiple_choice_conversation
 
 SPLITS = ("train", "validation", "test")
@@ -16,17 +15,11 @@ class ARC(MultipleChoiceTask):
     data_files: local copies (see tasks/hub.py); the registry names are arc_easy/arc_challenge."""
 
     def __init__(self, subset="ARC-Easy", split="train", data_files=None, **kwargs):
-        super().__init__(**kwargs)
         if subset not in SUBSETS:
             raise UserError(f"ARC has no subset {subset!r}: use one of {', '.join(SUBSETS)}")
-        if split not in SPLITS:
-            raise UserError(f"ARC has no split {split!r}: use one of {', '.join(SPLITS)}")
-        self.subset, self.split, self.name = subset, split, SUBSETS[subset]
-        self.ds = load_task_data(self.name, "allenai/ai2_arc", subset, split,
-                                 ("question", "choices", "answerKey"), data_files)
-
-    def num_examples(self):
-        return len(self.ds)
+        self.subset, self.name = subset, SUBSETS[subset]
+        super().__init__(split, "allenai/ai2_arc", subset, ("question", "choices", "answerKey"), data_files, SPLITS,
+                         **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]

@@ -3,18 +3,12 @@
     user:      What is 7*8?
     assistant: 56
 
-Forward, the model reads the question and writes the product (multiplication: easy). Backward,
-the model is given the answer "56" and writes the question that precedes it; any factorisation
-with both factors > 1 is right ("7*8", "8*7", "4*14" all earn 1.0 for 56). That is factoring,
-the hard direction of the same relation, and it is what lets RL run offline on backward and
-bidirectional models (docs/DESIGN.md §6): a backward model needs a task whose *beginning* can be
-verified.
-
-Examples are generated, never downloaded: example i is a pure function of (split, seed, i), so
-every rank and every resume sees the same problems, and train and test draw from separate seed
-streams. With the default factors (2..12) there are only 121 ordered problems, so the test split
-repeats problems seen in training: it measures whether the table was learned, not
-generalisation to unseen numbers. Widen `max_factor` for that (and for a harder inverse).
+Forward the model writes the product; backward, given "56", it writes the question before it, and
+any factorisation with both factors > 1 is right ("7*8", "8*7", "4*14"): factoring, the hard direction,
+and a task whose *beginning* can be verified, so RL runs offline on backward models (docs/DESIGN.md §6).
+Example i is a pure function of (split, seed, i); train and test draw from separate seed streams. With
+the default factors (2..12) there are only 121 problems, so the test split repeats training problems
+(tasks/arithmetic_unseen.py splits by product instead).
 """
 
 import random
@@ -99,25 +93,20 @@ class TwoWayArithmetic(Task):
             ],
         }
 
-    @staticmethod
-    def _problem(conversation):
-        """(a, b, product) read back from a conversation of this task."""
-        question = turn_content(conversation, "user")
-        answer = turn_content(conversation, "assistant", which="last")
-        if question is None or answer is None:
-            raise ValueError("an arithmetic conversation needs a user question and an assistant answer")
-        factors = first_product_expression(question)
-        if factors is None or len(factors) != 2:
-            raise ValueError(f"not an arithmetic question: {question!r}")
-        return factors[0], factors[1], int(answer)
-
     def reward(self, conversation, generated_text, direction="forward"):
         """forward: 1.0 iff the first integer of the generated answer is a*b.
         backward: 1.0 iff the first product expression of the generated question is x*y with
         integers x, y > 1 and x*y equal to the given answer (any factorisation). Only the
         first expression counts, so listing many guesses earns nothing."""
         self.check_reward_direction(direction)
-        a, b, product = self._problem(conversation)
+        question = turn_content(conversation, "user")
+        answer = turn_content(conversation, "assistant", which="last")
+        if question is None or answer is None:
+            raise ValueError("an arithmetic conversation needs a user question and an assistant answer")
+        problem = first_product_expression(question)
+        if problem is None or len(problem) != 2:
+            raise ValueError(f"not an arithmetic question: {question!r}")
+        (a, b), product = problem, int(answer)
         if direction == "forward":
             return 1.0 if first_integer(generated_text) == a * b else 0.0
         factors = first_product_expression(generated_text)

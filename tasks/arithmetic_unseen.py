@@ -1,13 +1,10 @@
 """Two-way arithmetic whose test problems never occur in training: the split is by product.
 
 Every product of two factors in [min_factor, max_factor] goes to the test split with probability
-`test_fraction` (a pure function of the product and `split_seed`); a problem a*b belongs to the
-split of its product. So no test product, and no factor pair of one, is ever a training answer
-or question, in either direction: a model that answers the test split has not recalled it. With
-the default factors 2..40 there are 1521 ordered problems: 1190 train, 331 test (109 products).
-
-Each split lists its problems once, in a seeded order (`seed`); `size` takes the first `size`
-(wrapping around when it is larger). Reward and prompts are those of tasks/arithmetic.py.
+`test_fraction` (a pure function of the product and `split_seed`), and a problem a*b to the split of its
+product: no test product, nor any factor pair of one, is ever a training answer or question, in either
+direction. Default factors 2..40: 1190 train and 331 test problems (109 products). Each split lists its
+problems once in a seeded order; `size` takes the first `size` (wrapping around when it is larger).
 """
 
 import random

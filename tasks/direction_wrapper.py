@@ -6,9 +6,7 @@
     rows = wrapper.render_choices(conversation)        # multiple choice: one (ids, mask) per choice
     prompt, stops = wrapper.render_prompt(conversation)  # generation, native directions only
 
-`direction` is the *evaluated* direction; `model_direction` the one the model was *trained* in (left
-out: a one-way model, whose rows are [BOS] + text oriented for `direction`, as in the cross-direction
-matrix). Every row comes from nanochat.direction.DirectionSpec; `wrapper.scoring` says what applies.
+Every row comes from nanochat.direction.DirectionSpec; `wrapper.scoring` says what applies.
 """
 
 from nanochat.common import UserError
@@ -16,8 +14,8 @@ from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, DirectionSpec, v
 
 
 class DirectionTaskWrapper:
-    """`task` evaluated in the concrete `direction`, for a model trained in `model_direction`
-    (its name, or its DirectionSpec, e.g. an Engine's `spec`)."""
+    """`task` evaluated in the concrete `direction`, for a model trained in `model_direction` (its name,
+    or its DirectionSpec, e.g. an Engine's `spec`; left out: a one-way model, whose rows have no marker)."""
 
     def __init__(self, task, direction="forward", tokenizer=None, model_direction=None):
         if direction == "bidirectional":

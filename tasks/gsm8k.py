@@ -8,11 +8,8 @@ dropped (plain text, no tool calls). Forward only: an answer can be checked, a q
 import re
 from decimal import Decimal, InvalidOperation
 
-from nanochat.common import UserError
-from tasks.common import Task
-from tasks.hub import load_task_data
+from tasks.hub import HubTask
 
-SPLITS = ("train", "test")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _NUMBER = re.compile(r"-?\$?[0-9][0-9,]*(?:\.[0-9]+)?")
 
@@ -35,21 +32,14 @@ def final_number(text):
         return None
 
 
-class GSM8K(Task):
+class GSM8K(HubTask):
     """GSM8K `split` ("train" or "test"); data_files: local copies (see tasks/hub.py)."""
 
     name = "gsm8k"
     generation_directions = ("forward",)
 
     def __init__(self, split="train", data_files=None, **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise UserError(f"gsm8k has no split {split!r}: use one of {', '.join(SPLITS)}")
-        self.split = split
-        self.ds = load_task_data(self.name, "openai/gsm8k", "main", split, ("question", "answer"), data_files)
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__(split, "openai/gsm8k", "main", ("question", "answer"), data_files, **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]

@@ -1,5 +1,5 @@
-"""Loading task data through `datasets.load_dataset`: from the Hugging Face Hub online, from local
-files offline (so tests that load a small fixture run the same code as a real online run).
+"""Loading task data through `datasets.load_dataset` (and HubTask, the tasks made of its rows): from the
+Hugging Face Hub online, from local files offline (tests that load a fixture run the same code).
 
 Local files, in this order: the task's `data_files` argument (a file, a glob, a list of files, or a
 directory holding the split's files, SPLIT_FILE_PATTERNS); then $NANOCHAT_TASK_DATA_DIR/<task name>/.
@@ -11,6 +11,7 @@ import glob
 import os
 
 from nanochat.common import UserError
+from tasks.common import Task
 
 DATA_DIR_ENV = "NANOCHAT_TASK_DATA_DIR"
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -100,3 +101,17 @@ def load_task_data(task_name, hub_path, hub_config, split, columns, data_files=N
             f"pass data_files=<file, glob or directory>, or set {DATA_DIR_ENV}=<dir> holding "
             f"{task_name}/{split}.jsonl (or .parquet)") from e
     return _check_columns(task_name, dataset, columns, "/".join(hub_args))
+
+
+class HubTask(Task):
+    """A task whose examples are the rows of one split of a data set (`self.ds`, from load_task_data)."""
+
+    def __init__(self, split, hub_path, hub_config, columns, data_files=None, splits=("train", "test"), **kwargs):
+        super().__init__(**kwargs)
+        if split not in splits:
+            raise UserError(f"{self.name} has no split {split!r}: use one of {', '.join(splits)}")
+        self.split = split
+        self.ds = load_task_data(self.name, hub_path, hub_config, split, columns, data_files)
+
+    def num_examples(self):
+        return len(self.ds)

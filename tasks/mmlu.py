@@ -2,8 +2,6 @@
 tasks/multiple_choice.py with the subject as a preamble.
 """
 
-from nanochat.common import UserError
-from tasks.hub import load_task_data
 from tasks.multiple_choice import MultipleChoiceTask, multiple_choice_conversation
 
 SPLITS = ("auxiliary_train", "dev", "validation", "test")
@@ -15,14 +13,7 @@ class MMLU(MultipleChoiceTask):
     name = "mmlu"
 
     def __init__(self, split="test", data_files=None, **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise UserError(f"mmlu has no split {split!r}: use one of {', '.join(SPLITS)}")
-        self.split = split
-        self.ds = load_task_data(self.name, "cais/mmlu", "all", split, ("question", "choices", "answer"), data_files)
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__(split, "cais/mmlu", "all", ("question", "choices", "answer"), data_files, SPLITS, **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]

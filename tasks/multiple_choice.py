@@ -9,7 +9,7 @@ every direction; `reward` checks a generated letter (forward).
 
 import re
 
-from tasks.common import Task
+from tasks.hub import HubTask
 
 LETTERS = "ABCDEFGHIJ"
 _INSTRUCTION = "Answer with the letter of the correct choice."
@@ -36,7 +36,7 @@ def multiple_choice_conversation(question, choice_texts, answer, preamble=None):
     }
 
 
-class MultipleChoiceTask(Task):
+class MultipleChoiceTask(HubTask):
     """Categorical (choices compared by likelihood); a generated answer (forward only) is right iff its
     first standalone letter among the choices' letters is the answer's."""
 

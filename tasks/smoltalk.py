@@ -2,28 +2,17 @@
 Training data only: nothing to verify, so no generation direction and no reward.
 """
 
-from nanochat.common import UserError
-from tasks.common import Task
-from tasks.hub import load_task_data
-
-SPLITS = ("train", "test")
+from tasks.hub import HubTask
 
 
-class SmolTalk(Task):
+class SmolTalk(HubTask):
     """SmolTalk `split` ("train" or "test"); data_files: local copies (see tasks/hub.py)."""
 
     name = "smoltalk"
     generation_directions = ()
 
     def __init__(self, split="train", data_files=None, **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise UserError(f"smoltalk has no split {split!r}: use one of {', '.join(SPLITS)}")
-        self.split = split
-        self.ds = load_task_data(self.name, "HuggingFaceTB/smol-smoltalk", None, split, ("messages",), data_files)
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__(split, "HuggingFaceTB/smol-smoltalk", None, ("messages",), data_files, **kwargs)
 
     def get_example(self, index):
         # Keep only role and content: Hub rows may carry extra keys per message.
