@@ -23,8 +23,7 @@ def run_main(main):
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        compute_cleanup()
         sys.exit(2)
 
 
@@ -128,9 +127,8 @@ def check_number(name, value, low=None, high=None, integer=False, off=None):
     return int(value) if integer else value
 
 
-def check_sampling(temperature, top_k=None, prefix="--"):
+def check_sampling(temperature, top_k):
     """(temperature, top_k) unchanged if temperature is finite and >= 0, top-k >= 0 or -1 (off)."""
-    check_number(f"{prefix}temperature", temperature, low=0.0)
-    if top_k is not None:
-        check_number(f"{prefix}top_k", top_k, low=0, integer=True, off=-1)
+    check_number("--temperature", temperature, low=0.0)
+    check_number("--top_k", top_k, low=0, integer=True, off=-1)
     return temperature, top_k

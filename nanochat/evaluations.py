@@ -1,9 +1,7 @@
-"""Evaluation records: one JSON file per evaluation, `<run>/evaluations/<kind>_step<NNNNNN>.json`.
-
-The one place that names, writes, lists and cleans them; every evaluation and every reader goes through it.
-A kind says what was measured: a plain name (`bpb`, `core`, `consistency`) or a family and a detail
-(`direction_<task>`, `rerank_<task>`, `chat_<task>`, `consistency_pair_<backward tag>`). A kind is letters,
-digits, '.', '_' and '-' (a full match), so a record's name is always one file inside evaluations/.
+"""Evaluation records: one JSON file per evaluation, `<run>/evaluations/<kind>_step<NNNNNN>.json`; the one
+place that names, writes, lists and cleans them. A kind says what was measured: a plain name (`bpb`, `core`)
+or a family and a detail (`direction_<task>`, `rerank_<task>`, `consistency_pair_<backward tag>`). A kind is
+letters, digits, '.', '_' and '-' (a full match), so a record's name is always one file inside evaluations/.
 """
 
 import json
@@ -31,9 +29,8 @@ def record_path(evaluations_dir, kind, step):
 
 
 def refuse_existing(paths, overwrite):
-    """Before any work: an existing record is never replaced without --overwrite, and the
-    evaluations directory can be written (a read-only or full disk is one line now, not after
-    the whole evaluation ran and its results were lost)."""
+    """Before any work: refuse to replace an existing record without --overwrite, or to start with an
+    evaluations directory that cannot be written (one line now, not after the results are computed)."""
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
@@ -80,10 +77,9 @@ def latest_record(evaluations_dir, kind):
 
 def latest_of_each(evaluations_dir, family):
     """{detail: (step, path)}: the newest record of each `<family>_<detail>` kind, by detail."""
-    latest = {}
-    for step, detail, path in list_family(evaluations_dir, family):
-        if detail is not None:
-            latest[detail] = (step, path)  # listed by increasing step: the last one wins
+    # Listed by increasing step: the last one of each detail wins.
+    latest = {detail: (step, path) for step, detail, path in list_family(evaluations_dir, family)
+              if detail is not None}
     return dict(sorted(latest.items()))
 
 

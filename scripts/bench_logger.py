@@ -1,9 +1,5 @@
-"""Benchmark: the research log's overhead per training step and its size on disk.
-
-    python -m scripts.bench_logger --steps=20000 --flush_every=100
-
-Logs 8 scalars a step into a temporary file, as Python floats and as 0-d CPU tensors, and prints
-the time per `log_step` (closing included) and the file growth per 1,000 steps.
+"""Benchmark: the research log's time per `log_step` (8 scalars, as Python floats and as 0-d CPU tensors,
+closing included) and the file growth per 1,000 steps: `python -m scripts.bench_logger --steps=20000`.
 """
 
 import argparse
@@ -49,9 +45,8 @@ def main(argv=None):
     add_flag(p, "steps", type=int, default=20000, help="steps to log")
     add_flag(p, "flush_every", type=int, default=100, help="rows per block")
     args = p.parse_args(argv)
-    for use_tensors in (False, True):
+    for kind, use_tensors in (("Python floats", False), ("0-d torch tensors (CPU)", True)):
         us, per_1000, total = measure(args.steps, args.flush_every, use_tensors)
-        kind = "0-d torch tensors (CPU)" if use_tensors else "Python floats"
         print(f"{kind:>24}: {us:6.2f} µs per log_step ({len(SCALARS)} scalars, flush_every={args.flush_every}, "
               f"{args.steps} steps, close included); {per_1000 / 1024:.1f} KiB per 1,000 steps "
               f"(file {total / 1024:.0f} KiB)")
