@@ -89,7 +89,7 @@ class ConversationBatches:
                                            order=DocumentOrder([len(task)], seed, self.shuffle, window=1))
                         for a in range(grad_accum_steps)]
         self.next_stream = 0
-        self.last_directions = []
+        self.last_directions = ()  # per row of the last batch: the concrete directions of its conversations
 
     def __iter__(self):
         return self
@@ -117,12 +117,7 @@ class ConversationBatches:
         stream = self.streams[self.next_stream]
         self.next_stream = (self.next_stream + 1) % len(self.streams)
         make = self._pad_row if self.mode == "pad" else self._pack_row
-        rows, masks, self.last_directions = [], [], []
-        for _ in range(self.B):
-            r, m, d = make(stream)
-            rows.append(r)
-            masks.append(m)
-            self.last_directions.append(d)
+        rows, masks, self.last_directions = zip(*(make(stream) for _ in range(self.B)))
         return to_batch(rows, masks, self.device)
 
     def state_dict(self):

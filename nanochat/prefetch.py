@@ -7,7 +7,6 @@ received the batch.
 import copy
 import queue
 import threading
-import time
 from contextlib import nullcontext as _no_stream
 
 import torch
@@ -19,15 +18,13 @@ _POLL_S = 0.1  # how often a blocked worker checks whether it was asked to stop
 class Prefetcher:
     """Iterator over `loader`'s batches (tuples of tensors, moved to `device` if given), `depth` ahead.
     `loader` has `state_dict()` / `load_state_dict()`; its attributes describing "the latest batch"
-    belong to a batch not yet consumed. `wait_seconds` sums the time next() waited for a batch
-    (`last_wait_seconds`: the latest next()'s)."""
+    belong to a batch not yet consumed."""
 
     def __init__(self, loader, depth=2, device=None):
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.loader, self.depth = loader, depth
         self.device = torch.device(device) if device is not None else None
-        self.wait_seconds, self.last_wait_seconds = 0.0, 0.0
         self._state = copy.deepcopy(loader.state_dict())  # nothing consumed yet
         self._thread, self._queue, self._stop = None, None, None
         self._finished = False
@@ -96,7 +93,6 @@ class Prefetcher:
                 self.loader.load_state_dict(copy.deepcopy(self._state))
                 self._ran_ahead = False
             self._start()
-        t0 = time.perf_counter()
         while True:
             try:
                 item = self._queue.get(timeout=_POLL_S)
@@ -104,8 +100,6 @@ class Prefetcher:
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
                     raise RuntimeError("the prefetch worker stopped without handing over a batch or an error")
-        self.last_wait_seconds = time.perf_counter() - t0
-        self.wait_seconds += self.last_wait_seconds
         kind = item[0]
         if kind == "end":
             self._finished = True

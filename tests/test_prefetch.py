@@ -195,7 +195,6 @@ def test_slow_step_never_waits_for_a_faster_loader_with_prefetch():
     # step (generous margins: the CPU is shared; the expected value is ~0.1 ms).
     assert sorted(with_prefetch)[len(with_prefetch) // 2] < 0.1 * step_s
     assert sum(with_prefetch) < 0.25 * sum(without)
-    assert pre.wait_seconds >= sum(with_prefetch)
 
 
 class TokenLoader(CountingLoader):
