@@ -64,10 +64,8 @@ def _lock(path, what, wait_s=0.0):
             if time.monotonic() < deadline:
                 time.sleep(0.1)
                 continue
-            holder = None
             for _ in range(20):  # the holder may have locked but not yet written its pid
-                holder = _holder(path)
-                if holder is not None:
+                if (holder := _holder(path)) is not None:
                     break
                 time.sleep(0.05)
             who = f"process {holder}" if holder else "another process"

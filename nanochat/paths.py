@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import re
-import shutil
 
 from nanochat.common import UserError
 
@@ -52,11 +51,11 @@ def atomic_write(path, write_fn, after_full_disk="rerun the command"):
         write_fn(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if not isinstance(e, OSError) and not is_disk_full(e):
-            raise
         if is_disk_full(e):
             raise UserError(f"no space left on the device while writing {path}; nothing was kept under that "
                             f"name: free some space and {after_full_disk}") from None
+        if not isinstance(e, OSError):
+            raise
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
@@ -83,12 +82,10 @@ def remove_stale_temporaries(directory):
     only while holding its run lock (nanochat.locking), or a live writer's file goes."""
     if not os.path.isdir(directory):
         return []
-    removed = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if _TEMP_PATTERN.search(name) and os.path.isfile(path):
-            os.remove(path)
-            removed.append(name)
+    removed = [name for name in sorted(os.listdir(directory))
+               if _TEMP_PATTERN.search(name) and os.path.isfile(os.path.join(directory, name))]
+    for name in removed:
+        os.remove(os.path.join(directory, name))
     return removed
 
 
@@ -103,16 +100,14 @@ def check_writable(directory, what="the run directory"):
     except OSError as e:
         raise UserError(f"cannot write to {what} {directory}: {e.strerror or e}; point NANOCHAT_BASE_DIR at a "
                         "writable directory (or fix its permissions / free space)") from None
-    return directory
 
 
 def move_aside(path):
-    """<name>.h5 -> <name>.attempt<N>.h5 (a directory: <name>.attempt<N>), the first free N: a
-    restart from scratch never overwrites what a previous attempt left (it is evidence)."""
-    stem, ext = (path, "") if os.path.isdir(path) else os.path.splitext(path)
+    """<name>.h5 -> <name>.attempt<N>.h5, the first free N: a restart from scratch never overwrites
+    what a previous attempt left (it is evidence)."""
+    stem, ext = os.path.splitext(path)
     n = 1
     while os.path.exists(f"{stem}.attempt{n}{ext}"):
         n += 1
-    target = f"{stem}.attempt{n}{ext}"
-    shutil.move(path, target)
-    return target
+    os.rename(path, f"{stem}.attempt{n}{ext}")
+    return f"{stem}.attempt{n}{ext}"

@@ -32,11 +32,6 @@ from nanochat.research_logger import ResearchLogger, log_path
 from nanochat.tokenizer import get_tokenizer
 
 
-def research_log_on(research_log, wandb_run):
-    """--research_log: 1 on, 0 off, -1 = on when --run names a wandb run."""
-    return research_log == 1 or (research_log == -1 and wandb_run != "dummy")
-
-
 def check_direction_flag(requested, trained, where):
     """A later phase inherits its direction: --direction is only a check, a contradiction an error."""
     if requested is not None and requested != trained:
@@ -120,7 +115,9 @@ class PhaseRun:
         self.phase = PHASES[phase]
         self.tag, self.rank, self.device = output_tag, rank, device
         self.overwrite, self.log_flush_every = overwrite, log_flush_every
-        self.research_log, self.wandb_run = research_log_on(research_log, wandb_run), wandb_run
+        # --research_log: 1 on, 0 off, -1 = on when --run names a wandb run
+        self.research_log = research_log == 1 or (research_log == -1 and wandb_run != "dummy")
+        self.wandb_run = wandb_run
         self.master = rank == 0
         self.dirs = artifact_dirs(phase, output_tag)  # refuses a tag that is not a plain name
         self.checkpoint_dir = self.dirs["checkpoints"]
