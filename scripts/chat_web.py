@@ -207,20 +207,16 @@ class HostGuard:
     A foreign Host is DNS rebinding (evil.example resolving to 127.0.0.1 still sends its own name);
     a foreign Origin is another site's page driving the server (even by a no-preflight POST)."""
 
-    def __init__(self, hosts, any_origin=False):
-        self.hosts, self.any_origin = set(hosts), any_origin
-
-    @classmethod
-    def for_server(cls, bind_host, port, extra_hosts=(), any_origin=False):
+    def __init__(self, bind_host, port, extra_hosts=(), any_origin=False):
         """The loopback names and the bound address at `port` (None: any port), plus the
         --allowed_hosts entries ('name' for any port, 'name:port')."""
-        hosts = {(name, port) for name in LOOPBACK_NAMES + (bind_host.strip("[]").lower(),)}
+        self.hosts = {(name, port) for name in LOOPBACK_NAMES + (bind_host.strip("[]").lower(),)}
+        self.any_origin = any_origin
         for entry in extra_hosts:
             parsed = _split_host(entry, None)
             if parsed is None:
                 raise UserError(f"--allowed_hosts entry {entry!r} is not a host name or host:port")
-            hosts.add(parsed)
-        return cls(hosts, any_origin)
+            self.hosts.add(parsed)
 
     def _known(self, name_port):
         return name_port is not None and (name_port in self.hosts or (name_port[0], None) in self.hosts)
@@ -284,7 +280,7 @@ def create_app(slots, limits=None, guard=None):
         # An asyncio lock belongs to the event loop that first waits on it: one per app (server).
         slot.lock, slot.admitted = asyncio.Lock(), 0
     app = FastAPI(title="nanochat-direction chat", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(OnlyOwnPage, guard=guard or HostGuard.for_server("127.0.0.1", None))
+    app.add_middleware(OnlyOwnPage, guard=guard or HostGuard("127.0.0.1", None))
 
     def error(message, status):
         return JSONResponse({"error": message}, status_code=status)
@@ -489,7 +485,7 @@ def check_flags(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     sources, tags, steps = check_flags(args)
-    guard = HostGuard.for_server(args.host, args.port, [h for h in args.allowed_hosts.split(",") if h.strip()],
+    guard = HostGuard(args.host, args.port, [h for h in args.allowed_hosts.split(",") if h.strip()],
                                  any_origin=args.allow_any_origin)
     try:
         import fastapi  # noqa: F401

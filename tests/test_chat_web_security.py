@@ -26,7 +26,7 @@ def serve(slots, limits=None, extra_hosts=(), any_origin=False):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    guard = HostGuard.for_server("127.0.0.1", port, extra_hosts, any_origin=any_origin)
+    guard = HostGuard("127.0.0.1", port, extra_hosts, any_origin=any_origin)
     app = create_app(slots, limits or Limits(max_tokens=16), guard)
     server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -120,7 +120,7 @@ def test_reverse_proxy_flags(slots):
     from nanochat.common import UserError
     from scripts.chat_web import HostGuard
     with pytest.raises(UserError, match="--allowed_hosts entry"):
-        HostGuard.for_server("127.0.0.1", 8000, ["a:b:c"])
+        HostGuard("127.0.0.1", 8000, ["a:b:c"])
 
 
 def test_a_concurrent_burst_never_exceeds_max_queue(slots, monkeypatch):
