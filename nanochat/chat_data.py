@@ -1,9 +1,7 @@
-"""Direction-aware conversation batches for midtraining (packed) and SFT (padded).
-
-Each conversation is rendered with a per-token mask and oriented by nanochat.direction (the mask
-travels with its token; markers have mask 0). Targets are the next tokens where their mask is 1,
-else -1. Order, sharding over ranks and continuation of long conversations follow the pretraining
-loader (docs/DIRECTIONS.md): no token is lost, and the global batch does not depend on the split.
+"""Direction-aware conversation batches for midtraining (packed) and SFT (padded): each conversation
+rendered with a per-token mask and oriented by nanochat.direction (the mask travels with its token);
+targets are -1 where the mask is 0. Order, sharding and continuation of long conversations follow the
+pretraining loader (docs/DIRECTIONS.md): no token is lost, and the global batch does not depend on the split.
 """
 
 import torch

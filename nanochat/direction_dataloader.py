@@ -1,10 +1,8 @@
-"""Direction-aware pretraining batches: each epoch's documents in a seeded order, each document
-oriented on its own (nanochat.direction), then packed BOS-aligned, best fit, with no token lost: a
-document that does not fit continues in the next row behind its header and up to `context_tokens`
-(T/8) of preceding text that is not a target. Per epoch every text token is a target exactly once,
-in every direction. Micro-batch slot s of world_size x grad_accum streams reads the epoch positions
-p % N == s, so the global batch does not depend on how it is split over processes; the state after a
-batch (epoch, read position, waiting pieces) resumes exactly. Details: docs/DIRECTIONS.md.
+"""Direction-aware pretraining batches (docs/DIRECTIONS.md): each epoch's documents in a seeded order,
+each oriented on its own (nanochat.direction), then packed BOS-aligned, best fit, with no token lost
+(a document that does not fit continues in the next row behind its header and some context). Slot s of
+world_size x grad_accum streams reads epoch positions p % N == s, so the global batch does not depend on
+how it is split over processes; the state after a batch resumes exactly.
 """
 
 import bisect
@@ -163,13 +161,12 @@ class _Stream:
         `placed` gets (row offset, document index, epoch, first and end body position trained)."""
         tokens, n_masked = document_piece(piece.row, self.header_len, piece.body_start, self.context_tokens,
                                           max_len=room)
-        placed.append((len(row) + n_masked, piece.doc_index, piece.epoch, piece.body_start,
-                       piece.body_start + len(tokens) - n_masked))
+        new_start = piece.body_start + len(tokens) - n_masked
+        placed.append((len(row) + n_masked, piece.doc_index, piece.epoch, piece.body_start, new_start))
         row.extend(tokens)
         keep.append(True)  # BOS: as a target it predicts the end of the document before it
         keep.extend([False] * (n_masked - 1))  # marker, context
         keep.extend([True] * (len(tokens) - n_masked))
-        new_start = piece.body_start + len(tokens) - n_masked
         if self.header_len + new_start < len(piece.row):
             piece.body_start = new_start
             return piece
