@@ -20,7 +20,7 @@ from nanochat.common import UserError, get_base_dir
 from nanochat.direction import validate_direction
 
 PHASES = PHASE_NAMES  # nanochat/phases.py
-STATUSES = ("created", "running", "completed", "failed")
+STATUSES = ("created", "running", "completed", "failed")  # in any order: a failed run is resumed, say
 EXPERIMENTS_DIRNAME = "experiments"
 
 # Fields that say what an experiment *is*; changing them after creation would break the lineage
@@ -168,10 +168,6 @@ class ExperimentConfig:
         config["updated_at"] = _utc_now().isoformat(timespec="seconds")
         atomic_write_json(self.config_path(experiment_id), config)
         return config
-
-    def set_status(self, experiment_id, status):
-        # Any status may follow any other: a failed or completed run can be resumed (-> running).
-        return self.update_config(experiment_id, status=status)
 
     def _unique_default_id(self, phase, depth, direction):
         stem = f"{phase}_d{depth}_{direction}_{_utc_now().strftime('%Y%m%d_%H%M%S')}"

@@ -153,15 +153,15 @@ def env_with_locks(env, locks):
     return {**env, ENV_HELD: os.pathsep.join(dict.fromkeys(paths))}
 
 
-def parent_death_signal(sig=signal.SIGTERM):
-    """A Popen preexec_fn: on Linux the child gets `sig` when its parent dies (None elsewhere: the
+def parent_death_signal():
+    """A Popen preexec_fn: on Linux the child gets SIGTERM when its parent dies (None elsewhere: the
     child's watch of the lock holder covers it)."""
     if not sys.platform.startswith("linux"):
         return None
 
     def set_pdeathsig():
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
     return set_pdeathsig

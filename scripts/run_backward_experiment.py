@@ -36,7 +36,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The orchestrator's own training flags: forwarded, when given, to every phase whose script takes
 # them (its build_parser decides; nanochat/phases.py names the script).
 SHARED_FLAGS = ("device_batch_size", "num_iterations", "init_lr_frac", "device_type", "eval_tokens")
-EVAL_MODULE = "scripts.base_eval"
 EVAL_FLAGS = ("device_batch_size", "eval_tokens", "device_type")
 DEFAULT_DEPTH = 20  # scripts.base_train's default; always passed explicitly so the record is exact
 
@@ -132,9 +131,9 @@ def parse_passthrough(tokens):
         if name in MANAGED_FLAGS:
             hint = " (use --experiment_id)" if name in ("model_tag", "output_tag") else ""
             raise UserError(f"--{flag} is set by the orchestrator for each phase; do not pass it{hint}")
-        if scope is not None and name in CHAIN_FLAGS:
-            raise UserError(f"--{flag}: --{name} is a setting of the whole chain; pass it unscoped")
         if scope is not None:
+            if name in CHAIN_FLAGS:
+                raise UserError(f"--{flag}: --{name} is a setting of the whole chain; pass it unscoped")
             given[0] = "--" + token[2 + len(scope) + 1:]
         found.append(Passthrough(scope, name, value if value is True else _coerce(value), given))
         i += 1
@@ -400,7 +399,7 @@ def evaluate_base(args, experiments, step, eval_directions, last_step):
         print(f"{step.experiment_id}: evaluation of step {last_step} exists ({existing['file']}); not rerunning it",
               flush=True)
         return existing
-    command = launcher(EVAL_MODULE, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint) + [
+    command = launcher("scripts.base_eval", args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint) + [
         f"--model_tag={step.experiment_id}", "--source=base", f"--step={last_step}",
         f"--eval_directions={','.join(eval_directions)}"]
     command += [f"--{name}={getattr(args, name)}" for name in EVAL_FLAGS if getattr(args, name) is not None]
@@ -464,7 +463,7 @@ def run_step(args, passthrough, experiments, step, direction, depth):
                                 f"{checkpoint_dir}")
             evaluation = evaluate_base(args, experiments, step, eval_directions, saved[-1])
     except BaseException:
-        experiments.set_status(step.experiment_id, "failed")
+        experiments.update_config(step.experiment_id, status="failed")
         raise
     results, effective_seed = final_results(experiments, step.experiment_id, evaluation)
     done = {"status": "completed", "results": results, "runner": None}

@@ -89,7 +89,7 @@ def test_an_id_that_is_the_tag_of_a_plain_run_is_refused(ec, tmp_path):
 
 def test_resume_returns_existing(ec):
     first = ec.load_config(make_base(ec, seed=1))
-    ec.set_status("base_fwd", "running")
+    ec.update_config("base_fwd", status="running")
     again = ec.load_config(ec.create_experiment("base", "forward", 4, experiment_id="base_fwd", resume=True,
                                                 seed=99))
     assert again["created_at"] == first["created_at"]
@@ -159,7 +159,7 @@ def test_load_missing_lists_known_ids(ec):
 
 def test_branching_two_children_of_one_parent(ec):
     make_base(ec, seed=0)
-    ec.set_status("base_fwd", "completed")
+    ec.update_config("base_fwd", status="completed")
     ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a")
     ec.create_experiment("mid", "forward", 4, parent_experiment="base_fwd", experiment_id="mid_b")
     ec.create_experiment("sft", None, None, parent_experiment="mid_a", experiment_id="sft_a")
@@ -205,10 +205,10 @@ def test_status_transitions_and_invalid_status(ec):
     make_base(ec)
     assert ec.load_config("base_fwd")["status"] == "created"
     for status in ("running", "failed", "running", "completed"):
-        ec.set_status("base_fwd", status)
+        ec.update_config("base_fwd", status=status)
         assert ec.load_config("base_fwd")["status"] == status
     with pytest.raises(UserError, match="created, running, completed, failed"):
-        ec.set_status("base_fwd", "done")
+        ec.update_config("base_fwd", status="done")
     with pytest.raises(UserError, match="status"):
         ec.update_config("base_fwd", status="bogus")
     assert ec.load_config("base_fwd")["status"] == "completed"
@@ -241,7 +241,7 @@ def test_direction_inherited_and_contradiction_refused(ec):
 def test_atomic_write_leaves_no_temp_files(ec):
     make_base(ec)
     ec.create_experiment("mid", None, None, parent_experiment="base_fwd", experiment_id="mid_a")
-    ec.set_status("mid_a", "running")
+    ec.update_config("mid_a", status="running")
     ec.update_config("base_fwd", note="x")
     for dirpath, _, files in os.walk(ec.root):
         for name in files:

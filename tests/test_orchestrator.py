@@ -362,7 +362,7 @@ def test_chain_base_then_mid_links_the_child_to_its_parent(base_dir):
 
     # A mid run that died after its step-1 checkpoint resumes from it (every phase resumes).
     remove_steps(ec.checkpoint_dir("chain_mid"), [2])
-    ec.set_status("chain_mid", "failed")
+    ec.update_config("chain_mid", status="failed")
     resumed = orchestrate(base_dir, *args)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "chain_mid: resuming mid training from its checkpoint at step 1" in resumed.stdout
@@ -394,7 +394,7 @@ def test_phase_without_its_script_fails_before_anything_runs(base_dir, monkeypat
                         orchestrator.PHASE_TABLE["mid"]._replace(script="scripts.no_such_mid_train"))
     ec = ExperimentConfig(base_dir)
     ec.create_experiment("base", "forward", 2, experiment_id="parent")
-    ec.set_status("parent", "completed")
+    ec.update_config("parent", status="completed")
     before = tree_state(base_dir)
     expected = "phase 'mid' is not available yet: scripts/no_such_mid_train.py is not in this checkout"
     for argv in (["--phase=mid", "--parent_experiment=parent"],
@@ -468,11 +468,11 @@ BAD_INPUTS = [
 def existing_experiments(base_dir):
     ec = ExperimentConfig(base_dir)
     ec.create_experiment("base", "forward", 2, experiment_id="fwd")
-    ec.set_status("fwd", "completed")
+    ec.update_config("fwd", status="completed")
     ec.create_experiment("sft", None, None, parent_experiment="fwd", experiment_id="fwd_sft")
-    ec.set_status("fwd_sft", "completed")
+    ec.update_config("fwd_sft", status="completed")
     ec.create_experiment("base", "forward", 2, experiment_id="unfinished")
-    ec.set_status("unfinished", "running")
+    ec.update_config("unfinished", status="running")
     return ec
 
 
