@@ -1,13 +1,13 @@
 """Research analysis: read experiments back and compute what compares them (training curves, the
 cross-direction bpb matrix of docs/DESIGN.md §7, task accuracy in each direction, per-position loss).
-
-This module computes only (plots.py draws, report.py writes; docs/RESEARCH.md). Every function takes
-an experiment as its id (under `base_dir`, default $NANOCHAT_BASE_DIR) or its directory's path.
+Computes only (plots.py draws, report.py writes). Every function takes an experiment as its id
+(under `base_dir`, default $NANOCHAT_BASE_DIR) or its directory's path.
 """
 
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -23,8 +23,7 @@ from nanochat.research_logger import list_snapshots, log_path, read_attrs, read_
 EVAL_DIRECTIONS = CONCRETE_DIRECTIONS
 TRAINED_DIRECTIONS = DIRECTIONS
 BASE_LOG_PHASE = PHASES["base"].log_name
-# The research-log name each experiment phase writes (every phase does, with --research_log=1).
-TRAINING_LOG_PHASES = {p.name: p.log_name for p in PHASES.values()}  # nanochat/phases.py
+TRAINING_LOG_PHASES = {p.name: p.log_name for p in PHASES.values()}  # what each phase's --research_log=1 writes
 TRAINING_SCRIPTS = {p.log_name: p.script for p in PHASES.values()}
 
 
@@ -35,32 +34,19 @@ def experiment_id_from_dir(experiment_dir):
     return os.path.basename(os.path.normpath(os.fspath(experiment_dir)))
 
 
-def _looks_like_path(experiment):
-    text = os.fspath(experiment)
-    return (not isinstance(experiment, str) or os.sep in text or "/" in text
-            or (os.altsep is not None and os.altsep in text) or text in (".", ".."))
-
-
 def resolve_experiment(experiment, base_dir=None):
-    """(ExperimentConfig, experiment id) for an id or an experiment directory path.
-
-    A path (anything with a separator, or a PathLike) is matched against ExperimentConfig's layout
-    for each of its ancestors, so the layout stays known in one place only.
-    """
-    if isinstance(experiment, dict) and "experiment_id" in experiment:  # a loaded metadata dict
-        experiment = experiment.get("experiment_dir") or experiment["experiment_id"]
+    """(ExperimentConfig, experiment id) for an id or an experiment directory path (anything with a
+    separator, or a PathLike), matched against ExperimentConfig's layout under each of its ancestors."""
     if not isinstance(experiment, (str, os.PathLike)):
         raise UserError(f"an experiment is given by its id or its directory, not {type(experiment).__name__}")
-    if not _looks_like_path(experiment):
+    is_path = not isinstance(experiment, str) or "/" in experiment or os.sep in experiment  # altsep is "/"
+    if not is_path and experiment not in (".", ".."):  # an id
         experiments = ExperimentConfig(base_dir)
         experiments.load_config(experiment)  # a clear error (with the known ids) if it is unknown
         return experiments, experiment
     path = os.path.normpath(os.path.abspath(os.fspath(experiment)))
     experiment_id = experiment_id_from_dir(path)
-    ancestors = [path]
-    while os.path.dirname(ancestors[-1]) != ancestors[-1]:
-        ancestors.append(os.path.dirname(ancestors[-1]))
-    for candidate in [base_dir] if base_dir is not None else ancestors[1:]:
+    for candidate in [base_dir] if base_dir is not None else map(str, Path(path).parents):
         experiments = ExperimentConfig(candidate)
         try:
             if os.path.normpath(os.path.abspath(experiments.experiment_dir(experiment_id))) == path:
@@ -146,10 +132,9 @@ def experiment_metadata(experiment_dir_or_id, base_dir=None):
     for phase, path in _log_files(experiments, experiment_id).items():
         scalars = scalars_of[phase] = read_scalars(path)
         steps = scalars["step"]
-        loss = scalars.get("loss")
         meta["logs"][phase] = {"path": path, "num_rows": int(steps.shape[0]),
                                "last_step": int(steps[-1]) if steps.size else None,
-                               "final_loss": _last_finite(loss) if loss is not None else None}
+                               "final_loss": _last_finite(scalars.get("loss", np.empty(0)))}
     phase = training_log_phase(meta)
     if phase is None and len(meta["logs"]) == 1:
         phase = next(iter(meta["logs"]))
@@ -161,22 +146,17 @@ def experiment_metadata(experiment_dir_or_id, base_dir=None):
     meta["final_val_bpb"] = {d: value for d, value in final.items() if value is not None}
     meta["log_metadata"] = (read_attrs(log["path"]).get("metadata") or {}) if "path" in log else {}
     meta["checkpoint_steps"] = list_steps(experiments.checkpoint_dir(experiment_id))
-    meta["tokens_per_step"], meta["tokens_per_step_source"] = _tokens_per_step(
-        experiments, experiment_id, meta, meta["checkpoint_steps"])
-    evaluations = list_records(experiments.evaluations_dir(experiment_id), "bpb")
-    meta["evaluations"] = [p for _, p in evaluations]
-    meta["latest_evaluation"] = None
-    if evaluations:
-        meta["latest_evaluation"] = dict(_read_json(evaluations[-1][1]), path=evaluations[-1][1])
+    meta["tokens_per_step"], meta["tokens_per_step_source"] = _tokens_per_step(experiments, experiment_id, meta)
+    meta["evaluations"] = [p for _, p in list_records(experiments.evaluations_dir(experiment_id), "bpb")]
+    latest = meta["evaluations"][-1] if meta["evaluations"] else None
+    meta["latest_evaluation"] = dict(_read_json(latest), path=latest) if latest else None
     return meta
 
 
-def _tokens_per_step(experiments, experiment_id, meta, checkpoint_steps):
-    """(tokens per optimizer step, where it was found) or (None, why not).
-
-    A checkpoint records it exactly (B·T·world·accum); an explicit --total_batch_size is the same
-    number (accumulation is derived from it); with -1 the world size is not recorded: unknown.
-    """
+def _tokens_per_step(experiments, experiment_id, meta):
+    """(tokens per optimizer step, where it was found) or (None, why not). A checkpoint records it exactly
+    (B·T·world·accum), as does an explicit --total_batch_size; with -1 the world size is not recorded."""
+    checkpoint_steps = list_steps(experiments.checkpoint_dir(experiment_id))
     if checkpoint_steps:
         ckpt_meta = load_meta(experiments.checkpoint_dir(experiment_id), checkpoint_steps[-1])
         if ckpt_meta.get("tokens_per_step"):
@@ -191,10 +171,10 @@ def _tokens_per_step(experiments, experiment_id, meta, checkpoint_steps):
 
 def load_training_losses(experiment, phase=BASE_LOG_PHASE, base_dir=None):
     """(steps, losses) of one training log as the plan reads it, or (None, None) without the log."""
-    experiments, experiment_id = resolve_experiment(experiment, base_dir)
-    if not os.path.isfile(_log_file(experiments, experiment_id, phase)):
+    path = _log_file(*resolve_experiment(experiment, base_dir), phase)
+    if not os.path.isfile(path):
         return None, None
-    scalars = read_scalars(_log_file(experiments, experiment_id, phase))
+    scalars = read_scalars(path)
     steps = np.asarray(scalars["step"], dtype=np.int64)
     loss = np.asarray(scalars.get("loss", np.full(steps.shape[0], np.nan)), dtype=np.float64)
     finite = np.isfinite(loss)
@@ -212,8 +192,7 @@ def load_training_curves(experiment, phase=BASE_LOG_PHASE, base_dir=None):
     for name in ("loss", "val_bpb_forward", "val_bpb_backward", "lr_mult", "grad_norm"):
         out[name] = scalars.get(name, missing.copy())
     config = dict(experiments.load_config(experiment_id), log_metadata=read_attrs(path).get("metadata") or {})
-    ckpt_steps = list_steps(experiments.checkpoint_dir(experiment_id))
-    tokens_per_step, _ = _tokens_per_step(experiments, experiment_id, config, ckpt_steps)
+    tokens_per_step, _ = _tokens_per_step(experiments, experiment_id, config)
     out["tokens"] = steps * float(tokens_per_step) if tokens_per_step else missing.copy()
     out["tokens_per_step"] = tokens_per_step
     return out
@@ -266,7 +245,6 @@ def collect_direction_rows(experiment_dirs_or_ids, base_dir=None):
         record = _read_json(path)
         results = record.get("results") or {}
         bpb = {d: float(results[d]["bpb"]) if d in results else math.nan for d in EVAL_DIRECTIONS}
-        gap = arrow_of_time_gap(results)
         not_evaluated = [d for d in EVAL_DIRECTIONS if d not in results]
         if not_evaluated:
             missing.append((experiment_id, f"{path} has no {', '.join(not_evaluated)} result",
@@ -274,7 +252,7 @@ def collect_direction_rows(experiment_dirs_or_ids, base_dir=None):
         rows.append({"experiment": experiment_id,
                      "trained_direction": record.get("trained_direction") or config.get("direction"),
                      "depth": config.get("depth"), "step": record.get("step", step), "bpb": bpb,
-                     "gap": gap, "evaluation_path": path,
+                     "gap": arrow_of_time_gap(results), "evaluation_path": path,
                      "details": {d: results[d] for d in EVAL_DIRECTIONS if d in results}})
     order = {d: i for i, d in enumerate(TRAINED_DIRECTIONS)}
     rows.sort(key=lambda r: order.get(r["trained_direction"], len(order)))  # stable: fwd, bwd, bidi
@@ -353,8 +331,7 @@ def per_position_loss(experiment, step=None, phase=BASE_LOG_PHASE, base_dir=None
         raise UserError(f"the snapshot at step {step} in {path} has mismatched shapes: per_token_loss "
                         f"{loss.shape}, targets {targets.shape}, position_is_backward {is_backward.shape}")
     valid = targets >= 0
-    T = loss.shape[1]
-    starts = np.arange(0, T, bucket_size)
+    starts = np.arange(0, loss.shape[1], bucket_size)
     out = {"experiment": experiment_id, "step": int(step), "bucket_size": bucket_size, "position": starts}
     for d, mask in (("forward", valid & ~is_backward), ("backward", valid & is_backward)):
         counts = np.add.reduceat(mask.sum(axis=0), starts)
