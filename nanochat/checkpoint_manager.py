@@ -189,9 +189,7 @@ def artifact_dirs(source, model_tag, base_dir=None):
 def list_tags(source, base_dir=None):
     """Model tags with at least one checkpoint for `source`, newest first."""
     root = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source])
-    candidates = []
-    if os.path.isdir(root):
-        candidates += [(t, os.path.join(root, t)) for t in os.listdir(root)]
+    candidates = [(t, os.path.join(root, t)) for t in os.listdir(root)] if os.path.isdir(root) else []
     experiments = ExperimentConfig(base_dir)
     for exp_id in experiments.list_experiments():  # experiment phases are named like sources
         if experiments.load_config(exp_id).get("phase") == source:

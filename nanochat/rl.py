@@ -69,7 +69,6 @@ def pass_at_k(group_rewards):
 @dataclass
 class Group:
     """G completions of one prompt, in model orientation, with their rewards."""
-    example_index: int
     direction: str
     prompt: list
     stop_ids: tuple
@@ -94,7 +93,7 @@ def sample_group(engine, spec, task, example_index, direction, num_samples, max_
     stopped = [len(c) < room for c in completions]
     texts = [engine.tokenizer.decode(spec.restore_generation(c, direction)) for c in completions]
     rewards = [float(task.reward(conversation, t, direction)) for t in texts]
-    return Group(example_index, direction, prompt, tuple(stops), completions, stopped, texts, rewards)
+    return Group(direction, prompt, tuple(stops), completions, stopped, texts, rewards)
 
 
 def sample_seed(seed, index, salt=0):

@@ -183,7 +183,7 @@ class LossMonitor:
 
     def __init__(self, blowup_loss=None, spike_factor=3.0, beta=0.9, warmup=5):
         self.blowup_loss, self.spike_factor, self.beta, self.warmup = blowup_loss, spike_factor, beta, warmup
-        self.mean, self.seen, self.spikes = None, 0, []
+        self.mean, self.seen = None, 0
 
     def update(self, step, loss, print_fn=print):
         """`step` counts from 1. Returns True for a spike; raises TrainingDiverged on a blow-up."""
@@ -193,7 +193,6 @@ class LossMonitor:
         spike = (self.mean is not None and self.seen >= self.warmup and self.spike_factor > 0
                  and loss > self.spike_factor * self.mean)
         if spike:
-            self.spikes.append(step)
             print_fn(f"warning: loss spike at step {step}: {loss:.4f} is {loss / self.mean:.1f}x the running mean "
                      f"{self.mean:.4f}")
         else:  # a spike does not move the mean it is judged against

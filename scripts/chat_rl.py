@@ -19,6 +19,8 @@ from nanochat.rl import RLTrainer, Rollouts, evaluate, flat_eval, format_eval, p
 from nanochat.training import Every, LossMonitor, StepLog, autocast_context, run_loop
 from scripts.phase_flags import (add_optimizer_flags, add_parent_flags, add_run_flags, check_flags, check_phase_flags,
                                  flag_values, later_phase_run)
+from tasks.common import check_task_direction
+from tasks.registry import TASKS, get_task
 
 # Flags that define the rollouts of a step (a resumed run keeps the checkpoint's values).
 MODEL_DATA_DEFAULTS = {"task": "arithmetic", "examples_per_step": 16, "num_samples": 8, "max_new_tokens": 128,
@@ -49,8 +51,6 @@ def build_parser():
 def usable_directions(task_name, model_direction):
     """The directions in which the task can be generated and rewarded for this model (one UserError
     if none), checked on the task's class where possible: before its data loads."""
-    from tasks.common import check_task_direction
-    from tasks.registry import TASKS, get_task
     task = TASKS.get(task_name)
     if not isinstance(task, type):  # unknown name (get_task says so) or a factory: build it
         task = get_task(task_name, "test")
@@ -94,7 +94,6 @@ def train(args, run, model, tokenizer, direction, parent, resume_meta, rank, wor
     # The directions in which the task (a resumed run's: the checkpoint's) can be generated and
     # rewarded for this model; a bidirectional model draws each example's (nanochat/rl.py).
     directions = usable_directions(args.task, direction)
-    from tasks.registry import get_task
     train_task, test_task = get_task(args.task, "train"), get_task(args.task, "test")
     spec = DirectionSpec.from_tokenizer(direction, tokenizer, seed=args.seed, p_backward=args.p_backward)
     engine = Engine(model, tokenizer, spec=spec)
