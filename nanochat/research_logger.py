@@ -23,7 +23,6 @@ SNAPSHOTS = "snapshots"
 # 1024 float64 rows = 8 KiB per chunk: small enough that a short run stays small, large enough
 # that reading a 100k-step column touches ~100 chunks, not thousands.
 CHUNK_ROWS = 1024
-_STRING_DTYPE = h5py.string_dtype("utf-8")
 # fullmatch, never match with '$' (which accepts a trailing newline): names become HDF5 paths and files.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@:+=-]+")
 _PHASE_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -214,8 +213,12 @@ class ResearchLogger:
             return  # arrays only: no row of NaNs in the scalars
         if self._rows and self._rows[-1][0] == step:
             self._rows[-1][1].update(row)
-        elif step == self._last_flushed_step:
-            self._update_flushed_row(row)
+        elif step == self._last_flushed_step:  # already in the file: fill its row in place
+            for name, value in row.items():
+                if name not in self._datasets:
+                    self._create_column(name, self._num_rows)
+                self._datasets[name][self._num_rows - 1] = float(value)
+            self._file.flush()
             return
         else:
             self._rows.append((step, row))
@@ -248,14 +251,6 @@ class ResearchLogger:
                 raise UserError(f"metric {name!r} clashes with {known!r}: a name cannot be both "
                                 "a value and a group of nested values")
         self._known_names.add(name)
-
-    def _update_flushed_row(self, row):
-        """The step was already written: fill its row in the file in place."""
-        for name, value in row.items():
-            if name not in self._datasets:
-                self._create_column(name, self._num_rows)
-            self._datasets[name][self._num_rows - 1] = float(value)
-        self._file.flush()
 
     def _create_column(self, name, length):
         # fillvalue NaN: rows before the metric first appeared, and any row a later block
@@ -316,7 +311,7 @@ class ResearchLogger:
         if name in group:
             del group[name]  # the same step snapshotted twice: the later value wins
         is_text = isinstance(data, str) or data.dtype == object
-        group.create_dataset(name, data=data, dtype=_STRING_DTYPE if is_text else None)
+        group.create_dataset(name, data=data, dtype=h5py.string_dtype("utf-8") if is_text else None)
 
     def _check_open(self):
         if self._file is None:
