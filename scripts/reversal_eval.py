@@ -6,22 +6,24 @@
 In a fresh base directory, fictitious facts (seeded, or --facts_file) become pretraining documents,
 each stated in one order only (half name-first, half description-first); forward, backward and
 bidirectional base models are trained on them through scripts.base_train, and every fact is asked
-both ways. One table (model x query direction x subset x question x method) is printed and written
-to each model's evaluations/reversal_step<N>.json. The questions and methods: docs/EVALUATION.md.
+both ways. One table (model x query direction x subset x question x method) is printed, written to each
+model's evaluations/reversal_step<N>.json, and shown with its bar chart in the report
+<out_dir>/reports/reversal/report.md. The questions and methods: docs/EVALUATION.md.
 """
 
 import argparse
-import itertools
 import json
 import os
 import random
+import shutil
 import sys
 
 from nanochat.common import UserError, add_flag, compute_init, print0, run_main
 from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS, DirectionSpec, orient_text_tokens, parse_directions
-from nanochat.rerank import mean_and_se, pick_credit
+from nanochat.experiment_config import ExperimentConfig
+from nanochat.rerank import pick_credit
+from nanochat.research.reversal import SUBSETS, build_table, markdown_table
 
-SUBSETS = ("name_first", "description_first")
 SLOTS = ("{name}", "{description}")
 TEMPLATES = {"name_first": "{name} is {description}.", "description_first": "{description} is {name}."}
 SYLLABLES = "ka lo mi ra zu te vin dor bel sha nor qui fen tal mar ros gil pa ul bri cor dax eth fy".split()
@@ -179,51 +181,6 @@ def evaluate_model(model, tokenizer, spec, facts, qs, device, max_new_tokens, ba
     return [r if r[-1] is not None else r[:-1] + (next(ranked),) for r in records]
 
 
-# ---- the table ----------------------------------------------------------------------------------
-METHODS = ("generation", "rank_conditional", "rank_whole_text")
-QUESTIONS = ("same", "reversed", "held-in")
-
-
-def build_table(per_model, k):
-    """Rows model x query direction x subset x question, each method a mean +- s.e. over facts (a fact's
-    templates averaged first) or n/a with the reason."""
-    rows = []
-    for tag, direction, records in per_model:
-        groups = {}
-        for *key, fact, value in records:
-            groups.setdefault(tuple(key), {}).setdefault(fact, []).append(value)
-        for query, subset, question in itertools.product(CONCRETE_DIRECTIONS, SUBSETS, QUESTIONS):
-            row = {"model": tag, "model_direction": direction, "query_direction": query, "subset": subset,
-                   "question": question, "chance": 1 / k}
-            for method in METHODS:
-                by_fact = groups.get((query, subset, question, method))
-                mean, se = mean_and_se([sum(v) / len(v) for v in by_fact.values()]) if by_fact else (0, 0)
-                row[method] = ({"mean": mean, "se": se, "facts": len(by_fact)} if by_fact
-                               else {"na": f"trained {direction}: it does not read {query}"})
-            rows.append(row)
-    return rows
-
-
-def format_table(rows, k):
-    """The table as text; a query direction the model does not read is one n/a line with the reason."""
-    def cell(c):
-        return "n/a" if "na" in c else f"{c['mean']:.3f} +- {c['se']:.3f}"
-    head = f"{'model':<24} {'query':<8} {'subset':<18} {'question':<9} {'generation':>15} " \
-           f"{'rank p(entity|prompt)':>22} {'rank whole text':>16}"
-    lines, said = [head, "-" * len(head)], set()
-    for r in rows:
-        start = f"{r['model']:<24} {r['query_direction']:<8} "
-        if "na" in r["generation"]:
-            if (r["model"], r["query_direction"]) not in said:
-                said.add((r["model"], r["query_direction"]))
-                lines.append(start + f"n/a: {r['generation']['na']}")
-            continue
-        lines.append(start + f"{r['subset']:<18} {r['question']:<9} {cell(r['generation']):>15} "
-                     f"{cell(r['rank_conditional']):>22} {cell(r['rank_whole_text']):>16}")
-    return "\n".join(lines + [f"ranking chance = 1/K = {1 / k:.3f} (K = {k} candidates from the same subset); "
-                              "generation: the greedy completion contains the entity"])
-
-
 # ---- data and models ----------------------------------------------------------------------------
 def write_corpus(facts, copies, background_docs, seed):
     """base_data/: every phrasing of every fact `copies` times, each copy in its own order (+ built-in
@@ -240,21 +197,19 @@ def write_corpus(facts, copies, background_docs, seed):
     write_shards(val, data_dir(), len(val), start_index=1)
 
 
-TRAIN_FLAGS = ("depth", "max_seq_len", "device_batch_size", "num_iterations", "seed", "device_type")
+TRAIN_FLAGS = ("max_seq_len", "device_batch_size", "num_iterations", "seed", "device_type")
 
 
 def train_models(args, directions):
-    from nanochat.checkpoint_manager import list_tags
-    from scripts import base_train
+    """One base experiment per direction through the orchestrator (a training log, so the report can show
+    it); an experiment that finished earlier is reused."""
+    from scripts import run_backward_experiment
     for direction in directions:
-        tag = f"reversal_{direction}"
-        if tag in list_tags("base"):
-            print0(f"reusing the existing base model {tag} (a fresh --out_dir trains new ones)")
-            continue
-        flags = dict(direction=direction, model_tag=tag, total_batch_size=-1, eval_every=-1, sample_every=-1,
+        flags = dict(phase="base", direction=direction, depth=args.depth, experiment_id=f"reversal_{direction}",
+                     eval_directions="none", total_batch_size=-1, eval_every=-1, sample_every=-1,
                      eval_tokens=args.device_batch_size * args.max_seq_len, log_every=max(1, args.num_iterations // 4),
-                     research_log=0, **{k: getattr(args, k) for k in TRAIN_FLAGS})
-        base_train.main([f"--{k}={v}" for k, v in flags.items()])
+                     **{k: getattr(args, k) for k in TRAIN_FLAGS})
+        run_backward_experiment.main([f"--{k}={v}" for k, v in flags.items() if v != ""])
 
 
 def main(argv=None):
@@ -305,6 +260,9 @@ def run(args, out_dir, facts, directions, saved, facts_text):
         found = [resolve_checkpoint("base", t) for t in tags]
     paths = [record_path(artifact_dirs("base", tag)["evaluations"], "reversal", step) for _, step, tag in found]
     refuse_existing(paths, args.overwrite)
+    report_dir = os.path.join(out_dir, "reports", "reversal")
+    if os.path.exists(report_dir) and not args.overwrite:
+        raise UserError(f"{report_dir} already exists; pass --overwrite to replace it")
     _, _, _, _, device = compute_init(args.device_type)
     qs, per_model = questions(facts, args.k, args.seed), []
     for _, step, tag in found:
@@ -313,14 +271,20 @@ def run(args, out_dir, facts, directions, saved, facts_text):
         per_model.append((tag, spec.direction, evaluate_model(model, tokenizer, spec, facts, qs, device,
                                                               args.max_new_tokens)))
     rows = build_table(per_model, args.k)
-    print0(f"\nreversal curse: {len(facts)} facts, each stated one way in pretraining, asked both ways "
-           f"(mean +- s.e. over facts)\n" + format_table(rows, args.k))
+    print0(f"\nreversal curse: {len(facts)} facts, each stated one way in pretraining, asked both ways\n\n"
+           + markdown_table(rows, args.k))
     record = {"eval": "reversal", "k": args.k, "chance": 1 / args.k, "facts": len(facts), "seed": args.seed,
               "facts_file": args.facts_file or None, "out_dir": out_dir, "rows": rows,
               "models": {tag: step for _, step, tag in found}}
     for path in paths:
-        write_record(path, record)
+        write_record(path, record, section="nanochat.research.reversal")
         print0(f"wrote {path}")
+    if all(ExperimentConfig().exists(tag) for tag in tags):  # the report needs their training logs
+        from nanochat.research.report import generate_research_report
+        shutil.rmtree(report_dir, ignore_errors=True)  # only reached with --overwrite when it exists
+        print0(f"report: {generate_research_report(tags, output_dir=report_dir, title='The reversal curse')}")
+    else:
+        print0("no report: the models are not experiments (scripts.run_backward_experiment makes them)")
     return record
 
 

@@ -1,10 +1,12 @@
 """scripts/reversal_eval.py: the questions it asks, its errors, and a tiny end-to-end run on CPU."""
 
 import json
+import os
 
 import pytest
 
 from nanochat.common import UserError
+from nanochat.research.reversal import METHODS, markdown_section
 from scripts import reversal_eval as rv
 
 
@@ -72,13 +74,37 @@ def test_tiny_run_table_shape_and_chance(tmp_path):
     assert record["chance"] == 0.5 and all(r["chance"] == 0.5 for r in rows)
     for r in rows:
         readable = r["model_direction"] in (r["query_direction"], "bidirectional")
-        for method in rv.METHODS:
+        for method in METHODS:
             if readable:
                 assert 0 <= r[method]["mean"] <= 1 and r[method]["facts"] == 3
             else:
                 assert r[method]["na"] == f"trained {r['model_direction']}: it does not read {r['query_direction']}"
-    saved = out / "base_checkpoints" / "reversal_forward" / "evaluations" / "reversal_step000004.json"
+    saved = out / "experiments" / "reversal_forward" / "evaluations" / "reversal_step000004.json"
     assert json.loads(saved.read_text())["rows"] == rows
+    # the report shows the table once, with its bar chart, under the first model; the others point there
+    report = (out / "reports" / "reversal" / "report.md").read_text()
+    section = report[report.index("## Reversal curse"):]
+    assert section.count("| reversal_forward | backward | n/a: trained forward: it does not read backward |") == 1
+    assert section.count("![reversal curse](reversal_") == 1 and section.count("The same benchmark run as above") == 2
+    figure = next((out / "reports" / "reversal").glob("reversal_*.png"))
+    assert figure.stat().st_size > 1000
     with pytest.raises(UserError, match="already exists"):  # results are never replaced silently
         rv.main([f"--out_dir={out}", f"--facts_file={_facts_file(tmp_path, facts)}", "--k=2", "--device_type=cpu",
                  "--model_tags=reversal_forward"])
+
+
+def test_table_and_bar_chart_agree_on_synthetic_records(tmp_path):
+    """A forward model right on every 'same' question and wrong on every 'reversed' one: the table's cells
+    and the chart's bars carry those means, and the backward query is n/a."""
+    from nanochat.research.reversal import build_table, plot_reversal
+    records = [("forward", subset, question, method, fact, float(question != "reversed"))
+               for subset in rv.SUBSETS for question in ("same", "reversed", "held-in") for method in METHODS
+               for fact in range(4)]
+    rows = build_table([("m", "forward", records)], k=4)
+    assert [r["generation"]["mean"] for r in rows if r["query_direction"] == "forward"] == [1, 0, 1, 1, 0, 1]
+    figure = plot_reversal(rows, 4, str(tmp_path / "rv.png"))
+    assert os.path.getsize(figure.path) > 1000
+    for method in METHODS:  # one group per subset, forward query only
+        assert list(figure.series[method]["same"]) == [1, 1] and list(figure.series[method]["reversed"]) == [0, 0]
+    text = markdown_section("m", str(tmp_path / "none"), None)
+    assert text is None  # no record: no section
