@@ -1,11 +1,8 @@
 """Chat evaluation in every direction: the library behind scripts/chat_eval.py (docs/EVALUATION.md).
 
-Generative tasks: the model generates in a concrete direction through Engine.chat (backward it writes
-the question before a given answer); the text is restored to reading order and scored by task.reward.
-Multiple choice: each choice is put in as the assistant's answer and the choices are ranked by the
-log-likelihood of the *whole* conversation read in the evaluated direction (every position after BOS,
-markers excluded; not length-normalised). Examples that do not fit the context are skipped and counted,
-never cropped: cropping one side would not be direction-fair.
+Generative tasks are generated through Engine.chat and scored by task.reward in reading order; multiple
+choice ranks the choices by the log-likelihood of the *whole* conversation read in the evaluated
+direction. Examples that do not fit the context are skipped and counted, never cropped (not direction-fair).
 """
 
 import torch
@@ -32,11 +29,9 @@ def resolve_eval_directions(spec, requested="auto"):
 
 
 def example_indices(n_total, max_examples):
-    """The first `max_examples` indices of a task (all when -1): deterministic, and a reversal fact's
+    """The first `max_examples` indices of a task (all when None or -1): deterministic, and a reversal fact's
     probes stay together (not a sample: sorted data sets such as MMLU need N large enough)."""
-    if max_examples is None or max_examples < 0:
-        return list(range(n_total))
-    return list(range(min(n_total, max_examples)))
+    return list(range(n_total if max_examples is None or max_examples < 0 else min(n_total, max_examples)))
 
 
 # ---- multiple choice ---------------------------------------------------------------------------
@@ -60,12 +55,8 @@ def choice_rows(spec, tokenizer, example, concrete_direction, mc_answer="letter"
     field = MC_ANSWERS[mc_answer]
     if field not in example or "answer" not in example:
         raise UserError(f"a multiple-choice example needs '{field}' and 'answer' for --mc_answer={mc_answer}")
-    rows = []
-    for choice in example[field]:
-        ids, mask, _ = spec.conversation_row(tokenizer, with_answer(example, choice),
-                                             concrete_direction=concrete_direction, train_on="all")
-        rows.append((ids, mask))
-    return rows
+    return [spec.conversation_row(tokenizer, with_answer(example, choice), concrete_direction=concrete_direction,
+                                  train_on="all")[:2] for choice in example[field]]
 
 
 class Tally:

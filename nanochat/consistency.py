@@ -1,10 +1,8 @@
 """Factorisation consistency: do the forward and backward readings of a document agree on its probability?
 
 For the true distribution log p_fwd(x) = log p_bwd(x). For a bidirectional model (two readings) or a
-forward/backward pair this module measures, per document, bpb of the same whole document read each way,
-then the mean |difference|, the mean signed difference (the per-document arrow-of-time gap) and the
-Pearson correlation over documents. Documents are scored with nanochat/loss_eval.py's windows, one
-document per row (docs/EVALUATION.md, "Factorisation consistency").
+forward/backward pair: per-document bpb of the same document read each way (nanochat/loss_eval.py's
+windows, one document per row), then their agreement (docs/EVALUATION.md, "Factorisation consistency").
 """
 
 import json
@@ -74,10 +72,9 @@ def consistency_stats(bpb_forward, bpb_backward):
 
 def plot_consistency(bpb_forward, bpb_backward, output_path, title):
     """Scatter of per-document bpb, forward (x) against backward (y), with the diagonal."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 5))
+    from matplotlib.figure import Figure  # not pyplot: no global backend switched, no figure left open
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
     ax.scatter(bpb_forward, bpb_backward, s=10, alpha=0.6)
     values = [v for v in list(bpb_forward) + list(bpb_backward) if math.isfinite(v)]
     lo, hi = (min(values), max(values)) if values else (0, 1)
@@ -90,7 +87,6 @@ def plot_consistency(bpb_forward, bpb_backward, output_path, title):
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     tmp = f"{output_path}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, output_path)
     return output_path
 
@@ -140,10 +136,8 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
              "| models | documents | bpb fwd | bpb bwd | mean abs diff | mean diff (bwd - fwd) | correlation |",
              "|---|---|---|---|---|---|---|"]
     plots = []
-    for step, detail, path in found:
+    for _, detail, path in [f for f in found if f[0] == last_step]:
         pair = detail and detail[len("pair_"):]
-        if step != last_step:
-            continue
         with open(path) as f:
             record = json.load(f)
         s = record["stats"]

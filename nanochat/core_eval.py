@@ -1,12 +1,9 @@
 """CORE-style few-shot benchmark for base models, scored in every concrete direction (docs/DESIGN.md §7).
 
-Tasks come from the DCLM "CORE" bundle (core.yaml, eval_meta_data.csv, eval_data/*.jsonl), cached in
-$NANOCHAT_BASE_DIR/eval_bundle/ or given with --bundle_dir; kinds: multiple_choice, schema,
-language_modeling. Each option becomes one whole text, tokenised once in reading order and oriented by
-nanochat.direction, so both readings hold the same tokens; few-shot demonstrations go where the
-evaluated reading meets them first. Options are ranked by the summed (not length-normalised)
-log-likelihood of the whole item text; language modelling asks for the last k item tokens the reading
-meets, greedily. CORE = mean centred accuracy per direction. Why, and the caveats: docs/EVALUATION.md.
+Tasks come from the DCLM "CORE" bundle (downloaded once to $NANOCHAT_BASE_DIR/eval_bundle/, or
+--bundle_dir). Each option's whole text is tokenised once in reading order and oriented by
+nanochat.direction, so both readings hold the same tokens; options are ranked by summed log-likelihood.
+CORE = mean centred accuracy per direction. The choices and their caveats: docs/EVALUATION.md.
 """
 
 import csv
@@ -31,7 +28,6 @@ from nanochat.evaluations import latest_record, record_path, write_record
 from nanochat.loss_eval import padded_batch
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-BUNDLE_DIRNAME = "eval_bundle"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEPARATOR = "\n\n"
 CORE_TRAINING_MAX_PER_TASK = 500  # items per task when base_train runs CORE (--core_metric_every)
@@ -39,7 +35,7 @@ CORE_TRAINING_MAX_PER_TASK = 500  # items per task when base_train runs CORE (--
 
 # ---- the bundle ------------------------------------------------------------------------------------
 def default_bundle_dir(base_dir=None):
-    return os.path.join(base_dir or get_base_dir(), BUNDLE_DIRNAME)
+    return os.path.join(base_dir or get_base_dir(), "eval_bundle")
 
 
 def _is_bundle(path):
@@ -78,12 +74,10 @@ def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=3, backoff_s=1.0
         except zipfile.BadZipFile:
             raise UserError(f"the file downloaded from {url} is not a zip archive; check --bundle_url")
         # The archive holds either the bundle's files or one folder that holds them.
-        root = unpack_tmp
-        if not _is_bundle(root):
-            inner = [os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
-            root = next((d for d in inner if _is_bundle(d)), None)
-            if root is None:
-                raise UserError(f"the archive from {url} has no core.yaml and eval_meta_data.csv: not a CORE bundle")
+        inner = [unpack_tmp] + [os.path.join(unpack_tmp, d) for d in sorted(os.listdir(unpack_tmp))]
+        root = next((d for d in inner if _is_bundle(d)), None)
+        if root is None:
+            raise UserError(f"the archive from {url} has no core.yaml and eval_meta_data.csv: not a CORE bundle")
         if os.path.exists(target):
             raise UserError(f"{target} exists but is not a complete bundle (no core.yaml or eval_meta_data.csv); "
                             "remove it and run again")
@@ -350,15 +344,17 @@ class CoreBenchmark:
 
 # ---- the terminal and the report --------------------------------------------------------------------
 def format_table(results):
-    """The per-task table and the CORE line as text (for the terminal)."""
+    """The per-task table and the CORE line as Markdown (the terminal and the report's section)."""
     directions = list(results["core"])
-    lines = [f"{'task':<30} {'type':<18} {'shots':>5} {'random':>7} " +
-             " ".join(f"{'acc ' + d[:3]:>9} {'ctr ' + d[:3]:>9}" for d in directions)]
+    native = set(results.get("native_directions", directions))
+    head = " | ".join(f"acc {d}{'' if d in native else ' (cross)'} | centred {d}" for d in directions)
+    lines = [f"| task | type | shots | random | {head} |", "|---|---|---|---|" + "---|---|" * len(directions)]
     for label, t in results["tasks"].items():
-        cells = " ".join(f"{t['results'][d]['accuracy']:>9.4f} {t['results'][d]['centered']:>+9.4f}" for d in directions)
-        lines.append(f"{label:<30} {t['task_type']:<18} {t['num_fewshot']:>5} {t['random_baseline']:>7.3f} {cells}")
-    lines.append(f"{'CORE (mean centred accuracy)':<63} " + " ".join(f"{'':>9} {results['core'][d]:>+9.4f}" for d in directions))
-    return "\n".join(lines)
+        cells = " | ".join(f"{t['results'][d]['accuracy']:.4f} | {t['results'][d]['centered']:+.4f}"
+                           for d in directions)
+        lines.append(f"| {label} | {t['task_type']} | {t['num_fewshot']} | {t['random_baseline']:.3f} | {cells} |")
+    core = " | ".join(f" | **{results['core'][d]:+.4f}**" for d in directions)
+    return "\n".join(lines + [f"| **CORE (mean centred accuracy)** | | | | {core} |"])
 
 
 SECTION_TITLE = "CORE benchmark (in each direction)"
@@ -373,16 +369,7 @@ def markdown_section(run_name, evaluations_dir, plots_dir):
     step, path = latest
     with open(path) as f:
         record = json.load(f)
-    directions = list(record["core"])
-    native = set(record.get("native_directions", directions))
-    head = " | ".join(f"acc {d}{'' if d in native else ' (cross)'} | centred {d}" for d in directions)
-    lines = [f"Step {step}, trained {record.get('trained_direction', '?')}: few-shot in-context tasks scored by "
-             "whole-text likelihood in each direction (docs/DESIGN.md §7; nanochat/core_eval.py); centred accuracy = "
-             "(accuracy - random) / (1 - random); (cross) = a direction the model was not trained in.", "",
-             f"| task | type | shots | random | {head} |",
-             "|---|---|---|---|" + "---|---|" * len(directions)]
-    for label, t in record["tasks"].items():
-        cells = " | ".join(f"{t['results'][d]['accuracy']:.4f} | {t['results'][d]['centered']:+.4f}" for d in directions)
-        lines.append(f"| {label} | {t['task_type']} | {t['num_fewshot']} | {t['random_baseline']:.3f} | {cells} |")
-    lines.append("| **CORE** | | | | " + " | ".join(f" | **{record['core'][d]:+.4f}**" for d in directions) + " |")
-    return "\n".join(lines) + "\n"
+    return (f"Step {step}, trained {record.get('trained_direction', '?')}: few-shot in-context tasks scored by "
+            "whole-text likelihood in each direction (docs/DESIGN.md §7; nanochat/core_eval.py); centred accuracy = "
+            "(accuracy - random) / (1 - random); (cross) = a direction the model was not trained in.\n\n"
+            + format_table(record) + "\n")

@@ -5,9 +5,8 @@ compute_direction_metrics (docs/DESIGN.md §7, docs/EVALUATION.md), on nanochat/
                                             engine=Engine(model, tokenizer, meta), max_examples=100)
     compute_direction_metrics(results)   # forward_accuracy, backward_accuracy, direction_gap, ...
 
-Any model in any concrete direction. What is scored comes from the task's view in that direction
-(task.in_direction: multiple_choice, generation, or likelihood_only with no accuracy and a reason);
-every entry also holds the reference conversations' bits per byte in that direction.
+What is scored comes from the task's view in each direction (task.in_direction); every entry also
+holds the reference conversations' bits per byte in that direction.
 """
 
 import json
@@ -34,20 +33,6 @@ def _trained_direction(engine, model_direction):
     if model_direction is not None:
         validate_direction(model_direction, DIRECTIONS)
     return model_direction
-
-
-def _in_direction(task, direction, tokenizer, model_direction):
-    """The task's view in one direction (tasks/common.py Task.in_direction)."""
-    if not callable(getattr(task, "in_direction", None)):
-        raise UserError(f"{type(task).__name__} is not a task (tasks/common.py Task): it has no in_direction() "
-                        "to be evaluated in a direction")
-    return task.in_direction(direction, tokenizer, model_direction=model_direction)
-
-
-def _model_device(model):
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")  # a parameter-free stand-in model (tests)
 
 
 def reference_bpb(model, wrapper, indices, device, token_bytes, batch_size=32, autocast_ctx=None):
@@ -80,13 +65,16 @@ def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward",
     directions = [validate_direction(d, CONCRETE_DIRECTIONS) for d in directions]
     if not directions or len(set(directions)) != len(directions):
         raise UserError(f"directions={directions!r}: give forward and/or backward, each once")
+    if not callable(getattr(task, "in_direction", None)):
+        raise UserError(f"{type(task).__name__} is not a task (tasks/common.py Task): it has no in_direction() "
+                        "to be evaluated in a direction")
     trained = _trained_direction(engine, model_direction)
-    device = _model_device(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # tests' stand-ins have none
     if autocast_ctx is None:
         from nanochat.training import autocast_context
         autocast_ctx = autocast_context(device.type)
     token_bytes = tokenizer.token_byte_lengths()
-    indices = example_indices(len(task), -1 if max_examples is None else max_examples)
+    indices = example_indices(len(task), max_examples)
     if not indices:
         raise UserError(f"task {getattr(task, 'name', '?')} has no examples to evaluate")
     was_training = model.training
@@ -98,7 +86,8 @@ def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward",
                 print0(f"Evaluating {getattr(task, 'name', type(task).__name__)} in the {direction} direction "
                        f"({len(indices)} examples, model trained {trained or 'one-way'})...")
             # The engine's spec (from the checkpoint) when there is one, else the trained name.
-            wrapper = _in_direction(task, direction, tokenizer, engine.spec if engine is not None else trained)
+            wrapper = task.in_direction(direction, tokenizer,
+                                        model_direction=engine.spec if engine is not None else trained)
             entry = {"scoring": wrapper.scoring}
             if wrapper.scoring == "multiple_choice":
                 r = evaluate_multiple_choice(model, tokenizer, wrapper.spec, task, indices, direction, device,
@@ -120,15 +109,10 @@ def evaluate_task_multi_direction(task, model, tokenizer, directions=("forward",
             else:
                 r = {"correct": 0.0, "n": 0, "skipped_too_long": None}
                 entry.update(indices=[], per_example=[], reason=wrapper.not_applicable_reason)
-            entry["correct"], entry["total"] = r["correct"], r["n"]
-            if wrapper.scoring == "likelihood_only":
-                entry["accuracy"] = None
-            elif r["n"] == 0:
-                entry["accuracy"] = None
+            entry.update(correct=r["correct"], total=r["n"], accuracy=r["correct"] / r["n"] if r["n"] else None)
+            if r["n"] == 0 and wrapper.scoring != "likelihood_only":
                 entry["reason"] = (f"none of the {len(indices)} examples fits the model's "
                                    f"{model.config.sequence_len}-token context")
-            else:
-                entry["accuracy"] = r["correct"] / r["n"]
             acc = entry["accuracy"]
             entry["stderr"] = None if acc is None else math.sqrt(max(acc * (1 - acc), 0.0) / r["n"])
             nats, n_bytes, n_rows = reference_bpb(model, wrapper, indices, device, token_bytes, batch_size,

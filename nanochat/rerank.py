@@ -2,9 +2,8 @@
 
 A forward (or bidirectional) model samples N answers per question; the pick is the candidate with the
 highest score: `forward` log p_fwd(answer | question), `backward` log p_bwd(question | answer) (the
-"reverse reward" of instruction backtranslation) or their `sum`. Scores are sums over the masked tokens
-of DirectionSpec.conversation_row with the candidate as the assistant turn. Reported: accuracy@1 (ties
-share credit), random choice among the candidates, pass@N; standard errors over questions.
+"reverse reward" of instruction backtranslation) or their `sum`. Reported: accuracy@1 (ties share
+credit), random choice among the candidates, pass@N; standard errors over questions.
 """
 
 import json
@@ -28,11 +27,8 @@ def score_candidates(model, tokenizer, trained_direction, concrete_direction, qu
     spec = (trained_direction if isinstance(trained_direction, DirectionSpec)
             else DirectionSpec.from_tokenizer(trained_direction, tokenizer))
     train_on = by_direction(concrete_direction, forward="assistant", backward="user")  # the side that is scored
-    rows = []
-    for answer in answers:
-        ids, mask, _ = spec.conversation_row(tokenizer, _conversation(question, answer),
-                                             concrete_direction=concrete_direction, train_on=train_on)
-        rows.append((ids, mask))
+    rows = [spec.conversation_row(tokenizer, _conversation(question, answer), concrete_direction=concrete_direction,
+                                  train_on=train_on)[:2] for answer in answers]
     return sequence_logprobs(model, rows, device, batch_size, autocast_ctx)
 
 

@@ -5,11 +5,9 @@
     python -m scripts.base_eval --eval=bpb,core,consistency --model_tag=fwd,bwd,bidi --max_per_task=500
 
 --eval is a comma list of bpb (nanochat/loss_eval.py), core (nanochat/core_eval.py) and consistency
-(nanochat/consistency.py: a bidirectional model's two readings, and the i-th forward-trained tag with
-the i-th backward-trained one). A one-way model is scored in the other direction too (no marker).
-Records go to each run's evaluations/ directory (nanochat/evaluations.py); every output path is
-checked before any model is evaluated, and none is replaced without --overwrite. EVALUATIONS below is
-the one table of what --eval can run: a new metric is its module and a row there.
+(nanochat/consistency.py). Records go to each run's evaluations/ directory; every output path is checked
+before any model is evaluated, and none is replaced without --overwrite. EVALUATIONS below is the one
+table of what --eval can run: a new metric is its module and a row there.
 """
 
 import argparse
@@ -55,10 +53,13 @@ class Job:
                           get_token_bytes(self.device))
         return self._docs
 
-    def write(self, path, record, section=None):
-        """Rank 0 writes; `section`: the module that shows the record in a report (its markdown_section)."""
+    def write(self, path, record, plot_title=None):
+        """Rank 0 writes the record (with consistency's scatter plot when `plot_title` is given)."""
         if self.rank == 0:
-            write_record(path, record, section)
+            if plot_title is None:
+                write_record(path, record)
+            else:
+                write_consistency(path, record, plot_title)
             print0(f"wrote {path}")
 
 
@@ -143,10 +144,7 @@ def run_consistency(job, m):
         record = consistency_record(trained, readings["forward"], readings["backward"], readings["forward"][1],
                                     label=tag, eval_tokens=job.args.eval_tokens, **m.common)
         print0(format_stats(f"{tag} consistency (one model, two readings)", record["stats"]))
-        if job.rank == 0:
-            path = job.records["consistency"][m.tag]
-            write_consistency(path, record, f"{tag} (bidirectional), step {step}")
-            print0(f"wrote {path}")
+        job.write(job.records["consistency"][m.tag], record, f"{tag} (bidirectional), step {step}")
 
 
 def pair_consistency(job):
@@ -162,9 +160,7 @@ def pair_consistency(job):
                                     backward_step=steps[bwd], eval_tokens=job.args.eval_tokens,
                                     created_at=datetime.now(timezone.utc).isoformat())
         print0(format_stats(f"{label} consistency (forward model vs backward model)", record["stats"]))
-        if job.rank == 0:
-            write_consistency(path, record, f"{label}: forward model vs backward model")
-            print0(f"wrote {path}")
+        job.write(path, record, f"{label}: forward model vs backward model")
 
 
 # What --eval can run, in the order it runs for each model.
@@ -262,12 +258,9 @@ def load(args, entry, device):
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=entry["tag"], step=entry["step"])
     trained_len = meta["model_config"]["sequence_len"]
     T = trained_len if args.max_seq_len == -1 else args.max_seq_len
-    if T <= 0:
-        raise UserError(f"--max_seq_len={args.max_seq_len}: use a positive context (at most {trained_len}, the "
-                        "checkpoint's training context) or -1 for the checkpoint's")
-    if T > trained_len:
-        raise UserError(f"--max_seq_len={args.max_seq_len} is larger than the checkpoint supports "
-                        f"({trained_len}, its training context); use at most {trained_len}")
+    if not 0 < T <= trained_len:
+        raise UserError(f"--max_seq_len={args.max_seq_len}: use a positive context of at most {trained_len} (the "
+                        "checkpoint's training context), or -1 for the checkpoint's")
     common = {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"],
               "trained_direction": meta["direction"], "max_seq_len": T,
               "created_at": datetime.now(timezone.utc).isoformat()}

@@ -5,10 +5,9 @@
     bash scripts/gpu_bench.sh       # the GPU table of depth 12 and 20, every direction (see that file)
 
 Needs shards and a tokenizer. Each direction trains on the real loader behind the prefetcher, as
-scripts.base_train does, and prints tok/s and MFU (`--steps` steps, one sync per step), the step
-split into data wait / forward+backward / optimizer (`--split_steps` more, synchronised between
-phases), peak memory (CUDA tensors; on CPU the process's peak RSS, which only grows), and the
-loader's own tok/s. Direction should cost nothing in the model: only the data differs.
+scripts.base_train does: tok/s and MFU, the step split into data / forward+backward / optimizer
+(`--split_steps`, synchronised between phases), peak memory (on CPU the process's peak RSS, which only
+grows) and the loader's own tok/s. Direction should cost nothing in the model: only the data differs.
 """
 
 import argparse

@@ -3,10 +3,8 @@
     python -m scripts.chat_eval --source=sft --model_tag=d4_bidi --tasks=arithmetic,arc_easy --max_examples=100
     python -m scripts.chat_eval --model_tag=d4_bidi --tasks=arithmetic --eval_direction=backward
 
-Generative tasks are generated in each evaluated direction and checked by the task's reward (a
-direction the task cannot verify is skipped with a note); multiple-choice tasks are scored by
-whole-text likelihood in every direction. Writes evaluations/chat_<task>_step<step>.json (kept unless
---overwrite). Under torchrun, examples are split over ranks and the counts summed.
+Writes evaluations/chat_<task>_step<step>.json (kept unless --overwrite). Under torchrun, examples are
+split over ranks and the counts summed.
 """
 
 import argparse
@@ -66,10 +64,8 @@ def check_args(args):
         raise UserError(f"--mc_answer={args.mc_answer!r}: use {' or '.join(MC_ANSWERS)}")
     check_sampling(args.temperature, args.top_k)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    if not names:
-        raise UserError("--tasks is empty: give a comma list of task names")
-    if len(set(names)) != len(names):
-        raise UserError(f"--tasks={args.tasks} names a task twice")
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"--tasks={args.tasks!r}: give a comma list of distinct task names")
     return names
 
 
@@ -152,19 +148,15 @@ def run(args, names, rank, world_size, device):
     plans = []
     for name in names:
         task = get_task(name, args.split)
-        if task.eval_type not in ("generative", "categorical"):
-            raise UserError(f"task {name} has eval_type {task.eval_type!r}: chat_eval scores generative and "
-                            "categorical tasks")
         directions, skipped = plan_directions(task, eval_directions)
         for d, why in skipped.items():
             print0(f"note: {name}: skipping the {d} direction: {why}")
         if not directions:
             print0(f"note: skipping task {name}: it cannot be evaluated in {' or '.join(eval_directions)}")
-            plans.append((name, task, directions, skipped))
-            continue
-        if len(task) == 0:
+        elif len(task) == 0:
             raise UserError(f"task {name} ({args.split} split) has no examples")
-        refuse_existing([record_path(evaluations_dir, kind_name("chat", name), step)], args.overwrite)
+        else:
+            refuse_existing([record_path(evaluations_dir, kind_name("chat", name), step)], args.overwrite)
         plans.append((name, task, directions, skipped))
     runnable = [p for p in plans if p[2]]
     if not runnable:

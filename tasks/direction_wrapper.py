@@ -42,15 +42,11 @@ class DirectionTaskWrapper:
 
     # ---- what is scored ----------------------------------------------------------------------
     @property
-    def eval_type(self):
-        return getattr(self.task, "eval_type", "generative")
-
-    @property
     def not_applicable_reason(self):
         """Why no accuracy is computed in this direction (None when one is)."""
-        if self.eval_type == "categorical":
+        if self.task.eval_type == "categorical":
             return None
-        name = getattr(self.task, "name", type(self.task).__name__)
+        name = self.task.name
         if self.model_direction is None:
             return (f"task {name} is generative: whether the model can generate {self.direction} depends on the "
                     "direction it was trained in; pass model_direction (or an Engine) to know")
@@ -58,14 +54,14 @@ class DirectionTaskWrapper:
             return (f"a {self.model_direction} model was never trained to generate {self.direction}: generated "
                     f"text would say nothing about the task, so only likelihood is reported")
         if self.direction not in self.task.generation_directions:
-            declared = " and ".join(getattr(self.task, "generation_directions", ())) or "no direction"
+            declared = " and ".join(self.task.generation_directions) or "no direction"
             return (f"task {name} can only check generations {declared}: a {self.direction} generation "
                     "(the model writes the question before a given answer) cannot be verified")
         return None
 
     @property
     def scoring(self):
-        if self.eval_type == "categorical":
+        if self.task.eval_type == "categorical":
             return "multiple_choice"
         return "generation" if self.not_applicable_reason is None else "likelihood_only"
 
@@ -86,8 +82,8 @@ class DirectionTaskWrapper:
     def render_choices(self, conversation, mc_answer="letter"):
         """Multiple choice: chat_eval_lib.choice_rows in this direction."""
         from nanochat.chat_eval_lib import choice_rows
-        if self.eval_type != "categorical":
-            raise UserError(f"task {getattr(self.task, 'name', '?')} is not multiple choice: it has no choices")
+        if self.task.eval_type != "categorical":
+            raise UserError(f"task {self.task.name} is not multiple choice: it has no choices")
         return choice_rows(self.spec, self.tokenizer, conversation, self.direction, mc_answer)
 
     def render_prompt(self, conversation):
