@@ -16,6 +16,7 @@ import torch.distributed as dist
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, validate_direction
 from nanochat.evaluations import list_family, write_record
 from nanochat.loss_eval import document_windows, padded_batch, token_losses
+from nanochat.paths import atomic_write
 
 
 @torch.no_grad()
@@ -85,9 +86,7 @@ def plot_consistency(bpb_forward, bpb_backward, output_path, title):
     ax.legend(loc="upper left")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    tmp = f"{output_path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, output_path)
+    atomic_write(output_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return output_path
 
 

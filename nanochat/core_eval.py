@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import time
-import urllib.request
 import zipfile
 from contextlib import nullcontext
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import UserError, get_base_dir, print0
+from nanochat.dataset import _fetch  # the download with retries that data shards use
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction, concrete_directions, \
     orient_text_tokens, validate_direction
 from nanochat.evaluations import latest_record, record_path, write_record
@@ -42,37 +42,20 @@ def _is_bundle(path):
     return os.path.isfile(os.path.join(path, "core.yaml")) and os.path.isfile(os.path.join(path, "eval_meta_data.csv"))
 
 
-def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=3, backoff_s=1.0, timeout_s=60):
+def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=3, backoff_s=1.0):
     """Download the bundle zip (with retries) and unpack it to <base_dir>/eval_bundle/, through temporary
     names renamed at the end (never a half bundle that looks complete); a one-line UserError if it cannot."""
     base_dir = base_dir or get_base_dir()
     target = default_bundle_dir(base_dir)
     zip_tmp = os.path.join(base_dir, f"eval_bundle.zip.tmp{os.getpid()}")
-    last_error = None
-    for attempt in range(1, max_attempts + 1):
-        try:
-            print0(f"downloading the CORE eval bundle from {url} (attempt {attempt}/{max_attempts})")
-            with urllib.request.urlopen(url, timeout=timeout_s) as response, open(zip_tmp, "wb") as f:
-                shutil.copyfileobj(response, f)
-            break
-        except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are OSErrors
-            last_error = e
-            if os.path.exists(zip_tmp):
-                os.remove(zip_tmp)
-            if attempt < max_attempts:
-                time.sleep(backoff_s * 2 ** (attempt - 1))
-    else:
-        reason = getattr(last_error, "reason", last_error)
-        raise UserError(f"could not download the CORE eval bundle from {url} ({type(last_error).__name__}: "
-                        f"{str(reason).splitlines()[0] if str(reason) else ''}); offline, unpack a copy so that "
-                        f"{os.path.join(target, 'core.yaml')} exists (scripts.base_eval also takes --bundle_dir=<dir with core.yaml>)")
     unpack_tmp = os.path.join(base_dir, f"eval_bundle.tmp{os.getpid()}")
+    print0(f"downloading the CORE eval bundle from {url}")
     try:
-        try:
-            with zipfile.ZipFile(zip_tmp) as z:
-                z.extractall(unpack_tmp)
-        except zipfile.BadZipFile:
-            raise UserError(f"the file downloaded from {url} is not a zip archive; check --bundle_url")
+        _fetch(url, zip_tmp, max_attempts, backoff_s, validate=lambda path: zipfile.ZipFile(path).close(),
+               offline_hint=f"unpack a copy so that {os.path.join(target, 'core.yaml')} exists (scripts.base_eval "
+                            "also takes --bundle_dir=<dir with core.yaml>), or check --bundle_url")
+        with zipfile.ZipFile(zip_tmp) as z:
+            z.extractall(unpack_tmp)
         # The archive holds either the bundle's files or one folder that holds them.
         inner = [unpack_tmp] + [os.path.join(unpack_tmp, d) for d in sorted(os.listdir(unpack_tmp))]
         root = next((d for d in inner if _is_bundle(d)), None)

@@ -103,9 +103,7 @@ def evaluate_bpb(model, tokenizer, token_bytes, docs, directions, trained_direct
     results = {}
     for direction in directions:
         validate_direction(direction, CONCRETE_DIRECTIONS)
-        nats = torch.zeros((), dtype=torch.float64, device=device)
-        nbytes = torch.zeros((), dtype=torch.float64, device=device)
-        ntok = torch.zeros((), dtype=torch.float64, device=device)
+        nats, nbytes, ntok = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
         rows = list(_rows(docs, spec, direction, T))
         from nanochat.progress import progress  # quiet for quick evaluations (min_time_s)
         for i in progress(range(0, len(rows), batch_size), desc=f"bpb {direction}", unit="batch"):

@@ -16,7 +16,6 @@ import sys
 from datetime import datetime, timezone
 from typing import Callable, NamedTuple
 
-from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
 from nanochat.common import UserError, add_flag, compute_cleanup, compute_init, print0, run_main
 from nanochat.consistency import consistency_record, format_stats, per_document_bpb, write_consistency
@@ -215,8 +214,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     names = parse_evals(args.eval)
-    if args.source not in PHASE_NAMES:
-        raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(PHASE_NAMES)}")
     if args.eval_tokens <= 0 or args.device_batch_size <= 0:
         raise UserError("--eval_tokens and --device_batch_size must be positive")
     if args.max_per_task == 0 or args.max_per_task < -1:

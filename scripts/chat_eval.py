@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nanochat.chat_eval_lib import (EVAL_DIRECTION_CHOICES, MC_ANSWERS, evaluate_generative, evaluate_multiple_choice,
                                     resolve_eval_directions, example_indices)
-from nanochat.checkpoint_manager import SOURCE_DIRS, artifact_dirs, load_model
+from nanochat.checkpoint_manager import artifact_dirs, load_model
 from nanochat.common import UserError, add_flag, check_sampling, compute_cleanup, compute_init, print0, run_main
 from nanochat.engine import Engine
 from nanochat.evaluations import kind_name, record_path, refuse_existing, write_record
@@ -52,8 +52,6 @@ def build_parser():
 
 
 def check_args(args):
-    if args.source not in SOURCE_DIRS:
-        raise UserError(f"unknown --source {args.source!r}: use one of {', '.join(SOURCE_DIRS)}")
     if args.eval_direction not in EVAL_DIRECTION_CHOICES:
         raise UserError(f"--eval_direction={args.eval_direction!r}: use {', '.join(EVAL_DIRECTION_CHOICES)}")
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:

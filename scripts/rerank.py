@@ -10,7 +10,6 @@ import argparse
 import sys
 from datetime import datetime, timezone
 
-from nanochat.phases import PHASE_NAMES
 from nanochat.checkpoint_manager import artifact_dirs, load_meta, load_model, resolve_checkpoint
 from nanochat.common import UserError, add_flag, check_sampling, compute_cleanup, compute_init, print0, run_main
 from nanochat.direction import DirectionSpec
@@ -48,9 +47,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     backward_source = args.backward_source or args.source
-    for name, value in (("source", args.source), ("backward_source", backward_source)):
-        if value not in PHASE_NAMES:
-            raise UserError(f"--{name}={value!r}: use one of {', '.join(PHASE_NAMES)}")
     for name in ("num_questions", "num_samples", "max_new_tokens", "device_batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")
