@@ -37,7 +37,6 @@ def check_direction_flag(requested, trained, where):
     if requested is not None and requested != trained:
         raise UserError(f"--direction={requested} contradicts {where}, which was trained {trained}; "
                         "drop --direction to inherit it")
-    return trained
 
 
 def resolve_flags(given, defaults, saved, resume_step, checkpoint_dir, same=None):
