@@ -138,9 +138,7 @@ def compute_direction_metrics(results):
     metrics = {}
     for d in CONCRETE_DIRECTIONS:
         if d in results:
-            metrics[f"{d}_accuracy"] = results[d].get("accuracy")
-            metrics[f"{d}_stderr"] = results[d].get("stderr")
-            metrics[f"{d}_bpb"] = results[d].get("bpb")
+            metrics.update({f"{d}_{key}": results[d].get(key) for key in ("accuracy", "stderr", "bpb")})
     if "forward" in results and "backward" in results:
         fwd, bwd = metrics["forward_accuracy"], metrics["backward_accuracy"]
         both = fwd is not None and bwd is not None
@@ -169,11 +167,9 @@ def save_direction_evaluation(results, evaluations_dir, task_name, step, trained
 def _cell_accuracy(entry):
     if entry is None:
         return "not evaluated"
-    if entry.get("accuracy") is None:
+    if entry["accuracy"] is None:
         return "n/a"
-    stderr = entry.get("stderr")
-    return f"{entry['accuracy']:.4f} ± {stderr:.4f} (n={entry['total']})" if stderr is not None else \
-        f"{entry['accuracy']:.4f} (n={entry['total']})"
+    return f"{entry['accuracy']:.4f} ± {entry['stderr']:.4f} (n={entry['total']})"
 
 
 def _cell_bpb(entry):

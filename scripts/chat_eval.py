@@ -35,8 +35,7 @@ def build_parser():
     add_flag(p, "step", type=int, default=None, help="checkpoint step (default: last)")
     add_flag(p, "tasks", default="arithmetic", help="comma list of task names (tasks/registry.py)")
     add_flag(p, "split", default="test", help="task split to evaluate")
-    add_flag(p, "eval_direction", default="auto", help=f"{' | '.join(EVAL_DIRECTION_CHOICES)} "
-             "(auto: both for bidirectional, else the model's own)")
+    add_flag(p, "eval_direction", default="auto", help="auto (where the model generates) | both | forward | backward")
     add_flag(p, "max_examples", type=int, default=-1, help="the first N examples of each task (-1 = all)")
     add_flag(p, "num_samples", type=int, default=1, help="generative: samples per example (pass@k)")
     add_flag(p, "max_new_tokens", type=int, default=128, help="generative: tokens to generate at most")
@@ -44,8 +43,7 @@ def build_parser():
     add_flag(p, "top_k", type=int, default=50, help="generative: top-k sampling (-1 = off)")
     add_flag(p, "seed", type=int, default=42)
     add_flag(p, "batch_size", type=int, default=32, help="multiple choice: rows per forward pass")
-    add_flag(p, "mc_answer", default="letter",
-             help="multiple choice: score each choice's letter (the task's answer format) or its text as the answer")
+    add_flag(p, "mc_answer", default="letter", help="multiple choice: score the choice's letter or its text")
     add_flag(p, "device_type", default="")
     add_flag(p, "overwrite", action="store_true", help="replace existing evaluation files")
     return p

@@ -3,8 +3,7 @@
 One example is one conversation: the user turn holds the optional preamble, the question, the lettered
 choices ("A. <text>", one per line) and "Answer with the letter of the correct choice."; the assistant
 answers with the letter. It carries "choices" (the letters), "choice_texts" and "answer" (the right
-index). Likelihood scoring (docs/EVALUATION.md) puts each choice in as the answer, which is fair to
-every direction; `reward` checks a generated letter (forward).
+index); likelihood scoring puts each choice in as the answer (docs/EVALUATION.md).
 """
 
 import re

@@ -1,9 +1,6 @@
-"""Reversal-curse facts: fictitious people and what they are known for (docs/EVALUATION.md).
-
-Each fact links a made-up name to a made-up description; the train split states every fact in ONE
-order only (`direction_of_training`), the test split asks it both ways (probes `as_trained` and
-`reversed`), as in Berglund et al. (2023). The facts depend only on `seed`, so the test split probes
-exactly what the train split taught. Rewards see reading order (docs/DESIGN.md §6).
+"""Reversal-curse facts: fictitious people and what they are known for (docs/EVALUATION.md, "The reversal
+task for the chat phases"). The train split states every fact in ONE order only, the test split asks it
+both ways (Berglund et al., 2023); the facts depend only on `seed`. Rewards see reading order (DESIGN.md §6).
 """
 
 import random
