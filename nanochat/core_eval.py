@@ -268,10 +268,7 @@ class CoreBenchmark:
         for task in tasks:
             if not os.path.isfile(task["data_path"]):
                 raise UserError(f"CORE task {task['label']}: {task['data_path']} is missing from the bundle")
-            items = load_items(task)
-            if max_per_task > 0:
-                items = items[:max_per_task]
-            self.tasks.append((task, items))
+            self.tasks.append((task, load_items(task)[:max_per_task if max_per_task > 0 else None]))
 
     @classmethod
     def prepare(cls, bundle_dir=None, bundle_url=BUNDLE_URL, max_per_task=-1, labels=None, needed_by=None):
