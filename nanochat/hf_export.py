@@ -146,55 +146,9 @@ CHAT_TEMPLATE = (
 
 
 # ---- model card -----------------------------------------------------------------------------------
-# The card's `generate` spells out DirectionSpec's reversal for a user who has transformers but not
-# this package; tests/test_export_hf.py runs it as printed and checks it generates what our Engine does.
-CARD = """---
-library_name: transformers
-tags: [nanochat-direction, {direction}]
----
-# {name}
-
-A {direction} language model trained with nanochat-direction ({phase} checkpoint, step {step};
-{n_layer} layers, width {n_embd}, context {context} tokens). It loads as `Qwen3ForCausalLM`.
-
-**Training direction: {direction}.** {direction_text}
-
-The direction and the special ids are in `config.json`: `nanochat_direction`,
-`nanochat_marker_ids` (`<|forward|>`, `<|backward|>`), `nanochat_bos_id`, `nanochat_chat_token_ids`.
-
-## Prompting
-
-Every sequence the model saw starts with BOS (`<|bos|>`, id {bos}); a bidirectional model then reads a
-direction marker. Text is tokenized forward and the *token ids* are reversed for the backward direction
-(BOS stays first), so decode a backward generation only after reversing it.
-
-```python
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tok = AutoTokenizer.from_pretrained("{folder}")
-model = AutoModelForCausalLM.from_pretrained("{folder}")
-cfg = model.config
-bos, markers = cfg.nanochat_bos_id, cfg.nanochat_marker_ids
-
-def generate(text, direction, max_new_tokens=64):
-    ids = tok.encode(text, add_special_tokens=False)
-    if direction == "backward":
-        ids = ids[::-1]                       # the given text is an ENDING, read right to left
-    header = [bos] + ([markers[direction]] if cfg.nanochat_direction == "bidirectional" else [])
-    prompt = torch.tensor([header + ids])   # always pass the mask: BOS must not be taken for padding
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=[bos])
-    new = out[0, len(header) + len(ids):].tolist()
-    new = [t for t in new if t != bos]
-    if direction == "backward":
-        new = new[::-1]                       # back to reading order: this text comes BEFORE yours
-    return tok.decode(new)
-```
-{usage}
-{chat_text}
-"""
-
+# The card (nanochat/hf_card.md) spells out DirectionSpec's reversal in its `generate` for a user who has
+# transformers but not this package; tests/test_export_hf.py runs it as printed and checks it generates
+# what our Engine does.
 DIRECTION_TEXT = {
     "forward": "Give it the beginning of a text; it continues it (an ordinary language model).",
     "backward": "It was trained on token sequences reversed document by document: give it the *ending* "
@@ -209,31 +163,19 @@ USAGE = {
     "bidirectional": 'generate("Once upon a time", "forward")\ngenerate("happily ever after.", "backward")',
 }
 
-CHAT_TEXT = """## Chat
-
-Conversations are rendered `<|bos|> <|user_start|> question <|user_end|> <|assistant_start|> answer
-<|assistant_end|> ...` in reading order. Forward: end the prompt with `<|assistant_start|>`; the answer ends
-at `<|assistant_end|>`. Backward (given the answer, write the question): the prompt is BOS (+ the
-`<|backward|>` marker for a bidirectional model) followed by the *reversed* tokens of
-`<|assistant_start|> answer <|assistant_end|>` (plus any later exchanges) and then `<|user_end|>`; the
-model writes the question reversed and stops at `<|user_start|>`. `generation_config.json` lists
-these stop tokens. For the forward direction the tokenizer has a chat template
-(`tok.apply_chat_template(messages, add_generation_prompt=True)`), with the `<|forward|>` marker
-for a bidirectional model; special-token spellings inside message text are read as special tokens
-there (nanochat encodes them as plain text).
-"""
-
 
 def model_card(model_config, tokenizer, meta, folder):
     direction = DirectionSpec.for_model(meta, tokenizer).direction
     chat = meta.get("phase") in CHAT_PHASES
-    return CARD.format(
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_card.md"), encoding="utf-8") as f:
+        card, chat_text = f.read().split("<!-- the chat section, for chat checkpoints -->\n")
+    return card.format(
         name=meta.get("model_tag") or "nanochat-direction model", direction=direction, phase=meta.get("phase"),
         step=meta.get("step"), n_layer=model_config.n_layer, n_embd=model_config.n_embd,
         context=model_config.sequence_len, direction_text=DIRECTION_TEXT[direction],
         bos=tokenizer.get_bos_token_id(), folder=folder,
         usage="```python\n" + USAGE[direction] + "\n```\n",
-        chat_text=CHAT_TEXT if chat else "This is a base checkpoint: it has not been trained on conversations.\n")
+        chat_text=chat_text if chat else "This is a base checkpoint: it has not been trained on conversations.\n")
 
 
 # ---- the export -----------------------------------------------------------------------------------
