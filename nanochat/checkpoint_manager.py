@@ -178,7 +178,7 @@ def artifact_dirs(source, model_tag, base_dir=None):
     _check_source(source)
     validate_name(model_tag, "model tag")
     experiments = ExperimentConfig(base_dir)
-    if experiments.find_experiment_for_checkpoint_tag(model_tag):
+    if experiments.exists(model_tag):
         return {"run": experiments.experiment_dir(model_tag), "checkpoints": experiments.checkpoint_dir(model_tag),
                 "logs": experiments.logs_dir(model_tag), "evaluations": experiments.evaluations_dir(model_tag)}
     ckpt = os.path.join(base_dir or get_base_dir(), SOURCE_DIRS[source], model_tag)

@@ -45,12 +45,13 @@ def _git_code_version():
     return {"commit": commit, "dirty": bool(status.strip())} if commit else None
 
 
-def _read_json(path, what=""):
+def read_json(path, what="", fix="fix or remove it"):
+    """A JSON file's content; a corrupt file is one UserError saying `fix`."""
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise UserError(f"{what}{path} is not valid JSON ({e}); fix or remove it") from None
+            raise UserError(f"{what}{path} is not valid JSON ({e}); {fix}") from None
 
 
 class ExperimentConfig:
@@ -104,10 +105,6 @@ class ExperimentConfig:
             return []
         return sorted(name for name in os.listdir(self.root) if self.exists(name))
 
-    def find_experiment_for_checkpoint_tag(self, tag):
-        """The experiment id a checkpoint tag refers to, or None if the tag is not an experiment."""
-        return tag if tag and self.exists(tag) else None
-
     def _as_id(self, experiment):
         """An experiment id, or the directory create_experiment returned (a Path) -> its id."""
         return Path(experiment).name if isinstance(experiment, os.PathLike) else experiment
@@ -119,7 +116,7 @@ class ExperimentConfig:
         path = self.config_path(experiment_id)
         if not os.path.isfile(path):
             raise UserError(f"no experiment {experiment_id!r} under {self.root} ({self._known_hint()})")
-        return _read_json(path, "experiment config ")
+        return read_json(path, "experiment config ")
 
     def _known_hint(self):
         known = self.list_experiments()
@@ -137,7 +134,7 @@ class ExperimentConfig:
         path = self.parent_link_path(experiment_id)
         if not os.path.isfile(path):
             return None
-        return _read_json(path)
+        return read_json(path)
 
     def _family(self):
         """(configs by id, {parent id: [child ids]}), both oldest first; a self-parent is no parent."""

@@ -143,7 +143,6 @@ def test_invalid_id_chars_refused(ec, bad):
     with pytest.raises(UserError, match="experiment id"):
         ec.experiment_dir(bad)
     assert not ec.exists(bad)
-    assert ec.find_experiment_for_checkpoint_tag(bad) is None
 
 
 def test_valid_id_chars_accepted(ec):
@@ -263,11 +262,10 @@ def test_failed_write_keeps_old_config_and_no_temp(ec, monkeypatch):
     assert [n for n in os.listdir(ec.experiment_dir("base_fwd")) if ".tmp" in n] == []
 
 
-def test_find_experiment_for_checkpoint_tag(ec):
+def test_exists_is_a_query_that_never_raises(ec):
     make_base(ec)
-    assert ec.find_experiment_for_checkpoint_tag("base_fwd") == "base_fwd"
-    assert ec.find_experiment_for_checkpoint_tag("d12") is None
-    assert ec.find_experiment_for_checkpoint_tag("") is None
+    assert ec.exists("base_fwd")
+    assert not ec.exists("d12") and not ec.exists("") and not ec.exists("../x")
 
 
 def test_experiments_folder_as_base_dir_is_not_nested(tmp_path):

@@ -4,7 +4,6 @@ Computes only (plots.py draws, report.py writes). Every function takes an experi
 (under `base_dir`, default $NANOCHAT_BASE_DIR) or its directory's path.
 """
 
-import json
 import math
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from nanochat.phases import PHASES
 from nanochat.checkpoint_manager import list_steps, load_meta
 from nanochat.common import UserError
 from nanochat.direction import CONCRETE_DIRECTIONS, DIRECTIONS
-from nanochat.experiment_config import ExperimentConfig
+from nanochat.experiment_config import ExperimentConfig, read_json
 from nanochat.evaluations import latest_of_each, list_records
 from nanochat.loss_eval import arrow_of_time_gap
 from nanochat.research_logger import list_snapshots, log_path, read_attrs, read_scalars, read_snapshot
@@ -100,11 +99,7 @@ def _log_files(experiments, experiment_id):
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e}); rerun the command that wrote it") from None
+    return read_json(path, fix="rerun the command that wrote it")
 
 
 def _last_finite(values):
