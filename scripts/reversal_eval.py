@@ -248,6 +248,11 @@ def run(args, out_dir, facts, directions, saved, facts_text):
     if args.model_tags:
         found = [resolve_checkpoint("base", t) for t in tags]  # an unknown tag: one clear error, before any work
     else:
+        from nanochat.checkpoint_manager import SOURCE_DIRS
+        for tag in tags:
+            if os.path.isdir(os.path.join(out_dir, SOURCE_DIRS["base"], tag)):
+                raise UserError(f"{out_dir} holds a plain base run {tag} (made by an older reversal_eval): use a "
+                                "fresh --out_dir, or evaluate those models with --model_tags")
         os.makedirs(out_dir, exist_ok=True)
         if not os.path.isdir(os.path.join(out_dir, "base_data")):
             write_corpus(facts, args.copies, args.background_docs, args.seed)

@@ -108,3 +108,11 @@ def test_table_and_bar_chart_agree_on_synthetic_records(tmp_path):
         assert list(figure.series[method]["same"]) == [1, 1] and list(figure.series[method]["reversed"]) == [0, 0]
     text = markdown_section("m", str(tmp_path / "none"), None)
     assert text is None  # no record: no section
+
+
+def test_an_out_dir_of_the_older_layout_is_refused_before_any_work(tmp_path):
+    old_run = tmp_path / "bench" / "base_checkpoints" / "reversal_forward"
+    old_run.mkdir(parents=True)
+    with pytest.raises(UserError, match="older reversal_eval"):
+        rv.main([f"--out_dir={tmp_path / 'bench'}", "--num_facts=20", "--k=2", "--device_type=cpu"])
+    assert sorted(p.name for p in (tmp_path / "bench").iterdir()) == ["base_checkpoints"]
