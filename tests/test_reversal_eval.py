@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -106,6 +107,10 @@ def test_table_and_bar_chart_agree_on_synthetic_records(tmp_path):
     assert os.path.getsize(figure.path) > 1000
     for method in METHODS:  # one group per subset, forward query only
         assert list(figure.series[method]["same"]) == [1, 1] and list(figure.series[method]["reversed"]) == [0, 0]
+    from nanochat.research.reversal import markdown_table
+    table = markdown_table(rows, 4).splitlines()
+    cells = [len(re.split(r"(?<!\\)\|", line)) - 2 for line in table[:3]]  # an unescaped | splits a cell
+    assert cells == [7, 7, 7]
     text = markdown_section("m", str(tmp_path / "none"), None)
     assert text is None  # no record: no section
 

@@ -49,7 +49,8 @@ def _cell(c):
 
 def markdown_table(rows, k):
     """The table in Markdown; a query direction a model does not read is one n/a line with the reason."""
-    lines = [f"| model | query | subset | question | {' | '.join(METHOD_TITLES[m] for m in METHODS)} |",
+    titles = " | ".join(METHOD_TITLES[m].replace("|", "\\|") for m in METHODS)  # a bare | would split the cell
+    lines = [f"| model | query | subset | question | {titles} |",
              "|---|---|---|---|---|---|---|"]
     said = set()
     for r in rows:
