@@ -52,10 +52,11 @@ class Job:
                           get_token_bytes(self.device))
         return self._docs
 
-    def write(self, path, record, writer=write_record, *extra):
-        """Rank 0 writes the record, as writer(path, record, *extra), and says so."""
+    def write(self, path, record, *extra, writer=write_record, **options):
+        """Rank 0 writes the record, as writer(path, record, *extra, **options) (write_record takes the report
+        section=), and says so."""
         if self.rank == 0:
-            writer(path, record, *extra)
+            writer(path, record, *extra, **options)
             print0(f"wrote {path}")
 
 
@@ -140,7 +141,8 @@ def run_consistency(job, m):
         record = consistency_record(trained, readings["forward"], readings["backward"], readings["forward"][1],
                                     label=tag, eval_tokens=job.args.eval_tokens, **m.common)
         print0(format_stats(f"{tag} consistency (one model, two readings)", record["stats"]))
-        job.write(job.records["consistency"][m.tag], record, write_consistency, f"{tag} (bidirectional), step {step}")
+        job.write(job.records["consistency"][m.tag], record, f"{tag} (bidirectional), step {step}",
+                  writer=write_consistency)
 
 
 def pair_consistency(job):
@@ -156,7 +158,7 @@ def pair_consistency(job):
                                     backward_step=steps[bwd], eval_tokens=job.args.eval_tokens,
                                     created_at=datetime.now(timezone.utc).isoformat())
         print0(format_stats(f"{label} consistency (forward model vs backward model)", record["stats"]))
-        job.write(path, record, write_consistency, f"{label}: forward model vs backward model")
+        job.write(path, record, f"{label}: forward model vs backward model", writer=write_consistency)
 
 
 # What --eval can run, in the order it runs for each model.

@@ -40,8 +40,8 @@ def build_parser():
              "optional phrasings and questions with {name}/{description} slots (default: generated facts)")
     add_flag(p, "num_facts", type=int, default=100, help="generated facts, half per subset")
     add_flag(p, "background_docs", type=int, default=0, help="built-in documents mixed in (0: the facts only)")
-    add_flag(p, "copies", type=int, default=100, help="times each fact document is written, each copy in a fresh "
-             "seeded order (the loader reads stored order: one repeated order would be memorised as a sequence)")
+    add_flag(p, "copies", type=int, default=1, help="times each fact document is written, each copy in its own "
+             "order (base_train reads a fresh order every epoch, so one copy is enough: docs/EVALUATION.md)")
     add_flag(p, "models", default="forward,backward,bidirectional", help="directions to train (tags reversal_<dir>)")
     add_flag(p, "model_tags", default="", help="evaluate these existing base models in --out_dir instead of training")
     add_flag(p, "k", type=int, default=10, help="candidates per ranking question (chance = 1/K)")
