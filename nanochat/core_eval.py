@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import UserError, get_base_dir, print0
-from nanochat.dataset import _fetch  # the download with retries that data shards use
+from nanochat.dataset import fetch  # the download with retries that data shards use
 from nanochat.direction import CONCRETE_DIRECTIONS, DirectionSpec, by_direction, concrete_directions, \
     orient_text_tokens, validate_direction
 from nanochat.evaluations import latest_record, record_path, write_record
@@ -51,7 +51,7 @@ def download_bundle(url=BUNDLE_URL, base_dir=None, max_attempts=3, backoff_s=1.0
     unpack_tmp = os.path.join(base_dir, f"eval_bundle.tmp{os.getpid()}")
     print0(f"downloading the CORE eval bundle from {url}")
     try:
-        _fetch(url, zip_tmp, max_attempts, backoff_s, validate=lambda path: zipfile.ZipFile(path).close(),
+        fetch(url, zip_tmp, max_attempts, backoff_s, validate=lambda path: zipfile.ZipFile(path).close(),
                offline_hint=f"unpack a copy so that {os.path.join(target, 'core.yaml')} exists (scripts.base_eval "
                             "also takes --bundle_dir=<dir with core.yaml>), or check --bundle_url")
         with zipfile.ZipFile(zip_tmp) as z:

@@ -312,7 +312,7 @@ def read_shakespeare(text_file=None, cache_dir=None, url=SHAKESPEARE_URL, max_at
     path = os.path.join(cache_dir, "tinyshakespeare.txt")
     if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
-        _fetch(url, path, max_attempts, backoff_s, validate=lambda p: open(p, encoding="utf-8").read(1),
+        fetch(url, path, max_attempts, backoff_s, validate=lambda p: open(p, encoding="utf-8").read(1),
                offline_hint="pass --text_file=<a local copy of tinyshakespeare.txt>")
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -347,7 +347,7 @@ def _refuse_existing(directory, overwrite):
 
 # ---- Online download with retries ----
 
-def _fetch(url, path, max_attempts, backoff_s, validate, offline_hint):
+def fetch(url, path, max_attempts, backoff_s, validate, offline_hint):
     """Download `url` to `path` through a temp file, retrying with exponential backoff; `validate`
     reads the temp file so that a truncated download fails here."""
     tmp = path + ".tmp"
@@ -376,7 +376,7 @@ def download_shard(index, directory=None, base_url=DEFAULT_BASE_URL, max_attempt
     if os.path.exists(path):
         return path
     url = f"{base_url.rstrip('/')}/{shard_filename(index)}"
-    return _fetch(url, path, max_attempts, backoff_s, validate=pq.ParquetFile,
+    return fetch(url, path, max_attempts, backoff_s, validate=pq.ParquetFile,
                   offline_hint="Use `python -m nanochat.dataset --builtin`")
 
 
