@@ -228,8 +228,14 @@ def plot_positions(tables, path):
         ax_gap.axvline(buckets[-1]["from"], color="gray", linestyle=":", linewidth=0.8,
                        label=f"context length {buckets[-1]['from']}")
         ax.set(xscale="log", title=f"depth {depth}: bits per byte by position", ylabel="bits per byte")
+        # symlog: linear within ±2% (the bulk of the text), compressed beyond (a document's first tokens)
+        ax_gap.set_yscale("symlog", linthresh=2.0)
+        low, high = np.nanmin(gap), np.nanmax(gap)
+        ticks = [t for t in (-100, -30, -10, -3, -1, 0, 1, 3, 10, 30, 100)
+                 if min(low, -1) <= t <= max(high, 1) * 1.5]
+        ax_gap.set_yticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
         ax_gap.set(xscale="log", xlabel="position in the document, reading direction (1 = first token read)",
-                   ylabel="gap (bwd − fwd) / fwd, %")
+                   ylabel="gap (bwd − fwd) / fwd, % (symlog)")
         for a in (ax, ax_gap):
             a.grid(alpha=0.3)
             a.legend(fontsize="small")
