@@ -64,6 +64,7 @@ def test_help_documents_the_flags():
         assert flag in text
 
 
+@pytest.mark.slow  # trains three models through the orchestrator (subprocesses), then the report
 def test_tiny_run_table_shape_and_chance(tmp_path):
     facts = rv.generate_facts(6, seed=3)
     facts[0]["phrasings"] = ["{name} is {description}.", "{name}, known as {description}."]
