@@ -231,7 +231,7 @@ def plot_positions(tables, path):
         # symlog: linear within ±2% (the bulk of the text), compressed beyond (a document's first tokens)
         ax_gap.set_yscale("symlog", linthresh=2.0)
         low, high = np.nanmin(gap), np.nanmax(gap)
-        ticks = [t for t in (-100, -30, -10, -3, -1, 0, 1, 3, 10, 30, 100)
+        ticks = [t for t in (-100, -30, -10, -3, -1, 0, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
                  if min(low, -1) <= t <= max(high, 1) * 1.5]
         ax_gap.set_yticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
         ax_gap.set(xscale="log", xlabel="position in the document, reading direction (1 = first token read)",
