@@ -39,6 +39,10 @@ class ConversationStream:
         self.cursor += self.stride
         return index, self.epoch
 
+    def next_example(self):
+        """(ids, mask, concrete_direction) of the next example (model orientation)."""
+        return self._row(*self._advance())
+
     def next_piece(self, room, context_tokens):
         """(ids, mask, concrete) of at most `room` tokens: the rest of a conversation cut at the end
         of the previous row, else the next conversation; what does not fit is carried over."""
@@ -93,7 +97,7 @@ class ConversationBatches:
         return self
 
     def _pad_row(self, stream):
-        ids, mask, concrete = stream._row(*stream._advance())
+        ids, mask, concrete = stream.next_example()
         pad = self.T + 1 - len(ids)
         return ids + [self.pad_id] * pad, mask + [0] * pad, [concrete]
 

@@ -5,8 +5,8 @@
 
 In a fresh base directory, fictitious facts (seeded, or --facts_file) become pretraining documents,
 each stated in one order only (half name-first, half description-first); forward, backward and
-bidirectional base models are trained on them through scripts.base_train, and every fact is asked
-both ways. One table (model x query direction x subset x question x method) is printed, written to each
+bidirectional base experiments are trained on them through scripts.run_backward_experiment, and every
+fact is asked both ways. One table (model x query direction x subset x question x method) is printed, written to each
 model's evaluations/reversal_step<N>.json, and shown with its bar chart in the report
 <out_dir>/reports/reversal/report.md. The questions and methods: docs/EVALUATION.md.
 """

@@ -218,10 +218,9 @@ def plot_positions(tables, path):
         drawn[depth] = {"x": x, "gap": np.nanmean(gap, axis=0), **{d: np.nanmean(v, axis=0) for d, v in bpb.items()}}
         ax, ax_gap = axes[0, col], axes[1, col]
         for d, style, color in (("forward", "-", "C0"), ("backward", "--", "C3")):
-            ax.plot(x, np.nanmean(bpb[d], axis=0), style, marker="o", markersize=3, color=color,
-                    label=f"{d} model, read {d}")
+            ax.plot(x, drawn[depth][d], style, marker="o", markersize=3, color=color, label=f"{d} model, read {d}")
             ax.fill_between(x, np.nanmin(bpb[d], axis=0), np.nanmax(bpb[d], axis=0), color=color, alpha=0.2)
-        ax_gap.plot(x, np.nanmean(gap, axis=0), marker="o", markersize=3, color="C2", label="mean over seeds")
+        ax_gap.plot(x, drawn[depth]["gap"], marker="o", markersize=3, color="C2", label="mean over seeds")
         ax_gap.fill_between(x, np.nanmin(gap, axis=0), np.nanmax(gap, axis=0), color="C2", alpha=0.2,
                             label=f"range over {len(pairs)} seed(s)")
         ax_gap.axhline(0, color="black", linewidth=0.6)
@@ -267,11 +266,10 @@ def study_section(study, evaluations_dir_of, plots_dir, base_dir=None):
     results = study_results(study, evaluations_dir_of)
     plot = plot_gap(results, os.path.join(plots_dir, f"arrow_of_time_{study['name']}.png")) if plots_dir else None
     tables = load_positions(study, base_dir)
-    positions_plot = None
-    if plots_dir and tables:
-        positions_plot = plot_positions(tables, os.path.join(plots_dir, f"arrow_of_time_{study['name']}_positions.png"))
-        positions_plot = positions_plot.path
-    return markdown(study, results, plot) + positions_markdown(tables, positions_plot), results
+    positions = os.path.join(plots_dir, f"arrow_of_time_{study['name']}_positions.png") if plots_dir else None
+    if positions and tables:
+        plot_positions(tables, positions)
+    return markdown(study, results, plot) + positions_markdown(tables, positions), results
 
 
 def studies_of(experiment_ids, base_dir=None):
